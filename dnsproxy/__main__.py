@@ -1,0 +1,3 @@
+from dnsproxy.cli import main
+
+raise SystemExit(main())

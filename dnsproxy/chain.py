@@ -1,0 +1,297 @@
+"""The plugin chain: the `Step` contract and the compiled `Chain` that runs queries.
+
+A step sees a query on the way in and, if it passed the query on, the reply on the way
+back — the same shape as CoreDNS's handler/next, but split into phases so the common
+case never leaves synchronous code (DESIGN.md §3):
+
+``query(q)``
+    Synchronous. Return a `Reply` to answer, ``None`` to pass the query on, or `AWAIT`
+    when the step needs I/O (an upstream, an API); the chain then calls ``resolve``.
+``async resolve(q)``
+    Only for steps that returned `AWAIT`; runs inside a Trio task. Return a `Reply`, or
+    ``None`` to pass the query on after all.
+``response(q, reply)``
+    Synchronous, called on the way back for steps that passed the query on: store it,
+    count it, rewrite it. Return the reply to send on (a new `Reply` if it changed it), or
+    ``None`` to drop the response altogether (rate limiting).
+
+A query that no step answers gets REFUSED (EDE 20 would be wrong for a proxy; 18 is for
+ACLs, so none is attached). Steps are constructed once per (re)load with their validated
+options and a `Setup`, and may run background work for the life of that chain in
+``run()``. Scoping by ``zones`` and ``clients`` is done here, so every plugin gets it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from dnsproxy import wire
+from dnsproxy.errors import ConfigError
+from dnsproxy.reply import Reply, respond
+from dnsproxy.wire import Query
+
+if TYPE_CHECKING:
+    from dnsproxy.config import ServerConfig
+    from dnsproxy.upstream import Upstream, UpstreamSpec
+
+
+class _Await:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "AWAIT"
+
+
+AWAIT: Any = _Await()
+"""Returned by `Step.query` to ask the chain to call ``await step.resolve(q)``."""
+
+
+@attrs.frozen
+class Metric:
+    """One sample a step exposes; the metrics plugin names it dnsproxy_<plugin>_<name>."""
+
+    name: str  # e.g. "hits", "blocked", "entries"
+    value: float
+    kind: str = "counter"  # "counter" or "gauge"
+    labels: tuple[tuple[str, str], ...] = ()  # e.g. (("list", "ads"),)
+    help: str = ""
+
+
+@attrs.frozen
+class NoOptions:
+    """Options class of a step that takes none."""
+
+
+@attrs.frozen(eq=False)
+class Setup:
+    """What a step is given besides its options when it is built."""
+
+    where: str  # "config.toml: chain[2] (blocklist)", the prefix of every error and log line
+    index: int
+    name: str  # the step's plugin name
+    base_dir: Path  # relative paths in the config are relative to the config file
+    state_dir: Path  # where a step may keep files across restarts (downloaded lists)
+    server: ServerConfig
+    make_upstream: Callable[[UpstreamSpec | str, Setup], Upstream]
+    log: logging.Logger
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        """A config error naming this step and ``key``."""
+        return ConfigError(f"{self.where}: {key}: {message}" if key else f"{self.where}: {message}")
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+class Step:
+    """Base class of every chain step; override what the step needs.
+
+    Class attributes: ``Options`` (an ``attrs.frozen`` class; its fields are the step's
+    config keys besides the generic ``plugin``, ``zones`` and ``clients``).
+    """
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, setup: Setup) -> None:
+        self.options = options
+        self.setup = setup
+        self.log = setup.log
+        self.chain: Chain | None = None  # set when the chain is compiled
+
+    def query(self, q: Query) -> Reply | None:
+        """Answer now (a Reply), pass on (None), or return AWAIT to do I/O in `resolve`."""
+        return None
+
+    async def resolve(self, q: Query) -> Reply | None:
+        """The I/O phase, for steps whose `query` returned AWAIT."""
+        raise NotImplementedError(f"{type(self).__name__} returned AWAIT without resolve()")
+
+    def response(self, q: Query, reply: Reply) -> Reply | None:
+        """Post-process a reply from further down the chain (only if overridden)."""
+        return reply
+
+    async def run(self) -> None:
+        """Background work for the life of this chain; cancelled when it is retired."""
+
+    async def check(self) -> list[str]:
+        """For ``dnsproxy check``: load what the step names and report, one line each.
+
+        Raise ConfigError (``self.setup.error``) for anything that would stop it working.
+        """
+        return []
+
+    def flush(self) -> None:
+        """Forget cached state (SIGUSR1 and the HTTP API's flush)."""
+
+    def ready(self) -> bool:
+        """Whether the step is fully operational (lists loaded, an upstream healthy)."""
+        return True
+
+    def metrics(self) -> list[Metric]:
+        """Samples for /metrics, read at scrape time (so counting costs only an increment)."""
+        return []
+
+    def close(self) -> None:
+        """Release resources when the chain is retired (sockets, files)."""
+
+
+def _overrides(step: Step, method: str) -> bool:
+    return getattr(type(step), method) is not getattr(Step, method)
+
+
+class Link:
+    """A compiled step: the bound methods the hot path calls and its scope test."""
+
+    __slots__ = ("in_scope", "on_query", "on_response", "step")
+
+    def __init__(self, step: Step, in_scope: Callable[[Query], bool] | None) -> None:
+        self.step = step
+        self.on_query = step.query
+        self.on_response = step.response if _overrides(step, "response") else None
+        self.in_scope = in_scope
+
+
+class Suspended:
+    """Where a query waits for I/O: the step to resolve, the next index, the unwind stack."""
+
+    __slots__ = ("index", "link", "unwind")
+
+    def __init__(self, link: Link, index: int, unwind: list[Link]) -> None:
+        self.link = link
+        self.index = index
+        self.unwind = unwind
+
+
+class StepFailed(Exception):
+    """A step raised; the server answers SERVFAIL and logs the step's name."""
+
+    def __init__(self, step: Step, exc: BaseException) -> None:
+        super().__init__(f"{step.setup.where}: {type(exc).__name__}: {exc}")
+        self.step = step
+
+
+def scope_test(
+    zones: Sequence[bytes], clients: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> Callable[[Query], bool] | None:
+    """The scope predicate of a step, or None when it applies to every query."""
+    zone_set = frozenset(zones)
+    client_match = client_matcher(clients) if clients else None
+
+    if zone_set and client_match:
+        return lambda q: (
+            client_match(q.client[0]) and any(p in zone_set for p in wire.parents(q.key))
+        )
+    if zone_set:
+        return lambda q: any(p in zone_set for p in wire.parents(q.key))
+    if client_match:
+        return lambda q: client_match(q.client[0])
+    return None
+
+
+def client_matcher(
+    nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> Callable[[str], bool]:
+    """A cached membership test of client addresses in ``nets`` (addresses repeat a lot)."""
+    nets = tuple(nets)
+
+    @functools.lru_cache(maxsize=4096)
+    def match(host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in nets)
+
+    return match
+
+
+class Chain:
+    """The steps of one configuration, compiled for the hot path."""
+
+    def __init__(self, steps: Iterable[tuple[Step, Callable[[Query], bool] | None]]) -> None:
+        self.links = [Link(step, scope) for step, scope in steps]
+        self.steps = [link.step for link in self.links]
+        for step in self.steps:
+            step.chain = self
+
+    def start(self, q: Query) -> Reply | Suspended | None:
+        """Run the synchronous part: a final reply, None (drop), or where to resume."""
+        return self._walk(q, 0, [])
+
+    async def resume(self, q: Query, sus: Suspended) -> Reply | None:
+        """Finish a suspended query: resolve, then walk on until answered or suspended again."""
+        while True:
+            link = sus.link
+            try:
+                reply = await link.step.resolve(q)
+            except Exception as exc:
+                raise StepFailed(link.step, exc) from exc
+            if reply is not None:
+                q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
+                return self._unwind(q, reply, sus.unwind)
+            if link.on_response is not None:
+                sus.unwind.append(link)
+            result = self._walk(q, sus.index, sus.unwind)
+            if not isinstance(result, Suspended):
+                return result
+            sus = result
+
+    def _walk(self, q: Query, i: int, unwind: list[Link]) -> Reply | Suspended | None:
+        links = self.links
+        n = len(links)
+        link = None
+        try:
+            while i < n:
+                link = links[i]
+                i += 1
+                if link.in_scope is not None and not link.in_scope(q):
+                    continue
+                reply = link.on_query(q)
+                if reply is None:
+                    if link.on_response is not None:
+                        unwind.append(link)
+                    continue
+                if reply is AWAIT:
+                    return Suspended(link, i, unwind)
+                if q.trace is not None:
+                    q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
+                return self._unwind(q, reply, unwind)
+        except Exception as exc:
+            assert link is not None
+            raise StepFailed(link.step, exc) from exc
+        q.explain("no step answered: REFUSED")
+        return self._unwind(q, respond(q, wire.REFUSED, source="chain"), unwind)
+
+    def _unwind(self, q: Query, reply: Reply | None, unwind: list[Link]) -> Reply | None:
+        link = None
+        try:
+            for link in reversed(unwind):
+                if reply is None:
+                    return None
+                reply = link.on_response(q, reply)  # type: ignore[misc]
+        except Exception as exc:
+            assert link is not None
+            raise StepFailed(link.step, exc) from exc
+        return reply
+
+    def ready(self) -> bool:
+        return all(step.ready() for step in self.steps)
+
+    def flush(self) -> None:
+        for step in self.steps:
+            step.flush()
+
+    def close(self) -> None:
+        for step in self.steps:
+            step.close()

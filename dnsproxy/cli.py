@@ -1,0 +1,153 @@
+"""The command line: ``dnsproxy run|check|query`` (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import dns.message
+import dns.rdataclass
+import dns.rdatatype
+import trio
+
+from dnsproxy import __version__
+from dnsproxy.errors import ConfigError
+from dnsproxy.server import Server, build_chain, load
+from dnsproxy.wire import parse_query
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...`` — one line per event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{ts} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **(getattr(record, "fields", None) or {}),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dnsproxy", description="A plugin-based DNS proxy.")
+    p.add_argument("--version", action="version", version=f"dnsproxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "serve DNS"), ("check", "validate the config and its lists")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
+    sp = sub.add_parser("query", help="run one query through the chain and explain it")
+    sp.add_argument("name")
+    sp.add_argument("type", nargs="?", default="A")
+    sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "check":
+            return trio.run(_check, args.config)
+        return trio.run(_query, args.config, args.name, args.type)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run(path: Path) -> int:
+    loaded = load(path)
+    setup_logging(loaded[0].server.log_level, loaded[0].server.log_format)
+    server = Server(path, loaded=loaded)
+    trio.run(server.run)
+    return 0
+
+
+async def _check(path: Path) -> int:
+    setup_logging("warning")
+    cfg, registry, _ = load(path)
+    chain = build_chain(cfg, registry)
+    errors = []
+    try:
+        for step in chain.steps:
+            try:
+                lines = await step.check()
+            except ConfigError as exc:
+                errors.extend(exc.lines)
+                continue
+            for line in lines:
+                print(f"{step.setup.where}: {line}")
+    finally:
+        chain.close()
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(chain.steps)} steps)")
+    return 0
+
+
+async def _query(path: Path, name: str, type_text: str) -> int:
+    """Run one query through the configured chain, printing what each step did."""
+    setup_logging("warning")
+    try:
+        rdtype = dns.rdatatype.from_text(type_text)
+    except dns.rdatatype.UnknownRdatatype as exc:
+        raise ConfigError(f"unknown record type {type_text!r}") from exc
+    msg = dns.message.make_query(name, rdtype, dns.rdataclass.IN, use_edns=0)
+    q = parse_query(msg.to_wire(), ("127.0.0.1", 0), "udp")
+    q.trace = []
+    cfg, registry, pm = load(path)
+    server = Server(path, handle_signals=False, loaded=(cfg, registry, pm))
+    async with trio.open_nursery() as nursery:
+        server._nursery = nursery
+        server._start_chain(server.chain)
+        reply = await server.query(q)
+        nursery.cancel_scope.cancel()
+    server.chain.close()
+    print(f";; query: {q.text} {dns.rdatatype.to_text(rdtype)}")
+    for line in q.trace:
+        print(f";; {line}")
+    if q.notes:
+        for key, value in q.notes.items():
+            print(f";; note {key}: {value}")
+    if reply is None:
+        print(";; dropped: no response would be sent")
+        return 1
+    print(reply.message().to_text())
+    for code, text in reply.ede:
+        print(f";; EDE {code}: {text}")
+    return 0

@@ -1,0 +1,247 @@
+"""Loading config.toml into frozen objects, with every error naming file, table and key.
+
+Loading is all-or-nothing: `load` returns a complete `Config` or raises ConfigError with
+one line per problem, so a bad reload never leaves half-applied state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from dnsproxy import options
+from dnsproxy.errors import ConfigError
+from dnsproxy.registry import Registry
+from dnsproxy.wire import name_to_key
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_ALLOW = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+@attrs.frozen
+class Address:
+    """A listen or upstream address: host and port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int = 53) -> Address:
+        """Parse "127.0.0.1:5353", "[::1]:5353", "::1", "127.0.0.1" or "localhost:53"."""
+        host, port = text, default_port
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"bad address {text!r}")
+            if rest:
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            host, _, p = text.partition(":")
+            port = int(p)
+        if not host or not 0 <= port <= 65535:
+            raise ValueError(f"bad address {text!r}")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _addresses(value: object) -> tuple[Address, ...]:
+    if isinstance(value, tuple) and all(isinstance(v, Address) for v in value):
+        return value
+    out = []
+    for item in options.string_tuple(value):
+        try:
+            out.append(Address.parse(item))
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not host:port ({exc})") from exc
+    if not out:
+        raise ValueError("needs at least one address")
+    return tuple(out)
+
+
+@attrs.frozen
+class ServerConfig:
+    """The ``[server]`` table."""
+
+    listen: tuple[Address, ...] = attrs.field(default=("127.0.0.1:5353",), converter=_addresses)
+    allow: tuple[Network, ...] = attrs.field(default=DEFAULT_ALLOW, converter=options.networks)
+    tcp_idle_timeout: float = attrs.field(
+        default=10.0, converter=options.duration, validator=options.in_range(0.1, 3600)
+    )
+    max_tcp_connections: int = attrs.field(default=1024, validator=options.in_range(1, 1_000_000))
+    max_tcp_pipeline: int = attrs.field(default=100, validator=options.in_range(1, 65535))
+    max_inflight: int = attrs.field(default=4096, validator=options.in_range(1, 1_000_000))
+    edns_udp_size: int = attrs.field(default=1232, validator=options.in_range(512, 4096))
+    state_dir: str = ".dnsproxy-state"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+
+@attrs.frozen
+class StepConfig:
+    """One ``[[chain]]`` table, validated."""
+
+    index: int
+    plugin: str
+    where: str
+    zones: tuple[bytes, ...]
+    clients: tuple[Network, ...]
+    options: Any
+
+
+@attrs.frozen
+class ServiceConfig:
+    """A top-level table served by a plugin service (``[http]`` for example)."""
+
+    table: str
+    where: str
+    options: Any
+
+
+@attrs.frozen
+class Config:
+    """A whole, valid configuration."""
+
+    path: Path
+    server: ServerConfig
+    chain: tuple[StepConfig, ...]
+    services: tuple[ServiceConfig, ...]
+    plugin_files: tuple[Path, ...]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        p = Path(self.server.state_dir).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+GENERIC_STEP_KEYS = ("plugin", "zones", "clients")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; errors name the file."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file (pass -c PATH to name the config)") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def plugin_files(path: Path, doc: Mapping[str, Any]) -> tuple[Path, ...]:
+    """The top-level ``plugins = [...]`` list of Python files, resolved."""
+    value = doc.get("plugins", [])
+    try:
+        files = options.string_tuple(value)
+    except TypeError as exc:
+        raise ConfigError(f"{path.name}: plugins: {exc}") from exc
+    return tuple(p if p.is_absolute() else path.parent / p for p in map(Path, files))
+
+
+def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
+    """Validate a parsed TOML document against the registered plugins."""
+    name = path.name
+    errors: list[str] = []
+    known = {"server", "chain", "plugins", *registry.services}
+    for key in doc:
+        if key not in known:
+            errors.append(f"{name}: unknown table {key!r}{options.suggest(key, known)}")
+
+    server = ServerConfig()
+    raw_server = doc.get("server", {})
+    if not isinstance(raw_server, dict):
+        errors.append(f"{name}: server must be a table")
+    else:
+        try:
+            server = options.build(ServerConfig, raw_server, f"{name}: server")
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+
+    steps = []
+    raw_chain = doc.get("chain", [])
+    if not isinstance(raw_chain, list):
+        errors.append(f"{name}: chain must be an array of tables ([[chain]])")
+        raw_chain = []
+    for i, table in enumerate(raw_chain):
+        try:
+            steps.append(_step(name, i, table, registry))
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+    if not raw_chain:
+        errors.append(f'{name}: chain: no steps; add [[chain]] tables (e.g. plugin = "forward")')
+
+    services = []
+    for table, cls in registry.services.items():
+        if table in doc:
+            where = f"{name}: {table}"
+            raw = doc[table]
+            if not isinstance(raw, dict):
+                errors.append(f"{where}: must be a table")
+                continue
+            try:
+                services.append(ServiceConfig(table, where, options.build(cls.Options, raw, where)))
+            except ConfigError as exc:
+                errors.extend(exc.lines)
+
+    if errors:
+        raise ConfigError(errors)
+    return Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc))
+
+
+def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
+    where = f"{name}: chain[{i}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    plugin = table.get("plugin")
+    if not isinstance(plugin, str):
+        raise ConfigError(
+            f"{where}: missing 'plugin' (one of: {', '.join(sorted(registry.steps))})"
+        )
+    cls = registry.steps.get(plugin)
+    if cls is None:
+        raise ConfigError(
+            f"{where}: plugin: unknown plugin {plugin!r}{options.suggest(plugin, registry.steps)}"
+            f" (known: {', '.join(sorted(registry.steps))})"
+        )
+    where = f"{where} ({plugin})"
+    errors = []
+    zones: tuple[bytes, ...] = ()
+    clients: tuple[Network, ...] = ()
+    try:
+        zones = tuple(name_to_key(z) for z in options.string_tuple(table.get("zones", [])))
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: zones: {exc}")
+    try:
+        clients = options.networks(table.get("clients", []))
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: clients: {exc}")
+    rest = {k: v for k, v in table.items() if k not in GENERIC_STEP_KEYS}
+    opts = None
+    try:
+        opts = options.build(cls.Options, rest, where)
+    except ConfigError as exc:
+        errors.extend(exc.lines)
+    if errors:
+        raise ConfigError(errors)
+    return StepConfig(i, plugin, where, zones, clients, opts)

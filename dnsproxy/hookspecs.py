@@ -1,0 +1,77 @@
+"""Every hook a dnsproxy plugin can implement.
+
+Built-in plugins (``dnsproxy.plugins.*``), plugins installed under the entry-point group
+``dnsproxy`` and Python files named in the config's top-level ``plugins`` list are all
+registered through these hooks and nothing else.
+
+The hooks are synchronous and used for registration, lifecycle and observation. Per-query
+work happens in `dnsproxy.chain.Step` objects, which the chain calls directly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from dnsproxy.registry import Registry
+    from dnsproxy.reply import Reply
+    from dnsproxy.server import Server
+    from dnsproxy.wire import Query
+
+hookspec = pluggy.HookspecMarker("dnsproxy")
+hookimpl = pluggy.HookimplMarker("dnsproxy")
+
+
+@hookspec
+def dnsproxy_add_steps(registry: Registry) -> None:
+    """Contribute step types: call ``registry.add_step("name", StepClass)``.
+
+    The name is what ``plugin = "name"`` selects in a ``[[chain]]`` table. Return nothing.
+    """
+
+
+@hookspec
+def dnsproxy_add_upstream_schemes(registry: Registry) -> None:
+    """Contribute upstream URL schemes for ``forward``: ``registry.add_scheme("tls", factory)``.
+
+    ``factory(spec, setup)`` receives an `dnsproxy.upstream.UpstreamSpec` and the step's
+    `dnsproxy.chain.Setup`, and returns an `dnsproxy.upstream.Upstream`, or raises
+    ConfigError (use ``setup.error``). Return nothing.
+    """
+
+
+@hookspec
+def dnsproxy_add_services(registry: Registry) -> None:
+    """Contribute top-level config tables served by a long-running service.
+
+    ``registry.add_service("http", ServiceClass)``: when the table is present, the server
+    builds ``ServiceClass(options, server)`` and runs its ``run()`` for the process's life.
+    Return nothing.
+    """
+
+
+@hookspec
+def dnsproxy_startup(server: Server) -> None:
+    """The listeners are bound and the first chain is live. Return nothing."""
+
+
+@hookspec
+def dnsproxy_reload(server: Server) -> None:
+    """A new configuration was validated and its chain swapped in. Return nothing."""
+
+
+@hookspec
+def dnsproxy_shutdown(server: Server) -> None:
+    """The server stopped accepting queries and is about to exit. Return nothing."""
+
+
+@hookspec
+def dnsproxy_query_done(query: Query, reply: Reply | None, elapsed: float) -> None:
+    """A query finished: ``reply`` is what was sent (None if it was dropped).
+
+    Called on the hot path for every query, so implementations must be cheap and must not
+    block: buffer and hand heavy work to a background task. ``elapsed`` is in seconds.
+    Return nothing.
+    """

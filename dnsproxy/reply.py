@@ -1,0 +1,226 @@
+"""Responses: what steps return, and how a response is fitted to the client that asked.
+
+A `Reply` is a DNS message in wire form *without* an OPT record: OPT is hop-by-hop
+(RFC 6891 §6.1.1), so the proxy never stores or forwards one. `finalize` turns a Reply
+into the bytes for one client: its ID, its question bytes (case echoed byte for byte),
+its RD/CD bits, a fresh OPT when it used EDNS (DO echoed, Extended DNS Errors added),
+and the size limit of its transport, setting TC when the message does not fit.
+
+Because a cached answer is just such wire bytes, a cache hit is a copy plus a few patches;
+dnspython is used to build anything richer and to parse a reply only when a step asks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+import dns.message
+import dns.rdatatype
+import dns.rrset
+
+from dnsproxy import wire
+from dnsproxy.wire import AD, CD, HEADER, QR, RA, RD, TC, U16, Query, Reject
+
+EDE_TEXT_MAX = 80  # keeps a truncated reply's OPT small whatever a list is called
+
+# EDE codes we use (RFC 8914 and the IANA registry).
+EDE_OTHER = 0
+EDE_STALE = 3
+EDE_CACHED_ERROR = 13
+EDE_BLOCKED = 15
+EDE_FILTERED = 17
+EDE_PROHIBITED = 18
+EDE_STALE_NXDOMAIN = 19
+EDE_NOT_SUPPORTED = 21
+EDE_NO_REACHABLE_AUTHORITY = 22
+EDE_NETWORK_ERROR = 23
+EDE_INVALID_DATA = 24
+EDE_SYNTHESIZED = 29
+EDE_RATE_LIMITED = 31
+
+Ede = tuple[int, str]
+
+
+class Reply:
+    """A response message without OPT, plus the Extended DNS Errors to attach.
+
+    Treat a Reply as immutable: a step that changes a response returns a new one
+    (`evolve`, `from_message`), so no one mutates a message someone else holds.
+    """
+
+    __slots__ = ("_message", "_records", "ede", "source", "wire")
+
+    def __init__(self, wire_: bytes, *, ede: Sequence[Ede] = (), source: str = "") -> None:
+        self.wire = wire_
+        self.ede = tuple(ede)
+        self.source = source
+        self._message: dns.message.Message | None = None
+        self._records: list[wire.Record] | None = None
+
+    @classmethod
+    def from_message(
+        cls, msg: dns.message.Message, *, ede: Sequence[Ede] = (), source: str = ""
+    ) -> Reply:
+        """Build from a dnspython message; its OPT, if any, is left out."""
+        if msg.edns >= 0 or msg.tsig:
+            msg = _without_opt(msg)
+        return cls(msg.to_wire(), ede=ede, source=source)
+
+    @property
+    def rcode(self) -> int:
+        return self.wire[3] & 0x0F
+
+    @property
+    def flags(self) -> int:
+        return U16.unpack_from(self.wire, 2)[0]
+
+    @property
+    def ancount(self) -> int:
+        return U16.unpack_from(self.wire, 6)[0]
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.wire[2] & 0x02)
+
+    def records(self) -> list[wire.Record]:
+        """Where each record sits (walked once, then cached). Raises ValueError if malformed."""
+        if self._records is None:
+            self._records = wire.records(self.wire)[1]
+        return self._records
+
+    def message(self) -> dns.message.Message:
+        """The reply parsed by dnspython (parsed once, then cached). Do not mutate it."""
+        if self._message is None:
+            self._message = dns.message.from_wire(self.wire)
+        return self._message
+
+    def evolve(
+        self,
+        *,
+        wire_: bytes | None = None,
+        ede: Sequence[Ede] | None = None,
+        source: str | None = None,
+    ) -> Reply:
+        """A copy with some parts replaced."""
+        return Reply(
+            self.wire if wire_ is None else wire_,
+            ede=self.ede if ede is None else ede,
+            source=self.source if source is None else source,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Reply rcode={self.rcode} an={self.ancount} from={self.source or '?'}>"
+
+
+def _without_opt(msg: dns.message.Message) -> dns.message.Message:
+    clone = dns.message.Message(id=msg.id)
+    clone.flags = msg.flags
+    clone.question = list(msg.question)
+    clone.answer = list(msg.answer)
+    clone.authority = list(msg.authority)
+    clone.additional = list(msg.additional)
+    clone.set_rcode(msg.rcode() & 0x0F)
+    return clone
+
+
+def rr(rtype: int, ttl: int, rdata: bytes, *, name: bytes = b"\xc0\x0c", rclass: int = 1) -> bytes:
+    """One resource record in wire form; by default owned by the question's name."""
+    return name + struct.pack("!HHIH", rtype, rclass, ttl, len(rdata)) + rdata
+
+
+def respond(
+    query: Query,
+    rcode: int = wire.NOERROR,
+    answers: Iterable[bytes] = (),
+    authority: Iterable[bytes] = (),
+    *,
+    aa: bool = False,
+    ede: Sequence[Ede] = (),
+    source: str = "",
+) -> Reply:
+    """Synthesise a reply to ``query`` from records built with `rr` (no dnspython needed)."""
+    answers = tuple(answers)
+    authority = tuple(authority)
+    flags = QR | RA | (query.flags & (RD | CD)) | (wire.AA if aa else 0) | (rcode & 0xF)
+    header = HEADER.pack(query.id, flags, 1, len(answers), len(authority), 0)
+    body = header + query.question + b"".join(answers) + b"".join(authority)
+    return Reply(body, ede=ede, source=source)
+
+
+def response_message(query: Query, rcode: int = wire.NOERROR) -> dns.message.Message:
+    """A dnspython response skeleton for ``query``: add records, then `Reply.from_message`."""
+    msg = dns.message.Message(id=query.id)
+    msg.flags = QR | RA | (query.flags & (RD | CD))
+    msg.set_rcode(rcode)
+    msg.question = [dns.rrset.RRset(query.name, query.qclass, query.qtype)]
+    return msg
+
+
+def edns_option(code: int, data: bytes) -> bytes:
+    return struct.pack("!HH", code, len(data)) + data
+
+
+def _opt_record(size: int, do: bool, ede: Sequence[Ede], ext_rcode: int = 0) -> bytes:
+    options = b"".join(
+        edns_option(wire.EDE_OPTION, struct.pack("!H", code) + text.encode()[:EDE_TEXT_MAX])
+        for code, text in ede
+    )
+    ttl = (ext_rcode << 24) | (wire.EDNS_DO if do else 0)
+    return b"\x00" + struct.pack("!HHIH", wire.OPT, size, ttl, len(options)) + options
+
+
+def limit_for(query: Query, edns_udp_size: int) -> int:
+    """The largest reply this client can take over its transport."""
+    if query.transport != "udp":
+        return 65535
+    if not query.edns:
+        return 512
+    return max(512, min(query.udp_size, edns_udp_size))
+
+
+def finalize(reply: Reply, query: Query, edns_udp_size: int) -> bytes:
+    """Fit ``reply`` to ``query``'s client: ID, question case, flags, OPT, size and TC."""
+    data = bytearray(reply.wire)
+    flags = U16.unpack_from(data, 2)[0]
+    flags = (flags & ~(RD | CD)) | (query.flags & (RD | CD))
+    if not (query.do or query.flags & AD):
+        flags &= ~AD
+    U16.pack_into(data, 0, query.id)
+    qlen = len(query.qname)
+    if data[12 : 12 + qlen].lower() == query.key:
+        data[12 : 12 + qlen] = query.qname
+    opt = b""
+    if query.edns:
+        opt = _opt_record(edns_udp_size, query.do, reply.ede)
+    limit = limit_for(query, edns_udp_size)
+    if len(data) + len(opt) > limit:
+        # Too big: header and question only, with TC set so the client retries over TCP.
+        flags |= TC
+        qend = wire.skip_name(data, 12) + 4 if U16.unpack_from(data, 4)[0] else 12
+        data = data[:qend]
+        data[6:12] = b"\x00\x00\x00\x00\x00\x00"
+        if len(data) + len(opt) > limit:
+            opt = _opt_record(edns_udp_size, query.do, ())
+    U16.pack_into(data, 2, flags)
+    if opt:
+        U16.pack_into(data, 10, U16.unpack_from(data, 10)[0] + 1)
+        data += opt
+    return bytes(data)
+
+
+def error_wire(reject: Reject, edns_udp_size: int) -> bytes:
+    """The response to a message the wire view rejected (FORMERR, NOTIMP, BADVERS)."""
+    query = reject.query
+    flags = QR | RA | (reject.flags & (0x7800 | RD | CD)) | (reject.rcode & 0xF)
+    question = query.question if query is not None else b""
+    header = HEADER.pack(reject.msg_id, flags, 1 if question else 0, 0, 0, 0)
+    if query is None or not query.edns:
+        return header + question
+    opt = _opt_record(edns_udp_size, query.do, (), reject.rcode >> 4)
+    header = HEADER.pack(reject.msg_id, flags, 1, 0, 0, 1)
+    return header + question + opt
+
+
+def qtype_text(qtype: int) -> str:
+    return dns.rdatatype.to_text(qtype)

@@ -1,0 +1,487 @@
+"""The server: UDP and TCP listeners, the query path, reloads and shutdown.
+
+UDP listeners wait until the socket is readable and then drain it with non-blocking
+calls, handling each datagram synchronously; only a query that reaches a step doing I/O
+becomes a Trio task (DESIGN.md §3). TCP follows RFC 7766: length-prefixed frames, many
+and pipelined queries per connection answered as they complete, an idle timeout reset
+only by a complete message, and bounded connections, pipelines and write stalls.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+import trio
+
+from dnsproxy import config as config_mod
+from dnsproxy import wire
+from dnsproxy.chain import Chain, Setup, StepFailed, Suspended, client_matcher, scope_test
+from dnsproxy.config import Address, Config
+from dnsproxy.errors import ConfigError
+from dnsproxy.registry import Registry, build_registry, make_plugin_manager
+from dnsproxy.reply import EDE_PROHIBITED, Reply, error_wire, finalize, respond
+from dnsproxy.upstream import Upstream, UpstreamSpec
+from dnsproxy.wire import Drop, Query, Reject, parse_query
+
+log = logging.getLogger("dnsproxy")
+
+UDP_BATCH = 64  # datagrams handled per wake-up before other tasks get a turn
+UDP_RCVBUF = 4 << 20
+SHUTDOWN_GRACE = 5.0
+
+Sender = Callable[[bytes | None], Any]
+
+
+@attrs.define(eq=False)
+class Stats:
+    """Counters the core keeps; plugins keep their own."""
+
+    queries: int = 0
+    dropped: int = 0
+    formerr: int = 0
+    refused_acl: int = 0
+    servfail_overload: int = 0
+    step_errors: int = 0
+    tcp_connections: int = 0
+    tcp_rejected: int = 0
+
+
+def load(path: Path) -> tuple[Config, Registry, pluggy.PluginManager]:
+    """Read and validate a config, loading the plugins it names. Raises ConfigError."""
+    doc = config_mod.read_toml(path)
+    pm = make_plugin_manager(config_mod.plugin_files(path, doc))
+    registry = build_registry(pm)
+    return config_mod.parse(path, doc, registry), registry, pm
+
+
+def build_chain(cfg: Config, registry: Registry) -> Chain:
+    """Instantiate every step of ``cfg``; ConfigError if any step rejects its options."""
+
+    def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
+        if isinstance(spec, str):
+            spec = UpstreamSpec.parse(spec)
+        factory = registry.schemes.get(spec.scheme)
+        if factory is None:
+            known = ", ".join(sorted(registry.schemes))
+            raise setup.error(
+                "upstreams",
+                f"{spec.url}: no plugin handles {spec.scheme}:// (known: {known};"
+                " is the dot/doh plugin installed?)",
+            )
+        return factory(spec, setup)
+
+    steps = []
+    errors = []
+    for sc in cfg.chain:
+        setup = Setup(
+            where=sc.where,
+            index=sc.index,
+            name=sc.plugin,
+            base_dir=cfg.base_dir,
+            state_dir=cfg.state_dir,
+            server=cfg.server,
+            make_upstream=make_upstream,
+            log=logging.getLogger(f"dnsproxy.plugins.{sc.plugin}"),
+        )
+        try:
+            step = registry.steps[sc.plugin](sc.options, setup)
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+            continue
+        steps.append((step, scope_test(sc.zones, sc.clients)))
+    if errors:
+        for step, _ in steps:
+            step.close()
+        raise ConfigError(errors)
+    return Chain(steps)
+
+
+def _bind(addr: Address, kind: socket.SocketKind) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_DGRAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        sock.bind((addr.host, addr.port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """One dnsproxy process: listeners plus the current chain."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        handle_signals: bool = True,
+        loaded: tuple[Config, Registry, pluggy.PluginManager] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.handle_signals = handle_signals
+        self.config, self.registry, self.pm = loaded or load(self.path)
+        self.chain = build_chain(self.config, self.registry)
+        self.stats = Stats()
+        self.addresses: list[tuple[str, str, int]] = []  # (transport, host, port) as bound
+        self._apply_server_config()
+        self._inflight = 0
+        self._chain_inflight: dict[int, int] = {}
+        self._tcp_scopes: set[trio.CancelScope] = set()
+        self._stop = trio.Event()
+        self._failed_once: set[tuple[str, str]] = set()
+        self._nursery: trio.Nursery | None = None
+        self._work: trio.Nursery | None = None
+        self._chain_scopes: dict[int, trio.CancelScope] = {}
+
+    def _apply_server_config(self) -> None:
+        sc = self.config.server
+        self.edns_udp_size = sc.edns_udp_size
+        self.max_inflight = sc.max_inflight
+        self.allowed = client_matcher(sc.allow)
+        self._observe = self.pm.hook.dnsproxy_query_done
+        self._observing = bool(self._observe.get_hookimpls())
+
+    # --- the query path -----------------------------------------------------------------
+
+    def handle(self, data: bytes, client: tuple[str, int], transport: str, send: Sender) -> None:
+        """Handle one query message.
+
+        ``send`` is called exactly once per message, synchronously or later from a task:
+        with the response bytes, or with None when nothing is to be sent.
+        """
+        try:
+            q = parse_query(data, client, transport)
+        except Drop:
+            self.stats.dropped += 1
+            send(None)
+            return
+        except Reject as rej:
+            self.stats.formerr += 1
+            send(error_wire(rej, self.edns_udp_size))
+            return
+        self.stats.queries += 1
+        if self._observing:
+            q.received = time.monotonic()
+        if not self.allowed(client[0]):
+            self.stats.refused_acl += 1
+            reply = respond(
+                q, wire.REFUSED, ede=[(EDE_PROHIBITED, "client not allowed")], source="acl"
+            )
+            self._send(q, reply, send)
+            return
+        chain = self.chain
+        try:
+            result = chain.start(q)
+        except StepFailed as exc:
+            result = self._step_failed(q, exc)
+        if result.__class__ is Suspended:
+            if self._inflight >= self.max_inflight or self._work is None:
+                self.stats.servfail_overload += 1
+                self._send(q, respond(q, wire.SERVFAIL, source="overload"), send)
+                return
+            self._inflight += 1
+            cid = id(chain)
+            self._chain_inflight[cid] = self._chain_inflight.get(cid, 0) + 1
+            self._work.start_soon(self._finish, q, chain, result, send)
+            return
+        self._send(q, result, send)  # type: ignore[arg-type]
+
+    async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
+        try:
+            try:
+                reply = await chain.resume(q, sus)
+            except StepFailed as exc:
+                reply = self._step_failed(q, exc)
+            self._send(q, reply, send)
+        finally:
+            self._inflight -= 1
+            cid = id(chain)
+            self._chain_inflight[cid] -= 1
+
+    def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
+        send(None if reply is None else finalize(reply, q, self.edns_udp_size))
+        if self._observing:
+            self._observe(query=q, reply=reply, elapsed=time.monotonic() - q.received)
+
+    def _step_failed(self, q: Query, exc: StepFailed) -> Reply:
+        self.stats.step_errors += 1
+        cause = exc.__cause__
+        key = (exc.step.setup.where, type(cause).__name__)
+        if key not in self._failed_once:
+            self._failed_once.add(key)
+            log.error("step failed, answering SERVFAIL: %s", exc, exc_info=cause)
+        return respond(q, wire.SERVFAIL, source="error")
+
+    async def query(self, q: Query) -> Reply | None:
+        """Run one query through the current chain (``dnsproxy query``, the HTTP API)."""
+        chain = self.chain
+        try:
+            result = chain.start(q)
+            if isinstance(result, Suspended):
+                result = await chain.resume(q, result)
+        except StepFailed as exc:
+            result = self._step_failed(q, exc)
+        return result
+
+    # --- listeners ----------------------------------------------------------------------
+
+    async def _udp_loop(self, sock: socket.socket) -> None:
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        handle = self.handle
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(UDP_BATCH):
+                try:
+                    data, addr = recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+
+                def send(out: bytes | None, addr: Any = addr) -> None:
+                    if out is None:
+                        return
+                    try:
+                        sendto(out, addr)
+                    except OSError:
+                        self.stats.dropped += 1  # send buffer full: UDP may drop
+
+                handle(data, addr[:2], "udp", send)
+
+    async def _tcp_accept(self, sock: socket.socket) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        max_conns = self.config.server.max_tcp_connections
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.warning("tcp accept failed: %s; pausing 100 ms", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            if self.stats.tcp_connections >= max_conns:
+                self.stats.tcp_rejected += 1
+                stream.socket.close()
+                continue
+            assert self._work is not None
+            self._work.start_soon(self._tcp_conn, stream)
+
+    async def _tcp_conn(self, stream: trio.SocketStream) -> None:
+        sc = self.config.server
+        idle = sc.tcp_idle_timeout
+        self.stats.tcp_connections += 1
+        try:
+            peer = stream.socket.getpeername()[:2]
+        except OSError:
+            peer = ("", 0)
+        send_lock = trio.Lock()
+        slots = trio.Semaphore(sc.max_tcp_pipeline)  # bounds queries outstanding per connection
+        all_done = trio.Event()
+        state = {"outstanding": 0, "reading": True, "closed": False}
+        read_scope = trio.CancelScope()
+        self._tcp_scopes.add(read_scope)
+
+        def finished() -> None:
+            state["outstanding"] -= 1
+            slots.release()
+            if not state["outstanding"] and not state["reading"]:
+                all_done.set()
+
+        try:
+            async with trio.open_nursery() as conn:
+
+                async def write(out: bytes) -> None:
+                    try:
+                        async with send_lock:
+                            with trio.move_on_after(idle) as cs:
+                                await stream.send_all(struct.pack("!H", len(out)) + out)
+                            if cs.cancelled_caught:  # the client does not read: give up on it
+                                conn.cancel_scope.cancel()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        conn.cancel_scope.cancel()
+                    finally:
+                        finished()
+
+                def send(out: bytes | None) -> None:
+                    if out is None or state["closed"]:
+                        finished()
+                    else:
+                        conn.start_soon(write, out)
+
+                with read_scope:
+                    buf = bytearray()
+                    while True:
+                        await slots.acquire()
+                        with trio.move_on_after(idle) as idle_cs:
+                            frame = await _read_frame(stream, buf)
+                        if idle_cs.cancelled_caught and state["outstanding"]:
+                            slots.release()  # not idle while answers are pending
+                            continue
+                        if frame is None or idle_cs.cancelled_caught:
+                            slots.release()
+                            break
+                        state["outstanding"] += 1
+                        self.handle(frame, peer, "tcp", send)
+                state["reading"] = False
+                if state["outstanding"]:
+                    await all_done.wait()
+        finally:
+            state["closed"] = True
+            self._tcp_scopes.discard(read_scope)
+            self.stats.tcp_connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, serve until stopped, then drain in-flight queries for up to 5 s."""
+        socks = []
+        try:
+            for addr in self.config.server.listen:
+                socks.append(("udp", addr, _bind(addr, socket.SOCK_DGRAM)))
+                tcp = _bind(addr, socket.SOCK_STREAM)
+                tcp.listen(512)
+                socks.append(("tcp", addr, tcp))
+        except OSError as exc:
+            for _, _, s in socks:
+                s.close()
+            raise ConfigError(
+                f"{self.path.name}: server: listen: cannot bind {addr}: {exc.strerror}"
+            ) from exc
+        try:
+            async with trio.open_nursery() as root:
+                self._nursery = root
+                self._start_chain(self.chain)
+                async with trio.open_nursery() as work:
+                    self._work = work
+                    async with trio.open_nursery() as accept:
+                        for kind, _addr, s in socks:
+                            host, port = s.getsockname()[:2]
+                            self.addresses.append((kind, host, port))
+                            loop = self._udp_loop if kind == "udp" else self._tcp_accept
+                            accept.start_soon(loop, s)
+                            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                            log.info("listening on %s %s", kind, shown)
+                        for svc in self.config.services:
+                            service = self.registry.services[svc.table](svc.options, self)
+                            await root.start(service.run)
+                        if self.handle_signals:
+                            accept.start_soon(self._signals)
+                        self.pm.hook.dnsproxy_startup(server=self)
+                        task_status.started(self.addresses)
+                        await self._stop.wait()
+                        accept.cancel_scope.cancel()
+                    log.info("stopping: finishing in-flight queries")
+                    for scope in list(self._tcp_scopes):
+                        scope.cancel()
+                    work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                self._work = None
+                self.pm.hook.dnsproxy_shutdown(server=self)
+                root.cancel_scope.cancel()
+        finally:
+            for _, _, s in socks:
+                s.close()
+            self.chain.close()
+        log.info("stopped")
+
+    def stop(self) -> None:
+        """Stop accepting queries; in-flight ones get up to 5 s to finish."""
+        self._stop.set()
+
+    def _start_chain(self, chain: Chain) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._chain_scopes[id(chain)] = scope
+
+        async def run_steps() -> None:
+            with scope:
+                async with trio.open_nursery() as n:
+                    for step in chain.steps:
+                        n.start_soon(step.run)
+
+        self._nursery.start_soon(run_steps)
+
+    async def reload(self) -> bool:
+        """Load the config again and swap the new chain in; keep the old one on error."""
+        try:
+            cfg, registry, pm = load(self.path)
+            chain = build_chain(cfg, registry)
+        except ConfigError as exc:
+            for line in exc.lines:
+                log.error("reload failed, keeping the running config: %s", line)
+            return False
+        if cfg.server.listen != self.config.server.listen:
+            log.warning("reload: listen addresses changed; restart to apply them")
+        old = self.chain
+        self.config, self.registry, self.pm = cfg, registry, pm
+        self._apply_server_config()
+        self._start_chain(chain)
+        self.chain = chain
+        log.info("reloaded %s: %d steps", self.path, len(chain.steps))
+        self.pm.hook.dnsproxy_reload(server=self)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._retire, old)
+        return True
+
+    async def _retire(self, chain: Chain) -> None:
+        cid = id(chain)
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            while self._chain_inflight.get(cid, 0) > 0:
+                await trio.sleep(0.05)
+        self._chain_scopes.pop(cid).cancel()
+        self._chain_inflight.pop(cid, None)
+        chain.close()
+
+    def flush(self) -> None:
+        self.chain.flush()
+        log.info("caches flushed")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(
+            signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
+        ) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                elif signum == signal.SIGUSR1:
+                    self.flush()
+                else:
+                    self.stop()
+                    return
+
+
+async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+    """One length-prefixed message, or None at EOF (also EOF inside a message)."""
+    while True:
+        if len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) >= 2 + size:
+                frame = bytes(buf[2 : 2 + size])
+                del buf[: 2 + size]
+                return frame
+        try:
+            chunk = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        if not chunk:
+            return None
+        buf += chunk

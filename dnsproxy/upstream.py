@@ -1,0 +1,229 @@
+"""Upstream transports: the protocol every scheme implements, and plain DNS over UDP/TCP.
+
+An `Upstream` takes a `Request` (question, flags, DO) and returns the upstream's response
+as wire bytes, already matched to the request: source address and port (a connected
+socket per query, RFC 5452 §9.1), a fresh random ID from `secrets` and the question
+(case-insensitively). Datagrams that do not match never end the wait. Callers own the
+timeout (``trio.move_on_after``), as Trio code should.
+
+Schemes are registered by plugins through ``dnsproxy_add_upstream_schemes``; the built-in
+``forward`` plugin registers ``udp`` (the default for "host:port") and ``tcp``; the ``dot``
+and ``doh`` plugins register ``tls`` and ``https``.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+
+from dnsproxy import wire
+from dnsproxy.errors import UpstreamError
+from dnsproxy.reply import edns_option
+
+UPSTREAM_UDP_SIZE = 1232
+TCP_MAX = 65535
+
+
+@attrs.frozen
+class UpstreamSpec:
+    """An upstream as written in the config: a URL string or a table with ``url``."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any]) -> UpstreamSpec:
+        """Parse "1.2.3.4", "1.2.3.4:53", "[::1]:53", "tcp://h:p", "tls://h", "https://h/p"."""
+        extra: dict[str, Any] = {}
+        if isinstance(value, Mapping):
+            extra = {k: v for k, v in value.items() if k != "url"}
+            url = value.get("url")
+            if not isinstance(url, str):
+                raise ValueError('an upstream table needs url = "..."')
+        elif isinstance(value, str):
+            url = value
+        else:
+            raise ValueError(f"an upstream is a string or a table, got {value!r}")
+        text = url if "://" in url else "udp://" + url
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: bad port") from exc
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: no host")
+        return cls(url, parts.scheme.lower(), parts.hostname, port, parts.path, extra)
+
+
+@attrs.frozen
+class Request:
+    """What forward asks an upstream: the client's question with fresh, proxy-owned EDNS."""
+
+    question: bytes  # qname (wire, client's case) + qtype + qclass
+    key: bytes  # lower-cased qname
+    qtype: int
+    qclass: int
+    flags: int = wire.RD  # RD and CD as the client set them
+    do: bool = False
+    edns: bool = True
+
+    def to_wire(self, msg_id: int, *, pad_block: int = 0) -> bytes:
+        """The query message with ``msg_id``; ``pad_block`` pads it (RFC 7830/8467)."""
+        header = wire.HEADER.pack(msg_id, self.flags & (wire.RD | wire.CD), 1, 0, 0, int(self.edns))
+        msg = header + self.question
+        if not self.edns:
+            return msg
+        options = b""
+        base = len(msg) + 11
+        if pad_block:
+            pad = -(base + 4) % pad_block
+            options = edns_option(12, b"\x00" * pad)
+        ttl = wire.EDNS_DO if self.do else 0
+        return (
+            msg
+            + b"\x00"
+            + struct.pack("!HHIH", wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options))
+            + options
+        )
+
+
+def matches(data: bytes, msg_id: int, req: Request) -> bool:
+    """Whether ``data`` is a response to ``req`` sent with ``msg_id`` (RFC 5452 §9.1)."""
+    if len(data) < 12:
+        return False
+    rid, flags, qd = struct.unpack_from("!HHH", data)
+    if rid != msg_id or not flags & wire.QR or (flags >> 11) & 0xF != 0 or qd != 1:
+        return False
+    end = 12 + len(req.question)
+    if len(data) < end:
+        return False
+    return data[12 : end - 4].lower() == req.key and data[end - 4 : end] == req.question[-4:]
+
+
+def new_id() -> int:
+    """An unpredictable message ID over the full 0-65535 range (RFC 5452 §9.2)."""
+    return secrets.randbits(16)
+
+
+class Upstream(Protocol):
+    """What ``forward`` needs from an upstream transport."""
+
+    name: str  # shown in logs, metrics and traces, e.g. "udp://127.0.0.1:53"
+
+    async def exchange(self, req: Request) -> bytes:
+        """Send ``req`` and return the matching response (wire bytes). Raise UpstreamError."""
+        ...
+
+    def close(self) -> None:
+        """Release sockets and connections."""
+        ...
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | None:
+    """Read one length-prefixed DNS message from ``stream`` (RFC 1035 §4.2.2).
+
+    ``buf`` holds bytes read past the previous frame. Returns None at a clean EOF between
+    frames; raises UpstreamError on EOF inside a frame.
+    """
+    while True:
+        if len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) >= 2 + size:
+                frame = bytes(buf[2 : 2 + size])
+                del buf[: 2 + size]
+                return frame
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            if buf:
+                raise UpstreamError("connection closed inside a message")
+            return None
+        buf += chunk
+
+
+class UdpUpstream:
+    """Plain DNS over UDP, retried over TCP when the answer is truncated.
+
+    Each exchange uses a new connected socket on a kernel-chosen random port, so
+    concurrent queries never share a port and the kernel drops datagrams from any other
+    source; the ID and question are checked on top of that.
+    """
+
+    def __init__(self, host: str, port: int = 53) -> None:
+        self.addr = (host, port)
+        self.family = _family(host)
+        self.name = (
+            f"udp://{host}:{port}" if self.family == socket.AF_INET else f"udp://[{host}]:{port}"
+        )
+        self.tcp = TcpUpstream(host, port)
+
+    async def exchange(self, req: Request) -> bytes:
+        msg_id = new_id()
+        data = req.to_wire(msg_id)
+        sock = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            await sock.connect(self.addr)
+            await sock.send(data)
+            while True:
+                try:
+                    reply = await sock.recv(65535)
+                except OSError as exc:
+                    if exc.errno == errno.ECONNREFUSED:
+                        raise UpstreamError(f"{self.name}: connection refused") from exc
+                    raise UpstreamError(f"{self.name}: {exc.strerror}") from exc
+                if matches(reply, msg_id, req):
+                    break
+        finally:
+            sock.close()
+        if reply[2] & 0x02:  # TC: the whole answer is only available over TCP
+            return await self.tcp.exchange(req)
+        return reply
+
+    def close(self) -> None:
+        self.tcp.close()
+
+
+class TcpUpstream:
+    """Plain DNS over TCP: one connection per exchange, prefix and message in one send."""
+
+    def __init__(self, host: str, port: int = 53) -> None:
+        self.addr = (host, port)
+        self.name = f"tcp://{host}:{port}" if ":" not in host else f"tcp://[{host}]:{port}"
+
+    async def exchange(self, req: Request) -> bytes:
+        msg_id = new_id()
+        data = req.to_wire(msg_id)
+        try:
+            stream = await trio.open_tcp_stream(*self.addr)
+        except OSError as exc:
+            raise UpstreamError(f"{self.name}: {exc}") from exc
+        async with stream:
+            try:
+                await stream.send_all(struct.pack("!H", len(data)) + data)
+                buf = bytearray()
+                while True:
+                    frame = await read_frame(stream, buf)
+                    if frame is None:
+                        raise UpstreamError(f"{self.name}: closed without an answer")
+                    if matches(frame, msg_id, req):
+                        return frame
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise UpstreamError(f"{self.name}: {exc}") from exc
+
+    def close(self) -> None:
+        """Nothing is kept open between exchanges."""

@@ -1,0 +1,387 @@
+"""The wire view: a bounds-checked read of a query's header, question and EDNS OPT.
+
+Most queries are one question plus at most one OPT record. For those, this module reads
+exactly what the chain needs without building a dnspython message, which is what keeps a
+cache hit or a blocked answer cheap (DESIGN.md §3). Anything unusual (compression in the
+question, extra records, several questions) falls back to a full dnspython parse, which
+either produces the same `Query` or rejects the message with the right rcode.
+
+Names are carried in wire form. ``Query.key`` is the lower-cased wire name: its parent
+names are simply its suffixes at label boundaries (see `parents`), so suffix lookups in
+hosts tables, blocklists and zone scopes are dictionary hits on byte slices.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rdatatype
+
+HEADER = struct.Struct("!HHHHHH")
+U16 = struct.Struct("!H")
+RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+
+# Header flag bits.
+QR = 0x8000
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+AD = 0x0020
+CD = 0x0010
+
+# Rcodes used by the proxy itself.
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+
+OPT = 41
+EDNS_DO = 0x8000
+EDE_OPTION = 15
+MAX_EDNS_OPTIONS = 64  # bounded parsing of hostile option lists (Unbound CVE-2026-41292)
+
+
+class Drop(Exception):
+    """The message must be dropped silently (too short to answer, or a response)."""
+
+
+class Reject(Exception):
+    """The message gets an error response: FORMERR, NOTIMP or BADVERS.
+
+    ``query`` is set when the question was readable, so the response can echo it.
+    """
+
+    def __init__(self, rcode: int, msg_id: int, flags: int, query: Query | None = None) -> None:
+        super().__init__(rcode)
+        self.rcode = rcode
+        self.msg_id = msg_id
+        self.flags = flags
+        self.query = query
+
+
+class Query:
+    """One client query as the chain sees it.
+
+    Attributes are read directly on the hot path, hence a plain slotted class. Plugins
+    may attach facts for observers with `note`; the trace (``dnsproxy query``) is a list
+    that steps append to only when it is not None.
+    """
+
+    __slots__ = (
+        "_name",
+        "cd",
+        "client",
+        "data",
+        "do",
+        "edns",
+        "edns_options",
+        "flags",
+        "id",
+        "key",
+        "notes",
+        "qclass",
+        "qend",
+        "qname",
+        "qtype",
+        "received",
+        "trace",
+        "transport",
+        "udp_size",
+    )
+
+    def __init__(
+        self,
+        data: bytes,
+        msg_id: int,
+        flags: int,
+        qname: bytes,
+        qtype: int,
+        qclass: int,
+        qend: int,
+        client: tuple[str, int],
+        transport: str,
+    ) -> None:
+        self.data = data
+        self.id = msg_id
+        self.flags = flags
+        self.qname = qname
+        self.key = qname.lower()
+        self.qtype = qtype
+        self.qclass = qclass
+        self.qend = qend
+        self.client = client
+        self.transport = transport
+        self.cd = bool(flags & CD)
+        self.edns = False
+        self.udp_size = 512
+        self.do = False
+        self.edns_options: tuple[tuple[int, bytes], ...] = ()
+        self.notes: dict[str, Any] | None = None
+        self.trace: list[str] | None = None
+        self.received = 0.0
+        self._name: dns.name.Name | None = None
+
+    @property
+    def question(self) -> bytes:
+        """The question section exactly as the client sent it (case included)."""
+        return self.qname + struct.pack("!HH", self.qtype, self.qclass)
+
+    @property
+    def name(self) -> dns.name.Name:
+        """The query name as a dnspython Name (built on first use; case preserved)."""
+        if self._name is None:
+            self._name = dns.name.from_wire(self.qname, 0)[0]
+        return self._name
+
+    @property
+    def text(self) -> str:
+        """The lower-cased query name as text with the trailing dot ("example.org.")."""
+        return self.name.to_text().lower()
+
+    def note(self, key: str, value: object) -> None:
+        """Record a fact about this query for observers (query log, metrics, trace)."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes[key] = value
+
+    def explain(self, line: str) -> None:
+        """Add a line to the trace; a no-op unless the query is being traced."""
+        if self.trace is not None:
+            self.trace.append(line)
+
+    def __repr__(self) -> str:
+        qtype = dns.rdatatype.to_text(self.qtype)
+        return f"<Query {self.id} {self.text} {qtype} from {self.client[0]}>"
+
+
+def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
+    """Read a client query, or raise `Drop` / `Reject` per the error policy.
+
+    Fast path: QDCOUNT=1, no answer/authority records, at most one additional record
+    (which must be the OPT), and an uncompressed question.
+    """
+    if len(data) < 12:
+        raise Drop("short")
+    msg_id, flags, qd, an, ns, ar = HEADER.unpack_from(data)
+    if flags & QR:
+        raise Drop("response")
+    if (flags >> 11) & 0xF != 0:
+        raise Reject(NOTIMP, msg_id, flags)
+    if qd != 1 or an or ns:
+        raise Reject(FORMERR, msg_id, flags)  # RFC 9619: decided before decoding any name
+    if ar > 1:
+        return _parse_slow(data, client, transport, msg_id, flags)
+    end = len(data)
+    off = 12
+    while True:
+        if off >= end:
+            raise Reject(FORMERR, msg_id, flags)
+        length = data[off]
+        if length == 0:
+            off += 1
+            break
+        if length > 63:
+            if length & 0xC0 == 0xC0:  # compression in a question: legal, unusual
+                return _parse_slow(data, client, transport, msg_id, flags)
+            raise Reject(FORMERR, msg_id, flags)
+        off += length + 1
+    if off - 12 > 255 or off + 4 > end:
+        raise Reject(FORMERR, msg_id, flags)
+    qtype, qclass = struct.unpack_from("!HH", data, off)
+    query = Query(data, msg_id, flags, data[12:off], qtype, qclass, off + 4, client, transport)
+    if ar and not _read_opt(query, off + 4):
+        return _parse_slow(data, client, transport, msg_id, flags)
+    return query
+
+
+def _read_opt(query: Query, off: int) -> bool:
+    """Read a root-owned OPT at ``off``; False if the record is something else."""
+    data = query.data
+    if off + 11 > len(data) or data[off] != 0:
+        return False
+    rtype, size, ttl, rdlen = RR_FIXED.unpack_from(data, off + 1)
+    if rtype != OPT:
+        return False
+    rdata_off = off + 11
+    if rdata_off + rdlen > len(data):
+        raise Reject(FORMERR, query.id, query.flags, query)
+    _apply_opt(query, size, ttl, data[rdata_off : rdata_off + rdlen])
+    return True
+
+
+def _apply_opt(query: Query, size: int, ttl: int, rdata: bytes) -> None:
+    query.edns = True
+    query.udp_size = max(512, size)
+    query.do = bool(ttl & EDNS_DO)
+    options = []
+    pos = 0
+    while pos < len(rdata):
+        if pos + 4 > len(rdata) or len(options) >= MAX_EDNS_OPTIONS:
+            raise Reject(FORMERR, query.id, query.flags, query)
+        code, olen = struct.unpack_from("!HH", rdata, pos)
+        pos += 4
+        if pos + olen > len(rdata):
+            raise Reject(FORMERR, query.id, query.flags, query)
+        options.append((code, rdata[pos : pos + olen]))
+        pos += olen
+    query.edns_options = tuple(options)
+    if (ttl >> 16) & 0xFF != 0:  # EDNS version > 0
+        raise Reject(BADVERS, query.id, query.flags, query)
+
+
+def _parse_slow(
+    data: bytes, client: tuple[str, int], transport: str, msg_id: int, flags: int
+) -> Query:
+    try:
+        msg = dns.message.from_wire(data, ignore_trailing=True)
+    except dns.message.BadEDNS as exc:
+        raise Reject(FORMERR, msg_id, flags) from exc
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
+        raise Reject(FORMERR, msg_id, flags) from exc
+    if len(msg.question) != 1 or msg.answer or msg.authority:
+        raise Reject(FORMERR, msg_id, flags)
+    rrset = msg.question[0]
+    qname = rrset.name.to_wire()
+    query = Query(data, msg_id, flags, qname, rrset.rdtype, rrset.rdclass, 0, client, transport)
+    if msg.edns >= 0:
+        query.edns = True
+        query.udp_size = max(512, msg.payload)
+        query.do = bool(msg.ednsflags & EDNS_DO)
+        query.edns_options = tuple((o.otype, o.to_wire() or b"") for o in msg.options)
+        if msg.edns > 0:
+            raise Reject(BADVERS, msg_id, flags, query)
+    return query
+
+
+# --- helpers over wire names and records -------------------------------------------------
+
+
+def parents(key: bytes) -> Iterator[bytes]:
+    """Yield a wire name and each of its parents, ending with the root (b"\\x00")."""
+    off = 0
+    while True:
+        yield key[off:] if off else key
+        length = key[off]
+        if length == 0:
+            return
+        off += length + 1
+
+
+def name_to_key(name: str | dns.name.Name) -> bytes:
+    """Convert a domain name (text or Name) to the lower-cased wire form used as a key."""
+    if isinstance(name, str):
+        name = dns.name.from_text(name)
+    return name.to_wire().lower()
+
+
+def key_to_text(key: bytes) -> str:
+    """The text form of a wire name key, without the trailing dot ("" for the root)."""
+    return dns.name.from_wire(key, 0)[0].to_text(omit_final_dot=True)
+
+
+def skip_name(wire: bytes, off: int) -> int:
+    """Return the offset just past the (possibly compressed) name at ``off``.
+
+    Raises ValueError on a name that runs off the end or uses reserved label types.
+    """
+    end = len(wire)
+    while True:
+        if off >= end:
+            raise ValueError("name runs past the end")
+        length = wire[off]
+        if length == 0:
+            return off + 1
+        if length & 0xC0 == 0xC0:
+            if off + 2 > end:
+                raise ValueError("truncated pointer")
+            return off + 2
+        if length > 63:
+            raise ValueError("reserved label type")
+        off += length + 1
+
+
+class Record:
+    """Where one resource record sits in a message (offsets, not copies)."""
+
+    __slots__ = ("end", "name_off", "rclass", "rdata_off", "rdlen", "rtype", "section", "ttl_off")
+
+    def __init__(
+        self, section: int, name_off: int, rtype: int, rclass: int, ttl_off: int, rdlen: int
+    ) -> None:
+        self.section = section
+        self.name_off = name_off
+        self.rtype = rtype
+        self.rclass = rclass
+        self.ttl_off = ttl_off
+        self.rdata_off = ttl_off + 6
+        self.rdlen = rdlen
+        self.end = self.rdata_off + rdlen
+
+
+def records(wire: bytes) -> tuple[int, list[Record]]:
+    """Walk a whole message: (offset after the question section, its records in order).
+
+    Sections are numbered 1 (answer), 2 (authority), 3 (additional). Every count and
+    length is checked against the data; any overrun raises ValueError.
+    """
+    if len(wire) < 12:
+        raise ValueError("short message")
+    _, _, qd, an, ns, ar = HEADER.unpack_from(wire)
+    off = 12
+    for _ in range(qd):
+        off = skip_name(wire, off) + 4
+    if off > len(wire):
+        raise ValueError("question past the end")
+    qend = off
+    out = []
+    for section, count in ((1, an), (2, ns), (3, ar)):
+        for _ in range(count):
+            name_off = off
+            off = skip_name(wire, off)
+            if off + 10 > len(wire):
+                raise ValueError("record header past the end")
+            rtype, rclass, _ttl, rdlen = RR_FIXED.unpack_from(wire, off)
+            rec = Record(section, name_off, rtype, rclass, off + 4, rdlen)
+            if rec.end > len(wire):
+                raise ValueError("rdata past the end")
+            out.append(rec)
+            off = rec.end
+    return qend, out
+
+
+def strip_opt(wire: bytes) -> tuple[bytes, list[Record]]:
+    """Remove OPT records from a response (OPT is hop-by-hop, RFC 6891 §6.1.1).
+
+    Returns the message without them and the remaining records, offsets adjusted.
+    """
+    _, recs = records(wire)
+    opts = [r for r in recs if r.rtype == OPT]
+    if not opts:
+        return wire, recs
+    parts = []
+    pos = 0
+    for r in opts:
+        parts.append(wire[pos : r.name_off])
+        pos = r.end
+    parts.append(wire[pos:])
+    out = bytearray(b"".join(parts))
+    ar = U16.unpack_from(out, 10)[0] - len(opts)
+    U16.pack_into(out, 10, ar)
+    stripped = bytes(out)
+    return stripped, records(stripped)[1]
+
+
+def opcode_text(flags: int) -> str:
+    """Opcode name for logs."""
+    return dns.opcode.to_text(dns.opcode.from_flags(flags))
+
+
+def flags_text(flags: int) -> str:
+    """Header flags for logs and traces."""
+    return dns.flags.to_text(flags)

@@ -1,0 +1,7 @@
+"""The built-in plugins, installed as ``dnsproxy.plugins``.
+
+Each module registers itself through the same hooks a third-party plugin uses; this list
+only says which modules the plugin manager registers before entry points and config files.
+"""
+
+BUILTIN: tuple[str, ...] = ("dnsproxy.plugins.forward",)

@@ -1,0 +1,311 @@
+"""forward — send queries to upstream resolvers.
+
+Description
+    Answers every query in its scope from the first upstream that gives a usable answer.
+    Upstreams are plain DNS over UDP (with TCP when the answer is truncated), plain TCP, or
+    any scheme another plugin registers (``tls://`` from ``dot``, ``https://`` from ``doh``).
+
+    * Every query goes out with a fresh random ID and from a fresh random source port, and
+      only a response from the right address and port with the right ID and question is
+      accepted (RFC 5452); anything else is ignored and the wait goes on.
+    * Identical questions in flight at once (same name, type, class, DO and CD) share one
+      upstream query (the birthday defence: DNSpooq, CoreDNS CVE-2023-30464).
+    * The client's EDNS options (cookies, padding, keepalive, ECS) are hop-by-hop and are
+      not forwarded; DO and CD are, and unknown types pass through untouched.
+    * Timeout, SERVFAIL, REFUSED and network errors fail over to the next upstream, within
+      ``timeout`` per attempt and 5 s per query. FORMERR/NOTIMP to an EDNS query is retried
+      once without EDNS. If all fail the client gets SERVFAIL with Extended DNS Error 22
+      (No Reachable Authority: timeouts) or 23 (Network Error).
+
+Syntax
+    ::
+
+        [[chain]]
+        plugin = "forward"
+        upstreams = ["system"]      # required
+        policy = "sequential"       # sequential | random | round_robin | fastest
+        timeout = 2.0               # seconds per attempt
+        budget = 5.0                # seconds per query, all attempts together
+
+    Upstream forms: ``"system"`` (the nameservers of /etc/resolv.conf, minus our own
+    listeners), ``"192.0.2.1"``, ``"192.0.2.1:5300"``, ``"[2001:db8::1]:53"``,
+    ``"tcp://192.0.2.1:53"``, and for other schemes a table such as
+    ``{ url = "tls://192.0.2.1:853", server_name = "dns.example.org" }``.
+
+    An upstream that is one of our own listen addresses is a config error (a loop).
+
+Examples
+    Send ``corp.example.org`` to the VPN's resolver and everything else to two public ones::
+
+        [[chain]]
+        plugin = "forward"
+        zones = ["corp.example.org"]
+        upstreams = ["10.8.0.1"]
+
+        [[chain]]
+        plugin = "forward"
+        upstreams = ["192.0.2.53", "198.51.100.53"]
+        policy = "fastest"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import trio
+
+from dnsproxy import options, wire
+from dnsproxy.chain import AWAIT, Setup, Step
+from dnsproxy.errors import UpstreamError
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.reply import (
+    EDE_NETWORK_ERROR,
+    EDE_NO_REACHABLE_AUTHORITY,
+    Reply,
+    respond,
+)
+from dnsproxy.upstream import Request, TcpUpstream, UdpUpstream, Upstream, UpstreamSpec
+from dnsproxy.wire import Query
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
+NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
+
+
+def _upstream_list(value: object) -> tuple[str | Mapping[str, Any], ...]:
+    if isinstance(value, str | Mapping):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("needs at least one upstream")
+    for item in value:
+        UpstreamSpec.parse(item)  # raises ValueError with the offending entry
+    return tuple(value)
+
+
+@attrs.frozen
+class ForwardOptions:
+    upstreams: tuple[str | Mapping[str, Any], ...] = attrs.field(converter=_upstream_list)
+    policy: Literal["sequential", "random", "round_robin", "fastest"] = "sequential"
+    timeout: float = attrs.field(
+        default=2.0, converter=options.duration, validator=options.in_range(0.01, 60)
+    )
+    budget: float = attrs.field(
+        default=5.0, converter=options.duration, validator=options.in_range(0.01, 300)
+    )
+
+
+def system_nameservers(path: Path = RESOLV_CONF) -> list[str]:
+    """The ``nameserver`` lines of resolv.conf."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            out.append(parts[1].partition("%")[0])
+    return out
+
+
+class Health:
+    """Per-upstream latency estimate (for ``fastest``) and recent failures."""
+
+    __slots__ = ("failures", "srtt")
+
+    def __init__(self) -> None:
+        self.srtt = 0.0  # smoothed round-trip time; 0 = unknown, tried first
+        self.failures = 0
+
+    def ok(self, rtt: float) -> None:
+        self.srtt = rtt if self.srtt == 0 else 0.7 * self.srtt + 0.3 * rtt
+        self.failures = 0
+
+    def failed(self, timeout: float) -> None:
+        self.failures += 1
+        self.srtt = max(self.srtt, timeout) * 1.5
+
+
+class _Flight:
+    """One upstream query shared by every identical client query that arrives meanwhile."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Reply | None = None
+
+
+class Forward(Step):
+    Options = ForwardOptions
+
+    def __init__(self, opts: ForwardOptions, setup: Setup) -> None:
+        super().__init__(opts, setup)
+        self.upstreams: list[Upstream] = []
+        for item in opts.upstreams:
+            if item == "system":
+                self.upstreams.extend(self._system(setup))
+            else:
+                self.upstreams.append(setup.make_upstream(UpstreamSpec.parse(item), setup))
+        self.health = {u.name: Health() for u in self.upstreams}
+        self.flights: dict[tuple[bytes, int, int, int, bool], _Flight] = {}
+        self._rr = 0
+        self._rand = random.Random()
+
+    def _system(self, setup: Setup) -> list[Upstream]:
+        own = {(a.host, a.port) for a in setup.server.listen}
+        found = [h for h in system_nameservers() if (h, 53) not in own]
+        if not found:
+            raise setup.error(
+                "upstreams", f"'system': no usable nameserver in {RESOLV_CONF}; name one instead"
+            )
+        return [setup.make_upstream(UpstreamSpec.parse(h), setup) for h in found]
+
+    def query(self, q: Query) -> Any:
+        return AWAIT
+
+    async def resolve(self, q: Query) -> Reply | None:
+        key = (q.key, q.qtype, q.qclass, q.flags & wire.CD, q.do)
+        flight = self.flights.get(key)
+        if flight is not None:
+            q.note("coalesced", True)
+            await flight.done.wait()
+            return flight.result
+        flight = self.flights[key] = _Flight()
+        try:
+            flight.result = await self._ask(q)
+        finally:
+            del self.flights[key]
+            flight.done.set()
+        return flight.result
+
+    def _order(self) -> list[Upstream]:
+        ups = self.upstreams
+        policy = self.options.policy
+        if policy == "sequential" or len(ups) == 1:
+            return ups
+        if policy == "random":
+            return self._rand.sample(ups, len(ups))
+        if policy == "round_robin":
+            self._rr = (self._rr + 1) % len(ups)
+            return ups[self._rr :] + ups[: self._rr]
+        return sorted(ups, key=lambda u: self.health[u.name].srtt)
+
+    async def _ask(self, q: Query) -> Reply:
+        req = Request(
+            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True
+        )
+        timeouts = 0
+        errors: list[str] = []
+        last_bad: Reply | None = None
+        with trio.move_on_after(self.options.budget):
+            for up in self._order():
+                reply, err = await self._attempt(up, req, q)
+                if reply is not None and reply.rcode in NO_EDNS_RCODES:
+                    reply, err = await self._attempt(up, attrs.evolve(req, edns=False), q)
+                if reply is not None and reply.rcode not in FAILOVER_RCODES:
+                    q.note("upstream", up.name)
+                    return reply
+                if reply is not None:
+                    last_bad = reply
+                    errors.append(f"{up.name}: rcode {reply.rcode}")
+                elif err == "timeout":
+                    timeouts += 1
+                    errors.append(f"{up.name}: timeout")
+                else:
+                    errors.append(f"{up.name}: {err}")
+        if last_bad is not None and not timeouts and last_bad.rcode == wire.REFUSED:
+            return last_bad
+        q.explain(
+            f"{self.setup.where}: all upstreams failed: {'; '.join(errors) or 'no time left'}"
+        )
+        ede = EDE_NO_REACHABLE_AUTHORITY if timeouts or not errors else EDE_NETWORK_ERROR
+        text = "; ".join(errors)[:80] or "upstreams did not answer in time"
+        return respond(q, wire.SERVFAIL, ede=[(ede, text)], source=self.setup.name)
+
+    async def _attempt(self, up: Upstream, req: Request, q: Query) -> tuple[Reply | None, str]:
+        health = self.health[up.name]
+        start = time.monotonic()
+        err = "timeout"
+        with trio.move_on_after(self.options.timeout):
+            try:
+                data = await up.exchange(req)
+            except UpstreamError as exc:
+                err = str(exc)
+            else:
+                try:
+                    body, _ = wire.strip_opt(data)
+                except ValueError as exc:
+                    err = f"malformed answer ({exc})"
+                else:
+                    health.ok(time.monotonic() - start)
+                    q.explain(f"{self.setup.where}: {up.name} answered rcode {body[3] & 0xF}")
+                    return Reply(body, source=self.setup.name), ""
+        health.failed(self.options.timeout if err == "timeout" else 0.0)
+        q.explain(f"{self.setup.where}: {up.name}: {err}")
+        return None, err
+
+    def ready(self) -> bool:
+        return any(h.failures < 3 for h in self.health.values())
+
+    def close(self) -> None:
+        for up in self.upstreams:
+            up.close()
+
+
+def _own_listener(host: str, port: int, setup: Setup) -> bool:
+    try:
+        target = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for addr in setup.server.listen:
+        if addr.port != port:
+            continue
+        try:
+            mine = ipaddress.ip_address(addr.host)
+        except ValueError:
+            continue
+        if mine == target or (mine.is_unspecified and mine.version == target.version):
+            return True
+        if mine.is_unspecified and target.is_loopback:
+            return True
+    return False
+
+
+def _plain(cls: type[UdpUpstream] | type[TcpUpstream], default_port: int) -> Any:
+    def factory(spec: UpstreamSpec, setup: Setup) -> Upstream:
+        if spec.extra:
+            key = next(iter(spec.extra))
+            raise setup.error("upstreams", f"{spec.url}: unknown option {key!r}")
+        port = spec.port or default_port
+        if _own_listener(spec.host, port, setup):
+            raise setup.error(
+                "upstreams", f"{spec.url} is this proxy's own listener (a forwarding loop)"
+            )
+        try:
+            ipaddress.ip_address(spec.host)
+        except ValueError as exc:
+            raise setup.error(
+                "upstreams", f"{spec.url}: plain DNS upstreams must be IP addresses"
+            ) from exc
+        return cls(spec.host, port)
+
+    return factory
+
+
+@hookimpl
+def dnsproxy_add_steps(registry: Registry) -> None:
+    registry.add_step("forward", Forward)
+
+
+@hookimpl
+def dnsproxy_add_upstream_schemes(registry: Registry) -> None:
+    registry.add_scheme("udp", _plain(UdpUpstream, 53))
+    registry.add_scheme("tcp", _plain(TcpUpstream, 53))

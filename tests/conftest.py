@@ -1,0 +1,237 @@
+"""Shared fixtures: real peers (nsd) and the real proxy process, on loopback only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+BLOCKLISTS = SHARED / "blocklists"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(binary: str) -> str:
+    """Path of a Debian binary the test needs: skip locally, fail under CI=true."""
+    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{binary} is required under CI=true (is it in .ci/run's apt list?)")
+        pytest.skip(f"{binary} not installed")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = u.getsockname()[1]
+            with socket.socket(family, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+class Nsd:
+    """An nsd instance on 127.0.0.1 serving the zones it was given."""
+
+    def __init__(self, workdir: Path, zones: dict[str, str], host: str = "127.0.0.1") -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = free_port(host)
+        self.zones = zones
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def write(self) -> None:
+        conf = [
+            "server:",
+            f"  ip-address: {self.host}@{self.port}",
+            '  username: ""',
+            '  chroot: ""',
+            f'  zonesdir: "{self.dir}"',
+            f'  pidfile: "{self.dir}/nsd.pid"',
+            '  database: ""',
+            f'  xfrdfile: "{self.dir}/xfrd.state"',
+            f'  zonelistfile: "{self.dir}/zone.list"',
+            f'  logfile: "{self.dir}/nsd.log"',
+            "  server-count: 1",
+            "  verbosity: 1",
+            "remote-control:",
+            "  control-enable: no",
+        ]
+        for name, body in self.zones.items():
+            (self.dir / f"{name}.zone").write_text(textwrap.dedent(body))
+            conf += ["zone:", f"  name: {name}", f"  zonefile: {name}.zone"]
+        (self.dir / "nsd.conf").write_text("\n".join(conf) + "\n")
+
+    def start(self) -> Nsd:
+        self.write()
+        self.proc = subprocess.Popen(
+            [need("nsd"), "-d", "-c", str(self.dir / "nsd.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def reload_zones(self, zones: dict[str, str]) -> None:
+        """Restart with new zone contents (nsd re-reads on start)."""
+        self.stop()
+        self.zones = zones
+        self.start()
+
+
+ZONE = """\
+$ORIGIN example.test.
+$TTL 300
+@      IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 60
+@      IN NS  ns
+ns     IN A   127.0.0.1
+www    IN A   192.0.2.10
+www    IN AAAA 2001:db8::10
+mail   IN A   192.0.2.25
+@      IN MX  10 mail
+txt    IN TXT "hello world"
+alias  IN CNAME www
+odd    IN TYPE65400 \\# 4 01020304
+"""
+
+
+def big_txt_zone() -> str:
+    """A TXT RRset of about 1.5 kB: over 512 and over 1232 bytes."""
+    lines = [f'big IN TXT "{i:02d}-' + "x" * 90 + '"' for i in range(16)]
+    return ZONE + "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def nsd(tmp_path: Path) -> Iterator[Nsd]:
+    server = Nsd(tmp_path / "nsd", {"example.test": big_txt_zone()}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_nsd(tmp_path: Path) -> Iterator[Callable[..., Nsd]]:
+    started: list[Nsd] = []
+
+    def make(zones: dict[str, str], name: str = "nsd") -> Nsd:
+        server = Nsd(tmp_path / name, zones).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+class Proxy:
+    """The real ``python -m dnsproxy run`` process on a config the test writes."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.config_path = workdir / "config.toml"
+        self.config_path.write_text(config.replace("{port}", str(self.port)))
+        self.log_path = workdir / "proxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self, wait_for: str = "listening on tcp") -> Proxy:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dnsproxy", "run", "-c", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+        )
+        deadline = time.monotonic() + 20
+        while wait_for not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"proxy did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
+    """Start the proxy on a config; ``{port}`` in the text becomes its free port."""
+    started: list[Proxy] = []
+
+    def make(config: str, wait_for: str = "listening on tcp") -> Proxy:
+        workdir = tmp_path / f"proxy{len(started)}"
+        workdir.mkdir()
+        proxy = Proxy(workdir, config).start(wait_for)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
