@@ -222,6 +222,7 @@ class Chain:
     def __init__(self, steps: Iterable[tuple[Step, Callable[[Query], bool] | None]]) -> None:
         self.links = [Link(step, scope) for step, scope in steps]
         self.steps = [link.step for link in self.links]
+        self._position = {id(step): i for i, step in enumerate(self.steps)}
         for step in self.steps:
             step.chain = self
 
@@ -246,6 +247,17 @@ class Chain:
             if not isinstance(result, Suspended):
                 return result
             sus = result
+
+    async def pass_on(self, step: Step, q: Query) -> Reply | None:
+        """Run ``q`` through the steps after ``step`` and return what would come back to it.
+
+        For steps that must wrap the rest of the chain: the cache serving a stale answer
+        when the rest takes too long (RFC 8767), a prefetch refresh in the background.
+        """
+        result = self._walk(q, self._position[id(step)] + 1, [])
+        if isinstance(result, Suspended):
+            result = await self.resume(q, result)
+        return result
 
     def _walk(self, q: Query, i: int, unwind: list[Link]) -> Reply | Suspended | None:
         links = self.links
