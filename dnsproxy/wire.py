@@ -188,6 +188,8 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
             break
         if length > 63:
             if length & 0xC0 == 0xC0:  # compression in a question: legal, unusual
+                if off + 1 >= end or ((length & 0x3F) << 8 | data[off + 1]) < 12:
+                    raise Reject(FORMERR, msg_id, flags)  # a pointer into the header
                 return _parse_slow(data, client, transport, msg_id, flags)
             raise Reject(FORMERR, msg_id, flags)
         off += length + 1
@@ -281,7 +283,7 @@ def name_to_key(name: str | dns.name.Name) -> bytes:
 
 
 def key_to_text(key: bytes) -> str:
-    """The text form of a wire name key, without the trailing dot ("" for the root)."""
+    """The text form of a wire name key without the trailing dot ("." for the root)."""
     return dns.name.from_wire(key, 0)[0].to_text(omit_final_dot=True)
 
 
