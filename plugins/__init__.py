@@ -4,4 +4,4 @@ Each module registers itself through the same hooks a third-party plugin uses; t
 only says which modules the plugin manager registers before entry points and config files.
 """
 
-BUILTIN: tuple[str, ...] = ("dnsproxy.plugins.forward",)
+BUILTIN: tuple[str, ...] = ("dnsproxy.plugins.forward", "dnsproxy.plugins.cache")
