@@ -146,12 +146,14 @@ def build(cls: type[T], table: Mapping[str, Any], where: str, what: str = "optio
                 f"{where}: {what} {key!r} must be {_type_name(hints[key])}, got {value!r}"
             )
             continue
-        if field.converter is not None:
-            try:
+        try:
+            if field.converter is not None:
                 value = field.converter(value)  # type: ignore[operator]
-            except (TypeError, ValueError) as exc:
-                errors.append(f"{where}: {what} {key!r}: {exc}")
-                continue
+            if field.validator is not None:
+                field.validator(None, field, value)  # per key, so the error names it
+        except (TypeError, ValueError) as exc:
+            errors.append(f"{where}: {what} {key!r}: {exc}")
+            continue
         kwargs[key] = value
     missing = [
         name

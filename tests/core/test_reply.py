@@ -76,7 +76,9 @@ def test_ad_is_cleared_unless_client_asked():
     ],
 )
 def test_size_limits(edns, payload, transport, limit):
-    q = make_query("big.example.org", "TXT", edns=edns, payload=payload or 1232, transport=transport)
+    q = make_query(
+        "big.example.org", "TXT", edns=edns, payload=payload or 1232, transport=transport
+    )
     assert rp.limit_for(q, 1232) == limit
     out = rp.finalize(big_reply(q), q, 1232)
     assert len(out) <= limit

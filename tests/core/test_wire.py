@@ -20,7 +20,9 @@ def q_wire(name: str = "www.Example.org", rdtype: str = "A", **kw: object) -> by
     return dns.message.make_query(name, rdtype, **kw).to_wire()
 
 
-def header(msg_id: int = 0x1234, flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+def header(
+    msg_id: int = 0x1234, flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0
+) -> bytes:
     return struct.pack("!6H", msg_id, flags, qd, an, ns, ar)
 
 
@@ -37,7 +39,9 @@ def test_fast_path_reads_question_and_keeps_case():
 
 
 def test_edns_fields():
-    data = q_wire(use_edns=0, payload=4096, want_dnssec=True, options=[dns.edns.GenericOption(65001, b"xy")])
+    data = q_wire(
+        use_edns=0, payload=4096, want_dnssec=True, options=[dns.edns.GenericOption(65001, b"xy")]
+    )
     q = parse_query(data, CLIENT, "udp")
     assert q.edns and q.do and q.udp_size == 4096
     assert q.edns_options == ((65001, b"xy"),)
@@ -68,7 +72,19 @@ def test_responses_are_dropped():
         (header() + QUESTION[:-2], wire.FORMERR),  # short question: no class
         (header() + b"\x03www", wire.FORMERR),  # name runs off the end
         (header() + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # label type 01
-        (header() + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # noqa: E501 name > 255
+        (
+            header()
+            + b"\x3f"
+            + b"a" * 63
+            + b"\x3f"
+            + b"a" * 63
+            + b"\x3f"
+            + b"a" * 63
+            + b"\x3f"
+            + b"a" * 63
+            + b"\x00\x00\x01\x00\x01",
+            wire.FORMERR,
+        ),  # noqa: E501 name > 255
         (header(flags=0x7900) + QUESTION, wire.NOTIMP),  # opcode 15
         (header(flags=0x2900) + QUESTION, wire.NOTIMP),  # UPDATE is never forwarded
     ],
@@ -122,8 +138,9 @@ def test_pointer_into_the_header_is_formerr():
 @pytest.mark.parametrize("target", [12, 16])  # itself / forward of itself: loops
 def test_self_and_forward_pointers_are_formerr(target):
     with pytest.raises(Reject):
-        parse_query(header() + b"\x03www" + bytes([0xC0, target]) + b"\x00\x01\x00\x01", CLIENT, "udp")
-
+        parse_query(
+            header() + b"\x03www" + bytes([0xC0, target]) + b"\x00\x01\x00\x01", CLIENT, "udp"
+        )
 
 
 def test_trailing_garbage_is_ignored():

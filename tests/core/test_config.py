@@ -1,0 +1,170 @@
+"""Config loading: table-driven cases of input, expected result or expected error line."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from dnsproxy import config, options
+from dnsproxy.errors import ConfigError
+from dnsproxy.registry import build_registry, make_plugin_manager
+
+REG = build_registry(make_plugin_manager())
+FORWARD = '[[chain]]\nplugin = "forward"\nupstreams = ["127.0.0.1:5300"]\n'
+
+
+def load(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return config.parse(path, config.read_toml(path), REG)
+
+
+def errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, text)
+    return exc.value.lines
+
+
+def test_defaults(tmp_path):
+    cfg = load(tmp_path, FORWARD)
+    s = cfg.server
+    assert [str(a) for a in s.listen] == ["127.0.0.1:5353"]
+    assert ipaddress.ip_network("192.168.0.0/16") in s.allow
+    assert (s.tcp_idle_timeout, s.max_tcp_connections, s.max_inflight, s.edns_udp_size) == (
+        10.0,
+        1024,
+        4096,
+        1232,
+    )
+    assert len(cfg.chain) == 1 and cfg.chain[0].plugin == "forward"
+
+
+def test_bundled_config_is_valid():
+    path = Path(__file__).resolve().parents[2] / "config.toml"
+    cfg = config.parse(path, config.read_toml(path), REG)
+    assert cfg.chain[-1].plugin == "forward"
+
+
+def test_generic_keys(tmp_path):
+    cfg = load(
+        tmp_path,
+        '[[chain]]\nplugin = "forward"\nzones = ["Corp.Example.ORG."]\nclients = ["10.0.0.0/8"]\n'
+        'upstreams = ["127.0.0.1"]\n',
+    )
+    step = cfg.chain[0]
+    assert step.zones == (b"\x04corp\x07example\x03org\x00",)
+    assert step.clients == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            FORWARD.replace("upstreams", "upstrems"),
+            "config.toml: chain[0] (forward): unknown option 'upstrems' (did you mean 'upstreams'?)",
+        ),
+        (
+            '[[chain]]\nplugin = "forwrd"\n',
+            "config.toml: chain[0]: plugin: unknown plugin 'forwrd' (did you mean 'forward'?)",
+        ),
+        ('[[chain]]\nupstreams = ["x"]\n', "config.toml: chain[0]: missing 'plugin'"),
+        (
+            FORWARD.replace("]\n", ']\ntimeout = "soon"\n', 1).replace(
+                'plugin = "forward"\n', 'plugin = "forward"\n'
+            ),
+            "config.toml: chain[0] (forward): option 'timeout':",
+        ),
+        (
+            '[server]\nlisten = ["127.0.0.1:99999"]\n' + FORWARD,
+            "config.toml: server: option 'listen':",
+        ),
+        (
+            '[server]\nmax_inflight = "many"\n' + FORWARD,
+            "config.toml: server: option 'max_inflight' must be an integer",
+        ),
+        (
+            "[server]\nedns_udp_size = 100\n" + FORWARD,
+            "config.toml: server: option 'edns_udp_size'",
+        ),
+        (
+            "[server]\nlisen = []\n" + FORWARD,
+            "config.toml: server: unknown option 'lisen' (did you mean 'listen'?)",
+        ),
+        ("[sever]\n" + FORWARD, "config.toml: unknown table 'sever' (did you mean 'server'?)"),
+        ("", "config.toml: chain: no steps"),
+        (
+            FORWARD.replace('plugin = "forward"', 'plugin = "forward"\nzones = [3]'),
+            "config.toml: chain[0] (forward): zones:",
+        ),
+        (
+            FORWARD.replace('plugin = "forward"', 'plugin = "forward"\nclients = ["nope"]'),
+            "config.toml: chain[0] (forward): clients:",
+        ),
+        (
+            FORWARD.replace('"127.0.0.1:5300"', "42"),
+            "config.toml: chain[0] (forward): option 'upstreams'",
+        ),
+        (
+            '[[chain]]\nplugin = "forward"\n',
+            "config.toml: chain[0] (forward): missing required option 'upstreams'",
+        ),
+    ],
+)
+def test_errors_name_file_table_and_key(tmp_path, text, expected):
+    lines = errors(tmp_path, text)
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    lines = errors(tmp_path, "[server]\nlisen = 1\n" + FORWARD.replace("upstreams", "upstrems"))
+    assert len(lines) == 3  # unknown key, its suggestion target missing, unknown server key
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    (tmp_path / "config.toml").write_text("[server\n")
+    with pytest.raises(ConfigError) as exc:
+        config.read_toml(tmp_path / "config.toml")
+    assert "config.toml: not valid TOML" in exc.value.lines[0]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.read_toml(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        (30, 30.0),
+        (1.5, 1.5),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("24h", 86400.0),
+        ("7d", 604800.0),
+    ],
+)
+def test_duration(text, seconds):
+    assert options.duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1s", True, -3, "1y"])
+def test_bad_duration(bad):
+    with pytest.raises((TypeError, ValueError)):
+        options.duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:53", "127.0.0.1", 53),
+        ("[::1]:5353", "::1", 5353),
+        ("::1", "::1", 53),
+        ("10.0.0.1", "10.0.0.1", 53),
+    ],
+)
+def test_address_parse(text, host, port):
+    a = config.Address.parse(text)
+    assert (a.host, a.port) == (host, port)
