@@ -183,7 +183,7 @@ def test_plugin_file_registers_a_step(tmp_path):
 def test_broken_plugin_file_is_a_config_error(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("import nonexistent_module_xyz\n")
-    with pytest.raises(ConfigError, match="broken.py: plugin failed to import"):
+    with pytest.raises(ConfigError, match=r"broken\.py: plugin failed to import"):
         load_file(path)
 
 

@@ -84,7 +84,7 @@ def test_responses_are_dropped():
             + b"a" * 63
             + b"\x00\x00\x01\x00\x01",
             wire.FORMERR,
-        ),  # noqa: E501 name > 255
+        ),
         (header(flags=0x7900) + QUESTION, wire.NOTIMP),  # opcode 15
         (header(flags=0x2900) + QUESTION, wire.NOTIMP),  # UPDATE is never forwarded
     ],
