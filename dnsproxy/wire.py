@@ -172,7 +172,7 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
     if flags & QR:
         raise Drop("response")
     if (flags >> 11) & 0xF != 0:
-        raise Reject(NOTIMP, msg_id, flags)
+        raise Reject(NOTIMP, msg_id, flags, _readable(data, client, transport))
     if qd != 1 or an or ns:
         raise Reject(FORMERR, msg_id, flags)  # RFC 9619: decided before decoding any name
     if ar > 1:
@@ -200,6 +200,21 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
     if ar and not _read_opt(query, off + 4):
         return _parse_slow(data, client, transport, msg_id, flags)
     return query
+
+
+def _readable(data: bytes, client: tuple[str, int], transport: str) -> Query | None:
+    """The question and OPT of a message with another opcode, when they read as a query.
+
+    Lets NOTIMP echo the question and carry an OPT to an EDNS client (RFC 6891 §6.1.1).
+    """
+    as_query = bytearray(data)
+    as_query[2] &= 0x87  # opcode 0
+    try:
+        return parse_query(bytes(as_query), client, transport)
+    except Reject as exc:
+        return exc.query
+    except Drop:
+        return None
 
 
 def _read_opt(query: Query, off: int) -> bool:

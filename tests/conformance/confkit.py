@@ -1,0 +1,159 @@
+"""Helpers of the conformance suite: configs, raw clients, the proxy launcher.
+
+The root ``tests/conftest.py`` is loaded by path for its `Proxy` class: pytest imports
+every directory's conftest as the module ``conftest``, so a plain import is ambiguous.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import dns.message
+import dns.query
+
+TIMEOUT = 3.0
+
+_spec = importlib.util.spec_from_file_location(
+    "dnsproxy_tests_root_conftest", __file__.rsplit("/", 2)[0] + "/conftest.py"
+)
+assert _spec is not None and _spec.loader is not None
+root = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(root)
+Proxy = root.Proxy
+free_port = root.free_port
+need = root.need
+
+
+def forward_config(upstream: str, *, server: str = "", before: str = "", forward: str = "") -> str:
+    """A config with the listener on {port}, optional steps, then forward to ``upstream``."""
+    return (
+        "[server]\n"
+        'listen = ["127.0.0.1:{port}"]\n'
+        f"{server}\n"
+        f"{before}\n"
+        "[[chain]]\n"
+        'plugin = "forward"\n'
+        f'upstreams = ["{upstream}"]\n'
+        "timeout = 1.0\n"
+        "budget = 2.0\n"
+        f"{forward}\n"
+    )
+
+
+def udp_raw(addr: tuple[str, int], data: bytes, timeout: float = TIMEOUT) -> bytes | None:
+    """Send one datagram and return the reply, or None if nothing came back in time."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(data, addr)
+        try:
+            return s.recv(65535)
+        except TimeoutError:
+            return None
+
+
+def tcp_raw(addr: tuple[str, int], data: bytes, timeout: float = TIMEOUT) -> bytes | None:
+    """Send bytes on a new TCP connection and return the first framed reply (None at EOF)."""
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(data)
+        return read_frame(s)
+
+
+def read_frame(s: socket.socket) -> bytes | None:
+    head = _recv_exact(s, 2)
+    if head is None:
+        return None
+    return _recv_exact(s, struct.unpack("!H", head)[0])
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack("!H", len(data)) + data
+
+
+def ask(
+    addr: tuple[str, int], name: str, rdtype: str = "A", *, tcp: bool = False, **kw: object
+) -> dns.message.Message:
+    """A well-formed query over UDP or TCP through dnspython, with an absolute timeout."""
+    q = dns.message.make_query(name, rdtype, **kw)  # type: ignore[arg-type]
+    if tcp:
+        return dns.query.tcp(q, addr[0], port=addr[1], timeout=TIMEOUT)
+    return dns.query.udp(q, addr[0], port=addr[1], timeout=TIMEOUT)
+
+
+def alive(addr: tuple[str, int]) -> bool:
+    """Whether the proxy still answers a normal query over UDP and TCP."""
+    return (
+        ask(addr, "alive.example.test").rcode() == 0
+        and ask(addr, "alive.example.test", tcp=True).rcode() == 0
+    )
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def qname_wire(name: str) -> bytes:
+    """A name in uncompressed wire form, case preserved."""
+    out = b""
+    for label in name.rstrip(".").split("."):
+        if label:
+            out += bytes([len(label)]) + label.encode()
+    return out + b"\x00"
+
+
+def opt_rr(
+    *,
+    payload: int = 1232,
+    version: int = 0,
+    do: bool = False,
+    flags: int = 0,
+    options: tuple[tuple[int, bytes], ...] = (),
+    owner: bytes = b"\x00",
+) -> bytes:
+    """An OPT record: the EDNS knobs genreport and the malformed cases turn."""
+    rdata = b"".join(struct.pack("!HH", c, len(d)) + d for c, d in options)
+    ttl = (version << 16) | (0x8000 if do else 0) | flags
+    return owner + struct.pack("!HHIH", 41, payload, ttl, len(rdata)) + rdata
+
+
+def message(
+    question: bytes | None = None,
+    *,
+    msg_id: int = 0x1234,
+    flags: int = 0x0100,
+    qd: int | None = None,
+    an: int = 0,
+    ns: int = 0,
+    ar: int | None = None,
+    opt: bytes = b"",
+    body: bytes = b"",
+) -> bytes:
+    """A raw DNS message; counts default to what is actually present."""
+    if question is None:
+        question = qname_wire("www.example.test") + struct.pack("!HH", 1, 1)
+    qd = (1 if question else 0) if qd is None else qd
+    ar = (1 if opt else 0) if ar is None else ar
+    return struct.pack("!HHHHHH", msg_id, flags, qd, an, ns, ar) + question + body + opt
+
+
+def parse(data: bytes | None) -> dns.message.Message:
+    assert data is not None, "no reply"
+    return dns.message.from_wire(data)
