@@ -1,0 +1,243 @@
+"""doh — DNS over HTTPS upstreams (``https://``) for forward.
+
+Description
+    Registers the ``https`` upstream scheme (RFC 8484) over HTTP/2 with httpx, which needs
+    the extra: ``pip install dnsproxy[doh]``.
+
+    * One HTTP/2 connection per upstream carries every query as its own stream; it is
+      closed after ``idle_timeout`` seconds unused. At most ``max_inflight`` requests are
+      outstanding at once.
+    * POST by default; ``method = "get"`` sends ``?dns=`` (base64url without padding).
+      The message ID on the wire is 0 (RFC 8484 §4.1; forward restores the client's) and
+      the query is padded to a multiple of 128 bytes (RFC 8467).
+    * A reply is accepted only with status 200, ``Content-Type: application/dns-message``,
+      a body of at most 65535 bytes, ID 0 and the question asked; anything else is an
+      upstream failure and forward fails over. ``Cache-Control: max-age`` (less ``Age``)
+      caps the TTLs of the answer, so nothing is kept longer than the server allows.
+    * The certificate is always verified (system CAs plus ``ca_file``) for ``server_name``
+      or else the URL's host; a failure is an upstream failure, never a cleartext retry.
+    * A host name in the URL is reached only through the ``bootstrap`` addresses (tried in
+      order), never resolved through the proxy; it is still the SNI and the HTTP authority.
+
+Syntax
+    In forward's ``upstreams``, as a string or a table::
+
+        "https://192.0.2.1/dns-query"
+        { url = "https://dns.example.net/dns-query", bootstrap = ["192.0.2.1"],
+          method = "post",                  # post | get
+          server_name = "dns.example.net",  # the name the certificate must carry
+          ca_file = "ca.pem",               # a CA to trust besides the system ones
+          idle_timeout = "10s",             # close the connection after this long unused
+          max_inflight = 100 }              # requests outstanding at once
+
+Metrics
+    None of its own; forward reports per-upstream health.
+
+Examples
+    Cloudflare over HTTPS::
+
+        [[chain]]
+        plugin = "forward"
+        upstreams = [{ url = "https://cloudflare-dns.com/dns-query",
+                       bootstrap = ["1.1.1.1", "1.0.0.1"] }]
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import re
+import struct
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+import trio
+from dnsproxy.plugins.dot import PAD_BLOCK, TlsOptions, build_options, targets, tls_context
+
+from dnsproxy import wire
+from dnsproxy.chain import Setup
+from dnsproxy.errors import UpstreamError
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.streamclient import describe, tls_error
+from dnsproxy.upstream import Request, UpstreamSpec, matches
+
+if TYPE_CHECKING:
+    import httpx
+
+CONTENT_TYPE = "application/dns-message"
+MAX_BODY = 65535
+_MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
+
+
+@attrs.frozen
+class DohOptions(TlsOptions):
+    method: Literal["post", "get"] = "post"
+
+
+def cap_ttls(data: bytes, limit: int) -> bytes:
+    """``data`` with every TTL above ``limit`` lowered to it (OPT records untouched)."""
+    _, recs = wire.records(data)
+    out: bytearray | None = None
+    for rec in recs:
+        if rec.rtype == wire.OPT:
+            continue
+        (ttl,) = struct.unpack_from("!I", data, rec.ttl_off)
+        if ttl > limit:
+            out = out if out is not None else bytearray(data)
+            struct.pack_into("!I", out, rec.ttl_off, limit)
+    return data if out is None else bytes(out)
+
+
+def freshness(headers: httpx.Headers) -> int | None:
+    """Seconds the response may still be used: Cache-Control max-age minus Age."""
+    m = _MAX_AGE.search(headers.get("cache-control", ""))
+    if m is None:
+        return None
+    age = headers.get("age", "0")
+    return max(0, int(m.group(1)) - (int(age) if age.isdigit() else 0))
+
+
+class DohUpstream:
+    """An `Upstream` speaking RFC 8484 through one httpx client."""
+
+    def __init__(
+        self,
+        name: str,
+        client: httpx.AsyncClient,
+        urls: list[str],
+        headers: dict[str, str],
+        extensions: dict[str, str],
+        method: str,
+        max_inflight: int,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.urls = urls  # one per bootstrap address, tried in order from the last good one
+        self.headers = headers
+        self.extensions = extensions
+        self.method = method
+        self._slots = trio.Semaphore(max_inflight)
+        self._current = 0
+        self.used = False
+
+    async def exchange(self, req: Request) -> bytes:
+        import httpx
+
+        self.used = True
+        data = req.to_wire(0, pad_block=PAD_BLOCK)
+        async with self._slots:
+            for attempt in range(len(self.urls)):
+                index = (self._current + attempt) % len(self.urls)
+                try:
+                    reply = await self._request(self.urls[index], data, req)
+                except httpx.ConnectError as exc:
+                    if tls_error(exc) is not None or attempt + 1 == len(self.urls):
+                        raise UpstreamError(f"{self.name}: {describe(exc)}") from exc
+                    continue
+                except httpx.HTTPError as exc:
+                    raise UpstreamError(f"{self.name}: {describe(exc)}") from exc
+                self._current = index
+                return reply
+        raise AssertionError("unreachable: urls is never empty")
+
+    async def _request(self, url: str, data: bytes, req: Request) -> bytes:
+        if self.method == "get":
+            query = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+            request = self.client.build_request(
+                "GET", url, params={"dns": query}, headers=self.headers, extensions=self.extensions
+            )
+        else:
+            request = self.client.build_request(
+                "POST",
+                url,
+                content=data,
+                headers={**self.headers, "content-type": CONTENT_TYPE},
+                extensions=self.extensions,
+            )
+        resp = await self.client.send(request, stream=True)
+        try:
+            if resp.status_code != 200:
+                raise UpstreamError(f"{self.name}: HTTP status {resp.status_code}")
+            ctype = resp.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if ctype != CONTENT_TYPE:
+                raise UpstreamError(f"{self.name}: content type {ctype or 'missing'!r}")
+            length = resp.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY:
+                raise UpstreamError(f"{self.name}: body of {length} bytes")
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise UpstreamError(f"{self.name}: body over {MAX_BODY} bytes")
+        finally:
+            await resp.aclose()
+        reply = bytes(body)
+        if not matches(reply, 0, req):
+            raise UpstreamError(f"{self.name}: the reply does not answer the question")
+        fresh = freshness(resp.headers)
+        if fresh is not None:
+            try:
+                reply = cap_ttls(reply, fresh)
+            except ValueError as exc:
+                raise UpstreamError(f"{self.name}: malformed reply ({exc})") from exc
+        return reply
+
+    def close(self) -> None:
+        """Close the connection pool (in a system task: closing is async)."""
+        if not self.used:
+            return
+        with contextlib.suppress(RuntimeError):  # outside Trio: its connections are gone
+            trio.lowlevel.spawn_system_task(self._aclose, name=f"close {self.name}")
+
+    async def _aclose(self) -> None:
+        with trio.move_on_after(1):
+            await self.client.aclose()
+
+
+def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
+    try:
+        import h2  # noqa: F401  (httpx needs it for HTTP/2)
+        import httpx
+    except ImportError as exc:
+        raise setup.error(
+            "upstreams",
+            f"{spec.url}: DoH needs httpx with HTTP/2 ({exc.name} is missing): "
+            "pip install dnsproxy[doh]",
+        ) from exc
+    opts = build_options(DohOptions, spec, setup)
+    addresses, name = targets(spec, opts, setup)
+    port = spec.port or 443
+    path = spec.path or "/dns-query"
+    urls = [
+        f"https://[{a}]:{port}{path}" if ":" in a else f"https://{a}:{port}{path}"
+        for a in addresses
+    ]
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    headers = {"accept": CONTENT_TYPE, "host": host if port == 443 else f"{host}:{port}"}
+    client = httpx.AsyncClient(
+        http2=True,
+        verify=tls_context(opts.ca_file, setup, spec.url),
+        trust_env=False,
+        follow_redirects=False,
+        timeout=httpx.Timeout(30.0),
+        limits=httpx.Limits(
+            max_connections=len(addresses),
+            max_keepalive_connections=len(addresses),
+            keepalive_expiry=opts.idle_timeout,
+        ),
+    )
+    return DohUpstream(
+        f"https://{host}:{port}{path}",
+        client,
+        urls,
+        headers,
+        {"sni_hostname": name},
+        opts.method,
+        opts.max_inflight,
+    )
+
+
+@hookimpl
+def dnsproxy_add_upstream_schemes(registry: Registry) -> None:
+    registry.add_scheme("https", make_doh)
