@@ -52,6 +52,7 @@ class Stats:
     refused_acl: int = 0
     servfail_overload: int = 0
     step_errors: int = 0
+    internal_errors: int = 0
     tcp_connections: int = 0
     tcp_rejected: int = 0
 
@@ -209,6 +210,8 @@ class Server:
             except StepFailed as exc:
                 reply = self._step_failed(q, exc)
             self._send(q, reply, send)
+        except Exception as exc:
+            self._internal_error("query task", exc)
         finally:
             self._inflight -= 1
             cid = id(chain)
@@ -263,7 +266,10 @@ class Server:
                     except OSError:
                         self.stats.dropped += 1  # send buffer full: UDP may drop
 
-                handle(data, addr[:2], "udp", send)
+                try:
+                    handle(data, addr[:2], "udp", send)
+                except Exception as exc:  # a bug must cost one query, not the listener
+                    self._internal_error("udp", exc)
 
     async def _tcp_accept(self, sock: socket.socket) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -282,7 +288,21 @@ class Server:
                 stream.socket.close()
                 continue
             assert self._work is not None
-            self._work.start_soon(self._tcp_conn, stream)
+            self._work.start_soon(self._tcp_guarded, stream)
+
+    async def _tcp_guarded(self, stream: trio.SocketStream) -> None:
+        """A connection handler's bug must not take the server down (trio serve_listeners)."""
+        try:
+            await self._tcp_conn(stream)
+        except Exception as exc:
+            self._internal_error("tcp connection", exc)
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        self.stats.internal_errors += 1
+        key = (where, type(exc).__name__)
+        if key not in self._failed_once:
+            self._failed_once.add(key)
+            log.error("internal error in %s (reported once): %r", where, exc, exc_info=exc)
 
     async def _tcp_conn(self, stream: trio.SocketStream) -> None:
         sc = self.config.server
@@ -330,6 +350,7 @@ class Server:
                     buf = bytearray()
                     while True:
                         await slots.acquire()
+                        frame = None
                         with trio.move_on_after(idle) as idle_cs:
                             frame = await _read_frame(stream, buf)
                         if idle_cs.cancelled_caught and state["outstanding"]:

@@ -1,0 +1,68 @@
+"""Test steps loaded from a plugin file named in the config (as a user would)."""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from dnsproxy.chain import AWAIT, Step
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.reply import respond, rr
+
+
+@attrs.frozen
+class StaticOptions:
+    address: str = "192.0.2.1"
+    ttl: int = 60
+
+
+class Static(Step):
+    """A for every name; a 1.5 kB TXT RRset for TXT queries."""
+
+    Options = StaticOptions
+
+    def query(self, q):
+        if q.qtype == 16:
+            txts = [rr(16, 60, bytes([90]) + b"%02d" % i + b"x" * 88) for i in range(16)]
+            return respond(q, answers=txts, source="static")
+        if q.qtype != 1:
+            return respond(q, source="static")
+        octets = bytes(int(x) for x in self.options.address.split("."))
+        return respond(q, answers=[rr(1, self.options.ttl, octets)], source="static")
+
+
+@attrs.frozen
+class SlowOptions:
+    delay: float = 0.5
+    only: str = ""
+
+
+class Slow(Step):
+    """Answers after ``delay`` seconds (only names starting with ``only``)."""
+
+    Options = SlowOptions
+
+    def query(self, q):
+        if self.options.only and not q.text.startswith(self.options.only):
+            return None
+        return AWAIT
+
+    async def resolve(self, q):
+        await trio.sleep(self.options.delay)
+        return respond(q, answers=[rr(1, 60, b"\xc0\x00\x02\x63")], source="slow")
+
+
+class Boom(Step):
+    """Raises for names starting with "boom"."""
+
+    def query(self, q):
+        if q.text.startswith("boom"):
+            raise RuntimeError("kaboom")
+        return None
+
+
+@hookimpl
+def dnsproxy_add_steps(registry):
+    registry.add_step("static", Static)
+    registry.add_step("slow", Slow)
+    registry.add_step("boom", Boom)

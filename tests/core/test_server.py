@@ -1,0 +1,306 @@
+"""The server in-process: listeners, ACL, error policy, bounds, TCP per RFC 7766, reload."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import dns.asyncquery
+import dns.edns
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import pytest
+import trio
+
+from dnsproxy.server import Server
+
+PLUGIN = Path(__file__).with_name("stepsplugin.py")
+
+
+def write_config(tmp_path: Path, chain: str, server: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'plugins = ["{PLUGIN}"]\n[server]\nlisten = ["127.0.0.1:0", "[::1]:0"]\n{server}\n{chain}'
+    )
+    return path
+
+
+STATIC = '[[chain]]\nplugin = "static"\n'
+
+
+async def start(nursery: trio.Nursery, path: Path) -> tuple[Server, dict[str, tuple[str, int]]]:
+    server = Server(path, handle_signals=False)
+    addrs = await nursery.start(server.run)
+    found = {}
+    for kind, host, port in addrs:
+        found.setdefault(f"{kind}{'6' if ':' in host else '4'}", (host, port))
+    return server, found
+
+
+def at(addr: tuple[str, int]) -> dict[str, object]:
+    return {"where": addr[0], "port": addr[1]}
+
+
+def query(name: str = "example.org", rdtype: str = "A", **kw) -> dns.message.Message:
+    return dns.message.make_query(name, rdtype, **kw)
+
+
+async def test_udp_and_tcp_on_ipv4_and_ipv6(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    with trio.fail_after(5):
+        for key in ("udp4", "udp6"):
+            host, port = addrs[key]
+            r = await dns.asyncquery.udp(query("WwW.Example.org"), host, port=port, timeout=2)
+            assert r.answer[0][0].address == "192.0.2.1"
+            assert r.question[0].name.to_text() == "WwW.Example.org."
+        for key in ("tcp4", "tcp6"):
+            host, port = addrs[key]
+            r = await dns.asyncquery.tcp(query(), host, port=port, timeout=2)
+            assert r.answer[0][0].address == "192.0.2.1"
+    server.stop()
+
+
+async def test_large_answer_truncates_over_udp_and_is_whole_over_tcp(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    host, port = addrs["udp4"]
+    with trio.fail_after(5):
+        r = await dns.asyncquery.udp(query("big.example.org", "TXT"), host, port=port, timeout=2)
+        assert r.flags & dns.flags.TC and not r.answer
+        r = await dns.asyncquery.udp(
+            query("big.example.org", "TXT", use_edns=0, payload=4096), host, port=port, timeout=2
+        )
+        assert r.flags & dns.flags.TC  # 1.5 kB > edns_udp_size 1232
+        r = await dns.asyncquery.tcp(
+            query("big.example.org", "TXT"), **at(addrs["tcp4"]), timeout=2
+        )
+        assert not r.flags & dns.flags.TC and len(r.answer[0]) == 16
+    server.stop()
+
+
+async def test_acl_refuses_with_ede_18(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC, 'allow = ["10.0.0.0/8"]'))
+    with trio.fail_after(5):
+        r = await dns.asyncquery.udp(query(use_edns=0), **at(addrs["udp4"]), timeout=2)
+    assert r.rcode() == dns.rcode.REFUSED
+    assert [o.code for o in r.options] == [18]
+    assert server.stats.refused_acl == 1
+    server.stop()
+
+
+async def test_step_exception_is_servfail_and_server_keeps_serving(tmp_path, nursery, caplog):
+    path = write_config(tmp_path, '[[chain]]\nplugin = "boom"\n' + STATIC)
+    server, addrs = await start(nursery, path)
+    with trio.fail_after(5):
+        for _ in range(3):
+            r = await dns.asyncquery.udp(query("boom.example.org"), **at(addrs["udp4"]), timeout=2)
+            assert r.rcode() == dns.rcode.SERVFAIL
+        r = await dns.asyncquery.udp(query("fine.example.org"), **at(addrs["udp4"]), timeout=2)
+        assert r.rcode() == dns.rcode.NOERROR
+    assert server.stats.step_errors == 3
+    logged = [rec for rec in caplog.records if "step failed" in rec.getMessage()]
+    assert len(logged) == 1 and "chain[0] (boom)" in logged[0].getMessage()
+    server.stop()
+
+
+async def test_max_inflight_answers_servfail_beyond_the_bound(tmp_path, nursery):
+    path = write_config(tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.5\n', "max_inflight = 2")
+    server, addrs = await start(nursery, path)
+    results = []
+
+    async def ask(i: int) -> None:
+        r = await dns.asyncquery.udp(query(f"q{i}.example.org"), **at(addrs["udp4"]), timeout=3)
+        results.append(r.rcode())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(ask, i)
+                await trio.sleep(0.01)
+    assert sorted(results) == [0, 0, 2, 2, 2]
+    assert server.stats.servfail_overload == 3
+    server.stop()
+
+
+async def tcp_connect(addr):
+    return await trio.open_tcp_stream(*addr)
+
+
+async def read_message(stream: trio.SocketStream, buf: bytearray) -> dns.message.Message | None:
+    while len(buf) < 2 or len(buf) < 2 + struct.unpack_from("!H", buf)[0]:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    size = struct.unpack_from("!H", buf)[0]
+    data = bytes(buf[2 : 2 + size])
+    del buf[: 2 + size]
+    return dns.message.from_wire(data)
+
+
+def framed(msg: dns.message.Message) -> bytes:
+    data = msg.to_wire()
+    return struct.pack("!H", len(data)) + data
+
+
+async def test_tcp_pipelined_queries_are_answered_out_of_order(tmp_path, nursery):
+    path = write_config(
+        tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.5\nonly = "slow"\n' + STATIC
+    )
+    server, addrs = await start(nursery, path)
+    slow, fast = query("slow.example.org"), query("fast.example.org")
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        await stream.send_all(framed(slow) + framed(fast))
+        buf = bytearray()
+        first = await read_message(stream, buf)
+        second = await read_message(stream, buf)
+    assert (first.id, second.id) == (fast.id, slow.id)
+    assert second.answer[0][0].address == "192.0.2.99"
+    await stream.aclose()
+    server.stop()
+
+
+async def test_many_queries_on_one_connection(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    msgs = [query(f"n{i}.example.org") for i in range(300)]
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        await stream.send_all(b"".join(framed(m) for m in msgs))
+        buf = bytearray()
+        got = {(await read_message(stream, buf)).id for _ in msgs}
+    assert got == {m.id for m in msgs}
+    await stream.aclose()
+    server.stop()
+
+
+async def test_tcp_idle_timeout_is_reset_only_by_complete_messages(tmp_path, nursery):
+    path = write_config(tmp_path, STATIC, "tcp_idle_timeout = 0.5")
+    server, addrs = await start(nursery, path)
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        start_t = trio.current_time()
+        data = framed(query())
+        try:
+            for b in data[:-1]:  # slowloris: one byte every 0.1 s never completes a message
+                await stream.send_all(bytes([b]))
+                await trio.sleep(0.1)
+        except trio.BrokenResourceError:
+            pass
+        assert await stream.receive_some(100) == b""
+        assert trio.current_time() - start_t < 1.5
+    server.stop()
+
+
+async def test_idle_connection_is_closed(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC, "tcp_idle_timeout = 0.3"))
+    with trio.fail_after(3):
+        stream = await tcp_connect(addrs["tcp4"])
+        await stream.send_all(framed(query()))
+        buf = bytearray()
+        assert await read_message(stream, buf) is not None
+        assert await read_message(stream, buf) is None  # closed after 0.3 s of idleness
+    server.stop()
+
+
+async def test_max_tcp_connections(tmp_path, nursery):
+    path = write_config(tmp_path, STATIC, "max_tcp_connections = 2")
+    server, addrs = await start(nursery, path)
+    with trio.fail_after(5):
+        keep = [await tcp_connect(addrs["tcp4"]) for _ in range(2)]
+        await trio.sleep(0.1)
+        extra = await tcp_connect(addrs["tcp4"])
+        try:
+            await extra.send_all(framed(query()))
+            assert await extra.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            pass
+        assert server.stats.tcp_rejected >= 1
+        r = await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2)  # UDP unaffected
+        assert r.rcode() == 0
+        for s in keep:
+            await s.aclose()
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [b"\x00\x00", b"\x00\x01x", b"\x00\x05hello", struct.pack("!H", 1024) + b"\x00" * 1024],
+)
+async def test_garbage_frames_then_a_valid_query(tmp_path, nursery, junk):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    q = query()
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        await stream.send_all(junk + framed(q))
+        buf = bytearray()
+        while True:
+            r = await read_message(stream, buf)
+            assert r is not None
+            if r.id == q.id and r.rcode() == 0:
+                break
+    await stream.aclose()
+    server.stop()
+
+
+async def test_error_policy_over_udp(tmp_path, nursery):
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.connect(addrs["udp4"])
+    two = dns.message.make_query("example.org", "A")
+    two.question.append(two.question[0])
+    with trio.fail_after(5):
+        await sock.send(b"\x12\x34")  # too short: dropped
+        await sock.send(two.to_wire())  # QDCOUNT=2: FORMERR
+        r = dns.message.from_wire(await sock.recv(4096))
+        assert r.id == two.id and r.rcode() == dns.rcode.FORMERR
+        notify = dns.message.make_query("example.org", "SOA")
+        notify.set_opcode(dns.opcode.NOTIFY)
+        await sock.send(notify.to_wire())
+        r = dns.message.from_wire(await sock.recv(4096))
+        assert r.rcode() == dns.rcode.NOTIMP and r.opcode() == dns.opcode.NOTIFY
+        v1 = dns.message.make_query("example.org", "A", use_edns=1)
+        await sock.send(v1.to_wire())
+        r = dns.message.from_wire(await sock.recv(4096))
+        assert r.rcode() == dns.rcode.BADVERS and r.edns == 0
+        resp = dns.message.make_response(query())
+        await sock.send(resp.to_wire())  # QR=1: dropped, never answered
+        ok = query()
+        await sock.send(ok.to_wire())
+        r = dns.message.from_wire(await sock.recv(4096))
+        assert r.id == ok.id  # the next message answered is the good query
+    assert server.stats.dropped == 2
+    sock.close()
+    server.stop()
+
+
+async def test_reload_swaps_chain_and_keeps_old_on_error(tmp_path, nursery):
+    path = write_config(tmp_path, STATIC)
+    server, addrs = await start(nursery, path)
+    with trio.fail_after(5):
+        path.write_text(path.read_text().replace(STATIC, STATIC + 'address = "192.0.2.7"\n'))
+        assert await server.reload()
+        r = await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2)
+        assert r.answer[0][0].address == "192.0.2.7"
+        path.write_text(path.read_text() + "bogus = 1\n")
+        assert not await server.reload()
+        r = await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2)
+        assert r.answer[0][0].address == "192.0.2.7"
+    server.stop()
+
+
+async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery):
+    path = write_config(tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.3\n')
+    server, addrs = await start(nursery, path)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            result = []
+
+            async def ask() -> None:
+                result.append(await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2))
+
+            n.start_soon(ask)
+            await trio.sleep(0.1)
+            server.stop()
+    assert result[0].answer[0][0].address == "192.0.2.99"
