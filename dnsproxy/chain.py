@@ -5,8 +5,9 @@ back — the same shape as CoreDNS's handler/next, but split into phases so the 
 case never leaves synchronous code (DESIGN.md §3):
 
 ``query(q)``
-    Synchronous. Return a `Reply` to answer, ``None`` to pass the query on, or `AWAIT`
-    when the step needs I/O (an upstream, an API); the chain then calls ``resolve``.
+    Synchronous. Return a `Reply` to answer, ``None`` to pass the query on, `AWAIT`
+    when the step needs I/O (an upstream, an API; the chain then calls ``resolve``), or
+    `DROP` to send nothing (rate limiting).
 ``async resolve(q)``
     Only for steps that returned `AWAIT`; runs inside a Trio task. Return a `Reply`, or
     ``None`` to pass the query on after all.
@@ -51,6 +52,17 @@ class _Await:
 
 AWAIT: Any = _Await()
 """Returned by `Step.query` to ask the chain to call ``await step.resolve(q)``."""
+
+
+class _Drop:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP: Any = _Drop()
+"""Returned by `Step.query` to send no response at all (a rate limiter dropping a query)."""
 
 
 @attrs.frozen
@@ -100,6 +112,7 @@ class Step:
     """
 
     Options: ClassVar[type] = NoOptions
+    zones: tuple[bytes, ...] = ()  # the step's ``zones`` scope (wire keys), set by the builder
 
     def __init__(self, options: Any, setup: Setup) -> None:
         self.options = options
@@ -276,6 +289,9 @@ class Chain:
                     continue
                 if reply is AWAIT:
                     return Suspended(link, i, unwind)
+                if reply is DROP:
+                    q.explain(f"{link.step.setup.where}: dropped")
+                    return None
                 if q.trace is not None:
                     q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
                 return self._unwind(q, reply, unwind)

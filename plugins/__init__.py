@@ -4,4 +4,8 @@ Each module registers itself through the same hooks a third-party plugin uses; t
 only says which modules the plugin manager registers before entry points and config files.
 """
 
-BUILTIN: tuple[str, ...] = ("dnsproxy.plugins.forward", "dnsproxy.plugins.cache")
+BUILTIN: tuple[str, ...] = (
+    "dnsproxy.plugins.forward",
+    "dnsproxy.plugins.ratelimit",
+    "dnsproxy.plugins.cache",
+)
