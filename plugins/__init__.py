@@ -8,4 +8,6 @@ BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.forward",
     "dnsproxy.plugins.ratelimit",
     "dnsproxy.plugins.cache",
+    "dnsproxy.plugins.querylog",
+    "dnsproxy.plugins.http",
 )

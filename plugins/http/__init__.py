@@ -1,0 +1,201 @@
+"""http — Prometheus metrics, health and readiness, and a small JSON API.
+
+Description
+    An optional ``[http]`` table starts one HTTP server (hypercorn's Trio worker) inside
+    the proxy process. Off when the table is absent; loopback by default when present.
+    Needs the ``http`` extra: ``pip install 'dnsproxy[http]'``.
+
+    ``GET /metrics``
+        Prometheus text format (prometheus-client).
+    ``GET /health``
+        200 ``{"status": "up"}`` while the process serves.
+    ``GET /ready``
+        200 when every step is ready (lists loaded, an upstream healthy), else 503; the
+        body lists each step.
+    ``GET /api/stats[?top=10]``
+        For the last hour and day: queries, blocked and blocked share, top blocked names,
+        top clients. From the querylog's SQLite database when a querylog step writes
+        one, otherwise from bounded in-memory counters (``stats_interval`` buckets,
+        ``stats_max_keys`` names/clients per bucket).
+    ``GET /api/query?name=example.org&type=A[&client=192.0.2.7][&transport=tcp]``
+        Runs the query through the chain (as ``dnsproxy query`` does) and returns the
+        trace: which step answered, the notes (list/rule/upstream/cache), the response.
+    ``GET /api/blocking/status``, ``POST /api/blocking/enable``,
+    ``POST /api/blocking/disable[?duration=5m]``
+        Blocky-style switch for every step that supports it (blocklist).
+    ``POST /api/cache/flush``
+        Flushes every step (as SIGUSR1 does).
+
+    State-changing requests are POST only, and refused (403) when a browser sends an
+    ``Origin`` other than this server. Per query the service only bumps counters;
+    everything else is computed at scrape or request time.
+
+Syntax
+    ::
+
+        [http]
+        listen = "127.0.0.1:9153"
+        query_timeout = 5.0       # seconds, for GET /api/query
+        stats_interval = "10m"    # in-memory stats bucket length
+        stats_max_keys = 1000     # distinct clients / blocked names kept per bucket
+
+Metrics
+    ``dnsproxy_requests_total{transport, qtype, rcode}`` (rcode ``DROPPED`` when no
+    response was sent), ``dnsproxy_request_duration_seconds`` (histogram),
+    ``dnsproxy_queries_total``, ``dnsproxy_dropped_total``, ``dnsproxy_formerr_total``,
+    ``dnsproxy_refused_acl_total``, ``dnsproxy_servfail_overload_total``,
+    ``dnsproxy_step_errors_total``, ``dnsproxy_tcp_rejected_total``,
+    ``dnsproxy_tcp_connections``, ``dnsproxy_ready``; and for every step's ``metrics()``
+    sample ``dnsproxy_<plugin>_<name>`` (``_total`` for counters) with a ``step`` label
+    (its index in the chain) plus the sample's own labels.
+
+Examples
+    Scrape with Prometheus and check a name::
+
+        [http]
+        listen = "127.0.0.1:9153"
+
+    ``curl 127.0.0.1:9153/metrics``,
+    ``curl '127.0.0.1:9153/api/query?name=ads.example.org&type=AAAA'``,
+    ``curl -X POST '127.0.0.1:9153/api/blocking/disable?duration=5m'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import socket
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from dnsproxy import options
+from dnsproxy.config import Address
+from dnsproxy.errors import ConfigError
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.reply import Reply
+from dnsproxy.wire import Query
+
+if TYPE_CHECKING:
+    from dnsproxy.server import Server
+
+    from .metrics import Observed
+
+log = logging.getLogger("dnsproxy.plugins.http")
+NEEDS = ("hypercorn", "prometheus_client")
+DAY = 86400.0
+
+
+def _address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise TypeError('expected "host:port"')
+    return Address.parse(value, 9153)
+
+
+@attrs.frozen
+class HttpOptions:
+    listen: Address = attrs.field(default="127.0.0.1:9153", converter=_address)
+    query_timeout: float = attrs.field(
+        default=5.0, converter=options.duration, validator=options.in_range(0.1, 60)
+    )
+    stats_interval: float = attrs.field(
+        default=600.0, converter=options.duration, validator=options.in_range(1, 3600)
+    )
+    stats_max_keys: int = attrs.field(default=1000, validator=options.in_range(1, 100_000))
+
+    def __attrs_post_init__(self) -> None:
+        missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(
+                f"needs the http extra (pip install 'dnsproxy[http]'); missing {', '.join(missing)}"
+            )
+
+
+class HttpService:
+    """The ``[http]`` service: one hypercorn server for the process's life."""
+
+    Options = HttpOptions
+
+    def __init__(self, opts: HttpOptions, server: Server) -> None:
+        from .metrics import Observed
+
+        self.options = opts
+        self.server = server
+        buckets = int(DAY // opts.stats_interval) + 1
+        self.observed = Observed(opts.stats_interval, buckets, opts.stats_max_keys, time.time())
+
+    def _bind(self) -> socket.socket:
+        addr = self.options.listen
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((addr.host, addr.port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"{self.server.path.name}: http: listen: cannot bind {addr}: {exc.strerror}"
+            ) from exc
+        return sock
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound address, serve until cancelled."""
+        from hypercorn.config import Config, Sockets
+        from hypercorn.trio.run import worker_serve
+        from hypercorn.utils import wrap_app
+
+        from .app import App
+
+        sock = self._bind()
+        cfg = Config()
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("dnsproxy.plugins.http.hypercorn")
+        cfg.errorlog.setLevel(logging.WARNING)
+        cfg.keep_alive_timeout = 5
+        cfg.read_timeout = 10
+        cfg.graceful_timeout = 1
+        app = App(self.server, self.options, self.observed)
+        _sinks.append(self.observed)
+        try:
+            async with trio.open_nursery() as nursery:
+                serve = partial(
+                    worker_serve,
+                    wrap_app(app, cfg.wsgi_max_body_size, "asgi"),
+                    cfg,
+                    sockets=Sockets([], [sock], []),
+                )
+                await nursery.start(serve)
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                log.info("listening on http %s", shown)
+                nursery.start_soon(self._rotate)
+                task_status.started([("http", host, port)])
+        finally:
+            _sinks.remove(self.observed)
+            sock.close()
+
+    async def _rotate(self) -> None:
+        while True:
+            await trio.sleep(self.options.stats_interval)
+            self.observed.rotate(time.time())
+
+
+_sinks: list[Observed] = []  # counters of running http services
+
+
+@hookimpl
+def dnsproxy_add_services(registry: Registry) -> None:
+    registry.add_service("http", HttpService)
+
+
+@hookimpl
+def dnsproxy_query_done(query: Query, reply: Reply | None, elapsed: float) -> None:
+    for observed in _sinks:
+        observed.observe(query, reply, elapsed)

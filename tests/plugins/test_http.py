@@ -1,0 +1,304 @@
+"""The [http] service in-process: metrics after known traffic, health/ready, the JSON API."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import httpx
+import pytest
+import trio
+from dnsproxy.plugins.http import HttpService
+from dnsproxy.plugins.http.metrics import Observed
+
+from dnsproxy.errors import ConfigError
+from dnsproxy.reply import respond
+from dnsproxy.server import Server, load
+from dnsproxy.testing import make_query
+from tests.conftest import free_port
+
+POLICY = '''
+"""A test policy step: answers "*.blocked.test" NXDOMAIN while enabled, the rest 192.0.2.1."""
+from dnsproxy import wire
+from dnsproxy.chain import Metric, Step
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.reply import respond, rr
+
+class Policy(Step):
+    def __init__(self, options, setup):
+        super().__init__(options, setup)
+        self.enabled = True
+        self.calls = []
+        self.flushes = 0
+        self.is_ready = True
+        self.hits = 0
+
+    def set_enabled(self, enabled, duration=None):
+        self.enabled = enabled
+        self.calls.append((enabled, duration))
+
+    def query(self, q):
+        if self.enabled and q.key.endswith(b"\\x07blocked\\x04test\\x00"):
+            q.note("list", "test-list")
+            q.explain("policy: matched test-list")
+            return respond(q, wire.NXDOMAIN, source="blocklist")
+        self.hits += 1
+        q.note("rule", "default")
+        return respond(q, 0, [rr(1, 60, bytes([192, 0, 2, 1]))], source="policy")
+
+    def flush(self):
+        self.flushes += 1
+
+    def ready(self):
+        return self.is_ready
+
+    def metrics(self):
+        return [Metric("hits", self.hits, labels=(("kind", "answer"),)),
+                Metric("size", 7, kind="gauge")]
+
+@hookimpl
+def dnsproxy_add_steps(registry):
+    registry.add_step("policy", Policy)
+'''
+
+
+def write_config(tmp_path: Path, body: str, policy: bool = True) -> Path:
+    (tmp_path / "policy.py").write_text(POLICY)
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def config_text(dns_port: int, http_port: int, chain: str = '[[chain]]\nplugin = "policy"\n'):
+    return (
+        'plugins = ["policy.py"]\n[server]\n'
+        f'listen = ["127.0.0.1:{dns_port}"]\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\nquery_timeout = 2\n{chain}'
+    )
+
+
+async def start(nursery: trio.Nursery, tmp_path: Path, chain: str | None = None):
+    dns_port, http_port = free_port(), free_port()
+    text = (
+        config_text(dns_port, http_port)
+        if chain is None
+        else config_text(dns_port, http_port, chain)
+    )
+    path = write_config(tmp_path, text)
+    server = Server(path, handle_signals=False)
+    await nursery.start(server.run)
+    return server, dns_port, f"http://127.0.0.1:{http_port}"
+
+
+async def ask(port: int, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    fn = dns.query.tcp if tcp else dns.query.udp
+    return await trio.to_thread.run_sync(lambda: fn(q, "127.0.0.1", timeout=2, port=port))
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (labels matched as a subset)."""
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(4))
+    raise AssertionError(f"no sample {name} {labels} in:\n{text}")
+
+
+def policy_step(server: Server):
+    return server.chain.steps[0]
+
+
+async def test_metrics_after_known_traffic(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            for _ in range(3):
+                assert (await ask(port, "www.example.org")).rcode() == dns.rcode.NOERROR
+            await ask(port, "www.example.org", "AAAA", tcp=True)
+            assert (await ask(port, "x.blocked.test")).rcode() == dns.rcode.NXDOMAIN
+            async with httpx.AsyncClient(base_url=base) as http:
+                r = await http.get("/metrics")
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/plain")
+            text = r.text
+            assert (
+                sample(text, "dnsproxy_requests_total", transport="udp", qtype="A", rcode="NOERROR")
+                == 3
+            )
+            assert (
+                sample(
+                    text, "dnsproxy_requests_total", transport="tcp", qtype="AAAA", rcode="NOERROR"
+                )
+                == 1
+            )
+            assert sample(text, "dnsproxy_requests_total", rcode="NXDOMAIN") == 1
+            assert sample(text, "dnsproxy_request_duration_seconds_count") == 5
+            assert sample(text, "dnsproxy_request_duration_seconds_bucket", le="+Inf") == 5
+            assert sample(text, "dnsproxy_queries_total") == 5
+            assert sample(text, "dnsproxy_policy_hits_total", step="0", kind="answer") == 4
+            assert sample(text, "dnsproxy_policy_size", step="0") == 7
+            assert "# TYPE dnsproxy_policy_size gauge" in text
+            server.stop()
+
+
+async def test_health_ready_flush_and_routes(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, _, base = await start(n, tmp_path)
+            step = policy_step(server)
+            async with httpx.AsyncClient(base_url=base) as http:
+                assert (await http.get("/health")).json() == {"status": "up"}
+                r = await http.get("/ready")
+                assert r.status_code == 200 and r.json()["ready"] is True
+                step.is_ready = False
+                r = await http.get("/ready")
+                assert r.status_code == 503
+                assert r.json()["steps"][0] == {
+                    "step": "config.toml: chain[0] (policy)",
+                    "plugin": "policy",
+                    "ready": False,
+                }
+                assert (await http.post("/api/cache/flush")).json() == {"flushed": True}
+                assert step.flushes == 1
+                assert (await http.get("/api/cache/flush")).status_code == 405
+                assert (await http.get("/nope")).status_code == 404
+                r = await http.post("/api/cache/flush", headers={"Origin": "http://evil.example"})
+                assert r.status_code == 403 and step.flushes == 1
+            server.stop()
+
+
+async def test_blocking_toggle_changes_answers(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            step = policy_step(server)
+            async with httpx.AsyncClient(base_url=base) as http:
+                assert (await ask(port, "a.blocked.test")).rcode() == dns.rcode.NXDOMAIN
+                r = await http.post("/api/blocking/disable", params={"duration": "5m"})
+                assert r.status_code == 200
+                assert r.json()["enabled"] is False and r.json()["disabled_until"] is not None
+                assert step.calls == [(False, 300.0)]
+                assert (await ask(port, "a.blocked.test")).rcode() == dns.rcode.NOERROR
+                r = await http.post("/api/blocking/enable")
+                assert r.json()["enabled"] is True and r.json()["disabled_until"] is None
+                assert (await ask(port, "a.blocked.test")).rcode() == dns.rcode.NXDOMAIN
+                r = await http.post("/api/blocking/disable", params={"duration": "forever"})
+                assert r.status_code == 400 and "duration" in r.json()["error"]
+                r = await http.post("/api/blocking/disable", params={"duration": "30d"})
+                assert r.status_code == 400
+                assert step.calls == [(False, 300.0), (True, None)]
+            server.stop()
+
+
+async def test_blocking_without_support_is_409(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            chain = '[[chain]]\nplugin = "forward"\nupstreams = ["127.0.0.1:9"]\n'
+            server, _, base = await start(n, tmp_path, chain)
+            async with httpx.AsyncClient(base_url=base) as http:
+                r = await http.get("/api/blocking/status")
+                assert r.status_code == 409 and "blocklist" in r.json()["error"]
+            server.stop()
+
+
+async def test_api_query_returns_trace(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, _, base = await start(n, tmp_path)
+            async with httpx.AsyncClient(base_url=base) as http:
+                r = await http.get("/api/query", params={"name": "ads.blocked.test"})
+                doc = r.json()
+                assert r.status_code == 200
+                assert doc["answered_by"] == "blocklist"
+                assert doc["rcode"] == "NXDOMAIN"
+                assert doc["notes"] == {"list": "test-list"}
+                assert "policy: matched test-list" in doc["trace"]
+                assert "config.toml: chain[0] (policy): answered (rcode 3)" in doc["trace"]
+                r = await http.get("/api/query", params={"name": "www.example.org", "type": "a"})
+                doc = r.json()
+                assert doc["rcode"] == "NOERROR" and doc["answered_by"] == "policy"
+                assert doc["answer"] == ["www.example.org. 60 IN A 192.0.2.1"]
+                for bad in ({}, {"name": "x..y"}, {"name": "a.test", "type": "NOPE"},
+                            {"name": "a.test", "client": "me"}):  # fmt: skip
+                    r = await http.get("/api/query", params=bad)
+                    assert r.status_code == 400, bad
+            # API queries are traces, not traffic: not counted as served queries.
+            assert server.stats.queries == 0
+            server.stop()
+
+
+async def test_stats_from_memory(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            for name in ("a.blocked.test", "a.blocked.test", "b.blocked.test", "ok.test"):
+                await ask(port, name)
+            async with httpx.AsyncClient(base_url=base) as http:
+                doc = (await http.get("/api/stats", params={"top": "1"})).json()
+                assert (await http.get("/api/stats", params={"top": "0"})).status_code == 400
+            assert doc["source"] == "memory"
+            for window in ("hour", "day"):
+                assert doc[window]["queries"] == 4
+                assert doc[window]["blocked"] == 3
+                assert doc[window]["blocked_share"] == 0.75
+                assert doc[window]["top_blocked"] == [{"name": "a.blocked.test.", "count": 2}]
+                assert doc[window]["top_clients"] == [{"client": "127.0.0.1", "count": 4}]
+            server.stop()
+
+
+def test_memory_stats_bounded_and_windowed():
+    obs = Observed(600, 3, 2, now=0.0)
+    for i in range(5):
+        q = make_query(f"n{i}.example.org", client=f"192.0.2.{i}")
+        obs.observe(q, respond(q, 3, source="blocklist"), 0.001)
+    assert len(obs.bucket.clients) == 2 and len(obs.bucket.names) == 2
+    assert obs.bucket.other == 6
+    for t in (600.0, 1200.0, 1800.0):  # only 3 buckets are kept
+        obs.rotate(t)
+    q = make_query("late.example.org")
+    obs.observe(q, None, 0.5)
+    stats = obs.stats(1800.0, {"hour": 3600.0}, 5)
+    assert stats["hour"]["queries"] == 1 and stats["hour"]["blocked"] == 0
+    assert obs.requests[("udp", 1, -1)] == 1
+
+
+def test_config_errors(tmp_path, monkeypatch):
+    path = write_config(tmp_path, '[http]\nlisten = "nope:x"\n[[chain]]\nplugin = "forward"\n'
+                        'upstreams = ["127.0.0.1:9"]\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config.toml: http: option 'listen'"):
+        load(path)
+    path.write_text('[http]\nlisten = "127.0.0.1:0"\nquery_timeout = "soon"\n'
+                    '[[chain]]\nplugin = "forward"\nupstreams = ["127.0.0.1:9"]\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=r"http: option 'query_timeout'"):
+        load(path)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "hypercorn" else real(name)
+    )
+    path.write_text('[http]\n[[chain]]\nplugin = "forward"\nupstreams = ["127.0.0.1:9"]\n')
+    with pytest.raises(ConfigError, match=r"http: needs the http extra .*missing hypercorn"):
+        load(path)
+
+
+async def test_bind_failure_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        path = write_config(tmp_path, config_text(free_port(), taken))
+        server = Server(path, handle_signals=False)
+        service = HttpService(server.config.services[0].options, server)
+        with pytest.raises(ConfigError, match=rf"http: listen: cannot bind 127.0.0.1:{taken}"):
+            await service.run()
