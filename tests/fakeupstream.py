@@ -148,6 +148,7 @@ def build_reply(rule: Rule | None, msg: dns.message.Message, transport: str) -> 
     q = msg.question[0]
     qname = q.name.to_text()
     resp = dns.message.make_response(msg)
+    resp.flags |= dns.flags.RA  # a recursive resolver, as a forwarder's upstream is
     if rule is None:
         _synth(msg, resp)
         return _fit(resp, msg, transport)

@@ -1,12 +1,7 @@
-"""Helpers of the conformance suite: configs, raw clients, the proxy launcher.
-
-The root ``tests/conftest.py`` is loaded by path for its `Proxy` class: pytest imports
-every directory's conftest as the module ``conftest``, so a plain import is ambiguous.
-"""
+"""Helpers of the conformance suite: configs, raw message building, raw clients."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import struct
 import time
@@ -15,21 +10,19 @@ from collections.abc import Callable
 import dns.message
 import dns.query
 
-TIMEOUT = 3.0
+from tests.conftest import Proxy, free_port, need
 
-_spec = importlib.util.spec_from_file_location(
-    "dnsproxy_tests_root_conftest", __file__.rsplit("/", 2)[0] + "/conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-root = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(root)
-Proxy = root.Proxy
-free_port = root.free_port
-need = root.need
+__all__ = ["Proxy", "free_port", "need"]
+
+TIMEOUT = 3.0
+DEFAULT_FORWARD = "timeout = 1.0\nbudget = 2.0"
 
 
 def forward_config(upstream: str, *, server: str = "", before: str = "", forward: str = "") -> str:
-    """A config with the listener on {port}, optional steps, then forward to ``upstream``."""
+    """A config listening on {port}: optional steps, then forward to ``upstream``.
+
+    ``forward`` replaces the default forward options (timeout 1 s, budget 2 s).
+    """
     return (
         "[server]\n"
         'listen = ["127.0.0.1:{port}"]\n'
@@ -38,9 +31,7 @@ def forward_config(upstream: str, *, server: str = "", before: str = "", forward
         "[[chain]]\n"
         'plugin = "forward"\n'
         f'upstreams = ["{upstream}"]\n'
-        "timeout = 1.0\n"
-        "budget = 2.0\n"
-        f"{forward}\n"
+        f"{forward or DEFAULT_FORWARD}\n"
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from confkit import Proxy, forward_config
-from fakeupstream import FakeUpstream
+
+from tests.conformance.confkit import Proxy, forward_config
+from tests.fakeupstream import FakeUpstream
 
 
 @pytest.fixture

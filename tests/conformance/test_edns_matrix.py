@@ -15,7 +15,8 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
-from confkit import frame, message, opt_rr, qname_wire, tcp_raw, udp_raw
+
+from tests.conformance.confkit import frame, message, opt_rr, qname_wire, tcp_raw, udp_raw
 
 SOA = qname_wire("example.test") + struct.pack("!HH", 6, 1)
 TYPE1000 = qname_wire("example.test") + struct.pack("!HH", 1000, 1)

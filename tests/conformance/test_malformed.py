@@ -15,7 +15,8 @@ import dns.flags
 import dns.rcode
 import dns.rdatatype
 import pytest
-from confkit import (
+
+from tests.conformance.confkit import (
     alive,
     ask,
     frame,
