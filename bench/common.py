@@ -138,6 +138,7 @@ def start_nsd(d: Path, zones: dict[str, str], cpu: int = CLIENT_CPU) -> Process:
         f'  zonelistfile: "{d}/zone.list"',
         f'  logfile: "{d}/nsd.log"',
         "  server-count: 1",
+        "  rrl-ratelimit: 0",
         "remote-control:",
         "  control-enable: no",
     ]

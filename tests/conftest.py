@@ -87,6 +87,7 @@ class Nsd:
             f'  logfile: "{self.dir}/nsd.log"',
             "  server-count: 1",
             "  verbosity: 1",
+            "  rrl-ratelimit: 0",  # nsd rate-limits by default; our load tests would trip it
             "remote-control:",
             "  control-enable: no",
         ]
