@@ -331,47 +331,53 @@ class Cache(Step):
         return flight
 
     async def _refresh(self, key: Key, q: Query, flight: _Refresh) -> None:
+        try:
+            flight.result = await self._ask(key, q)
+        finally:
+            del self.refreshing[key]
+            flight.done.set()
+
+    async def _ask(self, key: Key, q: Query) -> Reply | None:
+        """Run the rest of the chain; store a good answer, else hold off retries."""
         assert self.chain is not None
         try:
             reply = await self.chain.pass_on(self, q)
-        except Exception as exc:
+        except Exception as exc:  # a failing step must not end the refresh task badly
             self.log.warning("%s: refresh failed: %s", self.setup.where, exc)
             reply = None
-        finally:
-            del self.refreshing[key]
-        flight.result = reply
         if reply is not None and reply.rcode in GOOD_RCODES:
             self.store(key, reply)
         else:
             e = self.entries.get(key)
             if e is not None:
                 e.retry_at = self.clock() + self.options.stale_refresh_time
-        flight.done.set()
+        return reply
 
     async def resolve(self, q: Query) -> Reply | None:
-        """An expired entry that may be served stale: refresh, or go stale after 1.8 s."""
+        """An expired entry that may be served stale: refresh, or go stale after 1.8 s.
+
+        The refresh runs in the background nursery so that it outlives the client's wait;
+        without one (or over ``max_refreshes``) it runs here and is cut at the timeout.
+        """
         key = self.key(q)
-        flight = self.refreshing.get(key) or self._start_refresh(key, q)
-        if flight is not None:
-            with trio.move_on_after(self.options.stale_client_timeout):
+        reply = None
+        with trio.move_on_after(self.options.stale_client_timeout):
+            flight = self.refreshing.get(key) or self._start_refresh(key, q)
+            if flight is None:
+                reply = await self._ask(key, q)
+            else:
                 await flight.done.wait()
-            reply = flight.result
-            if reply is not None and reply.rcode in GOOD_RCODES:
-                q.note("cache", "miss")
-                return reply
+                reply = flight.result
+        if reply is not None and reply.rcode in GOOD_RCODES:
+            q.note("cache", "miss")
+            return reply
         e = self.entries.get(key)
         if e is not None and e.expires <= self.clock() < e.stale_until:
             return self._serve_stale(e, q)
-        if flight is not None:  # flushed meanwhile: wait for the refresh after all
-            await flight.done.wait()
-            if flight.result is not None:
-                return flight.result
-        assert self.chain is not None
-        reply = await self.chain.pass_on(self, q)
+        # The entry went (flush, eviction) while we waited: answer as a plain miss would.
         if reply is None:
-            return respond(q, SERVFAIL, source="cache")
-        self.store(key, reply)
-        return reply
+            reply = await self._ask(key, q)
+        return reply if reply is not None else respond(q, SERVFAIL, source="cache")
 
     def _serve_stale(self, e: Entry, q: Query) -> Reply:
         self.stale += 1
