@@ -181,13 +181,14 @@ class Proxy:
     def addr(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
-    def start(self, wait_for: str = "listening on tcp") -> Proxy:
+    def start(self, wait_for: str = "listening on tcp", env: dict[str, str] | None = None) -> Proxy:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dnsproxy", "run", "-c", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.dir,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 20
         while wait_for not in self.log():
@@ -226,10 +227,12 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
     """Start the proxy on a config; ``{port}`` in the text becomes its free port."""
     started: list[Proxy] = []
 
-    def make(config: str, wait_for: str = "listening on tcp") -> Proxy:
+    def make(
+        config: str, wait_for: str = "listening on tcp", env: dict[str, str] | None = None
+    ) -> Proxy:
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
-        proxy = Proxy(workdir, config).start(wait_for)
+        proxy = Proxy(workdir, config).start(wait_for, env)
         started.append(proxy)
         return proxy
 
