@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.message
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import trio
@@ -18,6 +20,9 @@ from dnsproxy import __version__
 from dnsproxy.errors import ConfigError
 from dnsproxy.server import Server, build_chain, load
 from dnsproxy.wire import parse_query
+
+QUERY_READY_WAIT = 10.0  # seconds `dnsproxy query` waits for lists to load
+QUERY_TIMEOUT = 10.0  # seconds for the query itself (forward gives up after its budget)
 
 
 class TextFormatter(logging.Formatter):
@@ -121,33 +126,71 @@ async def _check(path: Path) -> int:
 
 
 async def _query(path: Path, name: str, type_text: str) -> int:
-    """Run one query through the configured chain, printing what each step did."""
+    """Run one query through the configured chain and explain it.
+
+    Prints the chain, every trace line the steps wrote (what matched and why, what each
+    upstream said), which step answered, the notes the query log would record (list,
+    rule, upstream, cache) and the final response with its Extended DNS Errors.
+    """
     setup_logging("warning")
     try:
         rdtype = dns.rdatatype.from_text(type_text)
     except dns.rdatatype.UnknownRdatatype as exc:
         raise ConfigError(f"unknown record type {type_text!r}") from exc
-    msg = dns.message.make_query(name, rdtype, dns.rdataclass.IN, use_edns=0)
+    try:
+        msg = dns.message.make_query(name, rdtype, dns.rdataclass.IN, use_edns=0)
+    except dns.exception.DNSException as exc:
+        raise ConfigError(f"bad name {name!r}: {exc}") from exc
     q = parse_query(msg.to_wire(), ("127.0.0.1", 0), "udp")
     q.trace = []
     cfg, registry, pm = load(path)
     server = Server(path, handle_signals=False, loaded=(cfg, registry, pm))
+    chain = server.chain
+    print(f";; query: {q.text} {dns.rdatatype.to_text(rdtype)} from 127.0.0.1 (udp)")
+    print(";; chain:")
+    for step in chain.steps:
+        print(f";;   {step.setup.where}")
+    reply = None
+    start = time.monotonic()
     async with trio.open_nursery() as nursery:
         server._nursery = nursery
-        server._start_chain(server.chain)
-        reply = await server.query(q)
+        server._start_chain(chain)
+        with trio.move_on_after(QUERY_READY_WAIT):
+            while not chain.ready():  # lists load in the background: wait for them
+                await trio.sleep(0.05)
+        waiting = [s.setup.where for s in chain.steps if not s.ready()]
+        for where in waiting:
+            print(f";; warning: {where}: not ready after {QUERY_READY_WAIT:g} s")
+        start = time.monotonic()
+        with trio.move_on_after(QUERY_TIMEOUT) as cs:
+            reply = await server.query(q)
         nursery.cancel_scope.cancel()
-    server.chain.close()
-    print(f";; query: {q.text} {dns.rdatatype.to_text(rdtype)}")
+    elapsed = (time.monotonic() - start) * 1000
+    chain.close()
+    print(";; trace:")
     for line in q.trace:
-        print(f";; {line}")
-    if q.notes:
-        for key, value in q.notes.items():
-            print(f";; note {key}: {value}")
+        print(f";;   {line}")
+    if cs.cancelled_caught:
+        print(f";; no answer within {QUERY_TIMEOUT:g} s")
+        return 1
+    notes = dict(q.notes or {})
+    for key, label in (("list", "matched list"), ("rule", "matched rule"),
+                       ("upstream", "upstream"), ("cache", "cache")):  # fmt: skip
+        if key in notes:
+            print(f";; {label}: {notes.pop(key)}")
+    for key, value in notes.items():
+        print(f";; note {key}: {value}")
     if reply is None:
         print(";; dropped: no response would be sent")
         return 1
-    print(reply.message().to_text())
+    answered = [ln.rpartition(": answered")[0] for ln in q.trace if ": answered (rcode" in ln]
+    if reply.source == "chain":
+        print(";; answered by: no step (the query fell off the end of the chain)")
+    else:
+        print(f";; answered by: {reply.source} ({answered[-1] if answered else 'unknown step'})")
+    rcode = dns.rcode.to_text(reply.rcode)
+    print(f";; response: {rcode}, {reply.ancount} answer(s), {elapsed:.1f} ms")
     for code, text in reply.ede:
         print(f";; EDE {code}: {text}")
+    print(reply.message().to_text())
     return 0

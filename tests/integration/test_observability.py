@@ -1,0 +1,162 @@
+"""Observability end to end: the real proxy process, nsd upstream, dnspython clients.
+
+/metrics after known traffic, a cache flush through the API seen as a miss, the query log
+in SQLite and JSON lines, and the ``dnsproxy query`` trace.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import dns.message
+import dns.query
+import dns.rcode
+import httpx
+
+from tests.conftest import free_port
+from tests.plugins.test_http import sample
+
+CONFIG = """
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[http]
+listen = "127.0.0.1:{http}"
+
+[[chain]]
+plugin = "querylog"
+database = "log/queries.sqlite"
+jsonl = "log/queries.jsonl"
+flush_interval = "50ms"
+
+[[chain]]
+plugin = "cache"
+
+[[chain]]
+plugin = "forward"
+upstreams = ["{upstream}"]
+timeout = 1.0
+"""
+
+
+def ask(port: int, name: str, rdtype: str = "A") -> dns.message.Message:
+    return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", timeout=3, port=port)
+
+
+def wait_rows(path, count: int, timeout: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            db = sqlite3.connect(path)
+            db.row_factory = sqlite3.Row
+            try:
+                got = [dict(r) for r in db.execute("SELECT * FROM queries ORDER BY rowid")]
+            finally:
+                db.close()
+            if len(got) >= count:
+                return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"query log has fewer than {count} rows")
+        time.sleep(0.05)
+
+
+def test_metrics_flush_and_query_log(nsd, make_proxy):
+    http_port = free_port()
+    config = CONFIG.replace("{http}", str(http_port)).replace("{upstream}", nsd.addr)
+    proxy = make_proxy(config, wait_for=f"listening on http 127.0.0.1:{http_port}")
+    base = f"http://127.0.0.1:{http_port}"
+    with httpx.Client(base_url=base, timeout=5) as http:
+        assert http.get("/ready").json()["ready"] is True
+        for _ in range(3):  # one miss, two hits
+            r = ask(proxy.port, "www.example.test")
+            assert r.rcode() == dns.rcode.NOERROR and r.answer
+        assert ask(proxy.port, "nope.example.test").rcode() == dns.rcode.NXDOMAIN
+        text = http.get("/metrics").text
+        assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NOERROR") == 3
+        assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NXDOMAIN") == 1
+        assert sample(text, "dnsproxy_request_duration_seconds_count") == 4
+        assert sample(text, "dnsproxy_cache_hits_total", step="1") == 2
+        assert sample(text, "dnsproxy_cache_misses_total", step="1") == 2
+
+        assert http.post("/api/cache/flush").json() == {"flushed": True}
+        assert ask(proxy.port, "www.example.test").answer
+        text = http.get("/metrics").text
+        assert sample(text, "dnsproxy_cache_misses_total", step="1") == 3
+        assert sample(text, "dnsproxy_cache_hits_total", step="1") == 2
+
+        got = wait_rows(proxy.dir / "log" / "queries.sqlite", 5)
+        assert [r["cache"] for r in got] == ["miss", "hit", "hit", "miss", "miss"]
+        assert [r["rcode"] for r in got] == ["NOERROR"] * 3 + ["NXDOMAIN", "NOERROR"]
+        assert got[0]["answered_by"] == "forward" and got[0]["upstream"] == f"udp://{nsd.addr}"
+        assert got[1]["answered_by"] == "cache" and got[1]["upstream"] is None
+        assert {r["client"] for r in got} == {"127.0.0.1"}
+        assert got[3]["name"] == "nope.example.test."
+        assert all(r["duration_ms"] >= 0 for r in got)
+
+        stats = http.get("/api/stats").json()
+        assert stats["source"] == "querylog" and stats["hour"]["queries"] == 5
+        assert stats["hour"]["top_clients"] == [{"client": "127.0.0.1", "count": 5}]
+
+        trace = http.get("/api/query", params={"name": "mail.example.test"}).json()
+        assert trace["answered_by"] == "forward" and trace["notes"]["upstream"] == f"udp://{nsd.addr}"
+        assert trace["answer"] == ["mail.example.test. 300 IN A 192.0.2.25"]
+        assert any(f"udp://{nsd.addr} answered rcode 0" in line for line in trace["trace"])
+
+    proxy.stop()
+    lines = (proxy.dir / "log" / "queries.jsonl").read_text().splitlines()
+    docs = [json.loads(x) for x in lines]
+    assert [d["name"] for d in docs] == ["www.example.test."] * 3 + [
+        "nope.example.test.",
+        "www.example.test.",
+    ]
+    assert docs[0]["upstream"] == f"udp://{nsd.addr}" and docs[1]["cache"] == "hit"
+
+
+def run_query(config_path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dnsproxy", "query", *args, "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_dnsproxy_query_trace(nsd, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n'
+        '[[chain]]\nplugin = "cache"\n'
+        f'[[chain]]\nplugin = "forward"\nupstreams = ["{nsd.addr}"]\n'
+        '[[chain]]\nplugin = "forward"\nzones = ["other.test"]\nupstreams = ["127.0.0.1:9"]\n'
+    )
+    out = run_query(path, "alias.example.test", "A")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert ";; query: alias.example.test. A from 127.0.0.1 (udp)" in text
+    assert ";;   config.toml: chain[1] (forward)" in text
+    assert f"config.toml: chain[1] (forward): udp://{nsd.addr} answered rcode 0" in text
+    assert ";; answered by: forward (config.toml: chain[1] (forward))" in text
+    assert f";; upstream: udp://{nsd.addr}" in text
+    assert ";; cache: miss" in text
+    assert ";; response: NOERROR, 2 answer(s)" in text
+    assert "alias.example.test. 300 IN CNAME www.example.test." in text
+    assert "www.example.test. 300 IN A 192.0.2.10" in text
+
+    out = run_query(path, "www.example.test", "BOGUS")
+    assert out.returncode == 1 and "unknown record type 'BOGUS'" in out.stderr
+
+
+def test_dnsproxy_query_explains_refusal(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[[chain]]\nplugin = "forward"\nzones = ["corp.test"]\nupstreams = ["127.0.0.1:9"]\n'
+    )
+    out = run_query(path, "www.example.org")
+    assert out.returncode == 0, out.stderr
+    assert ";; answered by: no step (the query fell off the end of the chain)" in out.stdout
+    assert "no step answered: REFUSED" in out.stdout
+    assert ";; response: REFUSED, 0 answer(s)" in out.stdout
