@@ -136,6 +136,7 @@ class Entry:
         "retry_at",
         "shown",
         "stale_until",
+        "ttl",
         "wire",
     )
 
@@ -143,6 +144,7 @@ class Entry:
         self,
         data: bytes,
         offsets: tuple[int, ...],
+        ttl: int,
         expires: float,
         stale_until: float,
         prefetch_at: float,
@@ -150,6 +152,7 @@ class Entry:
     ) -> None:
         self.wire = data
         self.offsets = offsets
+        self.ttl = ttl  # the lifetime it was stored with
         self.expires = expires
         self.stale_until = stale_until
         self.prefetch_at = prefetch_at  # prefetch when a hit sees less life left than this
@@ -158,13 +161,13 @@ class Entry:
         self.shown = -1  # the TTL in ``reply``; -1 before the first hit
         self.reply: Reply | None = None
 
-    def patched(self, ttl: int, ede: tuple[tuple[int, str], ...]) -> Reply:
+    def patched(self, ttl: int, ede: tuple[tuple[int, str], ...], source: str = "cache") -> Reply:
         """A Reply with every TTL set to ``ttl``."""
         data = bytearray(self.wire)
         pack = U32.pack_into
         for off in self.offsets:
             pack(data, off, ttl)
-        return Reply(bytes(data), ede=ede, source="cache")
+        return Reply(bytes(data), ede=ede, source=source)
 
 
 class _Refresh:
@@ -268,22 +271,28 @@ class Cache(Step):
         return None
 
     def response(self, q: Query, reply: Reply) -> Reply:
-        self.store(self.key(q), reply)
-        return reply
+        return self.store(self.key(q), reply)
 
     # --- storing ------------------------------------------------------------------------
 
-    def store(self, key: Key, reply: Reply) -> None:
-        """Cache ``reply`` under ``key`` if RFC 2308/9520 and our bounds allow it."""
+    def store(self, key: Key, reply: Reply) -> Reply:
+        """Cache ``reply`` under ``key`` if RFC 2308/9520 and our bounds allow it.
+
+        Returns the reply to pass on: with the TTLs we cache it for (clamped, negative TTL),
+        so clients downstream do not keep it longer than we do.
+        """
         entry = self._entry(key, reply)
         if entry is None:
-            return
+            return reply
         entries = self.entries
         entries[key] = entry
         entries.move_to_end(key)
         if len(entries) > self.options.max_entries:
             entries.popitem(last=False)
             self.evictions += 1
+        if not entry.offsets:
+            return reply
+        return entry.patched(entry.ttl, reply.ede, reply.source)
 
     def _entry(self, key: Key, reply: Reply) -> Entry | None:
         data = reply.wire
@@ -296,7 +305,7 @@ class Cache(Step):
             if not opts.servfail_ttl:
                 return None
             ede = (*reply.ede, (EDE_CACHED_ERROR, "cached upstream failure"))
-            return Entry(data, (), now + opts.servfail_ttl, 0.0, -1.0, ede)
+            return Entry(data, (), 0, now + opts.servfail_ttl, 0.0, -1.0, ede)
         if rcode not in GOOD_RCODES:
             return None
         try:
@@ -313,7 +322,7 @@ class Cache(Step):
         stale_until = expires + opts.stale_max_age if opts.serve_stale else expires
         prefetch_at = ttl * PREFETCH_FRACTION if opts.prefetch and ttl >= 2 else -1.0
         offsets = tuple(r.ttl_off for r in recs)
-        return Entry(data, offsets, expires, stale_until, prefetch_at, reply.ede)
+        return Entry(data, offsets, ttl, expires, stale_until, prefetch_at, reply.ede)
 
     # --- refreshes: prefetch and serve-stale ---------------------------------------------
 
@@ -346,7 +355,7 @@ class Cache(Step):
             self.log.warning("%s: refresh failed: %s", self.setup.where, exc)
             reply = None
         if reply is not None and reply.rcode in GOOD_RCODES:
-            self.store(key, reply)
+            return self.store(key, reply)
         else:
             e = self.entries.get(key)
             if e is not None:

@@ -207,9 +207,10 @@ async def test_zone_scoped_steps_do_not_cost_a_view(autojump_clock):
 async def test_lifetimes(autojump_clock, handler, options, lifetime):
     cache, up = cache_step(serve_stale=False, prefetch=False, **options), Upstream(handler)
     chain = chain_of([cache, up])
-    await run_chain(chain, make_query("x.example.org"))
+    miss = await run_chain(chain, make_query("x.example.org"))
+    assert miss.source == "stub" and ttls(miss) == [lifetime] * len(ttls(miss))
     hit = await run_chain(chain, make_query("x.example.org"))
-    assert up.calls == 1 and ttls(hit) == [lifetime] * len(ttls(hit))
+    assert up.calls == 1 and ttls(hit) == ttls(miss) and hit.source == "cache"
     await trio.sleep(lifetime - 0.5)
     await run_chain(chain, make_query("x.example.org"))
     assert up.calls == 1
