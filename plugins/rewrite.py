@@ -438,7 +438,8 @@ class Rewrite(Step):
         if clamp is not None:
             self.clamped += 1
         ede = (*reply.ede, (EDE_SYNTHESIZED, f"rewrite: {rule.label}"))
-        return Reply.from_message(msg, ede=ede, source=reply.source)
+        # No OPT in msg; keep the downstream record order (dnspython shuffles by default).
+        return Reply(msg.to_wire(want_shuffle=False), ede=ede, source=reply.source)
 
     def response(self, q: Query, reply: Reply) -> Reply | None:
         if not self.has_ttl:

@@ -1,0 +1,248 @@
+"""localnames — answer special-use names locally instead of leaking them upstream.
+
+Name
+    localnames
+
+Description
+    Some names must never reach the internet's resolvers: they either have a fixed
+    meaning or only make sense on this network. This step answers them itself, with
+    Extended DNS Error 29 (Synthesized):
+
+    * ``localhost`` and names under it (RFC 6761 §6.3): A ``127.0.0.1``, AAAA ``::1``,
+      NODATA for other types.
+    * ``invalid``, ``test``, ``local`` and ``onion`` (RFC 6761 §6.2 and §6.4, RFC 6762,
+      RFC 7686) and names under them: NXDOMAIN. Configurable with ``nxdomain_zones``.
+    * The locally served reverse zones of RFC 6303 and RFC 7793 (``10.in-addr.arpa``,
+      ``16.172.in-addr.arpa``…``31.172.in-addr.arpa``, ``168.192.in-addr.arpa``,
+      ``64.100.in-addr.arpa``…``127.100.in-addr.arpa``, ``127.in-addr.arpa``, ``fd00::/8``,
+      ``fe80::/10``, documentation prefixes, …): NXDOMAIN below the apex and NODATA at it,
+      each with the zone's SOA (``localhost. nobody.invalid.``, as RFC 6303 §3 gives) so
+      downstream caches keep the negative answer; ``1.0.0.127.in-addr.arpa`` and the
+      reverse of ``::1`` answer PTR ``localhost.``.
+    * Single-label names (``printer``), which a browser or a misconfigured search list
+      sends: NXDOMAIN (``single_label = "nxdomain"``), sent to the LAN's router
+      (``single_label = "forward"`` with ``upstreams``), or passed on (``"pass"``). Zone
+      queries (SOA, NS, DS, DNSKEY) for a single label are TLD lookups and pass on.
+
+    **A zone you route yourself wins.** A name covered by a ``zones`` scope of any step
+    *after* this one is passed on: a ``forward`` with ``zones = ["168.192.in-addr.arpa"]``
+    sends your LAN's reverse lookups to the router, and one with ``zones = ["test"]`` lets
+    a development server answer ``*.test``. Put ``hosts`` steps before this one.
+
+Syntax
+    ::
+
+        [[chain]]
+        plugin = "localnames"
+        localhost = true                      # answer localhost names
+        nxdomain_zones = ["invalid", "test", "local", "onion"]
+        reverse = true                        # RFC 6303 reverse zones
+        single_label = "nxdomain"             # nxdomain | forward | pass
+        upstreams = ["192.168.1.1"]           # for single_label = "forward"
+        ttl = 10800                           # of answers and of the SOA (negative TTL)
+
+Metrics
+    ``dnsproxy_localnames_answered``: queries answered here, labelled ``kind``
+    (``localhost``, ``nxdomain``, ``reverse``, ``single_label``);
+    ``dnsproxy_localnames_forwarded``: single-label names sent to ``upstreams``.
+
+Examples
+    A LAN where the router knows the printers and the reverse zone::
+
+        [[chain]]
+        plugin = "forward"
+        zones = ["168.192.in-addr.arpa"]
+        upstreams = ["192.168.1.1"]
+
+        [[chain]]
+        plugin = "localnames"
+        single_label = "forward"
+        upstreams = ["192.168.1.1"]
+
+        [[chain]]
+        plugin = "forward"
+        upstreams = ["192.0.2.53"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any, Literal
+
+import attrs
+import dns.exception
+import dns.name
+import dns.rdatatype
+from dnsproxy.plugins.forward import Forward, ForwardOptions
+
+from dnsproxy import options, wire
+from dnsproxy.chain import AWAIT, Metric, Setup, Step
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.reply import EDE_SYNTHESIZED, Reply, respond, rr
+from dnsproxy.wire import Query
+
+A, AAAA, PTR, SOA, NS = 1, 28, 12, 6, 2
+ZONE_TYPES = frozenset({SOA, NS, dns.rdatatype.DS, dns.rdatatype.DNSKEY})
+LOCALHOST = wire.name_to_key("localhost")
+LOCALHOST_PTRS = frozenset(
+    wire.name_to_key(ipaddress.ip_address(a).reverse_pointer) for a in ("127.0.0.1", "::1")
+)
+
+
+def _reverse_zones() -> tuple[str, ...]:
+    """RFC 6303 §4 (IPv4 and IPv6) and RFC 7793 (100.64.0.0/10) zone names."""
+    v4 = ["0", "10", "127", "254.169", "2.0.192", "100.51.198", "113.0.203", "255.255.255.255"]
+    v4 += [f"{i}.172" for i in range(16, 32)] + ["168.192"]
+    v4 += [f"{i}.100" for i in range(64, 128)]
+    zeros = ".".join(["0"] * 31)
+    v6 = [f"0.{zeros}", f"1.{zeros}", "d.f", "8.e.f", "9.e.f", "a.e.f", "b.e.f"]
+    v6 += ["8.b.d.0.1.0.0.2"]
+    return tuple(f"{z}.in-addr.arpa" for z in v4) + tuple(f"{z}.ip6.arpa" for z in v6)
+
+
+REVERSE_ZONES = _reverse_zones()
+
+
+def _zone_names(value: object) -> tuple[str, ...]:
+    out = []
+    for item in options.string_tuple(value):
+        try:
+            out.append(dns.name.from_text(item).to_text(omit_final_dot=True).lower())
+        except dns.exception.DNSException as exc:
+            raise ValueError(f"{item!r} is not a domain name") from exc
+    return tuple(out)
+
+
+@attrs.frozen
+class LocalNamesOptions:
+    localhost: bool = True
+    nxdomain_zones: tuple[str, ...] = attrs.field(
+        default=("invalid", "test", "local", "onion"), converter=_zone_names
+    )
+    reverse: bool = True
+    single_label: Literal["nxdomain", "forward", "pass"] = "nxdomain"
+    upstreams: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    ttl: int = attrs.field(default=10800, validator=options.in_range(0, 604800))
+
+    def __attrs_post_init__(self) -> None:
+        if self.single_label == "forward" and not self.upstreams:
+            raise ValueError("single_label = 'forward' needs 'upstreams' (e.g. your router)")
+        if self.upstreams and self.single_label != "forward":
+            raise ValueError("'upstreams' is only used with single_label = 'forward'")
+
+
+def _soa_rdata(ttl: int) -> bytes:
+    mname = wire.name_to_key("localhost")
+    rname = wire.name_to_key("nobody.invalid")
+    return mname + rname + struct.pack("!IIIII", 1, 3600, 1200, 604800, ttl)
+
+
+class LocalNames(Step):
+    Options = LocalNamesOptions
+
+    def __init__(self, opts: LocalNamesOptions, setup: Setup) -> None:
+        super().__init__(opts, setup)
+        self.zones_kind: dict[bytes, str] = {}
+        for zone in opts.nxdomain_zones:
+            self.zones_kind[wire.name_to_key(zone)] = "nxdomain"
+        if opts.reverse:
+            for zone in REVERSE_ZONES:
+                self.zones_kind.setdefault(wire.name_to_key(zone), "reverse")
+        if opts.localhost:
+            self.zones_kind[LOCALHOST] = "localhost"
+        self.soa = _soa_rdata(opts.ttl)
+        self.forward: Forward | None = None
+        if opts.single_label == "forward":
+            try:
+                fwd_opts = ForwardOptions(upstreams=opts.upstreams)
+            except (TypeError, ValueError) as exc:
+                raise setup.error("upstreams", str(exc)) from exc
+            self.forward = Forward(fwd_opts, setup)
+        self._deferred: frozenset[bytes] | None = None
+        self.answered = dict.fromkeys(("localhost", "nxdomain", "reverse", "single_label"), 0)
+        self.forwarded = 0
+
+    def deferred(self) -> frozenset[bytes]:
+        """The zones of the steps after this one: names under them are theirs to answer."""
+        if self._deferred is None:
+            steps = self.chain.steps if self.chain is not None else []
+            later = steps[steps.index(self) + 1 :] if self in steps else []
+            self._deferred = frozenset(z for s in later for z in s.zones)
+        return self._deferred
+
+    def query(self, q: Query) -> Any:
+        key = q.key
+        for parent in wire.parents(key):
+            kind = self.zones_kind.get(parent)
+            if kind is not None:
+                if self._routed(key):
+                    return None
+                return self._answer(q, parent, kind)
+        if len(key) > 1 and key[0] + 2 == len(key) and q.qtype not in ZONE_TYPES:
+            if self.options.single_label == "pass" or self._routed(key):
+                return None
+            if self.forward is not None:
+                self.forwarded += 1
+                return AWAIT
+            self.answered["single_label"] += 1
+            q.note("rule", "single-label name")
+            return respond(
+                q,
+                wire.NXDOMAIN,
+                ede=[(EDE_SYNTHESIZED, "single-label name, not sent upstream")],
+                source=self.setup.name,
+            )
+        return None
+
+    def _routed(self, key: bytes) -> bool:
+        deferred = self.deferred()
+        return bool(deferred) and any(p in deferred for p in wire.parents(key))
+
+    def _answer(self, q: Query, zone: bytes, kind: str) -> Reply:
+        self.answered[kind] += 1
+        q.note("rule", f"special-use {wire.key_to_text(zone)}")
+        q.explain(f"{self.setup.where}: {wire.key_to_text(zone)} is answered locally ({kind})")
+        ttl = self.options.ttl
+        ede = [(EDE_SYNTHESIZED, f"special-use name ({wire.key_to_text(zone)})")]
+        soa = [rr(SOA, ttl, self.soa, name=zone)]
+        answers: list[bytes] = []
+        if kind == "localhost":
+            if q.qtype == A:
+                answers = [rr(A, ttl, bytes([127, 0, 0, 1]))]
+            elif q.qtype == AAAA:
+                answers = [rr(AAAA, ttl, bytes(15) + b"\x01")]
+        elif kind == "reverse" and q.qtype == PTR and q.key in LOCALHOST_PTRS:
+            answers = [rr(PTR, ttl, LOCALHOST)]
+        if answers:
+            return respond(q, answers=answers, aa=True, ede=ede, source=self.setup.name)
+        if kind == "localhost" or (kind == "reverse" and q.key == zone):
+            if q.key == zone and q.qtype == SOA:
+                return respond(q, answers=soa, aa=True, ede=ede, source=self.setup.name)
+            return respond(q, authority=soa, aa=True, ede=ede, source=self.setup.name)
+        return respond(q, wire.NXDOMAIN, authority=soa, aa=True, ede=ede, source=self.setup.name)
+
+    async def resolve(self, q: Query) -> Reply | None:
+        assert self.forward is not None
+        return await self.forward.resolve(q)
+
+    def ready(self) -> bool:
+        return self.forward is None or self.forward.ready()
+
+    def metrics(self) -> list[Metric]:
+        out = [
+            Metric("answered", n, labels=(("kind", kind),), help="queries answered locally")
+            for kind, n in self.answered.items()
+        ]
+        out.append(Metric("forwarded", self.forwarded, help="single-label names forwarded"))
+        return out
+
+    def close(self) -> None:
+        if self.forward is not None:
+            self.forward.close()
+
+
+@hookimpl
+def dnsproxy_add_steps(registry: Registry) -> None:
+    registry.add_step("localnames", LocalNames)
