@@ -18,6 +18,7 @@ import trio
 
 from dnsproxy import __version__
 from dnsproxy.errors import ConfigError
+from dnsproxy.lint import lint
 from dnsproxy.server import Server, build_chain, load
 from dnsproxy.wire import parse_query
 
@@ -105,6 +106,8 @@ async def _check(path: Path) -> int:
     setup_logging("warning")
     cfg, registry, _ = load(path)
     chain = build_chain(cfg, registry)
+    for line in lint(cfg):
+        print(line)
     errors = []
     try:
         for step in chain.steps:

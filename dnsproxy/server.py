@@ -99,6 +99,7 @@ def build_chain(cfg: Config, registry: Registry) -> Chain:
         except ConfigError as exc:
             errors.extend(exc.lines)
             continue
+        step.zones = sc.zones
         steps.append((step, scope_test(sc.zones, sc.clients)))
     if errors:
         for step, _ in steps:

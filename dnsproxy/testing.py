@@ -112,6 +112,7 @@ def chain_of(
         step, scope = item if isinstance(item, tuple) else (item, {})
         zones = tuple(name_to_key(z) for z in scope.get("zones", ()))
         clients = tuple(ipaddress.ip_network(c, strict=False) for c in scope.get("clients", ()))
+        step.zones = zones
         compiled.append((step, scope_test(zones, clients)))
     return Chain(compiled)
 

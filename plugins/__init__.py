@@ -6,6 +6,9 @@ only says which modules the plugin manager registers before entry points and con
 
 BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.forward",
+    "dnsproxy.plugins.rewrite",
+    "dnsproxy.plugins.loadbalance",
+    "dnsproxy.plugins.localnames",
     "dnsproxy.plugins.ratelimit",
     "dnsproxy.plugins.cache",
     "dnsproxy.plugins.querylog",
