@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
@@ -92,7 +93,7 @@ from dnsproxy.chain import DROP, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_RATE_LIMITED, Reply, respond, rr
-from dnsproxy.wire import HEADER, TC, Query
+from dnsproxy.wire import HEADER, TC, U16, Query
 
 ANY = 255
 HINFO = 13
@@ -169,76 +170,99 @@ class Table:
 
     def debit(self, key: Hashable, rate: int, floor: float, now: float) -> Account:
         """RRL: earn ``rate``/s since last use (hold at most ``rate``), pay one, owe ≤ floor."""
-        acct = self._get(key, rate, now)
-        balance = self._earn(acct, rate, rate, now) - 1
+        accounts = self.accounts
+        acct = accounts.get(key)  # inlined `_get` and `_earn`: this runs per response
+        if acct is None:
+            acct = self._new(key, rate, now)
+        else:
+            accounts.move_to_end(key)
+        balance = acct.balance + (now - acct.time) * rate
+        acct.time = now
+        if balance >= rate:
+            balance = rate
+            acct.logged = False  # fully recovered: a new episode gets a new log line
+        balance -= 1
         acct.balance = balance if balance > floor else floor
         return acct
 
     def take(self, key: Hashable, rate: int, burst: int, now: float) -> Account | None:
         """Token bucket: take one token, or return the account when there is none."""
-        acct = self._get(key, burst, now)
-        balance = self._earn(acct, rate, burst, now)
+        acct = self.accounts.get(key)
+        if acct is None:
+            acct = self._new(key, burst, now)
+        else:
+            self.accounts.move_to_end(key)
+        balance = acct.balance + (now - acct.time) * rate
+        acct.time = now
+        if balance >= burst:
+            balance = burst
+            acct.logged = False
         if balance >= 1:
             acct.balance = balance - 1
             return None
         acct.balance = balance
         return acct
 
-    def _get(self, key: Hashable, initial: int, now: float) -> Account:
+    def _new(self, key: Hashable, initial: int, now: float) -> Account:
         accounts = self.accounts
-        acct = accounts.get(key)
-        if acct is None:
-            if len(accounts) >= self.size:
-                accounts.popitem(last=False)
-                self.evictions += 1
-            acct = accounts[key] = Account(initial, now)
-        else:
-            accounts.move_to_end(key)
+        if len(accounts) >= self.size:
+            accounts.popitem(last=False)
+            self.evictions += 1
+        acct = accounts[key] = Account(initial, now)
         return acct
 
-    @staticmethod
-    def _earn(acct: Account, rate: int, cap: int, now: float) -> float:
-        balance = acct.balance + (now - acct.time) * rate
-        acct.time = now
-        if balance >= cap:
-            acct.logged = False  # fully recovered: a new episode gets a new log line
-            return cap
-        return balance
 
+def soa_zone(data: bytes, fallback: bytes) -> bytes:
+    """The lower-cased owner of the first SOA in the authority section, else ``fallback``.
 
-def soa_zone(reply: Reply, fallback: bytes) -> bytes:
-    """The lower-cased owner of the SOA in the authority section, else ``fallback``."""
+    A direct walk (no Record objects, stops at the SOA): this runs per NXDOMAIN.
+    """
     try:
-        recs = reply.records()
-    except ValueError:
-        return fallback
-    data = reply.wire
-    for rec in recs:
-        if rec.section == 2 and rec.rtype == SOA:
-            return read_name(data, rec.name_off) or fallback
+        _, _, qd, an, ns, _ = HEADER.unpack_from(data)
+        if not ns:
+            return fallback
+        off = 12
+        for _ in range(qd):
+            off = wire.skip_name(data, off) + 4
+        for _ in range(an):
+            off = wire.skip_name(data, off) + 10
+            off += U16.unpack_from(data, off - 2)[0]
+        for _ in range(ns):
+            owner = off
+            off = wire.skip_name(data, off)
+            if U16.unpack_from(data, off)[0] == SOA:
+                return read_name(data, owner) or fallback
+            off += 10 + U16.unpack_from(data, off + 8)[0]
+    except (ValueError, struct.error):
+        pass
     return fallback
 
 
 def read_name(data: bytes, off: int) -> bytes | None:
     """A (possibly compressed) name at ``off`` as a lower-cased wire key, None if malformed."""
-    out = bytearray()
-    for _ in range(MAX_POINTERS):
-        while True:
-            if off >= len(data):
+    parts = []
+    start = off
+    hops = 0
+    end = len(data)
+    while True:
+        if off >= end:
+            return None
+        length = data[off]
+        if length == 0:
+            parts.append(data[start : off + 1])
+            break
+        if length >= 0xC0:
+            if off + 1 >= end or hops >= MAX_POINTERS:
                 return None
-            length = data[off]
-            if length & 0xC0 == 0xC0:
-                if off + 1 >= len(data):
-                    return None
-                off = ((length & 0x3F) << 8) | data[off + 1]
-                break
-            if length > 63 or len(out) + length + 1 > 255:
-                return None
-            out += data[off : off + length + 1]
-            if length == 0:
-                return bytes(out).lower()
+            parts.append(data[start:off])
+            off = start = ((length & 0x3F) << 8) | data[off + 1]
+            hops += 1
+        elif length > 63:
+            return None
+        else:
             off += length + 1
-    return None
+    name = b"".join(parts)
+    return name.lower() if len(name) <= 255 else None
 
 
 def parent(key: bytes) -> bytes:
@@ -320,7 +344,8 @@ class RateLimit(Step):
         action = "log_only" if self.options.log_only else self.options.queries_action
         self.query_counts[action] += 1
         q.note("ratelimit", f"query_{action}")
-        q.explain(f"{self.setup.where}: {prefixes[1]} over {self.qps} queries/s: {action}")
+        if q.trace is not None:
+            q.explain(f"{self.setup.where}: {prefixes[1]} over {self.qps} queries/s: {action}")
         if action == "log_only":
             return None
         if action == "drop":
@@ -350,7 +375,7 @@ class RateLimit(Step):
             else:
                 key, rate = (prefix, q.key, NODATA), self.nodata_rate
         elif rcode == wire.NXDOMAIN:
-            zone = soa_zone(reply, parent(q.key))
+            zone = soa_zone(data, parent(q.key))
             key, rate = (prefix, zone, NXDOMAIN_ZONE), self.nxdomain_rate
         else:
             key, rate = (prefix, b"", ERRORS), self.error_rate
@@ -393,7 +418,8 @@ class RateLimit(Step):
             action = "log_only"
         self.counts[action] += 1
         q.note("ratelimit", action)
-        q.explain(f"{self.setup.where}: {describe(key)} for {key[0]} over {rate}/s: {action}")
+        if q.trace is not None:
+            q.explain(f"{self.setup.where}: {describe(key)} for {key[0]} over {rate}/s: {action}")
         if action == "drop":
             return None
         if action == "slip":

@@ -12,7 +12,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 import trio
-from dnsproxy.plugins.ratelimit import RateLimit, read_name
+from dnsproxy.plugins.ratelimit import RateLimit, read_name, soa_zone
 
 from dnsproxy import wire
 from dnsproxy.chain import Step
@@ -360,6 +360,21 @@ def test_read_name_follows_pointers_and_rejects_loops():
     assert read_name(b"\x00" * 12 + b"\xc0\x0c", 12) is None  # pointer loop
     assert read_name(b"\x00" * 12 + b"\x05ab", 12) is None  # runs off the end
     assert read_name(b"\x00" * 12 + b"\x40", 12) is None  # reserved label type
+
+
+def test_soa_zone_skips_answers_and_other_authority_records():
+    q = make_query("alias.example.org")
+    msg = response_message(q, wire.NXDOMAIN)
+    msg.answer.append(dns.rrset.from_text(q.name, 60, "IN", "CNAME", "gone.Example.NET."))
+    msg.authority.append(dns.rrset.from_text("example.net.", 60, "IN", "NS", "ns.example.net."))
+    msg.authority.append(
+        dns.rrset.from_text(
+            "Example.NET.", 60, "IN", "SOA", "ns.example.net. a.example.net. 1 2 3 4 5"
+        )
+    )
+    data = Reply.from_message(msg).wire
+    assert soa_zone(data, b"fallback") == wire.name_to_key("example.net")
+    assert soa_zone(respond(q, wire.NXDOMAIN).wire, b"fallback") == b"fallback"
 
 
 async def test_malformed_authority_falls_back_to_parent():
