@@ -12,9 +12,12 @@ Description
     formatting, no lock, no I/O. A full buffer drops the record and counts it
     (``dnsproxy_querylog_dropped``). The step's background task (`run`) swaps the buffer
     out every ``flush_interval`` and writes the batch from a worker thread: formatting,
-    one SQLite transaction, one JSON-lines append. The live steps are those of the most
-    recently started chain, so a reload never logs a query twice; a retired step writes
-    what it still holds before it goes.
+    one SQLite transaction, one JSON-lines append. The buffer bound is also the cost
+    bound: at most ``buffer`` records are written per ``flush_interval`` (about 5-10 µs
+    of CPU each), so under a flood the log drops records rather than slow answers down
+    (warned once a minute, counted in ``dnsproxy_querylog_dropped``). The live steps
+    are those of the most recently started chain, so a reload never logs a query twice;
+    a retired step writes what it still holds before it goes.
 
     Bounds: ``buffer`` records in memory; the database keeps ``retention`` and at most
     ``max_size_mb`` (oldest rows go first); the JSON-lines file is rotated to ``.1`` at
@@ -87,6 +90,7 @@ from dnsproxy.reply import Reply
 from dnsproxy.wire import Query
 
 PRUNE_EVERY = 60.0  # seconds between retention/size checks of the database
+DROP_WARN_EVERY = 60.0  # seconds between warnings about a full buffer
 BLOCKING_SOURCES = ("blocklist",)  # answered_by values that count as "blocked" in stats
 NOTE_COLUMNS = ("list", "rule", "upstream", "cache")
 
@@ -162,22 +166,63 @@ class Anonymizer:
         return out
 
 
-def row(entry: tuple[float, Query, Reply | None, float], client: Any) -> tuple[Any, ...]:
+class Texts:
+    """Memoised text forms: names, types and rcodes repeat, and dnspython's are slow."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self.names: dict[bytes, str] = {}
+        self.qtypes: dict[int, str] = {}
+        self.rcodes: dict[int, str] = {}
+
+    def name(self, key: bytes) -> str:
+        text = self.names.get(key)
+        if text is None:
+            if len(self.names) >= self.limit:
+                self.names.clear()
+            text = self.names[key] = key_text(key)
+        return text
+
+    def qtype(self, qtype: int) -> str:
+        text = self.qtypes.get(qtype)
+        if text is None:
+            text = self.qtypes[qtype] = dns.rdatatype.to_text(qtype)
+        return text
+
+    def rcode(self, rcode: int) -> str:
+        text = self.rcodes.get(rcode)
+        if text is None:
+            text = self.rcodes[rcode] = dns.rcode.to_text(rcode)
+        return text
+
+
+def row(
+    entry: tuple[float, Query, Reply | None, float], client: Any, texts: Texts
+) -> tuple[Any, ...]:
     """One buffered entry as a table row (in the writer thread, never on the hot path)."""
     ts, q, reply, elapsed = entry
-    notes = dict(q.notes) if q.notes else {}
-    picked = [notes.pop(k, None) for k in NOTE_COLUMNS]
+    notes = q.notes
+    picked: list[Any] = [None, None, None, None]
+    rest = None
+    if notes:
+        for key, value in notes.items():
+            if key in NOTE_COLUMNS:
+                picked[NOTE_COLUMNS.index(key)] = str(value)
+            else:
+                if rest is None:
+                    rest = {}
+                rest[key] = value
     return (
         ts,
         client(q.client[0]),
         q.transport,
-        key_text(q.key),
-        dns.rdatatype.to_text(q.qtype),
-        "DROPPED" if reply is None else dns.rcode.to_text(reply.rcode),
+        texts.name(q.key),
+        texts.qtype(q.qtype),
+        "DROPPED" if reply is None else texts.rcode(reply.rcode),
         "" if reply is None else reply.source,
-        *(None if v is None else str(v) for v in picked),
+        *picked,
         round(elapsed * 1000, 3),
-        json.dumps(notes, default=str) if notes else None,
+        json.dumps(rest, default=str) if rest else None,
     )
 
 
@@ -206,6 +251,7 @@ class Store:
         self.cap = opts.max_size_mb * 1_000_000
         self.db: sqlite3.Connection | None = None
         self.last_prune = 0.0
+        self.texts = Texts()
         self.client = (
             Anonymizer(opts.ipv4_prefix, opts.ipv6_prefix) if opts.anonymize else _identity
         )
@@ -223,7 +269,8 @@ class Store:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, batch: list[tuple[float, Query, Reply | None, float]]) -> int:
-        rows = [row(e, self.client) for e in batch]
+        client, texts = self.client, self.texts
+        rows = [row(e, client, texts) for e in batch]
         if self.db is not None and rows:
             self.db.execute("BEGIN")
             try:
@@ -310,6 +357,8 @@ class QueryLog(Step):
         self.written = 0
         self.dropped = 0
         self.write_errors = 0
+        self.dropped_reported = 0
+        self.drop_warned = -DROP_WARN_EVERY
 
     def record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
         """Hot path (from the observer hook): buffer the entry or count the drop."""
@@ -332,7 +381,18 @@ class QueryLog(Step):
                 await trio.to_thread.run_sync(self.store.close)
 
     async def flush_now(self) -> None:
-        """Write what is buffered (from a worker thread)."""
+        """Write what is buffered (from a worker thread); say so if records were dropped."""
+        if self.dropped != self.dropped_reported:
+            now = trio.current_time()
+            if now - self.drop_warned >= DROP_WARN_EVERY:
+                self.log.warning(
+                    "%s: buffer full, %d records dropped so far (raise buffer or lower"
+                    " flush_interval)",
+                    self.setup.where,
+                    self.dropped,
+                )
+                self.drop_warned = now
+                self.dropped_reported = self.dropped
         if not self.buffer:
             return
         batch, self.buffer = self.buffer, []

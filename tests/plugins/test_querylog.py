@@ -63,6 +63,26 @@ def test_buffer_is_bounded_and_drops_are_counted(tmp_path):
     assert values == {"records": 0, "dropped": 5, "write_errors": 0, "buffered": 10}
 
 
+async def test_drops_are_warned_once_a_minute(tmp_path, caplog, autojump_clock):
+    step = make(tmp_path, buffer=10, sqlite=False, jsonl="q.jsonl")
+    q = make_query("example.org")
+    for _ in range(12):
+        step.record(q, None, 0.0)
+    await step.flush_now()
+    for _ in range(12):
+        step.record(q, None, 0.0)
+    await step.flush_now()  # within the minute: not warned again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "test.toml: chain[0] (querylog): buffer full, 2 records dropped so far"
+        " (raise buffer or lower flush_interval)"
+    ]
+    await trio.sleep(61)
+    await step.flush_now()
+    assert "4 records dropped" in caplog.records[-1].getMessage()
+    assert step.written == 20
+
+
 def test_key_text():
     assert key_text(name_to_key("WWW.Example.ORG")) == "www.example.org."
     assert key_text(b"\x00") == "."
