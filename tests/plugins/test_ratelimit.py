@@ -12,7 +12,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 import trio
-from dnsproxy.plugins.ratelimit import RateLimit, read_name, soa_zone
+from dnsproxy.plugins.ratelimit import RateLimit
+from dnsproxy.plugins.ratelimit.accounts import read_name, soa_zone
 
 from dnsproxy import wire
 from dnsproxy.chain import Step

@@ -1,0 +1,165 @@
+"""The RRL bookkeeping: credit accounts in a bounded LRU table, and response keys.
+
+Kept apart from the step so the arithmetic can be read (and tested) on its own: the
+BIND 9 credit model is in `Table.debit`, the query token bucket in `Table.take`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+from dnsproxy import wire
+from dnsproxy.wire import HEADER, U16
+
+SOA = 6
+MAX_POINTERS = 32  # compression pointers followed when reading the SOA owner
+
+
+class Account:
+    """Credit of one ⟨prefix, class, name⟩ (or one prefix's query bucket)."""
+
+    __slots__ = ("balance", "logged", "slips", "time")
+
+    def __init__(self, balance: float, time: float) -> None:
+        self.balance = balance
+        self.time = time
+        self.slips = 0  # limited responses since the last slip, modulo ``slip``
+        self.logged = False  # "now limiting" was logged; cleared on full recovery
+
+
+class Table:
+    """Accounts in least-recently-used order, never more than ``size`` of them."""
+
+    __slots__ = ("accounts", "evictions", "size")
+
+    def __init__(self, size: int) -> None:
+        self.accounts: OrderedDict[Hashable, Account] = OrderedDict()
+        self.size = size
+        self.evictions = 0
+
+    def debit(self, key: Hashable, rate: int, floor: float, now: float) -> Account:
+        """RRL: earn ``rate``/s since last use (hold at most ``rate``), pay one, owe ≤ floor."""
+        accounts = self.accounts
+        acct = accounts.get(key)  # inlined `_get` and `_earn`: this runs per response
+        if acct is None:
+            acct = self._new(key, rate, now)
+        else:
+            accounts.move_to_end(key)
+        balance = acct.balance + (now - acct.time) * rate
+        acct.time = now
+        if balance >= rate:
+            balance = rate
+            acct.logged = False  # fully recovered: a new episode gets a new log line
+        balance -= 1
+        acct.balance = balance if balance > floor else floor
+        return acct
+
+    def take(self, key: Hashable, rate: int, burst: int, now: float) -> Account | None:
+        """Token bucket: take one token, or return the account when there is none."""
+        acct = self.accounts.get(key)
+        if acct is None:
+            acct = self._new(key, burst, now)
+        else:
+            self.accounts.move_to_end(key)
+        balance = acct.balance + (now - acct.time) * rate
+        acct.time = now
+        if balance >= burst:
+            balance = burst
+            acct.logged = False
+        if balance >= 1:
+            acct.balance = balance - 1
+            return None
+        acct.balance = balance
+        return acct
+
+    def _new(self, key: Hashable, initial: int, now: float) -> Account:
+        accounts = self.accounts
+        if len(accounts) >= self.size:
+            accounts.popitem(last=False)
+            self.evictions += 1
+        acct = accounts[key] = Account(initial, now)
+        return acct
+
+
+def soa_zone(data: bytes, fallback: bytes) -> bytes:
+    """The lower-cased owner of the first SOA in the authority section, else ``fallback``.
+
+    A direct walk (no Record objects, stops at the SOA): this runs per NXDOMAIN.
+    """
+    try:
+        _, _, qd, an, ns, _ = HEADER.unpack_from(data)
+        if not ns:
+            return fallback
+        off = 12
+        for _ in range(qd):
+            off = wire.skip_name(data, off) + 4
+        for _ in range(an):
+            off = wire.skip_name(data, off) + 10
+            off += U16.unpack_from(data, off - 2)[0]
+        for _ in range(ns):
+            owner = off
+            off = wire.skip_name(data, off)
+            if U16.unpack_from(data, off)[0] == SOA:
+                return read_name(data, owner) or fallback
+            off += 10 + U16.unpack_from(data, off + 8)[0]
+    except (ValueError, struct.error):
+        pass
+    return fallback
+
+
+def read_name(data: bytes, off: int) -> bytes | None:
+    """A (possibly compressed) name at ``off`` as a lower-cased wire key, None if malformed."""
+    parts = []
+    start = off
+    hops = 0
+    end = len(data)
+    while True:
+        if off >= end:
+            return None
+        length = data[off]
+        if length == 0:
+            parts.append(data[start : off + 1])
+            break
+        if length >= 0xC0:
+            if off + 1 >= end or hops >= MAX_POINTERS:
+                return None
+            parts.append(data[start:off])
+            off = start = ((length & 0x3F) << 8) | data[off + 1]
+            hops += 1
+        elif length > 63:
+            return None
+        else:
+            off += length + 1
+    name = b"".join(parts)
+    return name.lower() if len(name) <= 255 else None
+
+
+def parent(key: bytes) -> bytes:
+    """A wire name's parent (the root is its own)."""
+    return key[key[0] + 1 :] if key[0] else key
+
+
+def prefix_text(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, length: int) -> str:
+    return str(ipaddress.ip_network((addr, length), strict=False))
+
+
+def client_exempt(
+    nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> Callable[[str], ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """Parse a client address (v4-mapped as v4); None if unparsable or in ``nets``."""
+
+    def parse(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            addr = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in n for n in nets):
+            return None
+        return addr
+
+    return parse
