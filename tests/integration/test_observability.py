@@ -102,7 +102,9 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
         assert stats["hour"]["top_clients"] == [{"client": "127.0.0.1", "count": 5}]
 
         trace = http.get("/api/query", params={"name": "mail.example.test"}).json()
-        assert trace["answered_by"] == "forward" and trace["notes"]["upstream"] == f"udp://{nsd.addr}"
+        assert (
+            trace["answered_by"] == "forward" and trace["notes"]["upstream"] == f"udp://{nsd.addr}"
+        )
         assert trace["answer"] == ["mail.example.test. 300 IN A 192.0.2.25"]
         assert any(f"udp://{nsd.addr} answered rcode 0" in line for line in trace["trace"])
 
