@@ -43,7 +43,9 @@ def _rate() -> Any:
 
 
 def _class_rate() -> Any:
-    return attrs.field(default=None, validator=attrs.validators.optional(options.in_range(0, 1e6)))
+    return attrs.field(
+        default=None, validator=attrs.validators.optional(options.in_range(0, 1_000_000))
+    )
 
 
 @attrs.frozen
@@ -74,6 +76,12 @@ class RateLimitOptions:
 
 
 class RateLimit(Step):
+    """The step: the query limit and minimal ANY in `query`, RRL in `response`.
+
+    ``clock`` is injectable because `query`/`response` are synchronous and unit tests may
+    call them outside a Trio run; inside one, ``trio.current_time`` follows autojump_clock.
+    """
+
     Options = RateLimitOptions
 
     def __init__(
