@@ -131,7 +131,7 @@ class StreamClient:
                 conn = await self._connection()
                 reply = await self._ask(conn, req)
             if reply is None:
-                raise UpstreamError(f"{self.name}: {conn.error}")
+                raise UpstreamError(conn.error)
             return reply
 
     async def _connection(self) -> _Connection:
@@ -143,7 +143,7 @@ class StreamClient:
             if conn is not None and conn.alive:
                 return conn
             if self.closed:
-                raise UpstreamError(f"{self.name}: closed")
+                raise UpstreamError("closed")
             now = trio.current_time()
             if now < self._retry_at:
                 raise UpstreamError(
@@ -155,7 +155,7 @@ class StreamClient:
                 self._last_error = describe(exc)
                 self._backoff = min(max(self._backoff * 2, self.backoff_min), self.backoff_max)
                 self._retry_at = trio.current_time() + self._backoff
-                raise UpstreamError(f"{self.name}: {self._last_error}") from exc
+                raise UpstreamError(self._last_error) from exc
             self._backoff = 0.0
             self._retry_at = -math.inf
             self.connects += 1

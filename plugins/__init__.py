@@ -13,4 +13,6 @@ BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.cache",
     "dnsproxy.plugins.querylog",
     "dnsproxy.plugins.http",
+    "dnsproxy.plugins.dot",
+    "dnsproxy.plugins.doh",
 )

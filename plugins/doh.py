@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import re
 import struct
 from typing import TYPE_CHECKING, Literal
@@ -64,6 +65,9 @@ from dnsproxy.upstream import Request, UpstreamSpec, matches
 
 if TYPE_CHECKING:
     import httpx
+
+# httpx logs every request at INFO: far too much for a query path.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 CONTENT_TYPE = "application/dns-message"
 MAX_BODY = 65535
@@ -133,10 +137,10 @@ class DohUpstream:
                     reply = await self._request(self.urls[index], data, req)
                 except httpx.ConnectError as exc:
                     if tls_error(exc) is not None or attempt + 1 == len(self.urls):
-                        raise UpstreamError(f"{self.name}: {describe(exc)}") from exc
+                        raise UpstreamError(describe(exc)) from exc
                     continue
                 except httpx.HTTPError as exc:
-                    raise UpstreamError(f"{self.name}: {describe(exc)}") from exc
+                    raise UpstreamError(describe(exc)) from exc
                 self._current = index
                 return reply
         raise AssertionError("unreachable: urls is never empty")
@@ -158,29 +162,29 @@ class DohUpstream:
         resp = await self.client.send(request, stream=True)
         try:
             if resp.status_code != 200:
-                raise UpstreamError(f"{self.name}: HTTP status {resp.status_code}")
+                raise UpstreamError(f"HTTP status {resp.status_code}")
             ctype = resp.headers.get("content-type", "").partition(";")[0].strip().lower()
             if ctype != CONTENT_TYPE:
-                raise UpstreamError(f"{self.name}: content type {ctype or 'missing'!r}")
+                raise UpstreamError(f"content type {ctype or 'missing'!r}")
             length = resp.headers.get("content-length", "")
             if length.isdigit() and int(length) > MAX_BODY:
-                raise UpstreamError(f"{self.name}: body of {length} bytes")
+                raise UpstreamError(f"body of {length} bytes")
             body = bytearray()
             async for chunk in resp.aiter_bytes():
                 body += chunk
                 if len(body) > MAX_BODY:
-                    raise UpstreamError(f"{self.name}: body over {MAX_BODY} bytes")
+                    raise UpstreamError(f"body over {MAX_BODY} bytes")
         finally:
             await resp.aclose()
         reply = bytes(body)
         if not matches(reply, 0, req):
-            raise UpstreamError(f"{self.name}: the reply does not answer the question")
+            raise UpstreamError("the reply does not answer the question")
         fresh = freshness(resp.headers)
         if fresh is not None:
             try:
                 reply = cap_ttls(reply, fresh)
             except ValueError as exc:
-                raise UpstreamError(f"{self.name}: malformed reply ({exc})") from exc
+                raise UpstreamError(f"malformed reply ({exc})") from exc
         return reply
 
     def close(self) -> None:
