@@ -148,3 +148,53 @@ def message(
 def parse(data: bytes | None) -> dns.message.Message:
     assert data is not None, "no reply"
     return dns.message.from_wire(data)
+
+
+def blast(
+    addr: tuple[str, int],
+    names: list[str],
+    *,
+    rdtype: int = 1,
+    window: int = 200,
+    timeout: float = 30.0,
+    source: str = "127.0.0.1",
+) -> dict[int, bytes]:
+    """Send a query per name over one UDP socket, ``window`` outstanding at a time.
+
+    Returns the replies by index (the query ID is the index, so at most 65536 names).
+    Queries still unanswered when the window stalls for 2 s are given up on.
+    """
+    assert len(names) <= 65536
+    replies: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind((source, 0))
+        s.settimeout(2.0)
+        sent = 0
+        outstanding = 0
+        while (sent < len(names) or outstanding) and time.monotonic() < deadline:
+            while sent < len(names) and outstanding < window:
+                data = message(qname_wire(names[sent]) + struct.pack("!HH", rdtype, 1), msg_id=sent)
+                s.sendto(data, addr)
+                sent += 1
+                outstanding += 1
+            try:
+                data = s.recv(65535)
+            except TimeoutError:
+                outstanding = 0  # lost: move on
+                continue
+            msg_id = struct.unpack_from("!H", data)[0]
+            if msg_id not in replies:
+                replies[msg_id] = data
+                outstanding -= 1
+    return replies
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
