@@ -16,7 +16,9 @@ import dns.message
 import dns.query
 import dns.rcode
 import httpx
+import pytest
 
+from dnsproxy.testing import registry
 from tests.conftest import free_port
 from tests.plugins.test_http import sample
 
@@ -162,3 +164,42 @@ def test_dnsproxy_query_explains_refusal(tmp_path):
     assert ";; answered by: no step (the query fell off the end of the chain)" in out.stdout
     assert "no step answered: REFUSED" in out.stdout
     assert ";; response: REFUSED, 0 answer(s)" in out.stdout
+
+
+def test_blocking_toggle_and_blocked_trace(nsd, make_proxy, tmp_path):
+    if "blocklist" not in registry().steps:
+        pytest.skip("the blocklist plugin is not registered yet")
+    ads = tmp_path / "ads.hosts"
+    ads.write_text("0.0.0.0 www.example.test\n")
+    http_port = free_port()
+    config = (
+        '[server]\nlisten = ["127.0.0.1:{port}"]\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[[chain]]\nplugin = "blocklist"\nlists = ["{ads}"]\n'
+        f'[[chain]]\nplugin = "forward"\nupstreams = ["{nsd.addr}"]\n'
+    )
+    proxy = make_proxy(config, wait_for=f"listening on http 127.0.0.1:{http_port}")
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=5) as http:
+        deadline = time.monotonic() + 10
+        while http.get("/ready").status_code != 200:  # the list loads in the background
+            assert time.monotonic() < deadline, "blocklist never became ready"
+            time.sleep(0.05)
+        assert ask(proxy.port, "www.example.test").answer[0][0].address == "0.0.0.0"
+        r = http.post("/api/blocking/disable", params={"duration": "10m"})
+        assert r.status_code == 200 and r.json()["enabled"] is False
+        assert ask(proxy.port, "www.example.test").answer[0][0].address == "192.0.2.10"
+        assert http.post("/api/blocking/enable").json()["enabled"] is True
+        assert ask(proxy.port, "www.example.test").answer[0][0].address == "0.0.0.0"
+        text = http.get("/metrics").text
+        assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NOERROR") == 3
+        stats = http.get("/api/stats").json()
+        assert stats["source"] == "memory"
+        assert stats["hour"]["blocked"] == 2 and stats["hour"]["queries"] == 3
+        assert stats["hour"]["top_blocked"] == [{"name": "www.example.test.", "count": 2}]
+
+    out = run_query(proxy.config_path, "www.example.test")
+    assert out.returncode == 0, out.stderr
+    assert ";; answered by: blocklist (config.toml: chain[0] (blocklist))" in out.stdout
+    assert ";; matched list: " in out.stdout  # the list's name is the blocklist's business
+    assert "config.toml: chain[0] (blocklist): blocked by " in out.stdout
+    assert "www.example.test. 60 IN A 0.0.0.0" in out.stdout
