@@ -1,0 +1,400 @@
+"""blocklist — block names from hosts, domain, dnsmasq and adblock-syntax lists.
+
+Description
+    Answers queries for listed names (and their subdomains) itself, with Extended DNS
+    Error 15 naming the list; everything else passes on. Lists are files or http(s) URLs,
+    loaded in the background: the step answers from the start and each list attaches when
+    it is parsed. URL lists refresh with conditional GETs and survive failures through a
+    copy on disk; files are re-read when they change. Replies coming back through the
+    step are checked too: a CNAME whose target is blocked blocks the answer. Formats,
+    semantics and the memory layout are in plugins/blocklist/README.md.
+
+Syntax
+    ::
+
+        [[chain]]
+        plugin = "blocklist"
+        lists = ["ads.txt", "https://example.org/hosts"]   # required
+        allow = ["allow.txt"]     # exceptions, same formats
+        mode = "null"             # null | nxdomain | nodata | refused | "192.0.2.1" | [..]
+        ttl = 60
+        subdomains = true         # hosts/plain/dnsmasq entries cover subdomains
+        cname = true              # inspect CNAME targets of upstream answers
+        refresh = "24h"           # URL lists
+        retry = "5m"              # after a failed download
+        watch = "5s"              # how often files are checked for changes
+        timeout = "60s"           # per download, all of it
+        max_size = 104857600      # bytes per list
+        max_entries = 5000000     # names per list
+        max_patterns = 1000       # wildcard and regex rules per list
+
+Metrics
+    ``dnsproxy_blocklist_blocked{list}`` (counter), ``dnsproxy_blocklist_entries{list}``
+    (gauge), ``dnsproxy_blocklist_lists_ready`` (gauge), ``dnsproxy_blocklist_load_failures``
+    (counter).
+
+Examples
+    Block two lists for everyone but the child's tablet, which gets a stricter one::
+
+        [[chain]]
+        plugin = "blocklist"
+        clients = ["192.168.1.50/32"]
+        lists = ["/work/shared/blocklists/basic.hosts", "strict.txt"]
+
+        [[chain]]
+        plugin = "blocklist"
+        lists = ["/work/shared/blocklists/basic.hosts"]
+        allow = ["example.org-allow.txt"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import numpy as np
+import trio
+
+from dnsproxy import options, wire
+from dnsproxy.chain import Metric, Setup, Step
+from dnsproxy.hookspecs import hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.reply import EDE_BLOCKED, Reply, respond, rr
+from dnsproxy.wire import Query
+
+from .domainset import NO_MATCH, DomainSet, merge, name_key_at
+from .parse import ALLOW, KIND_BITS, BadList, Parsed, parse_list
+from .source import FetchError, Source
+
+MODES = ("null", "nxdomain", "nodata", "refused")
+TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
+MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
+MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
+
+
+def _mode(value: object) -> str | tuple[str, ...]:
+    """A mode keyword, or the addresses to answer with (normalised, idempotent)."""
+    if isinstance(value, str) and value in MODES:
+        return value
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"expected one of {', '.join(MODES)} or IP addresses, got {value!r}")
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_address(item)))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(
+                f"expected one of {', '.join(MODES)} or IP addresses, got {item!r}"
+            ) from exc
+    return tuple(out)
+
+
+def _lists(value: object) -> tuple[str, ...]:
+    out = options.string_tuple(value)
+    if len(out) > MAX_LISTS:
+        raise ValueError(f"at most {MAX_LISTS} lists per step")
+    return out
+
+
+@attrs.frozen
+class BlocklistOptions:
+    lists: tuple[str, ...] = attrs.field(converter=_lists)
+    allow: tuple[str, ...] = attrs.field(default=(), converter=_lists)
+    mode: str | tuple[str, ...] = attrs.field(default="null", converter=_mode)
+    ttl: int = attrs.field(default=60, validator=options.in_range(0, 604800))
+    subdomains: bool = True
+    cname: bool = True
+    refresh: float = attrs.field(
+        default="24h", converter=options.duration, validator=options.in_range(60, 30 * 86400)
+    )
+    retry: float = attrs.field(
+        default="5m", converter=options.duration, validator=options.in_range(1, 86400)
+    )
+    watch: float = attrs.field(
+        default="5s", converter=options.duration, validator=options.in_range(0.1, 3600)
+    )
+    timeout: float = attrs.field(
+        default="60s", converter=options.duration, validator=options.in_range(0.1, 3600)
+    )
+    max_size: int = attrs.field(default=100 << 20, validator=options.in_range(1, 1 << 32))
+    max_entries: int = attrs.field(default=5_000_000, validator=options.in_range(1, 50_000_000))
+    max_patterns: int = attrs.field(default=1000, validator=options.in_range(0, 100_000))
+
+
+class Blocklist(Step):
+    Options = BlocklistOptions
+
+    def __init__(self, opts: BlocklistOptions, setup: Setup) -> None:
+        super().__init__(opts, setup)
+        if len(opts.lists) + len(opts.allow) > MAX_LISTS:
+            raise setup.error("lists", f"at most {MAX_LISTS} lists and allow lists together")
+        specs = [(s, False) for s in opts.lists] + [(s, True) for s in opts.allow]
+        self.sources = [
+            Source.make(i, spec, allow, setup.base_dir, setup.state_dir)
+            for i, (spec, allow) in enumerate(specs)
+        ]
+        for src in self.sources:
+            key = "allow" if src.allow else "lists"
+            if src.path is not None and not src.path.is_file():
+                raise setup.error(key, f"{src.path}: no such file")
+        self.set = DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
+        self.blocked = [0] * len(self.sources)
+        self.load_failures = 0
+        self._paused_until: float | None = None
+        self._merge_lock = trio.Lock()
+        self._parse_limiter = trio.CapacityLimiter(1)  # one list in memory at a time
+        self._client: Any = None
+        self._records = self._answer_records(opts)
+
+    # --- the hot path -------------------------------------------------------------------
+
+    def query(self, q: Query) -> Reply | None:
+        if self._paused_until is not None and self._still_paused():
+            return None
+        if q.qclass != 1:
+            return None
+        tag = self.set.verdict(q.key)
+        if tag == NO_MATCH:
+            return None
+        return self._block(q, tag, None)
+
+    def response(self, q: Query, reply: Reply) -> Reply | None:
+        """Block an answer whose CNAME chain leads to a blocked name."""
+        if not self.options.cname or (self._paused_until is not None and self._still_paused()):
+            return reply
+        try:
+            records = reply.records()
+        except ValueError:
+            return reply
+        seen = 0
+        for rec in records:
+            if rec.rtype != TYPE_CNAME or rec.section != 1:
+                continue
+            seen += 1
+            if seen > MAX_CNAMES:
+                break
+            try:
+                target = name_key_at(reply.wire, rec.rdata_off)
+            except ValueError:
+                return reply
+            tag = self.set.verdict(target)
+            if tag != NO_MATCH:
+                return self._block(q, tag, target)
+        return reply
+
+    def _still_paused(self) -> bool:
+        if trio.current_time() < self._paused_until:  # type: ignore[operator]
+            return True
+        self._paused_until = None
+        self.log.info("%s: blocking resumed", self.setup.where)
+        return False
+
+    def _block(self, q: Query, tag: int, via: bytes | None) -> Reply:
+        index = tag >> KIND_BITS
+        name = self.sources[index].name
+        self.blocked[index] += 1
+        q.note("list", name)
+        if q.trace is not None:
+            how = f" (CNAME target {wire.key_to_text(via)})" if via else ""
+            q.explain(f"{self.setup.where}: blocked by {name}{how}")
+        mode = self.options.mode
+        ede = ((EDE_BLOCKED, name),)
+        if mode == "nxdomain":
+            return respond(q, wire.NXDOMAIN, ede=ede, source="blocklist")
+        if mode == "refused":
+            return respond(q, wire.REFUSED, ede=ede, source="blocklist")
+        answers = self._records.get(q.qtype, ()) if mode != "nodata" else ()
+        return respond(q, wire.NOERROR, answers, ede=ede, source="blocklist")
+
+    @staticmethod
+    def _answer_records(opts: BlocklistOptions) -> dict[int, tuple[bytes, ...]]:
+        if opts.mode == "null":
+            addrs = ["0.0.0.0", "::"]
+        elif isinstance(opts.mode, tuple):
+            addrs = list(opts.mode)
+        else:
+            return {}
+        out: dict[int, list[bytes]] = {TYPE_A: [], TYPE_AAAA: []}
+        for text in addrs:
+            addr = ipaddress.ip_address(text)
+            rtype = TYPE_A if addr.version == 4 else TYPE_AAAA
+            out[rtype].append(rr(rtype, opts.ttl, addr.packed))
+        return {k: tuple(v) for k, v in out.items() if v}
+
+    # --- control (the HTTP API) ---------------------------------------------------------
+
+    def set_enabled(self, enabled: bool, duration: float | None = None) -> None:
+        """Pause blocking (for ``duration`` seconds, or until re-enabled) or resume it."""
+        if enabled:
+            self._paused_until = None
+        else:
+            self._paused_until = math.inf if duration is None else trio.current_time() + duration
+        state = "resumed" if enabled else f"paused for {duration:g} s" if duration else "paused"
+        self.log.info("%s: blocking %s", self.setup.where, state)
+
+    @property
+    def enabled(self) -> bool:
+        return self._paused_until is None or not self._still_paused()
+
+    def ready(self) -> bool:
+        return all(src.parsed is not None for src in self.sources)
+
+    def metrics(self) -> list[Metric]:
+        out = []
+        for src in self.sources:
+            labels = (("list", src.name),)
+            out.append(Metric("blocked", self.blocked[src.index], labels=labels))
+            names = src.parsed.names if src.parsed is not None else 0
+            out.append(Metric("entries", names, "gauge", labels))
+        ready = sum(src.parsed is not None for src in self.sources)
+        out.append(Metric("lists_ready", ready, "gauge"))
+        out.append(Metric("load_failures", self.load_failures))
+        return out
+
+    # --- loading ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for src in self.sources:
+                    nursery.start_soon(self._keep_loaded, src)
+        finally:
+            await self._close_client()
+
+    async def check(self) -> list[str]:
+        lines = []
+        try:
+            for src in self.sources:
+                try:
+                    data, origin = await self._fetch(src, check=True)
+                except FetchError as exc:
+                    raise self.setup.error("allow" if src.allow else "lists", str(exc)) from exc
+                assert data is not None
+                try:
+                    parsed = await self._parse(src, data)
+                except BadList as exc:
+                    key = "allow" if src.allow else "lists"
+                    raise self.setup.error(key, f"{src.spec}: {exc}") from exc
+                lines.append(f"list {src.name}{origin}: {parsed.summary()}")
+                lines.extend(f"  {src.name}: {p}" for p in parsed.problems[:5])
+        finally:
+            await self._close_client()
+        return lines
+
+    async def _keep_loaded(self, src: Source) -> None:
+        if src.url is not None:
+            cached = src.cached()
+            if cached is not None:
+                await self._load(src, cached, " (last good copy)")
+        while True:
+            try:
+                data, origin = await self._fetch(src)
+            except FetchError as exc:
+                src.failures += 1
+                self.load_failures += 1
+                kept = "keeping the previous version" if src.parsed else "not loaded yet"
+                self.log.warning("%s: list %s: %s; %s", self.setup.where, src.name, exc, kept)
+                await trio.sleep(self.options.retry)
+                continue
+            if data is not None:
+                await self._load(src, data, origin)
+            elif src.url is not None:
+                self.log.info("%s: list %s: not modified", self.setup.where, src.name)
+            await trio.sleep(self.options.refresh if src.url else self.options.watch)
+
+    async def _fetch(self, src: Source, check: bool = False) -> tuple[bytes | None, str]:
+        """The list's new bytes (None: unchanged) and where they came from, for the log."""
+        opts = self.options
+        if src.path is not None:
+            return src.read_file(opts.max_size, if_changed=not check), ""
+        client = await self._http()
+        try:
+            data = await src.download(client, opts.max_size, opts.timeout)
+        except FetchError:
+            cached = src.cached() if check else None
+            if cached is None:
+                raise
+            return cached, " (last good copy: download failed)"
+        if data is None and check:
+            return src.cached(), " (last good copy: not modified)"
+        return data, ""
+
+    async def _http(self) -> Any:
+        if self._client is None:
+            import httpx  # only needed when a list is a URL
+
+            self._client = httpx.AsyncClient(follow_redirects=True, timeout=self.options.timeout)
+        return self._client
+
+    async def _close_client(self) -> None:
+        if self._client is not None:
+            with trio.CancelScope(shield=True):
+                await self._client.aclose()
+            self._client = None
+
+    async def _parse(self, src: Source, data: bytes) -> Parsed:
+        opts = self.options
+        parse: Callable[[], Parsed] = lambda: parse_list(  # noqa: E731
+            data,
+            subdomains=opts.subdomains,
+            max_entries=opts.max_entries,
+            max_patterns=opts.max_patterns,
+        )
+        async with self._parse_limiter:
+            parsed = await trio.to_thread.run_sync(parse)
+        if not parsed.rules and parsed.errors:
+            raise BadList(f"no rules in {parsed.errors} lines: is it a blocklist?")
+        if src.allow:
+            parsed.kinds |= np.uint8(ALLOW)
+            parsed.patterns[:] = [(p, k | ALLOW) for p, k in parsed.patterns]
+        return parsed
+
+    async def _load(self, src: Source, data: bytes, origin: str) -> None:
+        """Parse and attach a list; on failure the previous version stays."""
+        start = time.monotonic()
+        try:
+            parsed = await self._parse(src, data)
+        except BadList as exc:
+            self.load_failures += 1
+            self.log.error(
+                "%s: list %s%s: %s; keeping the previous version",
+                self.setup.where,
+                src.name,
+                origin,
+                exc,
+            )
+            return
+        for problem in parsed.problems[:5]:
+            self.log.info("%s: list %s: %s", self.setup.where, src.name, problem)
+        if src.url is not None and not origin:
+            src.keep(data)
+        async with self._merge_lock:
+            loaded = [
+                (s.index, p.hashes, p.kinds, p.patterns)
+                for s in self.sources
+                if (p := parsed if s is src else s.parsed) is not None
+            ]
+            self.set = await trio.to_thread.run_sync(merge, loaded)
+            src.parsed = parsed  # after the swap, so ready() means "answering with it"
+        ready = sum(s.parsed is not None for s in self.sources)
+        self.log.info(
+            "%s: list %s%s: %s in %.2f s; %d/%d lists ready, %d names",
+            self.setup.where,
+            src.name,
+            origin,
+            parsed.summary(),
+            time.monotonic() - start,
+            ready,
+            len(self.sources),
+            self.set.size,
+        )
+
+
+@hookimpl
+def dnsproxy_add_steps(registry: Registry) -> None:
+    registry.add_step("blocklist", Blocklist)

@@ -1,0 +1,190 @@
+"""The compact domain set: every loaded list's names as sorted 64-bit hashes.
+
+A million names as Python ``bytes`` in a ``set`` take about 90 MB; here each name costs
+8 bytes of hash plus 2 bytes of tag (which list, which kind of rule), and a bucket index
+of 4 bytes per power-of-two slot makes a probe two array reads and usually one compare,
+whatever the size of the set.
+
+Hashes are Python's ``hash()`` of the lower-case wire form of the name (``q.key`` and
+its parents are slices of it, so a query hashes each suffix without any conversion). For bytes
+that is SipHash keyed with a per-process random key, so a list author cannot craft
+names that collide with other names (a collision would only block a name that shares a
+64-bit hash with a listed one: about one in 10^13 per lookup for a 1M list).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY
+
+NO_MATCH = -1
+
+
+def key_text(key: bytes) -> str | None:
+    """The text of a wire name key without the final dot, for pattern rules.
+
+    None for the root and for names whose labels hold bytes outside host-name syntax
+    (a dot or a non-ASCII byte inside a label): no pattern may match across those.
+    """
+    labels = []
+    off = 0
+    while key[off]:
+        label = key[off + 1 : off + 1 + key[off]]
+        if b"." in label or not label.isascii():
+            return None
+        labels.append(label)
+        off += key[off] + 1
+    return b".".join(labels).decode() if labels else None
+
+
+def name_key_at(msg: bytes, off: int) -> bytes:
+    """The lower-cased wire name at ``off`` in a message, compression pointers followed.
+
+    Raises ValueError on a name that runs off the end, loops or exceeds 255 bytes.
+    """
+    labels = []
+    total = 1
+    jumps = 0
+    while True:
+        if off >= len(msg):
+            raise ValueError("name runs past the end")
+        n = msg[off]
+        if n & 0xC0 == 0xC0:
+            if off + 1 >= len(msg) or jumps >= 64:
+                raise ValueError("bad compression pointer")
+            jumps += 1
+            off = ((n & 0x3F) << 8) | msg[off + 1]
+            continue
+        if n > 63:
+            raise ValueError("reserved label type")
+        if n == 0:
+            return b"".join(labels).lower() + b"\0"
+        total += n + 1
+        if total > 255:
+            raise ValueError("name longer than 255 bytes")
+        labels.append(msg[off : off + 1 + n])
+        off += n + 1
+
+
+class DomainSet:
+    """Sorted hashes with a bucket index, and the patterns of the same lists."""
+
+    def __init__(
+        self,
+        hashes: np.ndarray,
+        tags: np.ndarray,
+        patterns: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """``hashes`` sorted int64; ``tags`` uint16 (list index << KIND_BITS | kind)."""
+        n = len(hashes)
+        self.size = n
+        bits = max(1, (n - 1).bit_length())
+        self._shift = 64 - bits
+        self._half = 1 << (bits - 1)
+        self._hash_array = np.ascontiguousarray(hashes, dtype=np.int64)
+        self._tag_array = np.ascontiguousarray(tags, dtype=np.uint16)
+        buckets = (self._hash_array >> self._shift) + self._half
+        index = np.searchsorted(buckets, np.arange((1 << bits) + 1)).astype(np.uint32)
+        self._index_array = index
+        # memoryviews give plain ints on item access, at a fraction of numpy's cost.
+        self._hashes = memoryview(self._hash_array)
+        self._tags = memoryview(self._tag_array)
+        self._index = memoryview(index)
+        self.patterns = _Patterns(patterns) if patterns else None
+
+    @property
+    def nbytes(self) -> int:
+        return self._hash_array.nbytes + self._tag_array.nbytes + self._index_array.nbytes
+
+    def verdict(self, key: bytes) -> int:
+        """The tag of the rule that blocks this name, or NO_MATCH (none, or allowed).
+
+        Precedence: important exception > important block > exception > block; among
+        blocks, the most specific name wins (it names the list in the answer).
+        """
+        hashes, tags, index = self._hashes, self._tags, self._index
+        shift, half = self._shift, self._half
+        block = imp_block = NO_MATCH
+        allow = imp_allow = False
+        off = 0
+        while key[off]:
+            h = hash(key[off:]) if off else hash(key)
+            b = (h >> shift) + half
+            i = index[b]
+            end = index[b + 1]
+            while i < end:
+                if hashes[i] == h:
+                    tag = tags[i]
+                    if not tag & (EXACT if off else SUBONLY):
+                        if tag & ALLOW:
+                            if tag & IMPORTANT:
+                                imp_allow = True
+                            else:
+                                allow = True
+                        elif tag & IMPORTANT:
+                            if imp_block < 0:
+                                imp_block = tag
+                        elif block < 0:
+                            block = tag
+                i += 1
+            off += key[off] + 1
+        if self.patterns is not None:
+            for tag in self.patterns.match(key):
+                if tag & ALLOW:
+                    if tag & IMPORTANT:
+                        imp_allow = True
+                    else:
+                        allow = True
+                elif tag & IMPORTANT:
+                    if imp_block < 0:
+                        imp_block = tag
+                elif block < 0:
+                    block = tag
+        if imp_allow:
+            return NO_MATCH
+        if imp_block >= 0:
+            return imp_block
+        if allow:
+            return NO_MATCH
+        return block
+
+
+class _Patterns:
+    """Wildcard and regex rules: one combined regex decides whether any rule matches.
+
+    Only on a match are the rules tried one by one to find which (and which list); a
+    name no pattern matches costs one regex search.
+    """
+
+    def __init__(self, patterns: Sequence[tuple[str, int]]) -> None:
+        self.rules = [(re.compile(src), tag) for src, tag in patterns]
+        self.any = re.compile("|".join(f"(?:{src})" for src, _ in patterns))
+
+    def match(self, key: bytes) -> list[int]:
+        name = key_text(key)
+        if name is None or self.any.search(name) is None:
+            return []
+        return [tag for rx, tag in self.rules if rx.search(name)]
+
+
+def merge(
+    lists: Sequence[tuple[int, np.ndarray, np.ndarray, Sequence[tuple[str, int]]]],
+) -> DomainSet:
+    """One DomainSet from parsed lists: (list index, hashes, kinds, patterns) each."""
+    if not lists:
+        return DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
+    if len(lists) == 1:  # already sorted: no copy
+        i, h, k, pats = lists[0]
+        tags = k.astype(np.uint16) | np.uint16(i << KIND_BITS)
+        return DomainSet(h, tags, [(src, kind | (i << KIND_BITS)) for src, kind in pats])
+    hashes = np.concatenate([h for _, h, _, _ in lists])
+    tags = np.concatenate(
+        [(k.astype(np.uint16) | np.uint16(i << KIND_BITS)) for i, _, k, _ in lists]
+    )
+    order = np.argsort(hashes, kind="stable")
+    patterns = [(src, kind | (i << KIND_BITS)) for i, _, _, pats in lists for src, kind in pats]
+    return DomainSet(hashes[order], tags[order], patterns)

@@ -1,0 +1,233 @@
+"""Blocklist parsing: line formats, semantics, cross-format equality, fast vs reference path."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from dnsproxy.plugins.blocklist.domainset import NO_MATCH, key_text, merge, name_key_at
+from dnsproxy.plugins.blocklist.parse import (
+    ALLOW,
+    EXACT,
+    IMPORTANT,
+    SUBONLY,
+    BadList,
+    parse_line,
+    parse_list,
+    to_wire,
+)
+from dnsproxy.wire import name_to_key
+from tests.conftest import BLOCKLISTS
+
+SUB = 0
+
+
+@pytest.mark.parametrize(
+    ("line", "names"),
+    [
+        ("ads.example.org", [("ads.example.org", SUB)]),
+        ("  Ads.Example.ORG.  ", [("ads.example.org", SUB)]),
+        ("ads.example.org # trailing comment", [("ads.example.org", SUB)]),
+        ("0.0.0.0 ads.example.org", [("ads.example.org", SUB)]),
+        ("127.0.0.1\tads.example.org  t.example.org", [("ads.example.org", SUB), ("t.example.org", SUB)]),
+        (":: ads.example.org", [("ads.example.org", SUB)]),
+        ("192.0.2.1 ads.example.org", [("ads.example.org", SUB)]),
+        ("address=/ads.example.org/0.0.0.0", [("ads.example.org", SUB)]),
+        ("address=/ads.example.org/t.example.org/", [("ads.example.org", SUB), ("t.example.org", SUB)]),
+        ("server=/ads.example.org/", [("ads.example.org", SUB)]),
+        ("local=/ads.example.org/", [("ads.example.org", SUB)]),
+        ("||ads.example.org^", [("ads.example.org", SUB)]),
+        ("|ads.example.org^", [("ads.example.org", EXACT)]),
+        ("@@||ads.example.org^", [("ads.example.org", ALLOW)]),
+        ("||ads.example.org^$important", [("ads.example.org", IMPORTANT)]),
+        ("@@||ads.example.org^$important", [("ads.example.org", ALLOW | IMPORTANT)]),
+        ("*.ads.example.org", [("ads.example.org", SUBONLY)]),
+        ("||*.ads.example.org^", [("ads.example.org", SUBONLY)]),
+        ("bücher.example", [("xn--bcher-kva.example", SUB)]),
+    ],
+)
+def test_line_formats(line, names):
+    result = parse_line(line.encode())
+    assert [(n.decode(), k) for n, k in result.names] == names
+    assert not result.skipped and not result.error
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["", "# comment", "! adblock comment", "[Adblock Plus 2.0]", "127.0.0.1 localhost",
+     "::1 ip6-localhost ip6-loopback", "0.0.0.0 0.0.0.0", "255.255.255.255 broadcasthost"],
+)
+def test_lines_that_add_nothing(line):
+    result = parse_line(line.encode())
+    assert result.names == () and result.patterns == () and not result.error and not result.skipped
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("||ads.example.org^$third-party", "unsupported modifier $third-party"),
+        ("||ads.example.org^$dnstype=AAAA", "unsupported modifier $dnstype=AAAA"),
+        ("@@||ads.example.org^$client=10.0.0.1", "unsupported modifier"),
+        ("example.org##.banner", "cosmetic rule"),
+        ("server=/corp.example.org/10.0.0.1", "forwards"),
+        ("address=/#/0.0.0.0", "every name"),
+        ("||ads.example.org/path^", "URL path"),
+        ("||ads.example.org", "without ^"),
+        ("ads^", "unanchored"),
+    ],
+)
+def test_unsupported_rules_are_skipped_whole(line, reason):
+    result = parse_line(line.encode())
+    assert reason in result.skipped
+    assert result.names == () and result.patterns == ()
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["not a domain!", "0.0.0.0 bad..name", "0.0.0.0", "/unclosed(/", "/no-end",
+     "a" * 64 + ".example.org", "10.0.0.1.2 x", "0.0.0.0 good.example.org b@d"],
+)
+def test_errors(line):
+    result = parse_line(line.encode())
+    assert result.error and result.names == ()
+
+
+def test_wildcards_and_regexes():
+    assert parse_line(b"||ad*.example.org^").patterns == ((r"(?:^|\.)ad.*\.example\.org$", 0),)
+    assert parse_line(b"|ad*.example.org^").patterns == ((r"^ad.*\.example\.org$", 0),)
+    assert parse_line(rb"/^ads?[0-9]+\./").patterns == ((r"^ads?[0-9]+\.", 0),)
+    assert parse_line(rb"@@/tracker/$important").patterns == (("tracker", ALLOW | IMPORTANT),)
+
+
+def _sets(*lines: str, subdomains: bool = True, fast: bool = True):
+    return parse_list("\n".join(lines).encode(), subdomains=subdomains, fast=fast)
+
+
+def test_counts_and_problems_name_lines():
+    parsed = _sets("# header", "ads.example.org", "||x.example.org^$third-party", "bad name here")
+    assert (parsed.rules, parsed.skipped, parsed.errors) == (1, 1, 1)
+    assert parsed.problems[0].startswith("line 3: unsupported modifier")
+    assert parsed.problems[1].startswith("line 4: ")
+
+
+def test_bounds():
+    with pytest.raises(BadList, match="max_entries = 2"):
+        parse_list(b"a.example\nb.example\nc.example\n", max_entries=2)
+    with pytest.raises(BadList, match="max_patterns = 1"):
+        parse_list(b"||a*.example^\n||b*.example^\n", max_patterns=1)
+
+
+TRICKY = [
+    "ads.example.org", "ads.example.org\r", "ADS.Example.org", "-ads.example.org", "ads-.example.org",
+    "ads..example.org", ".ads.example.org", "ads.example.org.", "ads.example1", "ads1.example",
+    "localhost", "0.0.0.0 localhost", "0.0.0.0 ads.example.org", "0.0.0.0  ads.example.org",
+    "127.0.0.1 ads.example.org", ":: ads.example.org", "::1 ads.example.org", "||ads.example.org^",
+    "@@||ads.example.org^", "server=/ads.example.org/", "address=/ads.example.org/#",
+    "address=/ads.example.org/0.0.0.0", "local=/ads.example.org/", "||ads.example.org^|",
+    "a" * 63 + ".example", "a" * 60 + ".example.org", "x_y.example.org", "1.2.3.4",
+    "0.0.0.0 1.2.3.4", "server=//", "||^", "*.ads.example.org", "ads.example.org#c",
+]
+
+
+@pytest.mark.parametrize("subdomains", [True, False])
+def test_fast_path_matches_reference(subdomains):
+    for text in [*TRICKY, *(f"{line}\n" for line in TRICKY)]:
+        fast = _sets(text, subdomains=subdomains)
+        slow = _sets(text, subdomains=subdomains, fast=False)
+        assert np.array_equal(fast.hashes, slow.hashes), text
+        assert np.array_equal(fast.kinds, slow.kinds), text
+        assert (fast.rules, fast.skipped, fast.errors) == (slow.rules, slow.skipped, slow.errors)
+
+
+@pytest.mark.parametrize(
+    "name", ["basic.hosts", "basic.dnsmasq.conf", "tracking.domains", "tracking.adblock"]
+)
+def test_fast_path_matches_reference_on_real_lists(name):
+    head = b"\n".join((BLOCKLISTS / name).read_bytes().split(b"\n")[:4000])
+    fast, slow = parse_list(head), parse_list(head, fast=False)
+    assert np.array_equal(fast.hashes, slow.hashes)
+    assert np.array_equal(fast.kinds, slow.kinds)
+    assert fast.rules == slow.rules > 3900
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "entries"),
+    [("basic.hosts", "basic.dnsmasq.conf", 76036), ("tracking.domains", "tracking.adblock", 143876)],
+)
+def test_cross_format_equality(a, b, entries):
+    start = time.monotonic()
+    pa = parse_list((BLOCKLISTS / a).read_bytes())
+    pb = parse_list((BLOCKLISTS / b).read_bytes())
+    assert time.monotonic() - start < 10  # about 0.3 s on an idle machine
+    assert pa.names == pb.names == entries
+    assert np.array_equal(pa.hashes, pb.hashes)
+    assert np.array_equal(pa.kinds, pb.kinds)
+    assert pa.errors == pb.errors == 0
+
+
+def test_every_domain_of_a_real_list_matches():
+    data = (BLOCKLISTS / "tracking.domains").read_bytes()
+    parsed = parse_list(data)
+    ds = merge([(2, parsed.hashes, parsed.kinds, parsed.patterns)])
+    names = [ln for ln in data.decode().splitlines() if ln and not ln.startswith("#")]
+    for name in names[::97]:
+        assert ds.verdict(name_to_key(name)) >> 4 == 2, name
+        assert ds.verdict(name_to_key("deep.sub." + name)) >> 4 == 2, name
+    assert ds.verdict(name_to_key("not-listed.example.org")) == NO_MATCH
+
+
+def _verdict(lines, name, subdomains=True):
+    parsed = _sets(*lines, subdomains=subdomains)
+    ds = merge([(1, parsed.hashes, parsed.kinds, parsed.patterns)])
+    tag = ds.verdict(name_to_key(name))
+    return tag if tag == NO_MATCH else "blocked"
+
+
+@pytest.mark.parametrize(
+    ("lines", "name", "expected"),
+    [
+        (["ads.example.org"], "ads.example.org", "blocked"),
+        (["ads.example.org"], "x.ADS.example.org", "blocked"),
+        (["ads.example.org"], "example.org", NO_MATCH),
+        (["ads.example.org"], "xads.example.org", NO_MATCH),
+        (["|ads.example.org^"], "ads.example.org", "blocked"),
+        (["|ads.example.org^"], "x.ads.example.org", NO_MATCH),
+        (["*.ads.example.org"], "ads.example.org", NO_MATCH),
+        (["*.ads.example.org"], "x.ads.example.org", "blocked"),
+        (["||example.org^", "@@||www.example.org^"], "www.example.org", NO_MATCH),
+        (["||example.org^", "@@||www.example.org^"], "x.www.example.org", NO_MATCH),
+        (["||example.org^", "@@||www.example.org^"], "ads.example.org", "blocked"),
+        (["||ads.example.org^", "@@||example.org^"], "ads.example.org", NO_MATCH),
+        (["||ads.example.org^$important", "@@||example.org^"], "ads.example.org", "blocked"),
+        (["||ads.example.org^$important", "@@||example.org^$important"], "ads.example.org", NO_MATCH),
+        (["||ad*.example.org^"], "adserver.example.org", "blocked"),
+        (["||ad*.example.org^"], "x.adserver.example.org", "blocked"),
+        (["||ad*.example.org^"], "bad.example.org", NO_MATCH),
+        (["||ad*.example.org^"], "adserver.example.org.evil.net", NO_MATCH),
+        (["/^track[0-9]+\\./"], "track42.example.org", "blocked"),
+        (["/^track[0-9]+\\./"], "tracker.example.org", NO_MATCH),
+        (["/^track[0-9]+\\./", "@@|track1.example.org^"], "track1.example.org", NO_MATCH),
+    ],
+)
+def test_semantics(lines, name, expected):
+    assert _verdict(lines, name) == expected
+
+
+def test_subdomains_false_makes_plain_entries_exact():
+    assert _verdict(["ads.example.org"], "x.ads.example.org", subdomains=False) == NO_MATCH
+    assert _verdict(["ads.example.org"], "ads.example.org", subdomains=False) == "blocked"
+    assert _verdict(["||ads.example.org^"], "x.ads.example.org", subdomains=False) == "blocked"
+
+
+def test_wire_helpers():
+    assert to_wire(b"ads.example") == b"\x03ads\x07example\x00"
+    msg = b"\x00" * 12 + b"\x03www\x07example\x03org\x00" + b"\x03CDN\xc0\x10"
+    assert name_key_at(msg, 12) == name_to_key("www.example.org")
+    assert name_key_at(msg, 29) == name_to_key("cdn.example.org")
+    with pytest.raises(ValueError):
+        name_key_at(b"\x00" * 12 + b"\xc0\x0c", 12)  # a pointer to itself
+    assert key_text(b"\x03a.b\x03org\x00") is None
+    assert key_text(name_to_key("ads.example.org")) == "ads.example.org"
+    assert key_text(b"\x00") is None
