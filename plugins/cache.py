@@ -135,7 +135,9 @@ class Entry:
         "reply",
         "retry_at",
         "shown",
+        "stale_reply",
         "stale_until",
+        "steady_until",
         "ttl",
         "wire",
     )
@@ -159,7 +161,9 @@ class Entry:
         self.ede = ede
         self.retry_at = 0.0  # after a failed refresh: serve stale without asking until then
         self.shown = -1  # the TTL in ``reply``; -1 before the first hit
+        self.steady_until = -NEVER  # until then a hit just returns ``reply`` (see query)
         self.reply: Reply | None = None
+        self.stale_reply: Reply | None = None
 
     def patched(self, ttl: int, ede: tuple[tuple[int, str], ...], source: str = "cache") -> Reply:
         """A Reply with every TTL set to ``ttl``."""
@@ -241,24 +245,42 @@ class Cache(Step):
     def query(self, q: Query) -> Any:
         key = self.key(q) if self.views else (q.key, q.qtype, q.qclass, q.cd, q.do)
         e = self.entries.get(key)
+        # The common case costs one comparison: the entry's reply holds until its shown
+        # TTL would change, its prefetch point comes, or it expires.
+        if e is not None and self.clock() < e.steady_until:
+            self.hits += 1
+            notes = q.notes
+            if notes is None:
+                q.notes = {"cache": "hit"}
+            else:
+                notes["cache"] = "hit"
+            return e.reply
+        return self._lookup(key, e, q)
+
+    def _lookup(self, key: Key, e: Entry | None, q: Query) -> Any:
+        """A miss, an expired entry, or a hit whose TTL, LRU place or prefetch is due."""
         if e is None:
             self.misses += 1
             q.note("cache", "miss")
             return None
         now = self.clock()
         left = e.expires - now
-        if left > 0:
-            self.entries.move_to_end(key)
-            self.hits += 1
-            q.note("cache", "hit")
-            ttl = int(left)
-            if ttl != e.shown:
-                e.reply = e.patched(ttl, e.ede)
-                e.shown = ttl
-            if left < e.prefetch_at and key not in self.refreshing:
+        if left <= 0:
+            return self._expired(key, e, q, now)
+        self.entries.move_to_end(key)  # LRU order with one-second resolution
+        self.hits += 1
+        q.note("cache", "hit")
+        ttl = int(left)
+        if ttl != e.shown:
+            e.reply = e.patched(ttl, e.ede)
+            e.shown = ttl
+        e.steady_until = e.expires - ttl
+        if left < e.prefetch_at:
+            if key not in self.refreshing:
                 self._prefetch(key, q)
-            return e.reply
-        return self._expired(key, e, q, now)
+        elif e.prefetch_at > 0:
+            e.steady_until = min(e.steady_until, e.expires - e.prefetch_at)
+        return e.reply
 
     def _expired(self, key: Key, e: Entry, q: Query, now: float) -> Any:
         if now < e.stale_until:
@@ -392,9 +414,11 @@ class Cache(Step):
         self.stale += 1
         q.note("cache", "stale")
         q.explain(f"{self.setup.where}: serving a stale answer")
-        nx = e.wire[3] & 0x0F == wire.NXDOMAIN
-        ede = (EDE_STALE_NXDOMAIN, "stale NXDOMAIN") if nx else (EDE_STALE, "stale answer")
-        return e.patched(STALE_TTL, (*e.ede, ede))
+        if e.stale_reply is None:
+            nx = e.wire[3] & 0x0F == wire.NXDOMAIN
+            ede = (EDE_STALE_NXDOMAIN, "stale NXDOMAIN") if nx else (EDE_STALE, "stale answer")
+            e.stale_reply = e.patched(STALE_TTL, (*e.ede, ede))
+        return e.stale_reply
 
     # --- lifecycle ------------------------------------------------------------------------
 
