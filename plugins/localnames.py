@@ -86,6 +86,8 @@ from dnsproxy.wire import Query
 A, AAAA, PTR, SOA, NS = 1, 28, 12, 6, 2
 ZONE_TYPES = frozenset({SOA, NS, dns.rdatatype.DS, dns.rdatatype.DNSKEY})
 LOCALHOST = wire.name_to_key("localhost")
+LOOPBACK_V4 = ipaddress.ip_address("127.0.0.1").packed
+LOOPBACK_V6 = ipaddress.ip_address("::1").packed
 LOCALHOST_PTRS = frozenset(
     wire.name_to_key(ipaddress.ip_address(a).reverse_pointer) for a in ("127.0.0.1", "::1")
 )
@@ -139,20 +141,33 @@ def _soa_rdata(ttl: int) -> bytes:
     return mname + rname + struct.pack("!IIIII", 1, 3600, 1200, 604800, ttl)
 
 
+class _Zone:
+    """One locally answered zone, with everything its answers need built in advance."""
+
+    __slots__ = ("ede", "kind", "note", "soa", "text")
+
+    def __init__(self, key: bytes, kind: str, ttl: int) -> None:
+        self.kind = kind
+        self.text = wire.key_to_text(key)
+        self.note = f"special-use {self.text}"
+        self.ede = ((EDE_SYNTHESIZED, f"special-use name ({self.text})"),)
+        self.soa = [rr(SOA, ttl, _soa_rdata(ttl), name=key)]
+
+
 class LocalNames(Step):
     Options = LocalNamesOptions
 
     def __init__(self, opts: LocalNamesOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
-        self.zones_kind: dict[bytes, str] = {}
+        kinds: dict[bytes, str] = {}
         for zone in opts.nxdomain_zones:
-            self.zones_kind[wire.name_to_key(zone)] = "nxdomain"
+            kinds[wire.name_to_key(zone)] = "nxdomain"
         if opts.reverse:
             for zone in REVERSE_ZONES:
-                self.zones_kind.setdefault(wire.name_to_key(zone), "reverse")
+                kinds.setdefault(wire.name_to_key(zone), "reverse")
         if opts.localhost:
-            self.zones_kind[LOCALHOST] = "localhost"
-        self.soa = _soa_rdata(opts.ttl)
+            kinds[LOCALHOST] = "localhost"
+        self.local = {key: _Zone(key, kind, opts.ttl) for key, kind in kinds.items()}
         self.forward: Forward | None = None
         if opts.single_label == "forward":
             try:
@@ -174,12 +189,13 @@ class LocalNames(Step):
 
     def query(self, q: Query) -> Any:
         key = q.key
+        zones = self.local
         for parent in wire.parents(key):
-            kind = self.zones_kind.get(parent)
-            if kind is not None:
+            zone = zones.get(parent)
+            if zone is not None:
                 if self._routed(key):
                     return None
-                return self._answer(q, parent, kind)
+                return self._answer(q, parent, zone)
         if len(key) > 1 and key[0] + 2 == len(key) and q.qtype not in ZONE_TYPES:
             if self.options.single_label == "pass" or self._routed(key):
                 return None
@@ -200,28 +216,28 @@ class LocalNames(Step):
         deferred = self.deferred()
         return bool(deferred) and any(p in deferred for p in wire.parents(key))
 
-    def _answer(self, q: Query, zone: bytes, kind: str) -> Reply:
+    def _answer(self, q: Query, key: bytes, zone: _Zone) -> Reply:
+        kind = zone.kind
         self.answered[kind] += 1
-        q.note("rule", f"special-use {wire.key_to_text(zone)}")
-        q.explain(f"{self.setup.where}: {wire.key_to_text(zone)} is answered locally ({kind})")
+        q.note("rule", zone.note)
+        q.explain(f"{self.setup.where}: {zone.text} is answered locally ({kind})")
         ttl = self.options.ttl
-        ede = [(EDE_SYNTHESIZED, f"special-use name ({wire.key_to_text(zone)})")]
-        soa = [rr(SOA, ttl, self.soa, name=zone)]
         answers: list[bytes] = []
         if kind == "localhost":
             if q.qtype == A:
-                answers = [rr(A, ttl, bytes([127, 0, 0, 1]))]
+                answers = [rr(A, ttl, LOOPBACK_V4)]
             elif q.qtype == AAAA:
-                answers = [rr(AAAA, ttl, bytes(15) + b"\x01")]
+                answers = [rr(AAAA, ttl, LOOPBACK_V6)]
         elif kind == "reverse" and q.qtype == PTR and q.key in LOCALHOST_PTRS:
             answers = [rr(PTR, ttl, LOCALHOST)]
+        name = self.setup.name
         if answers:
-            return respond(q, answers=answers, aa=True, ede=ede, source=self.setup.name)
-        if kind == "localhost" or (kind == "reverse" and q.key == zone):
-            if q.key == zone and q.qtype == SOA:
-                return respond(q, answers=soa, aa=True, ede=ede, source=self.setup.name)
-            return respond(q, authority=soa, aa=True, ede=ede, source=self.setup.name)
-        return respond(q, wire.NXDOMAIN, authority=soa, aa=True, ede=ede, source=self.setup.name)
+            return respond(q, answers=answers, aa=True, ede=zone.ede, source=name)
+        if kind == "localhost" or (kind == "reverse" and q.key == key):
+            if q.key == key and q.qtype == SOA:
+                return respond(q, answers=zone.soa, aa=True, ede=zone.ede, source=name)
+            return respond(q, authority=zone.soa, aa=True, ede=zone.ede, source=name)
+        return respond(q, wire.NXDOMAIN, authority=zone.soa, aa=True, ede=zone.ede, source=name)
 
     async def resolve(self, q: Query) -> Reply | None:
         assert self.forward is not None

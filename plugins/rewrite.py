@@ -107,6 +107,23 @@ MAX_TTL = 2**31 - 1  # RFC 2181 §8
 YXDOMAIN = 6
 U32 = struct.Struct("!I")
 _GROUP = re.compile(r"\{(\d+)\}")
+_PLAIN = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def key_text(key: bytes) -> str:
+    """A lower-cased wire name as text without the final dot, fast for ordinary names.
+
+    Names with any other byte go through dnspython, which escapes them as zone files do.
+    """
+    labels = []
+    off = 0
+    while n := key[off]:
+        label = key[off + 1 : off + 1 + n]
+        if label.translate(None, _PLAIN):
+            return wire.key_to_text(key).lower()
+        labels.append(label)
+        off += n + 1
+    return b".".join(labels).decode("ascii")
 
 
 @attrs.frozen
@@ -333,7 +350,7 @@ class Rewrite(Step):
                         break
         text = ""
         if self.text_rules:
-            text = wire.key_to_text(q.key).lower()
+            text = key_text(q.key)
             for rule in self.text_rules:
                 if best is not None and rule.index > best.index:
                     break
@@ -345,7 +362,7 @@ class Rewrite(Step):
             return None
         if best.to is None:
             return best, best.pattern
-        return best, best.rename(text or wire.key_to_text(q.key).lower())
+        return best, best.rename(text or key_text(q.key))
 
     def query(self, q: Query) -> Any:
         found = self.find(q)
@@ -387,7 +404,7 @@ class Rewrite(Step):
         reply = await self.chain.pass_on(self, q2)
         if reply is None:  # a later step dropped it; resolve() cannot drop, so refuse
             return respond(q, wire.REFUSED, source=self.setup.name)
-        return self._restore(q, reply, rule, wire.key_to_text(q.key).lower(), new_text)
+        return self._restore(q, reply, rule, key_text(q.key), new_text)
 
     def _restore(self, q: Query, reply: Reply, rule: Rule, asked: str, new: str) -> Reply:
         """The downstream reply under the asked name: a new message, the old one untouched."""
