@@ -174,8 +174,12 @@ async def test_file_change_is_picked_up_and_bad_version_keeps_old(tmp_path, ads,
 
 async def test_per_client_policy(tmp_path, ads, nursery):
     write(tmp_path, "strict.txt", "www.example.org")
-    kid = await loaded(build_step("blocklist", {"lists": ["strict.txt"]}, base_dir=tmp_path), nursery)
-    everyone = await loaded(build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path), nursery)
+    kid = await loaded(
+        build_step("blocklist", {"lists": ["strict.txt"]}, base_dir=tmp_path), nursery
+    )
+    everyone = await loaded(
+        build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path), nursery
+    )
     chain = chain_of([(kid, {"clients": ["192.168.1.50/32"]}), everyone, Answer(UPSTREAM)])
     reply = await run_chain(chain, make_query("www.example.org", client="192.168.1.50"))
     assert reply.ede == ((EDE_BLOCKED, "strict.txt"),)

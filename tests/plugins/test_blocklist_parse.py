@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from dnsproxy.plugins.blocklist.domainset import NO_MATCH, key_text, merge, name_key_at
 from dnsproxy.plugins.blocklist.parse import (
     ALLOW,
@@ -18,6 +17,7 @@ from dnsproxy.plugins.blocklist.parse import (
     parse_list,
     to_wire,
 )
+
 from dnsproxy.wire import name_to_key
 from tests.conftest import BLOCKLISTS
 
@@ -31,11 +31,17 @@ SUB = 0
         ("  Ads.Example.ORG.  ", [("ads.example.org", SUB)]),
         ("ads.example.org # trailing comment", [("ads.example.org", SUB)]),
         ("0.0.0.0 ads.example.org", [("ads.example.org", SUB)]),
-        ("127.0.0.1\tads.example.org  t.example.org", [("ads.example.org", SUB), ("t.example.org", SUB)]),
+        (
+            "127.0.0.1\tads.example.org  t.example.org",
+            [("ads.example.org", SUB), ("t.example.org", SUB)],
+        ),
         (":: ads.example.org", [("ads.example.org", SUB)]),
         ("192.0.2.1 ads.example.org", [("ads.example.org", SUB)]),
         ("address=/ads.example.org/0.0.0.0", [("ads.example.org", SUB)]),
-        ("address=/ads.example.org/t.example.org/", [("ads.example.org", SUB), ("t.example.org", SUB)]),
+        (
+            "address=/ads.example.org/t.example.org/",
+            [("ads.example.org", SUB), ("t.example.org", SUB)],
+        ),
         ("server=/ads.example.org/", [("ads.example.org", SUB)]),
         ("local=/ads.example.org/", [("ads.example.org", SUB)]),
         ("||ads.example.org^", [("ads.example.org", SUB)]),
@@ -56,8 +62,16 @@ def test_line_formats(line, names):
 
 @pytest.mark.parametrize(
     "line",
-    ["", "# comment", "! adblock comment", "[Adblock Plus 2.0]", "127.0.0.1 localhost",
-     "::1 ip6-localhost ip6-loopback", "0.0.0.0 0.0.0.0", "255.255.255.255 broadcasthost"],
+    [
+        "",
+        "# comment",
+        "! adblock comment",
+        "[Adblock Plus 2.0]",
+        "127.0.0.1 localhost",
+        "::1 ip6-localhost ip6-loopback",
+        "0.0.0.0 0.0.0.0",
+        "255.255.255.255 broadcasthost",
+    ],
 )
 def test_lines_that_add_nothing(line):
     result = parse_line(line.encode())
@@ -86,8 +100,16 @@ def test_unsupported_rules_are_skipped_whole(line, reason):
 
 @pytest.mark.parametrize(
     "line",
-    ["not a domain!", "0.0.0.0 bad..name", "0.0.0.0", "/unclosed(/", "/no-end",
-     "a" * 64 + ".example.org", "10.0.0.1.2 x", "0.0.0.0 good.example.org b@d"],
+    [
+        "not a domain!",
+        "0.0.0.0 bad..name",
+        "0.0.0.0",
+        "/unclosed(/",
+        "/no-end",
+        "a" * 64 + ".example.org",
+        "10.0.0.1.2 x",
+        "0.0.0.0 good.example.org b@d",
+    ],
 )
 def test_errors(line):
     result = parse_line(line.encode())
@@ -120,14 +142,39 @@ def test_bounds():
 
 
 TRICKY = [
-    "ads.example.org", "ads.example.org\r", "ADS.Example.org", "-ads.example.org", "ads-.example.org",
-    "ads..example.org", ".ads.example.org", "ads.example.org.", "ads.example1", "ads1.example",
-    "localhost", "0.0.0.0 localhost", "0.0.0.0 ads.example.org", "0.0.0.0  ads.example.org",
-    "127.0.0.1 ads.example.org", ":: ads.example.org", "::1 ads.example.org", "||ads.example.org^",
-    "@@||ads.example.org^", "server=/ads.example.org/", "address=/ads.example.org/#",
-    "address=/ads.example.org/0.0.0.0", "local=/ads.example.org/", "||ads.example.org^|",
-    "a" * 63 + ".example", "a" * 60 + ".example.org", "x_y.example.org", "1.2.3.4",
-    "0.0.0.0 1.2.3.4", "server=//", "||^", "*.ads.example.org", "ads.example.org#c",
+    "ads.example.org",
+    "ads.example.org\r",
+    "ADS.Example.org",
+    "-ads.example.org",
+    "ads-.example.org",
+    "ads..example.org",
+    ".ads.example.org",
+    "ads.example.org.",
+    "ads.example1",
+    "ads1.example",
+    "localhost",
+    "0.0.0.0 localhost",
+    "0.0.0.0 ads.example.org",
+    "0.0.0.0  ads.example.org",
+    "127.0.0.1 ads.example.org",
+    ":: ads.example.org",
+    "::1 ads.example.org",
+    "||ads.example.org^",
+    "@@||ads.example.org^",
+    "server=/ads.example.org/",
+    "address=/ads.example.org/#",
+    "address=/ads.example.org/0.0.0.0",
+    "local=/ads.example.org/",
+    "||ads.example.org^|",
+    "a" * 63 + ".example",
+    "a" * 60 + ".example.org",
+    "x_y.example.org",
+    "1.2.3.4",
+    "0.0.0.0 1.2.3.4",
+    "server=//",
+    "||^",
+    "*.ads.example.org",
+    "ads.example.org#c",
 ]
 
 
@@ -154,7 +201,10 @@ def test_fast_path_matches_reference_on_real_lists(name):
 
 @pytest.mark.parametrize(
     ("a", "b", "entries"),
-    [("basic.hosts", "basic.dnsmasq.conf", 76036), ("tracking.domains", "tracking.adblock", 143876)],
+    [
+        ("basic.hosts", "basic.dnsmasq.conf", 76036),
+        ("tracking.domains", "tracking.adblock", 143876),
+    ],
 )
 def test_cross_format_equality(a, b, entries):
     start = time.monotonic()
@@ -201,7 +251,11 @@ def _verdict(lines, name, subdomains=True):
         (["||example.org^", "@@||www.example.org^"], "ads.example.org", "blocked"),
         (["||ads.example.org^", "@@||example.org^"], "ads.example.org", NO_MATCH),
         (["||ads.example.org^$important", "@@||example.org^"], "ads.example.org", "blocked"),
-        (["||ads.example.org^$important", "@@||example.org^$important"], "ads.example.org", NO_MATCH),
+        (
+            ["||ads.example.org^$important", "@@||example.org^$important"],
+            "ads.example.org",
+            NO_MATCH,
+        ),
         (["||ad*.example.org^"], "adserver.example.org", "blocked"),
         (["||ad*.example.org^"], "x.adserver.example.org", "blocked"),
         (["||ad*.example.org^"], "bad.example.org", NO_MATCH),

@@ -65,8 +65,11 @@ def rdatas(msg):
         ("x.deep.app.test", "A", ["192.0.2.21"]),
         ("exact.app.test", "A", ["192.0.2.22"]),
         ("10.2.0.192.in-addr.arpa", "PTR", ["web.example.org.", "www.", "www.example.org."]),
-        ("0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa", "PTR",
-         ["www.example.org."]),
+        (
+            "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa",
+            "PTR",
+            ["www.example.org."],
+        ),
     ],
 )
 async def test_answers(tmp_path, hosts_file, name, rdtype, expected):
@@ -79,8 +82,12 @@ async def test_answers(tmp_path, hosts_file, name, rdtype, expected):
 
 @pytest.mark.parametrize(
     ("name", "rdtype"),
-    [("www.example.org", "MX"), ("web.example.org", "AAAA"), ("a.app.test", "TXT"),
-     ("10.2.0.192.in-addr.arpa", "A")],
+    [
+        ("www.example.org", "MX"),
+        ("web.example.org", "AAAA"),
+        ("a.app.test", "TXT"),
+        ("10.2.0.192.in-addr.arpa", "A"),
+    ],
 )
 async def test_known_names_get_nodata_never_upstream(tmp_path, hosts_file, name, rdtype):
     reply, msg = await ask(make(tmp_path), name, rdtype)
