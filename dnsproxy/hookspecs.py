@@ -10,6 +10,7 @@ work happens in `dnsproxy.chain.Step` objects, which the chain calls directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from dnsproxy.reply import Reply
     from dnsproxy.server import Server
     from dnsproxy.wire import Query
+
+Observer = Callable[["Query", "Reply | None", float], None]
 
 hookspec = pluggy.HookspecMarker("dnsproxy")
 hookimpl = pluggy.HookimplMarker("dnsproxy")
@@ -68,10 +71,12 @@ def dnsproxy_shutdown(server: Server) -> None:
 
 
 @hookspec
-def dnsproxy_query_done(query: Query, reply: Reply | None, elapsed: float) -> None:
-    """A query finished: ``reply`` is what was sent (None if it was dropped).
+def dnsproxy_observers(server: Server) -> list[Observer] | None:
+    """Return the observers that should see every finished query under this config.
 
-    Called on the hot path for every query, so implementations must be cheap and must not
-    block: buffer and hand heavy work to a background task. ``elapsed`` is in seconds.
-    Return nothing.
+    Asked once when the server starts and after each reload, so a plugin that is not
+    configured returns None and costs nothing per query. The server then calls each
+    observer directly as ``observer(query, reply, elapsed)`` for every query: ``reply`` is
+    what was sent (None if dropped), ``elapsed`` is in seconds. Observers run on the hot
+    path: they must be cheap and never block (buffer, and write from a background task).
     """

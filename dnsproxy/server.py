@@ -28,6 +28,7 @@ from dnsproxy import wire
 from dnsproxy.chain import Chain, Setup, StepFailed, Suspended, client_matcher, scope_test
 from dnsproxy.config import Address, Config
 from dnsproxy.errors import ConfigError
+from dnsproxy.hookspecs import Observer
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import EDE_PROHIBITED, Reply, error_wire, finalize, respond
 from dnsproxy.upstream import Upstream, UpstreamSpec
@@ -145,6 +146,7 @@ class Server:
         self._inflight = 0
         self._chain_inflight: dict[int, int] = {}
         self._tcp_scopes: set[trio.CancelScope] = set()
+        self._observers: tuple[Observer, ...] = ()
         self._stop = trio.Event()
         self._failed_once: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
@@ -156,8 +158,6 @@ class Server:
         self.edns_udp_size = sc.edns_udp_size
         self.max_inflight = sc.max_inflight
         self.allowed = client_matcher(sc.allow)
-        self._observe = self.pm.hook.dnsproxy_query_done
-        self._observing = bool(self._observe.get_hookimpls())
 
     # --- the query path -----------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class Server:
             send(error_wire(rej, self.edns_udp_size))
             return
         self.stats.queries += 1
-        if self._observing:
+        if self._observers:
             q.received = time.monotonic()
         if not self.allowed(client[0]):
             self.stats.refused_acl += 1
@@ -220,8 +220,14 @@ class Server:
 
     def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
         send(None if reply is None else finalize(reply, q, self.edns_udp_size))
-        if self._observing:
-            self._observe(query=q, reply=reply, elapsed=time.monotonic() - q.received)
+        if self._observers:
+            elapsed = time.monotonic() - q.received
+            for observe in self._observers:
+                observe(q, reply, elapsed)
+
+    def _collect_observers(self) -> None:
+        found = self.pm.hook.dnsproxy_observers(server=self)
+        self._observers = tuple(f for group in found if group for f in group)
 
     def _step_failed(self, q: Query, exc: StepFailed) -> Reply:
         self.stats.step_errors += 1
@@ -408,6 +414,7 @@ class Server:
                             await root.start(service.run)
                         if self.handle_signals:
                             accept.start_soon(self._signals)
+                        self._collect_observers()
                         self.pm.hook.dnsproxy_startup(server=self)
                         task_status.started(self.addresses)
                         await self._stop.wait()
@@ -458,6 +465,7 @@ class Server:
         self._apply_server_config()
         self._start_chain(chain)
         self.chain = chain
+        self._collect_observers()
         log.info("reloaded %s: %d steps", self.path, len(chain.steps))
         self.pm.hook.dnsproxy_reload(server=self)
         assert self._nursery is not None

@@ -78,6 +78,7 @@ class Request:
     flags: int = wire.RD  # RD and CD as the client set them
     do: bool = False
     edns: bool = True
+    options: bytes = b""  # extra EDNS options, already in wire form (the forward loop marker)
 
     def to_wire(self, msg_id: int, *, pad_block: int = 0) -> bytes:
         """The query message with ``msg_id``; ``pad_block`` pads it (RFC 7830/8467)."""
@@ -85,18 +86,13 @@ class Request:
         msg = header + self.question
         if not self.edns:
             return msg
-        options = b""
-        base = len(msg) + 11
+        options = self.options
         if pad_block:
-            pad = -(base + 4) % pad_block
-            options = edns_option(12, b"\x00" * pad)
+            pad = -(len(msg) + 11 + len(options) + 4) % pad_block
+            options += edns_option(12, b"\x00" * pad)
         ttl = wire.EDNS_DO if self.do else 0
-        return (
-            msg
-            + b"\x00"
-            + struct.pack("!HHIH", wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options))
-            + options
-        )
+        opt = struct.pack("!HHIH", wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options))
+        return msg + b"\x00" + opt + options
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:
@@ -157,7 +153,7 @@ async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | 
 
 
 class UdpUpstream:
-    """Plain DNS over UDP, retried over TCP when the answer is truncated.
+    """Plain DNS over UDP; ``tcp`` is the same server over TCP, for truncated answers.
 
     Each exchange uses a new connected socket on a kernel-chosen random port, so
     concurrent queries never share a port and the kernel drops datagrams from any other
@@ -190,8 +186,6 @@ class UdpUpstream:
                     break
         finally:
             sock.close()
-        if reply[2] & 0x02:  # TC: the whole answer is only available over TCP
-            return await self.tcp.exchange(req)
         return reply
 
     def close(self) -> None:

@@ -52,12 +52,16 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import dns.exception
+import dns.message
+import dns.rdatatype
 import trio
 
 from dnsproxy import options, wire
@@ -68,13 +72,24 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import (
     EDE_NETWORK_ERROR,
     EDE_NO_REACHABLE_AUTHORITY,
+    EDE_OTHER,
     Reply,
+    edns_option,
     respond,
 )
 from dnsproxy.upstream import Request, TcpUpstream, UdpUpstream, Upstream, UpstreamSpec
 from dnsproxy.wire import Query
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+NO_EDNS_MEMORY = 600.0  # seconds an EDNS-intolerant upstream is asked without EDNS
+MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: resolvers stop at 10-16 hops
+
+# Forwarding-loop marker: each dnsproxy on a path appends its random token to this private
+# EDNS option (local-use range, RFC 6891 §9); a query carrying our own token has looped.
+LOOP_OPTION = 65053
+TOKEN = secrets.token_bytes(8)
+MAX_HOPS = 8
+NEGATIVE_PROOF = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
 
@@ -99,6 +114,7 @@ class ForwardOptions:
     budget: float = attrs.field(
         default=5.0, converter=options.duration, validator=options.in_range(0.01, 300)
     )
+    loop_detect: bool = True
 
 
 def system_nameservers(path: Path = RESOLV_CONF) -> list[str]:
@@ -118,11 +134,12 @@ def system_nameservers(path: Path = RESOLV_CONF) -> list[str]:
 class Health:
     """Per-upstream latency estimate (for ``fastest``) and recent failures."""
 
-    __slots__ = ("failures", "srtt")
+    __slots__ = ("failures", "no_edns_until", "srtt")
 
     def __init__(self) -> None:
         self.srtt = 0.0  # smoothed round-trip time; 0 = unknown, tried first
         self.failures = 0
+        self.no_edns_until = 0.0  # an upstream that rejected EDNS is asked without it
 
     def ok(self, rtt: float) -> None:
         self.srtt = rtt if self.srtt == 0 else 0.7 * self.srtt + 0.3 * rtt
@@ -156,6 +173,8 @@ class Forward(Step):
                 self.upstreams.append(setup.make_upstream(UpstreamSpec.parse(item), setup))
         self.health = {u.name: Health() for u in self.upstreams}
         self.flights: dict[tuple[bytes, int, int, int, bool], _Flight] = {}
+        self.loops = 0
+        self._loop_logged = -1e9
         self._rr = 0
         self._rand = random.Random()
 
@@ -172,6 +191,11 @@ class Forward(Step):
         return AWAIT
 
     async def resolve(self, q: Query) -> Reply | None:
+        hops = b""
+        if self.options.loop_detect:  # before coalescing: a looped query must not wait on itself
+            hops = _loop_marker(q)
+            if hops is None:
+                return self._loop(q)
         key = (q.key, q.qtype, q.qclass, q.flags & wire.CD, q.do)
         flight = self.flights.get(key)
         if flight is not None:
@@ -180,7 +204,7 @@ class Forward(Step):
             return flight.result
         flight = self.flights[key] = _Flight()
         try:
-            flight.result = await self._ask(q)
+            flight.result = await self._ask(q, hops)
         finally:
             del self.flights[key]
             flight.done.set()
@@ -198,18 +222,27 @@ class Forward(Step):
             return ups[self._rr :] + ups[: self._rr]
         return sorted(ups, key=lambda u: self.health[u.name].srtt)
 
-    async def _ask(self, q: Query) -> Reply:
+    async def _ask(self, q: Query, hops: bytes) -> Reply:
         req = Request(
-            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True
+            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
         )
         timeouts = 0
         errors: list[str] = []
         last_bad: Reply | None = None
         with trio.move_on_after(self.options.budget):
             for up in self._order():
-                reply, err = await self._attempt(up, req, q)
-                if reply is not None and reply.rcode in NO_EDNS_RCODES:
+                health = self.health[up.name]
+                plain = health.no_edns_until > time.monotonic()
+                reply, err = await self._attempt(
+                    up, attrs.evolve(req, edns=False) if plain else req, q
+                )
+                if reply is not None and reply.truncated and isinstance(up, UdpUpstream):
+                    reply, err = await self._attempt(up.tcp, req, q, health)  # a fresh attempt
+                if reply is not None and reply.rcode in NO_EDNS_RCODES and not plain:
                     reply, err = await self._attempt(up, attrs.evolve(req, edns=False), q)
+                    if reply is not None and reply.rcode not in NO_EDNS_RCODES:
+                        health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
+                        self.log.info("%s rejects EDNS; asking it without EDNS for 10 min", up.name)
                 if reply is not None and reply.rcode not in FAILOVER_RCODES:
                     q.note("upstream", up.name)
                     return reply
@@ -230,8 +263,26 @@ class Forward(Step):
         text = "; ".join(errors)[:80] or "upstreams did not answer in time"
         return respond(q, wire.SERVFAIL, ede=[(ede, text)], source=self.setup.name)
 
-    async def _attempt(self, up: Upstream, req: Request, q: Query) -> tuple[Reply | None, str]:
-        health = self.health[up.name]
+    def _loop(self, q: Query) -> Reply:
+        self.loops += 1
+        now = time.monotonic()
+        if now - self._loop_logged > 10:
+            self._loop_logged = now
+            self.log.warning(
+                "forwarding loop: %s came back to this proxy through its upstreams %s;"
+                " check the upstreams of every proxy on the path",
+                q.text,
+                ", ".join(u.name for u in self.upstreams),
+            )
+        q.explain(f"{self.setup.where}: forwarding loop detected")
+        return respond(
+            q, wire.SERVFAIL, ede=[(EDE_OTHER, "forwarding loop detected")], source=self.setup.name
+        )
+
+    async def _attempt(
+        self, up: Upstream, req: Request, q: Query, health: Health | None = None
+    ) -> tuple[Reply | None, str]:
+        health = health or self.health[up.name]
         start = time.monotonic()
         err = "timeout"
         with trio.move_on_after(self.options.timeout):
@@ -241,7 +292,7 @@ class Forward(Step):
                 err = str(exc)
             else:
                 try:
-                    body, _ = wire.strip_opt(data)
+                    body = minimal(wire.strip_opt(data), q)
                 except ValueError as exc:
                     err = f"malformed answer ({exc})"
                 else:
@@ -258,6 +309,78 @@ class Forward(Step):
     def close(self) -> None:
         for up in self.upstreams:
             up.close()
+
+
+def _loop_marker(q: Query) -> bytes | None:
+    """The loop option to send upstream, or None if this query already passed through us."""
+    hops = b""
+    for code, data in q.edns_options:
+        if code == LOOP_OPTION:
+            hops = data
+            break
+    tokens = [hops[i : i + 8] for i in range(0, len(hops), 8)]
+    if TOKEN in tokens or len(tokens) >= MAX_HOPS:
+        return None
+    return edns_option(LOOP_OPTION, hops + TOKEN)
+
+
+def minimal(stripped: tuple[bytes, list[wire.Record]], q: Query) -> bytes:
+    """Keep only what answers the question (RFC 2181 §5.4.1; CONFORMANCE.md C2).
+
+    That is the CNAME/DNAME chain from the query name with the records of the asked type at
+    its end (and their RRSIGs), plus, for negative answers, the SOA and the NSEC/NSEC3
+    proof. Unsolicited NS, glue and records about other names are dropped, so they can
+    neither reach the client nor poison a cache. Answers that are already minimal (every
+    answer record owned by the question name and of its type, nothing else) are returned
+    without a parse.
+    """
+    body, recs = stripped
+    if all(
+        r.section == 1 and r.rtype == q.qtype and body[r.name_off : r.name_off + 2] == b"\xc0\x0c"
+        for r in recs
+    ):
+        return body
+    try:
+        msg = dns.message.from_wire(body)
+    except (dns.exception.DNSException, ValueError, IndexError) as exc:
+        raise ValueError(str(exc)) from exc
+    name = q.name
+    chain = [name]
+    for _ in range(MAX_CNAME_CHAIN):
+        target = None
+        for rrset in msg.answer:
+            if rrset.rdtype == dns.rdatatype.CNAME and rrset.name == chain[-1]:
+                target = rrset[0].target
+                break
+        if target is None or target in chain:
+            break
+        chain.append(target)
+    names = set(chain)
+    final = chain[-1]
+    answer = []
+    for rrset in msg.answer:
+        covered = rrset.covers if rrset.rdtype == dns.rdatatype.RRSIG else rrset.rdtype
+        if rrset.name in names:
+            keep = covered in (q.qtype, dns.rdatatype.CNAME) or q.qtype == dns.rdatatype.ANY
+        else:
+            keep = covered == dns.rdatatype.DNAME and any(n.is_subdomain(rrset.name) for n in names)
+        if keep:
+            answer.append(rrset)
+    answered = any(r.name == final and r.rdtype == q.qtype for r in answer)
+    authority = []
+    if not answered:
+        for rrset in msg.authority:
+            covered = rrset.covers if rrset.rdtype == dns.rdatatype.RRSIG else rrset.rdtype
+            soa = covered == dns.rdatatype.SOA and final.is_subdomain(rrset.name)
+            if soa or covered in NEGATIVE_PROOF:
+                authority.append(rrset)
+    unchanged = len(answer) == len(msg.answer) and len(authority) == len(msg.authority)
+    if unchanged and not msg.additional:
+        return body
+    msg.answer = answer
+    msg.authority = authority
+    msg.additional = []
+    return msg.to_wire()
 
 
 def _own_listener(host: str, port: int, setup: Setup) -> bool:

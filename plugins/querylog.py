@@ -7,7 +7,8 @@ Description
     long it took.
 
     Design: the step itself does nothing per query in the chain. The module implements
-    the ``dnsproxy_query_done`` observer hook, which appends ``(time, query, reply,
+    an observer (hook ``dnsproxy_observers``, only when a querylog step is configured)
+    that appends ``(time, query, reply,
     elapsed)`` to the buffer of each live querylog step — one tuple per query, no
     formatting, no lock, no I/O. A full buffer drops the record and counts it
     (``dnsproxy_querylog_dropped``). The step's background task (`run`) swaps the buffer
@@ -74,7 +75,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import dns.name
@@ -84,10 +85,13 @@ import trio
 
 from dnsproxy import options
 from dnsproxy.chain import Chain, Metric, Setup, Step
-from dnsproxy.hookspecs import hookimpl
+from dnsproxy.hookspecs import Observer, hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply
 from dnsproxy.wire import Query
+
+if TYPE_CHECKING:
+    from dnsproxy.server import Server
 
 PRUNE_EVERY = 60.0  # seconds between retention/size checks of the database
 DROP_WARN_EVERY = 60.0  # seconds between warnings about a full buffer
@@ -491,6 +495,13 @@ def dnsproxy_add_steps(registry: Registry) -> None:
 
 
 @hookimpl
-def dnsproxy_query_done(query: Query, reply: Reply | None, elapsed: float) -> None:
+def dnsproxy_observers(server: Server) -> list[Observer] | None:
+    if any(isinstance(step, QueryLog) for step in server.chain.steps):
+        return [observe]
+    return None
+
+
+def observe(query: Query, reply: Reply | None, elapsed: float) -> None:
+    """Hand a finished query to the live querylog steps (hot path: an append each)."""
     for step in _live:
         step.record(query, reply, elapsed)

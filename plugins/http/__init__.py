@@ -75,7 +75,7 @@ import trio
 from dnsproxy import options
 from dnsproxy.config import Address
 from dnsproxy.errors import ConfigError
-from dnsproxy.hookspecs import hookimpl
+from dnsproxy.hookspecs import Observer, hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply
 from dnsproxy.wire import Query
@@ -196,6 +196,13 @@ def dnsproxy_add_services(registry: Registry) -> None:
 
 
 @hookimpl
-def dnsproxy_query_done(query: Query, reply: Reply | None, elapsed: float) -> None:
+def dnsproxy_observers(server: Server) -> list[Observer] | None:
+    if any(svc.table == "http" for svc in server.config.services):
+        return [observe]
+    return None
+
+
+def observe(query: Query, reply: Reply | None, elapsed: float) -> None:
+    """Count a finished query in every running http service (hot path: increments only)."""
     for observed in _sinks:
         observed.observe(query, reply, elapsed)

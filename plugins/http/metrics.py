@@ -1,6 +1,6 @@
 """What the HTTP service counts per query, and how /metrics renders it.
 
-Per query (the ``dnsproxy_query_done`` observer, hot path) `Observed.observe` only bumps
+Per query (the observer from ``dnsproxy_observers``, hot path) `Observed.observe` only bumps
 plain dict and list counters; prometheus-client objects are never touched per query
 (their locks and label lookups cost more than a cache hit). At scrape time a custom
 collector turns those counters, the core's `Stats` and every step's `metrics()` into

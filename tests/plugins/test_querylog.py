@@ -177,11 +177,11 @@ async def test_observer_hook_and_background_flush(tmp_path):
             while step not in querylog._live:
                 await trio.sleep(0.01)
             for _ in range(5):
-                querylog.dnsproxy_query_done(query=q, reply=respond(q, 0, source="x"), elapsed=0.0)
+                querylog.observe(q, respond(q, 0, source="x"), 0.0)
             while step.written < 5:
                 await trio.sleep(0.01)
             assert len(rows(step.store.db_path)) == 5
-            querylog.dnsproxy_query_done(query=q, reply=None, elapsed=0.0)
+            querylog.observe(q, None, 0.0)
             n.cancel_scope.cancel()
     # cancelled: what was still buffered was written on the way out
     assert step not in querylog._live
