@@ -23,6 +23,7 @@ nursery of its own; `close()` cancels it. Callers own the timeout, as for every 
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
 import struct
@@ -33,6 +34,8 @@ import trio
 
 from dnsproxy.errors import UpstreamError
 from dnsproxy.upstream import Request, matches, new_id, read_frame
+
+log = logging.getLogger("dnsproxy.streamclient")
 
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -61,8 +64,13 @@ class _Connection:
         self.frames = 0  # messages received, to tell a silent peer from a slow answer
         self.error = "connection closed"
 
+    @property
+    def usable(self) -> bool:
+        """Alive and not being closed (its task may not have noticed the kill yet)."""
+        return self.alive and not self.scope.cancel_called
+
     def kill(self, reason: str) -> None:
-        if self.alive and not self.scope.cancel_called:
+        if self.usable:
             self.error = reason
         self.scope.cancel()
 
@@ -136,11 +144,11 @@ class StreamClient:
 
     async def _connection(self) -> _Connection:
         conn = self._conn
-        if conn is not None and conn.alive:
+        if conn is not None and conn.usable:
             return conn
         async with self._lock:
             conn = self._conn
-            if conn is not None and conn.alive:
+            if conn is not None and conn.usable:
                 return conn
             if self.closed:
                 raise UpstreamError("closed")
@@ -184,7 +192,7 @@ class StreamClient:
             await pending.done.wait()
         finally:
             del conn.pending[msg_id]
-            if pending.reply is None and conn.alive and conn.frames == seen:
+            if pending.reply is None and conn.usable and conn.frames == seen:
                 conn.kill("no reply before the timeout")
             elif not conn.pending:
                 conn.idle.deadline = trio.current_time() + self.idle_timeout
@@ -213,6 +221,9 @@ class StreamClient:
             await loop(conn)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, UpstreamError) as exc:
             conn.kill(describe(exc))
+        except Exception as exc:  # a system task must not raise: it would end the process
+            log.exception("%s: connection task failed", self.name)
+            conn.kill(f"internal error: {exc!r}")
         conn.scope.cancel()  # either loop ending ends the connection
 
     async def _write_loop(self, conn: _Connection) -> None:

@@ -93,7 +93,8 @@ class DohServer:
     """hypercorn serving RFC 8484 on 127.0.0.1 in a thread, relaying to nsd over UDP.
 
     ``mode`` makes it misbehave: "status" (HTTP 500), "type" (text/plain), "question"
-    (answers another question), "big" (a 70000-byte body); ``max_age`` adds Cache-Control.
+    (answers another question), "big" (a 70000-byte body), "slow" (answers after 3 s);
+    ``max_age`` adds Cache-Control.
     """
 
     def __init__(self, workdir: Path, upstream: Nsd, ca: trustme.CA) -> None:
@@ -147,6 +148,8 @@ class DohServer:
             param = urllib.parse.parse_qs(scope["query_string"].decode())["dns"][0]
             body = base64.urlsafe_b64decode(param + "=" * (-len(param) % 4))
         self.requests.append((scope["method"], body))
+        if self.mode == "slow":
+            await trio.sleep(3)
         reply = await self._relay(body)
         ctype = b"application/dns-message"
         status = 200
@@ -284,6 +287,18 @@ def test_doh_bad_replies_fail_the_upstream(make_proxy, doh_server, ca_file, mode
     assert resp.rcode() == dns.rcode.SERVFAIL
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert ede and reason in (ede[0].text or "")
+
+
+def test_doh_timeout_leaves_the_connection_usable(make_proxy, doh_server, ca_file):
+    doh_server.mode = "slow"
+    proxy = make_proxy(config(doh_upstream(doh_server, ca_file)))
+    resp = ask(proxy.port)
+    assert resp.rcode() == dns.rcode.SERVFAIL  # forward gave up after its 1.5 s timeout
+    ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
+    assert ede and ede[0].code == dns.edns.EDECode.NO_REACHABLE_AUTHORITY
+    doh_server.mode = ""
+    assert addresses(ask(proxy.port, "mail.example.test")) == {"192.0.2.25"}
+    assert established(doh_server.port) == 1
 
 
 def test_doh_cache_control_caps_ttls(make_proxy, doh_server, ca_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import struct
 from collections.abc import Callable
@@ -250,6 +251,51 @@ async def test_silent_peer_is_dropped_after_a_timeout(nursery, autojump_clock):
         await client.exchange(request("www.example.test"))
     assert address_of(await client.exchange(request("www.example.test"))) == "192.0.2.1"
     assert client.connects == 2
+
+
+async def test_server_that_stops_reading_is_dropped(nursery, autojump_clock):
+    connections: list[trio.abc.Stream] = []
+
+    async def chatter(stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:  # sends a frame now and then, never reads a query
+                await send(stream, bytes(12))
+                await trio.sleep(0.1)
+
+    async def connect() -> trio.abc.Stream:
+        client, server = trio.testing.lockstep_stream_pair()
+        connections.append(server)
+        nursery.start_soon(chatter, server)
+        return client
+
+    client = StreamClient("fake", connect, max_inflight=2)
+    for _ in range(4):  # 1 stuck in the writer, 2 queued, the 4th finds the queue full
+        with trio.move_on_after(1):
+            await client.exchange(request("www.example.test"))
+    assert client.connects == 2
+    client.close()
+
+
+async def test_unexpected_error_closes_only_the_connection():
+    class Broken(trio.abc.Stream):
+        async def send_all(self, data: bytes) -> None:
+            await trio.sleep_forever()
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            raise ValueError("bug")
+
+        async def wait_send_all_might_not_block(self) -> None: ...
+
+        async def send_eof(self) -> None: ...
+
+        async def aclose(self) -> None: ...
+
+    async def connect() -> trio.abc.Stream:
+        return Broken()
+
+    client = StreamClient("fake", connect)
+    with pytest.raises(UpstreamError, match="internal error"):
+        await client.exchange(request("www.example.test"))
 
 
 async def test_close_ends_connection_and_refuses(nursery):
