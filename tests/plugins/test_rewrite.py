@@ -8,7 +8,7 @@ import dns.rrset
 import pytest
 
 from dnsproxy import wire
-from dnsproxy.chain import Step
+from dnsproxy.chain import DROP, Step
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import EDE_SYNTHESIZED, Reply, finalize, response_message
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
@@ -235,3 +235,19 @@ def test_max_rules_is_enforced():
     rules = [{"from": f"n{i}.example.org", "rcode": "NXDOMAIN"} for i in range(3)]
     with pytest.raises(ConfigError, match="more than max_rules = 2"):
         build_step("rewrite", {"rules": rules, "max_rules": 2})
+
+
+class Dropper(Step):
+    """A later step that drops every query (a rate limiter)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, Answer({}).setup)
+
+    def query(self, q):
+        return DROP
+
+
+async def test_a_query_dropped_after_the_rewrite_is_refused():
+    step = rewrite({"match": "exact", "from": "a.example.org", "to": "b.example.org"})
+    reply = await run_chain([step, Dropper()], make_query("a.example.org"))
+    assert reply is not None and reply.rcode == wire.REFUSED
