@@ -35,6 +35,11 @@ Description
     rule in file order wins.** One rule acts per query per step; use two steps to rename
     and then act on the new name.
 
+    Cost: ``exact`` and ``zone`` rules are dictionary lookups however many there are;
+    ``prefix``, ``suffix``, ``substring`` and ``regex`` rules are tried one after another
+    (only those before the first matching ``zone`` rule), so keep those to a handful and
+    use ``blocklist`` for long lists of names.
+
     For a regex rule only the rewritten name itself is mapped back in the answer (a regex
     has no inverse); for the other kinds, any name in the answer that the rule's ``to``
     side produces is mapped back (a CNAME ``www.example.org`` → ``lb.example.org`` under
