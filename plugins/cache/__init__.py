@@ -1,65 +1,9 @@
 """cache — answer repeated questions from memory, RFC 2308/8767 correct and bounded.
 
-Description
-    Stores the answers that come back through it and answers the same question from memory
-    until its TTL runs out. An entry is the answer's wire bytes plus the offset of every
-    record's TTL, so a hit is a dictionary lookup, a clock read and (once per second of
-    countdown) a copy with the TTLs patched: no dnspython parse and no task.
-
-    * Key: lower-cased name, type, class, DO and CD bits, and which client-scoped steps
-      after the cache apply to this client, so per-client policy never leaks through the
-      cache (CoreDNS CVE-2024-0874).
-    * Positive answers live for the smallest TTL in the message, clamped to
-      ``min_ttl``/``max_ttl``; TTLs count down in the answers sent. A TTL with the top bit
-      set counts as 0 (RFC 2181 §8); TTL 0 is not cached.
-    * Negative answers (NXDOMAIN, NODATA) live for min(SOA TTL, SOA MINIMUM) capped by
-      ``max_negative_ttl`` (RFC 2308 §5); without an SOA they are not cached. SERVFAIL is
-      cached for ``servfail_ttl`` (RFC 9520) and served with EDE 13. Truncated answers,
-      other rcodes, answers to another question and answers with more than ``max_records``
-      records are passed on but not cached.
-    * ``prefetch``: an entry hit in the last tenth of its life is refreshed in the
-      background, one refresh per key at a time, so popular names never miss.
-    * ``serve_stale`` (RFC 8767): an expired entry up to ``stale_max_age`` old is refreshed
-      first; if the rest of the chain fails or takes longer than ``stale_client_timeout``
-      (1.8 s) the client gets the stale answer with TTL 30 and EDE 3 (19 for NXDOMAIN)
-      while the refresh goes on. After a failed refresh the stale answer is served
-      directly, and the upstreams asked again at most every ``stale_refresh_time``.
-    * Identical misses in flight are coalesced by ``forward``: one upstream query each.
-    * Bounded: ``max_entries`` with LRU eviction; at most ``max_refreshes`` background
-      refreshes at once. SIGUSR1 empties the cache.
-
-Syntax
-    ::
-
-        [[chain]]
-        plugin = "cache"
-        max_entries = 100000
-        min_ttl = 0                 # seconds
-        max_ttl = 86400
-        max_negative_ttl = 3600
-        servfail_ttl = 1            # 0 disables; at most 300 s
-        max_records = 100           # larger answers are not cached
-        prefetch = true
-        serve_stale = true
-        stale_max_age = "1d"
-        stale_client_timeout = 1.8
-        stale_refresh_time = 30
-        max_refreshes = 256
-
-Metrics
-    ``dnsproxy_cache_hits``, ``_misses``, ``_stale`` (stale answers served), ``_evictions``,
-    ``_prefetches`` (background refreshes started), counters; ``_entries``, a gauge.
-
-Examples
-    A cache in front of the forwarder, never holding answers for more than an hour::
-
-        [[chain]]
-        plugin = "cache"
-        max_ttl = 3600
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = ["192.0.2.53"]
+The step: the hit path (`Cache.query`, one dictionary lookup and one clock comparison in
+the common case), storing on the way back (`Cache.response`), and the background work
+(prefetch, serve-stale refreshes) in the nursery of `Cache.run`. What may be cached and for
+how long is in `store`. README.md beside this file documents options, metrics, examples.
 """
 
 from __future__ import annotations
@@ -70,108 +14,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 import trio
 
-from dnsproxy import options, wire
+from dnsproxy import wire
 from dnsproxy.chain import AWAIT, Chain, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import (
-    EDE_CACHED_ERROR,
-    EDE_STALE,
-    EDE_STALE_NXDOMAIN,
-    Reply,
-    respond,
-)
-from dnsproxy.wire import CD, HEADER, OPT, RD, SERVFAIL, TC, Query
+from dnsproxy.reply import EDE_STALE, EDE_STALE_NXDOMAIN, Reply, respond
+from dnsproxy.wire import CD, HEADER, OPT, RD, SERVFAIL, Query
 
-U32 = struct.Struct("!I")
-SOA = 6
+from .store import GOOD_RCODES, CacheOptions, Entry, Key, make_entry
+
 STALE_TTL = 30  # RFC 8767 §4
-PREFETCH_FRACTION = 0.1  # refresh when a hit comes in the last tenth of an entry's life
-NEVER = float("inf")
-GOOD_RCODES = (wire.NOERROR, wire.NXDOMAIN)
-
-Key = tuple[Any, ...]
-
-
-@attrs.frozen
-class CacheOptions:
-    max_entries: int = attrs.field(default=100_000, validator=options.in_range(1, 50_000_000))
-    min_ttl: int = attrs.field(default=0, validator=options.in_range(0, 604_800))
-    max_ttl: int = attrs.field(default=86_400, validator=options.in_range(1, 604_800))
-    max_negative_ttl: int = attrs.field(default=3600, validator=options.in_range(0, 86_400))
-    servfail_ttl: float = attrs.field(
-        default=1.0, converter=options.duration, validator=options.in_range(0, 300)
-    )
-    max_records: int = attrs.field(default=100, validator=options.in_range(1, 10_000))
-    prefetch: bool = True
-    serve_stale: bool = True
-    stale_max_age: float = attrs.field(
-        default=86_400.0, converter=options.duration, validator=options.in_range(0, 604_800)
-    )
-    stale_client_timeout: float = attrs.field(
-        default=1.8, converter=options.duration, validator=options.in_range(0.01, 30)
-    )
-    stale_refresh_time: float = attrs.field(
-        default=30.0, converter=options.duration, validator=options.in_range(0, 3600)
-    )
-    max_refreshes: int = attrs.field(default=256, validator=options.in_range(1, 100_000))
-
-    def __attrs_post_init__(self) -> None:
-        if self.min_ttl > self.max_ttl:
-            raise ValueError(f"'min_ttl' ({self.min_ttl}) is above max_ttl ({self.max_ttl})")
-
-
-class Entry:
-    """One cached answer: wire bytes with TTL offsets, and the Reply last built from them."""
-
-    __slots__ = (
-        "ede",
-        "expires",
-        "offsets",
-        "prefetch_at",
-        "reply",
-        "retry_at",
-        "shown",
-        "stale_reply",
-        "stale_until",
-        "steady_until",
-        "ttl",
-        "wire",
-    )
-
-    def __init__(
-        self,
-        data: bytes,
-        offsets: tuple[int, ...],
-        ttl: int,
-        expires: float,
-        stale_until: float,
-        prefetch_at: float,
-        ede: tuple[tuple[int, str], ...],
-    ) -> None:
-        self.wire = data
-        self.offsets = offsets
-        self.ttl = ttl  # the lifetime it was stored with
-        self.expires = expires
-        self.stale_until = stale_until
-        self.prefetch_at = prefetch_at  # prefetch when a hit sees less life left than this
-        self.ede = ede
-        self.retry_at = 0.0  # after a failed refresh: serve stale without asking until then
-        self.shown = -1  # the TTL in ``reply``; -1 before the first hit
-        self.steady_until = -NEVER  # until then a hit just returns ``reply`` (see query)
-        self.reply: Reply | None = None
-        self.stale_reply: Reply | None = None
-
-    def patched(self, ttl: int, ede: tuple[tuple[int, str], ...], source: str = "cache") -> Reply:
-        """A Reply with every TTL set to ``ttl``."""
-        data = bytearray(self.wire)
-        pack = U32.pack_into
-        for off in self.offsets:
-            pack(data, off, ttl)
-        return Reply(bytes(data), ede=ede, source=source)
 
 
 class _Refresh:
@@ -303,7 +157,7 @@ class Cache(Step):
         Returns the reply to pass on: with the TTLs we cache it for (clamped, negative TTL),
         so clients downstream do not keep it longer than we do.
         """
-        entry = self._entry(key, reply)
+        entry = make_entry(key, reply, self.options, self.clock())
         if entry is None:
             return reply
         entries = self.entries
@@ -315,36 +169,6 @@ class Cache(Step):
         if not entry.offsets:
             return reply
         return entry.patched(entry.ttl, reply.ede, reply.source)
-
-    def _entry(self, key: Key, reply: Reply) -> Entry | None:
-        data = reply.wire
-        opts = self.options
-        if len(data) < 12 or data[2] & (TC >> 8) or not _same_question(data, key):
-            return None
-        rcode = data[3] & 0x0F
-        now = self.clock()
-        if rcode == SERVFAIL:
-            if not opts.servfail_ttl:
-                return None
-            ede = (*reply.ede, (EDE_CACHED_ERROR, "cached upstream failure"))
-            return Entry(data, (), 0, now + opts.servfail_ttl, 0.0, -1.0, ede)
-        if rcode not in GOOD_RCODES:
-            return None
-        try:
-            recs = reply.records()
-        except ValueError:
-            return None
-        if len(recs) > opts.max_records:
-            return None
-        ttl = _ttl(data, recs, rcode, opts.max_negative_ttl)
-        if ttl <= 0:
-            return None
-        ttl = min(max(ttl, opts.min_ttl), opts.max_ttl)
-        expires = now + ttl
-        stale_until = expires + opts.stale_max_age if opts.serve_stale else expires
-        prefetch_at = ttl * PREFETCH_FRACTION if opts.prefetch and ttl >= 2 else -1.0
-        offsets = tuple(r.ttl_off for r in recs)
-        return Entry(data, offsets, ttl, expires, stale_until, prefetch_at, reply.ede)
 
     # --- refreshes: prefetch and serve-stale ---------------------------------------------
 
@@ -442,34 +266,6 @@ class Cache(Step):
             Metric("prefetches", self.prefetches, help="background refreshes before expiry"),
             Metric("entries", len(self.entries), "gauge", help="entries held"),
         ]
-
-
-def _same_question(data: bytes, key: Key) -> bool:
-    """Whether the message answers the question of ``key`` (name, type and class)."""
-    name = key[0]
-    end = 12 + len(name)
-    return (
-        data[5] == 1
-        and data[4] == 0
-        and data[12:end].lower() == name
-        and data[end : end + 4] == struct.pack("!HH", key[1], key[2])
-    )
-
-
-def _ttl(data: bytes, recs: list[wire.Record], rcode: int, max_negative: int) -> int:
-    """The lifetime of an answer: its smallest TTL, or the RFC 2308 negative TTL."""
-    ttl = NEVER
-    for r in recs:
-        t = U32.unpack_from(data, r.ttl_off)[0]
-        ttl = min(ttl, 0 if t & 0x8000_0000 else t)
-    answers = sum(1 for r in recs if r.section == 1)
-    if rcode == wire.NXDOMAIN or answers == 0:
-        soa = next((r for r in recs if r.section == 2 and r.rtype == SOA), None)
-        if soa is None or soa.rdlen < 22:
-            return 0  # RFC 2308 §5: a negative answer without SOA is not cached
-        minimum = U32.unpack_from(data, soa.end - 4)[0]
-        ttl = min(ttl, minimum, max_negative)
-    return 0 if ttl == NEVER else int(ttl)
 
 
 @hookimpl
