@@ -375,12 +375,19 @@ def records(wire: bytes) -> tuple[int, list[Record]]:
 def strip_opt(wire: bytes) -> tuple[bytes, list[Record]]:
     """Remove OPT records from a response (OPT is hop-by-hop, RFC 6891 §6.1.1).
 
-    Returns the message without them and the remaining records, offsets adjusted.
+    Returns the message without them and the remaining records, offsets adjusted. Bytes
+    after the last counted record are dropped too: appending our own OPT behind them would
+    make the reply unreadable.
     """
-    _, recs = records(wire)
+    qend, recs = records(wire)
+    end = recs[-1].end if recs else qend
+    if len(wire) > end:
+        wire = wire[:end]
     opts = [r for r in recs if r.rtype == OPT]
     if not opts:
         return wire, recs
+    if any(r.section != 3 for r in opts):
+        raise ValueError("OPT outside the additional section")
     parts = []
     pos = 0
     for r in opts:
