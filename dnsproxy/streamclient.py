@@ -155,7 +155,7 @@ class StreamClient:
             now = trio.current_time()
             if now < self._retry_at:
                 raise UpstreamError(
-                    f"{self.name}: {self._last_error} (next attempt in {self._retry_at - now:.1f}s)"
+                    f"{self._last_error} (next attempt in {self._retry_at - now:.1f}s)"
                 )
             try:
                 stream = await self._connect_fn()
