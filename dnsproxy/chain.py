@@ -252,7 +252,8 @@ class Chain:
             except Exception as exc:
                 raise StepFailed(link.step, exc) from exc
             if reply is not None:
-                q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
+                if q.trace is not None:
+                    q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
                 return self._unwind(q, reply, sus.unwind)
             if link.on_response is not None:
                 sus.unwind.append(link)

@@ -323,6 +323,38 @@ def skip_name(wire: bytes, off: int) -> int:
         off += length + 1
 
 
+def read_name(wire: bytes, off: int) -> bytes:
+    """The lower-cased, uncompressed wire name at ``off``.
+
+    Pointers must point strictly backwards (RFC 9267 §2), so loops cannot occur; a name
+    over 255 octets or running off the end raises ValueError.
+    """
+    out = bytearray()
+    end = len(wire)
+    limit = off
+    while True:
+        if off >= end:
+            raise ValueError("name runs past the end")
+        length = wire[off]
+        if length == 0:
+            out.append(0)
+            return bytes(out).lower()
+        if length & 0xC0 == 0xC0:
+            if off + 1 >= end:
+                raise ValueError("truncated pointer")
+            target = ((length & 0x3F) << 8) | wire[off + 1]
+            if target >= limit:
+                raise ValueError("forward or looping compression pointer")
+            off = limit = target
+            continue
+        if length > 63:
+            raise ValueError("reserved label type")
+        out += wire[off : off + length + 1]
+        if len(out) > 254:
+            raise ValueError("name longer than 255 octets")
+        off += length + 1
+
+
 class Record:
     """Where one resource record sits in a message (offsets, not copies)."""
 

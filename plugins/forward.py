@@ -53,6 +53,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import secrets
+import struct
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,6 +91,7 @@ LOOP_OPTION = 65053
 TOKEN = secrets.token_bytes(8)
 MAX_HOPS = 8
 NEGATIVE_PROOF = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
+CNAME, SOA, DNAME, RRSIG, NSEC, NSEC3, ANY = 5, 6, 39, 46, 47, 50, 255
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
 
@@ -297,7 +299,8 @@ class Forward(Step):
                     err = f"malformed answer ({exc})"
                 else:
                     health.ok(time.monotonic() - start)
-                    q.explain(f"{self.setup.where}: {up.name} answered rcode {body[3] & 0xF}")
+                    if q.trace is not None:
+                        q.explain(f"{self.setup.where}: {up.name} answered rcode {body[3] & 0xF}")
                     return Reply(body, source=self.setup.name), ""
         health.failed(self.options.timeout if err == "timeout" else 0.0)
         q.explain(f"{self.setup.where}: {up.name}: {err}")
@@ -324,6 +327,48 @@ def _loop_marker(q: Query) -> bytes | None:
     return edns_option(LOOP_OPTION, hops + TOKEN)
 
 
+def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:
+    """Indexes of the records `minimal` keeps, found at wire level (None: let dnspython do it)."""
+    owners = [wire.read_name(body, r.name_off) for r in recs]
+    chain = [q.key]
+    for _ in range(MAX_CNAME_CHAIN):
+        for r, owner in zip(recs, owners, strict=True):
+            if r.section == 1 and r.rtype == CNAME and owner == chain[-1]:
+                target = wire.read_name(body, r.rdata_off)
+                break
+        else:
+            break
+        if target in chain:
+            break
+        chain.append(target)
+    names = set(chain)
+    final = chain[-1]
+    keep = []
+    answered = False
+    for i, (r, owner) in enumerate(zip(recs, owners, strict=True)):
+        if r.section != 1:
+            continue
+        if r.rtype == DNAME:
+            return None  # rare: let dnspython sort out DNAME synthesis
+        covered = r.rtype
+        if r.rtype == RRSIG and r.rdlen >= 2:
+            covered = struct.unpack_from("!H", body, r.rdata_off)[0]
+        if owner in names and (covered in (q.qtype, CNAME) or q.qtype == ANY):
+            keep.append(i)
+            answered = answered or (owner == final and r.rtype == q.qtype)
+    if not answered:
+        parents = set(wire.parents(final))
+        for i, (r, owner) in enumerate(zip(recs, owners, strict=True)):
+            if r.section != 2:
+                continue
+            covered = r.rtype
+            if r.rtype == RRSIG and r.rdlen >= 2:
+                covered = struct.unpack_from("!H", body, r.rdata_off)[0]
+            if covered in (NSEC, NSEC3) or (covered == SOA and owner in parents):
+                keep.append(i)
+    return keep
+
+
 def minimal(stripped: tuple[bytes, list[wire.Record]], q: Query) -> bytes:
     """Keep only what answers the question (RFC 2181 §5.4.1; CONFORMANCE.md C2).
 
@@ -340,6 +385,16 @@ def minimal(stripped: tuple[bytes, list[wire.Record]], q: Query) -> bytes:
         for r in recs
     ):
         return body
+    keep = _keep(body, recs, q)
+    if keep is not None:
+        if len(keep) == len(recs):
+            return body
+        if keep == list(range(len(keep))):  # a prefix: cut the rest, pointers stay valid
+            counts = [0, 0, 0]
+            for r in recs[: len(keep)]:
+                counts[r.section - 1] += 1
+            cut = recs[len(keep) - 1].end if keep else wire.records(body)[0]
+            return body[:6] + struct.pack("!HHH", *counts) + body[12:cut]
     try:
         msg = dns.message.from_wire(body)
     except (dns.exception.DNSException, ValueError, IndexError) as exc:
