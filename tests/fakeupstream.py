@@ -10,7 +10,7 @@ Rule keys (all optional):
 
 ``match``
     ``{"qname": "www.example.test." | "*.example.test.", "qtype": "A", "transport":
-    "udp"|"tcp", "edns": bool}``; absent keys match anything.
+    "udp"|"tcp", "edns": bool, "cd": bool, "do": bool}``; absent keys match anything.
 ``times``
     Apply the rule to this many queries only, then fall through to later rules.
 ``rcode``, ``flags``
@@ -119,6 +119,10 @@ def _matches(rule: Rule, msg: dns.message.Message, transport: str) -> bool:
     if qtype is not None and dns.rdatatype.from_text(qtype) != q.rdtype:
         return False
     if match.get("transport", transport) != transport:
+        return False
+    if match.get("cd", bool(msg.flags & dns.flags.CD)) != bool(msg.flags & dns.flags.CD):
+        return False
+    if match.get("do", bool(msg.ednsflags & dns.flags.DO)) != bool(msg.ednsflags & dns.flags.DO):
         return False
     return match.get("edns", msg.edns >= 0) == (msg.edns >= 0)
 
