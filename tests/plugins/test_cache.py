@@ -518,3 +518,17 @@ async def test_identical_misses_make_one_upstream_query():
     assert len(seen) == 1
     assert len(replies) == 20 and all(r.rcode == wire.NOERROR for r in replies)
     assert hit.source == "cache"
+
+
+async def test_background_refreshes_are_bounded(autojump_clock, running):
+    cache = running(serve_stale=False, max_refreshes=1)
+    up = Upstream(answer(ttl=100), delay=5)
+    chain = chain_of([cache, up])
+    for name in ("a", "b"):
+        await run_chain(chain, make_query(f"{name}.example.org"))  # 5 s each
+    await trio.sleep(91)  # both in the last tenth of their life
+    for name in ("a", "b", "a", "b"):
+        assert chain.start(make_query(f"{name}.example.org")).source == "cache"
+    assert cache.prefetches == 1 and len(cache.refreshing) == 1
+    await trio.sleep(6)
+    assert up.calls == 3 and not cache.refreshing
