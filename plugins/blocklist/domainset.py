@@ -95,6 +95,8 @@ class DomainSet:
         self._tags = memoryview(self._tag_array)
         self._index = memoryview(index)
         self.patterns = _Patterns(patterns) if patterns else None
+        if self.patterns is None and not (self._tag_array & (ALLOW | IMPORTANT)).any():
+            self.verdict = self._first_block  # type: ignore[method-assign]
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +153,23 @@ class DomainSet:
         if allow:
             return NO_MATCH
         return block
+
+    def _first_block(self, key: bytes) -> int:
+        """`verdict` for sets of plain blocks: the most specific match, found first, wins."""
+        hashes, tags, index = self._hashes, self._tags, self._index
+        shift, half = self._shift, self._half
+        off = 0
+        while key[off]:
+            h = hash(key[off:]) if off else hash(key)
+            b = (h >> shift) + half
+            i = index[b]
+            end = index[b + 1]
+            while i < end:
+                if hashes[i] == h and not tags[i] & (EXACT if off else SUBONLY):
+                    return tags[i]
+                i += 1
+            off += key[off] + 1
+        return NO_MATCH
 
 
 class _Patterns:

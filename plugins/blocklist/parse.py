@@ -31,7 +31,7 @@ SPECIAL = frozenset(
     b"ip6-localnet ip6-mcastprefix ip6-allnodes ip6-allrouters ip6-allhosts 0.0.0.0".split()
 )  # what hosts files map to loopback for the machine itself: never a block
 SUPPORTED_MODIFIERS = frozenset({"important"})
-CHUNK = 4 << 20  # bytes per vectorised chunk: bounds the temporary arrays
+CHUNK = 1 << 20  # bytes per vectorised chunk: bounds the temporary arrays (~12 MB)
 MAX_PROBLEMS = 20  # line-level messages kept per list (the counts are exact)
 
 _NAME_CHARS = re.compile(rb"[a-z0-9_.-]+")
@@ -290,11 +290,11 @@ def _wire_hashes(arr: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
     ``\\x03ads\\x07example\\x00``.
     """
     lens = e - s
-    out_off = np.zeros(len(s) + 1, dtype=np.int64)
+    out_off = np.zeros(len(s) + 1, dtype=np.int32)
     np.cumsum(lens + 2, out=out_off[1:])
-    in_off = np.zeros(len(s), dtype=np.int64)
+    in_off = np.zeros(len(s), dtype=np.int32)
     np.cumsum(lens[:-1], out=in_off[1:])
-    src = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(s - in_off, lens)
+    src = np.arange(int(lens.sum()), dtype=np.int32) + np.repeat(s - in_off, lens)
     dst = src + np.repeat(out_off[:-1] + 1 - s, lens)
     out = np.zeros(int(out_off[-1]), dtype=np.uint8)
     chars = arr[src]
@@ -325,8 +325,8 @@ def _fast_chunk(
     arr = np.frombuffer(buf + b"\n" + b"\0" * 16, dtype=np.uint8)
     size = len(buf) + 1
     body = arr[:size]
-    ends = np.flatnonzero(body == 10)
-    starts = np.empty(len(ends), dtype=np.int64)
+    ends = np.flatnonzero(body == 10).astype(np.int32)
+    starts = np.empty(len(ends), dtype=np.int32)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     # Bad bytes per line: anything outside [a-z0-9._-] and every ".." (an empty label).
