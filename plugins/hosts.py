@@ -25,6 +25,7 @@ Syntax
         ttl = 3600                      # seconds, on every answer
         watch = "5s"                    # how often files are checked for changes
         max_names = 1000000             # names and wildcards together
+        max_size = 67108864             # bytes per file
 
 Metrics
     ``dnsproxy_hosts_entries`` (gauge: names and wildcards), ``dnsproxy_hosts_answers``
@@ -44,7 +45,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from itertools import islice
-from pathlib import Path
 
 import attrs
 import dns.exception
@@ -72,6 +72,7 @@ class HostsOptions:
         default="5s", converter=options.duration, validator=options.in_range(0.1, 3600)
     )
     max_names: int = attrs.field(default=1_000_000, validator=options.in_range(1, 50_000_000))
+    max_size: int = attrs.field(default=64 << 20, validator=options.in_range(1, 1 << 32))
 
 
 class HostsError(Exception):
@@ -194,7 +195,12 @@ class Hosts(Step):
         builder = _Builder(self.options.ttl, self.options.max_names)
         for path in self.paths:
             try:
-                text = Path(path).read_text(errors="replace")
+                size = path.stat().st_size
+                if size > self.options.max_size:
+                    raise HostsError(
+                        f"{path}: {size} bytes, over max_size = {self.options.max_size}"
+                    )
+                text = path.read_text(errors="replace")
             except OSError as exc:
                 raise HostsError(f"{path}: {exc.strerror or exc}") from exc
             builder.add_lines(text.splitlines(), str(path))

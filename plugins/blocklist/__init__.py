@@ -263,6 +263,7 @@ class Blocklist(Step):
     # --- loading ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.log.info("%s: loading %d lists", self.setup.where, len(self.sources))
         try:
             async with trio.open_nursery() as nursery:
                 for src in self.sources:

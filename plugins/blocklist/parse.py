@@ -121,7 +121,7 @@ def parse_line(line: bytes, subdomains: bool = True) -> LineResult:
         if _is_ip(tokens[0]):
             return LineResult(error="an address without names")
         if b"*" in tokens[0] and not tokens[0].startswith(b"*."):
-            return _wildcard(tokens[0], b"", 0)
+            return _wildcard(tokens[0], b"sub" if subdomains else b"exact", 0)
         return _name_rule(tokens[0], base)
     return LineResult(error="not a rule in any supported format")
 

@@ -259,6 +259,8 @@ def _verdict(lines, name, subdomains=True):
         (["||ad*.example.org^"], "adserver.example.org", "blocked"),
         (["||ad*.example.org^"], "x.adserver.example.org", "blocked"),
         (["||ad*.example.org^"], "bad.example.org", NO_MATCH),
+        (["ad*.example.org"], "x.ad1.example.org", "blocked"),
+        (["ad*.example.org"], "bad1.example.org", NO_MATCH),
         (["||ad*.example.org^"], "adserver.example.org.evil.net", NO_MATCH),
         (["/^track[0-9]+\\./"], "track42.example.org", "blocked"),
         (["/^track[0-9]+\\./"], "tracker.example.org", NO_MATCH),

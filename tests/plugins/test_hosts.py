@@ -153,6 +153,7 @@ async def test_unreadable_file_keeps_previous_table(tmp_path, hosts_file, nurser
         ({"files": [], "entries": ["nonsense"]}, "entries: 1: 'nonsense' is not an IP"),
         ({"files": []}, "needs 'files' or 'entries'"),
         ({"files": ["hosts"], "max_names": 3}, "files: more than max_names = 3"),
+        ({"files": ["hosts"], "max_size": 100}, r"files: .*hosts: \d+ bytes, over max_size = 100"),
         ({"files": ["hosts"], "ttl": "1h"}, "option 'ttl' must be an integer"),
         ({"files": ["hosts"], "watch": "soon"}, "option 'watch'"),
         ({"fils": ["hosts"]}, "did you mean 'files'"),
