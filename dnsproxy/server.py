@@ -27,11 +27,11 @@ from dnsproxy import config as config_mod
 from dnsproxy import wire
 from dnsproxy.chain import Chain, Setup, StepFailed, Suspended, client_matcher, scope_test
 from dnsproxy.config import Address, Config
-from dnsproxy.errors import ConfigError
+from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import EDE_PROHIBITED, Reply, error_wire, finalize, respond
-from dnsproxy.upstream import Upstream, UpstreamSpec
+from dnsproxy.upstream import Upstream, UpstreamSpec, read_frame
 from dnsproxy.wire import Drop, Query, Reject, parse_query
 
 log = logging.getLogger("dnsproxy")
@@ -500,18 +500,8 @@ class Server:
 
 
 async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
-    """One length-prefixed message, or None at EOF (also EOF inside a message)."""
-    while True:
-        if len(buf) >= 2:
-            size = (buf[0] << 8) | buf[1]
-            if len(buf) >= 2 + size:
-                frame = bytes(buf[2 : 2 + size])
-                del buf[: 2 + size]
-                return frame
-        try:
-            chunk = await stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
-        if not chunk:
-            return None
-        buf += chunk
+    """One length-prefixed message, or None at EOF (also EOF inside a message) or error."""
+    try:
+        return await read_frame(stream, buf)
+    except (UpstreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None

@@ -134,6 +134,8 @@ def _family(host: str) -> socket.AddressFamily:
 async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | None:
     """Read one length-prefixed DNS message from ``stream`` (RFC 1035 §4.2.2).
 
+    Shared by the listeners and the stream upstreams.
+
     ``buf`` holds bytes read past the previous frame. Returns None at a clean EOF between
     frames; raises UpstreamError on EOF inside a frame.
     """
@@ -160,13 +162,13 @@ class UdpUpstream:
     source; the ID and question are checked on top of that.
     """
 
-    def __init__(self, host: str, port: int = 53) -> None:
+    def __init__(self, host: str, port: int, tcp: Upstream) -> None:
         self.addr = (host, port)
         self.family = _family(host)
         self.name = (
             f"udp://{host}:{port}" if self.family == socket.AF_INET else f"udp://[{host}]:{port}"
         )
-        self.tcp = TcpUpstream(host, port)
+        self.tcp = tcp
 
     async def exchange(self, req: Request) -> bytes:
         msg_id = new_id()
@@ -197,34 +199,3 @@ class UdpUpstream:
 
     def close(self) -> None:
         self.tcp.close()
-
-
-class TcpUpstream:
-    """Plain DNS over TCP: one connection per exchange, prefix and message in one send."""
-
-    def __init__(self, host: str, port: int = 53) -> None:
-        self.addr = (host, port)
-        self.name = f"tcp://{host}:{port}" if ":" not in host else f"tcp://[{host}]:{port}"
-
-    async def exchange(self, req: Request) -> bytes:
-        msg_id = new_id()
-        data = req.to_wire(msg_id)
-        try:
-            stream = await trio.open_tcp_stream(*self.addr)
-        except OSError as exc:
-            raise UpstreamError(f"{self.name}: {exc}") from exc
-        async with stream:
-            try:
-                await stream.send_all(struct.pack("!H", len(data)) + data)
-                buf = bytearray()
-                while True:
-                    frame = await read_frame(stream, buf)
-                    if frame is None:
-                        raise UpstreamError(f"{self.name}: closed without an answer")
-                    if matches(frame, msg_id, req):
-                        return frame
-            except (trio.BrokenResourceError, OSError) as exc:
-                raise UpstreamError(f"{self.name}: {exc}") from exc
-
-    def close(self) -> None:
-        """Nothing is kept open between exchanges."""

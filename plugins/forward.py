@@ -78,7 +78,8 @@ from dnsproxy.reply import (
     edns_option,
     respond,
 )
-from dnsproxy.upstream import Request, TcpUpstream, UdpUpstream, Upstream, UpstreamSpec
+from dnsproxy.streamclient import PipelinedTcpUpstream
+from dnsproxy.upstream import Request, UdpUpstream, Upstream, UpstreamSpec
 from dnsproxy.wire import Query
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -457,12 +458,17 @@ def _own_listener(host: str, port: int, setup: Setup) -> bool:
     return False
 
 
-def _plain(cls: type[UdpUpstream] | type[TcpUpstream], default_port: int) -> Any:
+def _plain(tcp_only: bool) -> Any:
+    """The factory of plain DNS upstreams: UDP with TCP for truncated answers, or TCP only.
+
+    TCP is one reused, pipelined connection per upstream (RFC 7766 §6.2.1).
+    """
+
     def factory(spec: UpstreamSpec, setup: Setup) -> Upstream:
         if spec.extra:
             key = next(iter(spec.extra))
             raise setup.error("upstreams", f"{spec.url}: unknown option {key!r}")
-        port = spec.port or default_port
+        port = spec.port or 53
         if _own_listener(spec.host, port, setup):
             raise setup.error(
                 "upstreams", f"{spec.url} is this proxy's own listener (a forwarding loop)"
@@ -473,7 +479,8 @@ def _plain(cls: type[UdpUpstream] | type[TcpUpstream], default_port: int) -> Any
             raise setup.error(
                 "upstreams", f"{spec.url}: plain DNS upstreams must be IP addresses"
             ) from exc
-        return cls(spec.host, port)
+        tcp = PipelinedTcpUpstream(spec.host, port)
+        return tcp if tcp_only else UdpUpstream(spec.host, port, tcp)
 
     return factory
 
@@ -485,5 +492,5 @@ def dnsproxy_add_steps(registry: Registry) -> None:
 
 @hookimpl
 def dnsproxy_add_upstream_schemes(registry: Registry) -> None:
-    registry.add_scheme("udp", _plain(UdpUpstream, 53))
-    registry.add_scheme("tcp", _plain(TcpUpstream, 53))
+    registry.add_scheme("udp", _plain(tcp_only=False))
+    registry.add_scheme("tcp", _plain(tcp_only=True))

@@ -7,6 +7,7 @@ import struct
 import time
 from collections.abc import Callable
 
+import dns.exception
 import dns.message
 import dns.query
 
@@ -93,10 +94,14 @@ def alive(addr: tuple[str, int]) -> bool:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``cond`` until true; network errors while the proxy catches up count as false."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if cond():
-            return True
+        try:
+            if cond():
+                return True
+        except (OSError, dns.exception.DNSException):
+            pass
         time.sleep(0.02)
     return cond()
 
