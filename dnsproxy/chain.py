@@ -16,8 +16,8 @@ case never leaves synchronous code (DESIGN.md §3):
     count it, rewrite it. Return the reply to send on (a new `Reply` if it changed it), or
     ``None`` to drop the response altogether (rate limiting).
 
-A query that no step answers gets REFUSED (EDE 20 would be wrong for a proxy; 18 is for
-ACLs, so none is attached). Steps are constructed once per (re)load with their validated
+A query that no step answers gets REFUSED, as DESIGN.md says (no EDE: 18 is reserved for
+the ACL). Steps are constructed once per (re)load with their validated
 options and a `Setup`, and may run background work for the life of that chain in
 ``run()``. Scoping by ``zones`` and ``clients`` is done here, so every plugin gets it.
 """
