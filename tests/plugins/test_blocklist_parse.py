@@ -17,6 +17,8 @@ from dnsproxy.plugins.blocklist.parse import (
     parse_list,
     to_wire,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnsproxy.wire import name_to_key
 from tests.conftest import BLOCKLISTS
@@ -287,3 +289,31 @@ def test_wire_helpers():
     assert key_text(b"\x03a.b\x03org\x00") is None
     assert key_text(name_to_key("ads.example.org")) == "ads.example.org"
     assert key_text(b"\x00") is None
+
+
+PREFIXES = ["", "0.0.0.0 ", "127.0.0.1 ", ":: ", "::1 ", "||", "@@||", "server=/", "address=/"]
+SUFFIXES = ["", "^", "/", "/#", "/0.0.0.0", "^$important", " # c", "."]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(PREFIXES),
+            st.one_of(
+                st.from_regex(r"[a-zA-Z0-9_.\-]{1,70}", fullmatch=True),
+                st.text(alphabet="aZ0.-_*|^@$/# \t\r", max_size=70),
+            ),
+            st.sampled_from(SUFFIXES),
+        ),
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_fast_path_matches_reference_on_generated_lines(parts, subdomains):
+    text = "\n".join(p + body + s for p, body, s in parts).encode()
+    fast = parse_list(text, subdomains=subdomains)
+    slow = parse_list(text, subdomains=subdomains, fast=False)
+    assert np.array_equal(fast.hashes, slow.hashes)
+    assert np.array_equal(fast.kinds, slow.kinds)
+    assert (fast.rules, fast.skipped, fast.errors) == (slow.rules, slow.skipped, slow.errors)
