@@ -23,7 +23,7 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_STALE, EDE_STALE_NXDOMAIN, Reply, respond
 from dnsproxy.wire import CD, HEADER, OPT, RD, SERVFAIL, Query
 
-from .store import GOOD_RCODES, CacheOptions, Entry, Key, make_entry
+from .store import GOOD_RCODES, CacheOptions, Entry, Key, make_entry, nxdomain_key
 
 STALE_TTL = 30  # RFC 8767 §4
 
@@ -114,9 +114,11 @@ class Cache(Step):
     def _lookup(self, key: Key, e: Entry | None, q: Query) -> Any:
         """A miss, an expired entry, or a hit whose TTL, LRU place or prefetch is due."""
         if e is None:
-            self.misses += 1
-            q.note("cache", "miss")
-            return None
+            e = self._from_nxdomain(key)
+            if e is None:
+                self.misses += 1
+                q.note("cache", "miss")
+                return None
         now = self.clock()
         left = e.expires - now
         if left <= 0:
@@ -160,15 +162,33 @@ class Cache(Step):
         entry = make_entry(key, reply, self.options, self.clock())
         if entry is None:
             return reply
+        self._insert(key, entry)
+        if not entry.offsets:
+            return reply
+        if reply.wire[3] & 0x0F == wire.NXDOMAIN:
+            self._insert(nxdomain_key(key), entry)
+        return entry.patched(entry.ttl, reply.ede, reply.source)
+
+    def _insert(self, key: Key, entry: Entry) -> None:
         entries = self.entries
         entries[key] = entry
         entries.move_to_end(key)
         if len(entries) > self.options.max_entries:
             entries.popitem(last=False)
             self.evictions += 1
-        if not entry.offsets:
-            return reply
-        return entry.patched(entry.ttl, reply.ede, reply.source)
+
+    def _from_nxdomain(self, key: Key) -> Entry | None:
+        """An entry for ``key`` from a live NXDOMAIN for its name and another type.
+
+        RFC 2308 §5: a name that does not exist does not exist for any type, so the
+        AAAA query that follows an A query for a missing name needs no upstream query.
+        """
+        nx = self.entries.get(nxdomain_key(key))
+        if nx is None or nx.expires <= self.clock():
+            return None
+        entry = nx.for_type(key[1])
+        self._insert(key, entry)
+        return entry
 
     # --- refreshes: prefetch and serve-stale ---------------------------------------------
 

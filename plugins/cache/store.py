@@ -101,6 +101,26 @@ class Entry:
             pack(data, off, ttl)
         return Reply(bytes(data), ede=ede, source=source)
 
+    def for_type(self, qtype: int) -> Entry:
+        """A copy answering the same name for ``qtype`` (for NXDOMAIN, valid for all types)."""
+        data = bytearray(self.wire)
+        qname_end = wire.skip_name(data, 12)
+        struct.pack_into("!H", data, qname_end, qtype)
+        return Entry(
+            bytes(data),
+            self.offsets,
+            self.ttl,
+            self.expires,
+            self.stale_until,
+            self.prefetch_at,
+            self.ede,
+        )
+
+
+def nxdomain_key(key: Key) -> Key:
+    """Where an NXDOMAIN is also kept: the same key with the type replaced by -1 (any)."""
+    return (key[0], -1, *key[2:])
+
 
 def make_entry(key: Key, reply: Reply, opts: CacheOptions, now: float) -> Entry | None:
     """An entry for ``reply`` if RFC 2308/9520 and the bounds in ``opts`` allow caching it."""

@@ -532,3 +532,29 @@ async def test_background_refreshes_are_bounded(autojump_clock, running):
     assert cache.prefetches == 1 and len(cache.refreshing) == 1
     await trio.sleep(6)
     assert up.calls == 3 and not cache.refreshing
+
+
+async def test_nxdomain_answers_every_type_of_the_name(autojump_clock):
+    """RFC 2308 §5: NXDOMAIN is cached per name and class, whatever the type."""
+    cache, up = cache_step(), Upstream(negative(ttl=300, minimum=60))
+    chain = chain_of([cache, up])
+    await run_chain(chain, make_query("gone.example.org", "A"))
+    await trio.sleep(10)
+    q = make_query("gone.example.org", "AAAA")
+    reply = await run_chain(chain, q)
+    assert up.calls == 1 and reply.source == "cache" and ttls(reply) == [50]
+    out = dns.message.from_wire(finalize(reply, q, 1232))
+    assert out.question[0].rdtype == dns.rdatatype.AAAA and out.rcode() == wire.NXDOMAIN
+    await run_chain(chain, make_query("gone.example.org", "MX", do=True))  # other DO bit
+    assert up.calls == 2
+    await trio.sleep(51)
+    await run_chain(chain, make_query("gone.example.org", "TXT"))
+    assert up.calls == 3
+
+
+async def test_nodata_is_per_type(autojump_clock):
+    cache, up = cache_step(), Upstream(negative(wire.NOERROR))
+    chain = chain_of([cache, up])
+    await run_chain(chain, make_query("www.example.org", "MX"))
+    await run_chain(chain, make_query("www.example.org", "TXT"))
+    assert up.calls == 2
