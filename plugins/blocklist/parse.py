@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import re._parser as _sre
+from typing import Any
 
 import attrs
 import numpy as np
@@ -33,6 +35,8 @@ SPECIAL = frozenset(
 SUPPORTED_MODIFIERS = frozenset({"important"})
 CHUNK = 1 << 20  # bytes per vectorised chunk: bounds the temporary arrays (~12 MB)
 MAX_PROBLEMS = 20  # line-level messages kept per list (the counts are exact)
+MAX_LINE = 4096  # longer lines are errors (no rule is that long; bounds regex compiles)
+MAX_UNBOUNDED = 3  # unbounded repeats per regex/wildcard rule (cubic worst case on 253 bytes)
 
 _NAME_CHARS = re.compile(rb"[a-z0-9_.-]+")
 _WILD_CHARS = re.compile(rb"[a-z0-9_.*-]+")
@@ -101,6 +105,8 @@ def parse_line(line: bytes, subdomains: bool = True) -> LineResult:
     line = line.strip()
     if not line or line[0] in b"#![":
         return NOTHING
+    if len(line) > MAX_LINE:
+        return LineResult(error=f"line longer than {MAX_LINE} bytes")
     base = 0 if subdomains else EXACT
     if line.startswith((b"||", b"|", b"@@", b"/")) or b"^" in line or b"$" in line:
         return _adblock(line)
@@ -167,9 +173,11 @@ def _adblock(line: bytes) -> LineResult:
     if line.startswith(b"/"):
         try:
             source = body.decode()
-            re.compile(source)
-        except (UnicodeError, re.error) as exc:
+            problem = regex_problem(source)
+        except (UnicodeError, re.error, RecursionError) as exc:
             return LineResult(error=f"bad regex: {exc}")
+        if problem:
+            return LineResult(skipped=f"regex {problem}")
         return LineResult(patterns=((source, kind),))
     body = body.lower()
     if body.startswith(b"||"):
@@ -195,10 +203,52 @@ def _adblock(line: bytes) -> LineResult:
     return _name_rule(body, kind | (EXACT if anchor == b"exact" else 0))
 
 
+def regex_problem(source: str) -> str:
+    """Why a regex could make one query slow, or "" if it is safe to run per query.
+
+    Python's regex engine backtracks: nested repetition (``(a+)+``), repeated
+    alternation (``(a|ab)*``) and many unbounded repeats in a row are exponential or
+    high-degree polynomial on a crafted query name. Raises re.error if it does not compile.
+    """
+    re.compile(source)
+    unbounded = 0
+
+    def walk(items: Any, in_repeat: bool) -> str:
+        nonlocal unbounded
+        for op, av in items:
+            if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+                _, high, sub = av
+                if high == _sre.MAXREPEAT:
+                    unbounded += 1
+                if high > 1 and in_repeat:
+                    return "with nested repetition"
+                if found := walk(sub, in_repeat or high > 1):
+                    return found
+            elif op is _sre.BRANCH:
+                if in_repeat:
+                    return "with repeated alternation"
+                for branch in av[1]:
+                    if found := walk(branch, in_repeat):
+                        return found
+            elif op is _sre.SUBPATTERN:
+                if found := walk(av[-1], in_repeat):
+                    return found
+            elif op in (_sre.ASSERT, _sre.ASSERT_NOT) and (found := walk(av[1], in_repeat)):
+                return found
+        return ""
+
+    found = walk(_sre.parse(source), False)
+    if not found and unbounded > MAX_UNBOUNDED:
+        found = f"with more than {MAX_UNBOUNDED} unbounded repeats"
+    return found
+
+
 def _wildcard(body: bytes, anchor: bytes, kind: int) -> LineResult:
     """A ``*`` rule as an anchored regex over the lower-case name without its final dot."""
     if not _WILD_CHARS.fullmatch(body):
         return LineResult(error=f"bad wildcard rule {body.decode(errors='replace')!r}")
+    if body.count(b"*") > MAX_UNBOUNDED:
+        return LineResult(skipped=f"wildcard rule with more than {MAX_UNBOUNDED} '*'")
     core = ".*".join(re.escape(p.decode()) for p in body.split(b"*"))
     if anchor == b"sub":
         return LineResult(patterns=((f"(?:^|\\.){core}$", kind),))

@@ -118,6 +118,24 @@ def test_errors(line):
     assert result.error and result.names == ()
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("/(a+)+$/", "regex with nested repetition"),
+        ("/^(ad|ads)*x/", "regex with repeated alternation"),
+        ("/a.*b.*c.*d.*e/", "regex with more than 3 unbounded repeats"),
+        ("||a*b*c*d*.example^", "wildcard rule with more than 3 '*'"),
+    ],
+)
+def test_slow_patterns_are_refused(line, reason):
+    result = parse_line(line.encode())
+    assert result.skipped == reason and result.patterns == ()
+
+
+def test_long_lines_are_errors():
+    assert parse_line(b"a" * 5000).error == "line longer than 4096 bytes"
+
+
 def test_wildcards_and_regexes():
     assert parse_line(b"||ad*.example.org^").patterns == ((r"(?:^|\.)ad.*\.example\.org$", 0),)
     assert parse_line(b"|ad*.example.org^").patterns == ((r"^ad.*\.example\.org$", 0),)
