@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,18 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
                 return port
     raise RuntimeError("no free port")
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -108,12 +119,7 @@ class Nsd:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
             self.proc = None
 
     def reload_zones(self, zones: dict[str, str]) -> None:
@@ -140,8 +146,9 @@ odd    IN TYPE65400 \\# 4 01020304
 
 
 def big_txt_zone() -> str:
-    """A TXT RRset of about 1.5 kB: over 512 and over 1232 bytes."""
+    """TXT RRsets of about 1.5 kB (over 1232 bytes) and 750 bytes (over 512 only)."""
     lines = [f'big IN TXT "{i:02d}-' + "x" * 90 + '"' for i in range(16)]
+    lines += [f'mid IN TXT "{i:02d}-' + "y" * 90 + '"' for i in range(7)]  # ~750 bytes
     return ZONE + "\n".join(lines) + "\n"
 
 
@@ -209,14 +216,7 @@ class Proxy:
     def stop(self) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = terminate(self.proc, 10)
         self.proc = None
         self._log.close()
         return code

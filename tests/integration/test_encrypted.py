@@ -37,7 +37,7 @@ from hypercorn.trio import serve
 from dnsproxy import wire
 from dnsproxy.testing import make_setup
 from dnsproxy.upstream import Request, UpstreamSpec
-from tests.conftest import Nsd, free_port, need, wait_port
+from tests.conftest import Nsd, free_port, need, terminate, wait_port
 
 
 class Kresd:
@@ -80,12 +80,7 @@ class Kresd:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
             self.proc = None
 
 

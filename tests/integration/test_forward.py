@@ -82,6 +82,15 @@ def test_case_and_id_are_echoed(proxy):
     assert r.question[0].name.to_text() == "WwW.ExAmPlE.TeSt."
 
 
+def test_txt_over_512_fits_with_edns_and_truncates_without(proxy):
+    r = ask(proxy, "mid.example.test", "TXT", use_edns=False)
+    assert r.flags & dns.flags.TC and not r.answer
+    r = ask(proxy, "mid.example.test", "TXT", use_edns=0, payload=1232)
+    assert not r.flags & dns.flags.TC and len(r.answer[0]) == 7
+    r = ask(proxy, "mid.example.test", "TXT", use_edns=0, payload=600)
+    assert r.flags & dns.flags.TC  # the client's own smaller limit is honoured
+
+
 def test_big_txt_truncates_over_udp_and_is_whole_over_tcp(proxy):
     r = ask(proxy, "big.example.test", "TXT", use_edns=False)
     assert r.flags & dns.flags.TC and not r.answer
