@@ -28,6 +28,7 @@ from tests.conformance.confkit import (
     blast,
     forward_config,
     frame,
+    free_port,
     message,
     qname_wire,
     read_frame,
@@ -356,3 +357,46 @@ def test_random_names_memory_flat(tmp_path, upstream):
         assert alive(proxy.addr)
     finally:
         proxy.stop()
+
+
+def test_servfail_storm_fails_over_to_next_upstream(tmp_path):
+    """C6: an upstream in a SERVFAIL storm is failed over from, within bounded tries."""
+    bad = FakeUpstream([{"rcode": "SERVFAIL"}]).start_thread()
+    good = FakeUpstream().start_thread()
+    config = forward_config(bad.addr).replace(
+        f'upstreams = ["{bad.addr}"]', f'upstreams = ["{bad.addr}", "{good.addr}"]'
+    )
+    proxy = Proxy(tmp_path, config).start()
+    try:
+        for i in range(5):
+            msg = ask(proxy.addr, f"fo{i}.example.test")
+            assert msg.rcode() == 0 and msg.answer
+        assert len(bad.seen) <= 5 * 3  # RFC 9520 §3.1: at most 3 tries per server
+        assert len(good.seen) == 5
+    finally:
+        proxy.stop()
+        bad.stop()
+        good.stop()
+
+
+def test_all_upstreams_down_at_start(tmp_path):
+    """C6: nothing listening upstream at start-up: the listener is up, answers SERVFAIL,
+    and the proxy does not spin (CPU time stays low while idle)."""
+    dead = f"127.0.0.1:{free_port()}"
+    proxy = Proxy(tmp_path, forward_config(dead)).start()
+    try:
+        assert proxy.proc is not None
+        msg = ask(proxy.addr, "down.example.test", use_edns=0)
+        assert msg.rcode() == dns.rcode.SERVFAIL
+        assert [o.code for o in msg.options if o.otype == 15] in ([22], [23])
+        before = _cpu_seconds(proxy.proc.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(proxy.proc.pid) - before < 0.2
+    finally:
+        proxy.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
