@@ -188,12 +188,12 @@ class UdpUpstream:
                     continue
                 except OSError as exc:
                     if exc.errno == errno.ECONNREFUSED:
-                        raise UpstreamError(f"{self.name}: connection refused") from exc
-                    raise UpstreamError(f"{self.name}: {exc.strerror}") from exc
+                        raise UpstreamError("connection refused") from exc
+                    raise UpstreamError(exc.strerror or str(exc)) from exc
                 if matches(reply, msg_id, req):
                     return reply
         except OSError as exc:
-            raise UpstreamError(f"{self.name}: {exc.strerror}") from exc
+            raise UpstreamError(exc.strerror or str(exc)) from exc
         finally:
             sock.close()
 

@@ -32,7 +32,18 @@ Syntax
     ``"tcp://192.0.2.1:53"``, and for other schemes a table such as
     ``{ url = "tls://192.0.2.1:853", server_name = "dns.example.org" }``.
 
-    An upstream that is one of our own listen addresses is a config error (a loop).
+    An upstream that is one of our own listen addresses is a config error (a loop). Loops
+    through other dnsproxy instances are caught at run time: each appends a random token to
+    a private EDNS option (code 65053) of the queries it forwards, and a query that arrives
+    carrying our own token is answered SERVFAIL at once and logged (``loop_detect = false``
+    turns this off). Answers are trimmed to the CNAME chain from the query name plus, for
+    negative answers, the SOA and NSEC/NSEC3 proof (RFC 2181 §5.4.1): unsolicited NS, glue
+    and other names never reach the client or a cache.
+
+Metrics
+    ``dnsproxy_forward_upstream_queries{upstream}``, ``..._upstream_errors{upstream}``
+    (counters), ``..._upstream_rtt_seconds{upstream}`` (gauge, smoothed), ``..._inflight``
+    (gauge), ``..._coalesced`` and ``..._loops`` (counters).
 
 Examples
     Send ``corp.example.org`` to the VPN's resolver and everything else to two public ones::
@@ -66,7 +77,7 @@ import dns.rdatatype
 import trio
 
 from dnsproxy import options, wire
-from dnsproxy.chain import AWAIT, Setup, Step
+from dnsproxy.chain import AWAIT, Metric, Setup, Step
 from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
@@ -137,11 +148,13 @@ def system_nameservers(path: Path = RESOLV_CONF) -> list[str]:
 class Health:
     """Per-upstream latency estimate (for ``fastest``) and recent failures."""
 
-    __slots__ = ("failures", "no_edns_until", "srtt")
+    __slots__ = ("errors", "failures", "no_edns_until", "queries", "srtt")
 
     def __init__(self) -> None:
         self.srtt = 0.0  # smoothed round-trip time; 0 = unknown, tried first
-        self.failures = 0
+        self.failures = 0  # consecutive
+        self.queries = 0
+        self.errors = 0
         self.no_edns_until = 0.0  # an upstream that rejected EDNS is asked without it
 
     def ok(self, rtt: float) -> None:
@@ -150,6 +163,7 @@ class Health:
 
     def failed(self, timeout: float) -> None:
         self.failures += 1
+        self.errors += 1
         self.srtt = max(self.srtt, timeout) * 1.5
 
 
@@ -177,6 +191,7 @@ class Forward(Step):
         self.health = {u.name: Health() for u in self.upstreams}
         self.flights: dict[tuple[bytes, int, int, int, bool], _Flight] = {}
         self.loops = 0
+        self.coalesced = 0
         self._loop_logged = -1e9
         self._rr = 0
         self._rand = random.Random()
@@ -203,6 +218,7 @@ class Forward(Step):
         flight = self.flights.get(key)
         if flight is not None:
             q.note("coalesced", True)
+            self.coalesced += 1
             await flight.done.wait()
             return flight.result
         flight = self.flights[key] = _Flight()
@@ -286,6 +302,7 @@ class Forward(Step):
         self, up: Upstream, req: Request, q: Query, health: Health | None = None
     ) -> tuple[Reply | None, str]:
         health = health or self.health[up.name]
+        health.queries += 1
         start = time.monotonic()
         err = "timeout"
         with trio.move_on_after(self.options.timeout):
@@ -309,6 +326,21 @@ class Forward(Step):
 
     def ready(self) -> bool:
         return any(h.failures < 3 for h in self.health.values())
+
+    def metrics(self) -> list[Metric]:
+        out = [
+            Metric("inflight", len(self.flights), "gauge", help="Upstream queries in flight."),
+            Metric("coalesced", self.coalesced, help="Client queries that joined one in flight."),
+            Metric("loops", self.loops, help="Queries that came back through a forwarding loop."),
+        ]
+        for name, h in self.health.items():
+            labels = (("upstream", name),)
+            out += [
+                Metric("upstream_queries", h.queries, labels=labels, help="Attempts sent."),
+                Metric("upstream_errors", h.errors, labels=labels, help="Failed attempts."),
+                Metric("upstream_rtt_seconds", h.srtt, "gauge", labels, "Smoothed latency."),
+            ]
+        return out
 
     def close(self) -> None:
         for up in self.upstreams:

@@ -1,0 +1,154 @@
+"""forward in-process: coalescing, loop marker, minimal answers, failover, metrics."""
+
+from __future__ import annotations
+
+import dns.edns
+import dns.message
+import dns.rrset
+import pytest
+import trio
+from dnsproxy.plugins import forward
+
+from dnsproxy import wire
+from dnsproxy.testing import build_step, make_query, run_chain
+from tests.fakeupstream import FakeUpstream
+
+
+async def start(nursery, rules) -> FakeUpstream:
+    up = FakeUpstream(rules)
+    await nursery.start(up.run)
+    return up
+
+
+async def test_identical_misses_share_one_upstream_query(nursery):
+    up = await start(nursery, [{"delay": 0.2, "answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    step = build_step("forward", {"upstreams": [up.addr]})
+    replies = []
+
+    async def ask() -> None:
+        replies.append(await run_chain([step], make_query("same.example.org")))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            for _ in range(50):
+                n.start_soon(ask)
+    assert len(up.seen) == 1
+    assert all(r.message().answer[0][0].address == "192.0.2.1" for r in replies)
+    assert step.coalesced == 49
+
+
+async def test_failover_and_metrics(nursery):
+    bad = await start(nursery, [{"rcode": "SERVFAIL"}])
+    good = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.2"]}])
+    step = build_step("forward", {"upstreams": [bad.addr, good.addr]})
+    with trio.fail_after(5):
+        reply = await run_chain([step], make_query("x.example.org"))
+    assert reply.rcode == 0
+    samples = {(m.name, m.labels): m.value for m in step.metrics()}
+    assert samples[("upstream_queries", (("upstream", f"udp://{bad.addr}"),))] == 1
+    assert samples[("upstream_queries", (("upstream", f"udp://{good.addr}"),))] == 1
+
+
+async def test_query_carrying_our_token_is_a_loop(nursery):
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    step = build_step("forward", {"upstreams": [up.addr]})
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + forward.TOKEN)
+    with trio.fail_after(5):
+        reply = await run_chain([step], make_query("l.example.org", options_=[marker]))
+    assert reply.rcode == wire.SERVFAIL and "loop" in reply.ede[0][1]
+    assert up.seen == [] and step.loops == 1
+
+
+async def test_marker_is_appended_for_the_next_hop(nursery):
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    step = build_step("forward", {"upstreams": [up.addr]})
+    other = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x02" * 8)
+    with trio.fail_after(5):
+        await run_chain([step], make_query("m.example.org", options_=[other]))
+    (seen,) = up.seen
+    assert (forward.LOOP_OPTION, (b"\x02" * 8 + forward.TOKEN).hex()) in seen.options
+
+
+def response(q, answer=(), authority=(), additional=(), rcode=0) -> bytes:
+    msg = dns.message.make_response(dns.message.make_query(q.name, q.qtype))
+    msg.set_rcode(rcode)
+    for section, texts in (
+        (msg.answer, answer),
+        (msg.authority, authority),
+        (msg.additional, additional),
+    ):
+        for t in texts:
+            name, ttl, cls, rdtype, *rdata = t.split()
+            section.append(dns.rrset.from_text(name, int(ttl), cls, rdtype, " ".join(rdata)))
+    return msg.to_wire()
+
+
+CASES = {
+    "clean": (["q.example.org. 60 IN A 192.0.2.1"], [], []),
+    "glue and ns": (
+        ["q.example.org. 60 IN A 192.0.2.1"],
+        ["example.org. 60 IN NS ns.example.org."],
+        ["ns.example.org. 60 IN A 192.0.2.53"],
+    ),
+    "other names first": (
+        ["victim.example.net. 60 IN A 6.6.6.6", "q.example.org. 60 IN A 192.0.2.1"],
+        [],
+        [],
+    ),
+    "cname chain": (
+        [
+            "q.example.org. 60 IN CNAME a.example.net.",
+            "a.example.net. 60 IN CNAME b.example.com.",
+            "b.example.com. 60 IN A 192.0.2.9",
+            "stray.example.com. 60 IN A 6.6.6.6",
+        ],
+        ["example.com. 60 IN NS ns.evil.example."],
+        [],
+    ),
+    "nxdomain": ([], ["example.org. 60 IN SOA ns.example.org. h.example.org. 1 2 3 4 5"], []),
+    "nxdomain with foreign soa": (
+        [],
+        ["evil.example. 60 IN SOA ns.evil.example. h.evil.example. 1 2 3 4 5"],
+        [],
+    ),
+    "cname loop": (
+        ["q.example.org. 60 IN CNAME r.example.org.", "r.example.org. 60 IN CNAME q.example.org."],
+        [],
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_minimal_keeps_only_the_chain_and_the_proof(case):
+    """Whichever path runs (wire-level cut or dnspython rebuild), the right records stay."""
+    answer, authority, additional = CASES[case]
+    q = make_query("q.example.org", "A")
+    body = response(q, answer, authority, additional)
+    out = dns.message.from_wire(forward.minimal(wire.strip_opt(body), q))
+    kept = {rrset.name.to_text() for rrset in out.answer}
+    assert "victim.example.net." not in kept and "stray.example.com." not in kept
+    assert not out.additional
+    if out.answer and out.answer[-1].rdtype == 1:
+        assert not out.authority
+    for rrset in out.authority:
+        assert q.name.is_subdomain(rrset.name)
+
+
+def test_minimal_leaves_clean_answers_untouched():
+    q = make_query("q.example.org", "A")
+    body = wire.strip_opt(response(q, ["q.example.org. 60 IN A 192.0.2.1"]))
+    assert forward.minimal(body, q) is body[0]
+
+
+def test_minimal_rejects_forward_pointers():
+    q = make_query("q.example.org", "A")
+    body = bytearray(
+        response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."])
+    )
+    # Point the authority record's owner forward, past itself: never a valid compression.
+    _, recs = wire.records(bytes(body))
+    ns = recs[1]
+    body[ns.name_off : ns.name_off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
+    with pytest.raises(ValueError):
+        forward.minimal(wire.strip_opt(bytes(body)), q)
