@@ -53,6 +53,7 @@ import ctypes
 import ipaddress
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,10 @@ MODES = ("null", "nxdomain", "nodata", "refused")
 TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
 MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
 MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
+
+
+_PARSED: weakref.WeakValueDictionary[tuple[object, ...], Parsed] = weakref.WeakValueDictionary()
+"""Parsed lists by source, file stamp and parse options, while some step holds them."""
 
 
 def _mode(value: object) -> str | tuple[str, ...]:
@@ -144,6 +149,7 @@ class Blocklist(Step):
             if src.path is not None and not src.path.is_file():
                 raise setup.error(key, f"{src.path}: no such file")
         self.set = DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
+        self._reuse_parsed()
         self.blocked = [0] * len(self.sources)
         self.load_failures = 0
         self._paused_until: float | None = None
@@ -154,6 +160,31 @@ class Blocklist(Step):
         rcode = {"nxdomain": wire.NXDOMAIN, "refused": wire.REFUSED}.get(str(opts.mode), 0)
         self._flags = wire.QR | wire.RA | rcode
         self._ede = [((EDE_BLOCKED, src.name),) for src in self.sources]
+
+    def _key(self, src: Source, stamp: tuple[int, int]) -> tuple[object, ...]:
+        opts = self.options
+        where = str(src.path) if src.path is not None else src.url
+        return (where, stamp, src.allow, opts.subdomains, opts.max_entries, opts.max_patterns)
+
+    def _reuse_parsed(self) -> None:
+        """Attach lists another step of this process parsed from the same, unchanged file.
+
+        A step built by a SIGHUP reload thus blocks from its first query instead of
+        answering unblocked while it parses everything again.
+        """
+        for src in self.sources:
+            stamp = src.stamp()
+            parsed = _PARSED.get(self._key(src, stamp)) if stamp else None
+            if parsed is not None:
+                src.parsed = parsed
+                src.seen = stamp
+        loaded = [
+            (s.index, s.parsed.hashes, s.parsed.kinds, s.parsed.patterns)
+            for s in self.sources
+            if s.parsed is not None
+        ]
+        if loaded:
+            self.set = merge(loaded)
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -292,7 +323,7 @@ class Blocklist(Step):
         return lines
 
     async def _keep_loaded(self, src: Source) -> None:
-        if src.url is not None:
+        if src.url is not None and src.parsed is None:
             cached = src.cached()
             if cached is not None:
                 await self._load(src, cached, " (last good copy)")
@@ -380,6 +411,9 @@ class Blocklist(Step):
             self.log.info("%s: list %s: %s", self.setup.where, src.name, problem)
         if src.url is not None and not origin:
             src.keep(data)
+        stamp = src.seen if src.path is not None else src.stamp()
+        if stamp is not None:
+            _PARSED[self._key(src, stamp)] = parsed
         async with self._merge_lock:
             loaded = [
                 (s.index, p.hashes, p.kinds, p.patterns)

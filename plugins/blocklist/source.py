@@ -48,6 +48,14 @@ class Source:
         path = path if path.is_absolute() else base / path
         return cls(index, spec, path.name, allow, path=path)
 
+    def stamp(self) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the file the list is read from (for a URL, the kept copy)."""
+        try:
+            st = (self.path if self.path is not None else self.cache_path).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
     # --- files --------------------------------------------------------------------------
 
     def read_file(self, max_size: int, *, if_changed: bool = False) -> bytes | None:

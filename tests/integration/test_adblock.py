@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -143,3 +144,19 @@ def test_check_prints_per_list_counts(proxy):
     assert "list tracking.adblock: 143876 rules" in out
     assert "list local.txt: 1 rules" in out and "list allow.txt: 1 rules" in out
     assert "(hosts): 1 names, 0 wildcards, 2 reverse names, 0 bad lines" in out
+
+
+def test_sighup_reload_keeps_blocking(proxy):
+    deadline = time.monotonic() + 30
+    while "4/4 lists ready" not in proxy.log():
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.05)
+    proxy.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "reloaded" not in proxy.log():
+        # every answer during and right after the swap is still the blocked one
+        assert addrs(ask(proxy, "0cf.io")) == ["0.0.0.0"]
+        assert time.monotonic() < deadline, proxy.log()
+    for _ in range(20):
+        assert addrs(ask(proxy, "0cf.io")) == ["0.0.0.0"]
+        assert edes(ask(proxy, "mail.example.test")) == [(15, "local.txt")]

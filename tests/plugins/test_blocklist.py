@@ -9,6 +9,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 import trio
+from dnsproxy.plugins import blocklist
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import EDE_BLOCKED
@@ -139,6 +140,7 @@ async def test_pause_and_resume(tmp_path, ads, nursery, autojump_clock):
 
 async def test_answers_before_lists_load_then_attaches(tmp_path, nursery, caplog):
     caplog.set_level(logging.INFO)
+    blocklist._PARSED.clear()  # no step of an earlier test may lend its lists
     table = {"lists": [str(BLOCKLISTS / "tracking.domains"), str(BLOCKLISTS / "basic.hosts")]}
     step = build_step("blocklist", table, base_dir=tmp_path)
     assert not step.ready()
@@ -228,3 +230,20 @@ async def test_root_and_non_in_class_pass(tmp_path, ads, nursery):
     q = make_query("ads.example.org", dns.rdatatype.TXT)
     q.qclass = 3
     assert step.query(q) is None
+
+
+async def test_a_reloaded_step_blocks_at_once_with_unchanged_lists(tmp_path, ads, nursery):
+    first = await loaded(
+        build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path), nursery
+    )
+    again = build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path)
+    assert again.ready() and again.query(make_query("ads.example.org")) is not None
+    other_options = build_step(
+        "blocklist", {"lists": ["ads.txt"], "subdomains": False}, base_dir=tmp_path
+    )
+    assert not other_options.ready()
+    write(tmp_path, "ads.txt", "www.example.org")
+    os.utime(tmp_path / "ads.txt", ns=(1, 10**18))
+    changed = build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path)
+    assert not changed.ready() and changed.query(make_query("ads.example.org")) is None
+    assert first.ready()
