@@ -127,6 +127,8 @@ def make_entry(key: Key, reply: Reply, opts: CacheOptions, now: float) -> Entry 
     data = reply.wire
     if len(data) < 12 or data[2] & (TC >> 8) or not same_question(data, key):
         return None
+    if data[2] & (wire.AA >> 8):  # an answer from our memory is not authoritative
+        data = data[:2] + bytes([data[2] & ~(wire.AA >> 8)]) + data[3:]
     rcode = data[3] & 0x0F
     if rcode == SERVFAIL:
         if not opts.servfail_ttl:

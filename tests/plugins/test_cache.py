@@ -560,3 +560,12 @@ async def test_nodata_is_per_type(autojump_clock):
     await run_chain(chain, make_query("www.example.org", "MX"))
     await run_chain(chain, make_query("www.example.org", "TXT"))
     assert up.calls == 2
+
+
+async def test_answers_through_the_cache_are_not_authoritative(autojump_clock):
+    cache = cache_step()
+    up = Upstream(lambda q: respond(q, answers=[rr(1, 300, bytes([192, 0, 2, 1]))], aa=True))
+    chain = chain_of([cache, up])
+    miss = await run_chain(chain, make_query("www.example.org"))
+    hit = await run_chain(chain, make_query("www.example.org"))
+    assert not miss.flags & wire.AA and not hit.flags & wire.AA
