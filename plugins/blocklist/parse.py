@@ -332,35 +332,31 @@ _FAST_SHAPES = tuple(
 )
 
 
-def _wire_hashes(arr: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Hashes of the wire forms of the names at ``arr[s:e]``, built for all at once.
+def _wire_hashes(arr: np.ndarray, ds: np.ndarray, de: np.ndarray, dots: np.ndarray) -> np.ndarray:
+    """Hashes of the wire forms of the names at ``arr[ds:de]``, made in place in a copy.
 
-    Each name is copied one byte to the right; its first byte and every dot become the
-    length of the label that follows, and a zero ends it: ``ads.example`` becomes
-    ``\\x03ads\\x07example\\x00``.
+    The byte before each name becomes the first label's length, every dot the length of
+    the label after it, and the byte after the name a zero: ``␣ads.example⏎`` becomes
+    ``\\x03ads\\x07example\\x00``. The caller makes sure no two names share a border
+    byte; ``dots`` are the positions of every ``.`` in ``arr``, sorted.
     """
-    lens = e - s
-    out_off = np.zeros(len(s) + 1, dtype=np.int32)
-    np.cumsum(lens + 2, out=out_off[1:])
-    in_off = np.zeros(len(s), dtype=np.int32)
-    np.cumsum(lens[:-1], out=in_off[1:])
-    src = np.arange(int(lens.sum()), dtype=np.int32) + np.repeat(s - in_off, lens)
-    dst = src + np.repeat(out_off[:-1] + 1 - s, lens)
-    out = np.zeros(int(out_off[-1]), dtype=np.uint8)
-    chars = arr[src]
-    out[dst] = chars
-    marker = np.zeros(len(out), dtype=bool)
-    marker[out_off[:-1]] = True  # the first length byte
-    marker[dst[chars == 46]] = True  # dots
-    marker[out_off[1:] - 1] = True  # the final zero (its "label" up to the next name is 0)
-    where = np.flatnonzero(marker)
-    out[where[:-1]] = where[1:] - where[:-1] - 1
+    if not len(ds):
+        return np.empty(0, np.int64)
+    out = arr.copy()
+    k = np.searchsorted(ds, dots, side="right") - 1
+    inside = dots[(k >= 0) & (dots < de[np.maximum(k, 0)])]
+    mark = np.zeros(len(arr), dtype=bool)
+    mark[ds - 1] = True
+    mark[inside] = True
+    mark[de] = True
+    where = np.flatnonzero(mark)
+    out[where[:-1]] = (where[1:] - where[:-1] - 1).astype(np.uint8)  # wraps at borders...
+    out[de] = 0  # ...which are zeros
     wire = out.tobytes()
-    bounds = out_off.tolist()
     return np.fromiter(
-        map(hash, map(wire.__getitem__, map(slice, bounds[:-1], bounds[1:]))),
+        map(hash, map(wire.__getitem__, map(slice, (ds - 1).tolist(), (de + 1).tolist()))),
         dtype=np.int64,
-        count=len(s),
+        count=len(ds),
     )
 
 
@@ -370,19 +366,20 @@ def _fast_chunk(
     """Vectorised pass over a chunk of lower-case whole lines (no CR).
 
     Returns per-shape hashes and kinds, the (index, line) pairs left for `parse_line`,
-    and the number of lines.
+    and the number of lines. Positions are in ``arr``, which is ``buf`` after a newline.
     """
-    arr = np.frombuffer(buf + b"\n" + b"\0" * 16, dtype=np.uint8)
-    size = len(buf) + 1
+    arr = np.frombuffer(b"\n" + buf + b"\n" + b"\0" * 16, dtype=np.uint8)
+    size = len(buf) + 2
     body = arr[:size]
-    ends = np.flatnonzero(body == 10).astype(np.int32)
+    ends = np.flatnonzero(body[1:] == 10).astype(np.int32) + 1
     starts = np.empty(len(ends), dtype=np.int32)
-    starts[0] = 0
+    starts[0] = 1
     starts[1:] = ends[:-1] + 1
     # Bad bytes per line: anything outside [a-z0-9._-] and every ".." (an empty label).
     bad = ~_OK[body]
     bad[:-1] |= (body[:-1] == 46) & (body[1:] == 46)
     line_bad = np.add.reduceat(bad, starts, dtype=np.int32) - 1  # minus the newline
+    dots = np.flatnonzero(body == 46).astype(np.int32)
     first = arr[starts]
     lens = ends - starts
     todo = np.flatnonzero((lens > 0) & ~_COMMENT[first])
@@ -401,20 +398,23 @@ def _fast_chunk(
         for i, c in enumerate(prefix[1:], 1):
             m &= arr[starts[cand] + i] == c
         for i, c in enumerate(suffix):
-            m &= arr[np.maximum(de + i, 0)] == c
-        m &= _FIRST_OK[arr[ds]] & _LETTER[arr[np.maximum(de - 1, 0)]]
+            m &= arr[de + i] == c
+        m &= _FIRST_OK[arr[ds]] & _LETTER[arr[de - 1]]
         if not m.any():
             continue
         cand, ds, de = cand[m], ds[m], de[m]
         todo = np.setdiff1d(todo, cand, assume_unique=True)
-        h = _wire_hashes(arr, ds, de)
+        if prefix or suffix:
+            h = _wire_hashes(arr, ds, de, dots)
+        else:  # plain lines share their newlines: every other line per pass
+            h = np.concatenate([_wire_hashes(arr, ds[i::2], de[i::2], dots) for i in (0, 1)])
         special = np.isin(h, _SPECIAL_HASHES)
         if special.any():
             h = h[~special]
         hashes.append(h)
         kinds.append(np.full(len(h), base if kind is None else kind, dtype=np.uint8))
     spans = zip(todo.tolist(), starts[todo].tolist(), ends[todo].tolist(), strict=True)
-    rest = [(i, buf[s:e]) for i, s, e in spans]
+    rest = [(i, buf[s - 1 : e - 1]) for i, s, e in spans]
     return hashes, kinds, rest, len(starts)
 
 
