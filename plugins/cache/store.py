@@ -49,7 +49,7 @@ class CacheOptions:
 
     def __attrs_post_init__(self) -> None:
         if self.min_ttl > self.max_ttl:
-            raise ValueError(f"'min_ttl' ({self.min_ttl}) is above max_ttl ({self.max_ttl})")
+            raise ValueError(f"min_ttl {self.min_ttl} is above max_ttl {self.max_ttl}")
 
 
 class Entry:
