@@ -128,7 +128,8 @@ class Cache(Step):
         q.note("cache", "hit")
         ttl = int(left)
         if ttl != e.shown:
-            e.reply = e.patched(ttl, e.ede)
+            e.reply = reply = e.patched(ttl, e.ede)
+            e.wire = reply.wire  # keep one copy: every TTL is patched again anyway
             e.shown = ttl
         e.steady_until = e.expires - ttl
         if left < e.prefetch_at:
