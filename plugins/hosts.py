@@ -222,13 +222,18 @@ class Hosts(Step):
         if records is not None:
             self.answers += 1
             q.note("rule", "hosts")
-            return respond(q, wire.NOERROR, records.get(q.qtype, ()), aa=True, source="hosts")
+            answers = records.get(q.qtype, ())
+            if q.trace is not None:
+                q.explain(f"{self.setup.where}: known name, {len(answers)} record(s)")
+            return respond(q, wire.NOERROR, answers, aa=True, source="hosts")
         ptr = table.ptr.get(q.key)
         if ptr is None:
             return None
         self.answers += 1
         q.note("rule", "hosts")
         answers = ptr if q.qtype in (TYPE_PTR, TYPE_ANY) else ()
+        if q.trace is not None:
+            q.explain(f"{self.setup.where}: reverse name of a known address")
         return respond(q, wire.NOERROR, answers, aa=True, source="hosts")
 
     async def run(self) -> None:

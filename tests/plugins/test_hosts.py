@@ -94,6 +94,14 @@ async def test_known_names_get_nodata_never_upstream(tmp_path, hosts_file, name,
     assert msg.rcode() == 0 and msg.answer == [] and reply.source == "hosts"
 
 
+async def test_trace_says_why(tmp_path, hosts_file):
+    q = make_query("www.example.org", "MX")
+    q.trace = []
+    await run_chain([make(tmp_path)], q)
+    assert q.trace[0].endswith("(hosts): known name, 0 record(s)")
+    assert q.notes == {"rule": "hosts"}
+
+
 async def test_unknown_names_pass_on(tmp_path, hosts_file):
     step = make(tmp_path)
     for name in ("upstream.example.org", "app.test", "example.org"):
