@@ -357,10 +357,12 @@ class FakeUpstream:
             nursery.start_soon(self._udp_reply, data, peer[:2])
 
     async def _tcp_conn(self, stream: trio.SocketStream) -> None:
+        """Frames in, answers out (pipelined); a peer going away just ends the connection."""
         peer = stream.socket.getpeername()[:2]
         lock = trio.Lock()
+        gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
-        async def answer(data: bytes) -> None:
+        async def answer(data: bytes, nursery: trio.Nursery) -> None:
             msg = self._parse(data, peer, "tcp")
             if msg is None:
                 return
@@ -370,30 +372,33 @@ class FakeUpstream:
                 await trio.sleep(float(rule["delay"]))
             if rule.get("drop"):
                 return
-            async with lock:
-                for item in out:
-                    frame = struct.pack("!H", len(item)) + item
-                    if rule.get("tcp_close_mid"):
-                        await stream.send_all(frame[: max(3, len(frame) // 2)])
-                        await stream.aclose()
-                        return
-                    await stream.send_all(frame)
+            try:
+                async with lock:
+                    for item in out:
+                        frame = struct.pack("!H", len(item)) + item
+                        if rule.get("tcp_close_mid"):
+                            await stream.send_all(frame[: max(3, len(frame) // 2)])
+                            nursery.cancel_scope.cancel()  # closes the connection below
+                            return
+                        await stream.send_all(frame)
+            except gone:
+                nursery.cancel_scope.cancel()
 
         buf = bytearray()
-        try:
-            async with stream, trio.open_nursery() as nursery:
-                while True:
-                    while len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1]):
+        async with stream, trio.open_nursery() as nursery:
+            while True:
+                while len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1]):
+                    try:
                         chunk = await stream.receive_some(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    size = (buf[0] << 8) | buf[1]
-                    frame = bytes(buf[2 : 2 + size])
-                    del buf[: 2 + size]
-                    nursery.start_soon(answer, frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
+                    except gone:
+                        chunk = b""
+                    if not chunk:
+                        return
+                    buf += chunk
+                size = (buf[0] << 8) | buf[1]
+                frame = bytes(buf[2 : 2 + size])
+                del buf[: 2 + size]
+                nursery.start_soon(answer, frame, nursery)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve UDP and TCP until cancelled; ``task_status.started`` gets the port."""

@@ -28,6 +28,7 @@ passes, so a conformance case is data, not code. A scenario file::
     flags = ["RA"]                          # must be set; noflags = ["TC"] must be clear
     ede = [22]                              # Extended DNS Error codes, in order
     upstream_queries = 1                    # queries the upstream has seen so far
+    upstream_queries_max = 3                # ... at most (RFC 9520 §3.1 retry bounds)
     within = 1.5                            # seconds the answer may take
     none = true                             # no reply at all (dropped)
 
@@ -192,6 +193,9 @@ def run_scenario(doc: dict[str, Any], proxy: Proxy, upstream: FakeUpstream) -> N
         if "upstream_queries" in expect:
             n = len(upstream.seen)
             assert n == expect["upstream_queries"], f"{where}: upstream saw {n} queries"
+        if "upstream_queries_max" in expect:
+            n = len(upstream.seen)
+            assert n <= expect["upstream_queries_max"], f"{where}: upstream saw {n} queries"
 
 
 @pytest.mark.parametrize("path", _params())
