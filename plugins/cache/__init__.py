@@ -42,7 +42,8 @@ def client_scopes(chain: Chain, step: Step) -> tuple[Callable[[Query], bool], ..
     """The scope tests of steps after ``step`` whose outcome can depend on the client.
 
     Zone-only scopes depend only on the name, which the key already holds, so they are
-    left out (they would only cost time per hit); anything else is kept.
+    left out (they would only cost time per hit). They are recognised by the closure that
+    `dnsproxy.chain.scope_test` builds; anything not recognised is kept, which is safe.
     """
     after = chain.links[chain.steps.index(step) + 1 :]
     return tuple(
