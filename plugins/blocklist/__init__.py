@@ -68,13 +68,14 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_BLOCKED, Reply, rr
 from dnsproxy.wire import HEADER, Query
 
-from .domainset import NO_MATCH, DomainSet, merge, name_key_at
+from .domainset import NO_MATCH, DomainSet, cname_rdata, merge, name_key_at
 from .parse import ALLOW, KIND_BITS, BadList, Parsed, parse_list
 from .source import FetchError, Source
 
 MODES = ("null", "nxdomain", "nodata", "refused")
-TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
+TYPE_A, TYPE_AAAA = 1, 28
 MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
+CNAME_IN = b"\x00\x05\x00\x01"  # type CNAME, class IN, as in every CNAME record's header
 MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
 
 
@@ -202,26 +203,18 @@ class Blocklist(Step):
         """Block an answer whose CNAME chain leads to a blocked name."""
         if reply.wire[6:8] == b"\0\0" or not self.options.cname:  # no answer records
             return reply
+        if CNAME_IN not in reply.wire:  # no CNAME record can be there: skip the walk
+            return reply
         if self._paused_until is not None and self._still_paused():
             return reply
         try:
-            records = reply.records()
+            for rdata in cname_rdata(reply.wire, MAX_CNAMES):
+                target = name_key_at(reply.wire, rdata)
+                tag = self.set.verdict(target)
+                if tag != NO_MATCH:
+                    return self._block(q, tag, target)
         except ValueError:
-            return reply
-        seen = 0
-        for rec in records:
-            if rec.rtype != TYPE_CNAME or rec.section != 1:
-                continue
-            seen += 1
-            if seen > MAX_CNAMES:
-                break
-            try:
-                target = name_key_at(reply.wire, rec.rdata_off)
-            except ValueError:
-                return reply
-            tag = self.set.verdict(target)
-            if tag != NO_MATCH:
-                return self._block(q, tag, target)
+            pass  # malformed: not ours to judge (forward already stripped what it could)
         return reply
 
     def _still_paused(self) -> bool:

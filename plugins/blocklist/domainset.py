@@ -19,9 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dnsproxy import wire
+
 from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY
 
 NO_MATCH = -1
+TYPE_CNAME = 5
 
 
 def key_text(key: bytes) -> str | None:
@@ -39,6 +42,33 @@ def key_text(key: bytes) -> str | None:
         labels.append(label)
         off += key[off] + 1
     return b".".join(labels).decode() if labels else None
+
+
+def cname_rdata(msg: bytes, limit: int) -> list[int]:
+    """Where the rdata of the first ``limit`` CNAMEs of the answer section start.
+
+    Walks only the question and answer sections, with every length checked (cheaper
+    than `Reply.records`, which this runs instead of for every reply passing back).
+    Raises ValueError on a malformed message.
+    """
+    if len(msg) < 12:
+        raise ValueError("short message")
+    qdcount = (msg[4] << 8) | msg[5]
+    ancount = (msg[6] << 8) | msg[7]
+    off = 12
+    for _ in range(qdcount):
+        off = wire.skip_name(msg, off) + 4
+    found = []
+    for _ in range(ancount):
+        off = wire.skip_name(msg, off)
+        if off + 10 > len(msg):
+            raise ValueError("record past the end")
+        if msg[off] == 0 and msg[off + 1] == TYPE_CNAME:
+            found.append(off + 10)
+            if len(found) >= limit:
+                break
+        off += 10 + ((msg[off + 8] << 8) | msg[off + 9])
+    return found
 
 
 def name_key_at(msg: bytes, off: int) -> bytes:
