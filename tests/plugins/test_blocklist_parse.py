@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import time
 
+import dns.message
 import numpy as np
 import pytest
-from dnsproxy.plugins.blocklist.domainset import NO_MATCH, key_text, merge, name_key_at
+from dnsproxy.plugins.blocklist.domainset import (
+    NO_MATCH,
+    cname_rdata,
+    key_text,
+    merge,
+    name_key_at,
+)
 from dnsproxy.plugins.blocklist.parse import (
     ALLOW,
     EXACT,
@@ -295,6 +302,32 @@ def test_subdomains_false_makes_plain_entries_exact():
     assert _verdict(["ads.example.org"], "x.ads.example.org", subdomains=False) == NO_MATCH
     assert _verdict(["ads.example.org"], "ads.example.org", subdomains=False) == "blocked"
     assert _verdict(["||ads.example.org^"], "x.ads.example.org", subdomains=False) == "blocked"
+
+
+def test_cname_rdata_walks_only_the_answer_section():
+    msg = dns.message.from_text(
+        """id 1
+opcode QUERY
+rcode NOERROR
+flags QR RD RA
+;QUESTION
+a.example.org. IN A
+;ANSWER
+a.example.org. 60 IN CNAME b.example.org.
+b.example.org. 60 IN CNAME c.example.net.
+c.example.net. 60 IN A 192.0.2.1
+;AUTHORITY
+example.org. 60 IN CNAME d.example.org.
+"""
+    ).to_wire()
+    found = cname_rdata(msg, 16)
+    assert [name_key_at(msg, off) for off in found] == [
+        name_to_key("b.example.org"),
+        name_to_key("c.example.net"),
+    ]
+    assert len(cname_rdata(msg, 1)) == 1
+    with pytest.raises(ValueError):
+        cname_rdata(msg[:40], 16)
 
 
 def test_wire_helpers():
