@@ -130,7 +130,9 @@ class _Builder:
                 key = wire.name_to_key(name[2:] if wild else name)
             except (dns.exception.DNSException, ValueError) as exc:
                 return f"{name!r} is not a domain name ({exc})"
-            if b"*" in key or key == b"\x00":
+            if key == b"\x00":
+                return f"{name!r}: the root is not a host name"
+            if b"*" in key:
                 return f"{name!r}: only a leading '*.' wildcard is supported"
             keys.append((wild, key))
         for wild, key in keys:

@@ -159,6 +159,7 @@ async def test_unreadable_file_keeps_previous_table(tmp_path, hosts_file, nurser
         ({"files": ["missing"]}, r"files: .*missing: No such file"),
         ({"files": [], "entries": ["10.0.0.1 *.x*.test"]}, "entries: 1: .*only a leading"),
         ({"files": [], "entries": ["nonsense"]}, "entries: 1: 'nonsense' is not an IP"),
+        ({"files": [], "entries": ["10.0.0.1 ."]}, "entries: 1: '.': the root is not"),
         ({"files": []}, "needs 'files' or 'entries'"),
         ({"files": ["hosts"], "max_names": 3}, "files: more than max_names = 3"),
         ({"files": ["hosts"], "max_size": 100}, r"files: .*hosts: \d+ bytes, over max_size = 100"),
