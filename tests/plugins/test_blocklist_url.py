@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import attrs
 import pytest
 import trio
 from dnsproxy.plugins import blocklist
@@ -153,3 +154,16 @@ async def test_max_size(tmp_path, http):
     step = make(tmp_path, http.url, max_size=10)
     with pytest.raises(ConfigError, match="over max_size"):
         await step.check()
+
+
+async def test_refresh_replaces_the_list_when_it_changed(tmp_path, http, nursery, caplog):
+    caplog.set_level(logging.INFO)
+    http.script = [("ok", LIST_V1, '"v1"'), ("304",), ("ok", LIST_V2, '"v2"')]
+    step = make(tmp_path, http.url)
+    with attrs.validators.disabled():  # refresh has a 60 s floor; this test cannot wait
+        step.options = attrs.evolve(step.options, refresh=0.2)
+    nursery.start_soon(step.run)
+    await wait_for(lambda: blocked(step, "tracker.example.net"))
+    assert [r.get("if-none-match") for r in http.requests[:3]] == [None, '"v1"', '"v1"']
+    assert "list ads.txt: not modified" in caplog.text
+    assert step.sources[0].cache_path.read_bytes() == LIST_V2
