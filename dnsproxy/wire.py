@@ -197,8 +197,18 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
         raise Reject(FORMERR, msg_id, flags)
     qtype, qclass = struct.unpack_from("!HH", data, off)
     query = Query(data, msg_id, flags, data[12:off], qtype, qclass, off + 4, client, transport)
-    if ar and not _read_opt(query, off + 4):
-        return _parse_slow(data, client, transport, msg_id, flags)
+    if ar:
+        off += 4
+        # The usual OPT: root-owned, version 0, no options, last in the message.
+        if end == off + 11 and data[off] == 0:
+            rtype, size, ttl, rdlen = RR_FIXED.unpack_from(data, off + 1)
+            if rtype == OPT and rdlen == 0 and not ttl & 0xFF0000:
+                query.edns = True
+                query.udp_size = size if size > 512 else 512
+                query.do = bool(ttl & EDNS_DO)
+                return query
+        if not _read_opt(query, off):
+            return _parse_slow(data, client, transport, msg_id, flags)
     return query
 
 
