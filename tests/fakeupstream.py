@@ -400,16 +400,31 @@ class FakeUpstream:
                 del buf[: 2 + size]
                 nursery.start_soon(answer, frame, nursery)
 
+    async def _bind(self) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+        """UDP and TCP sockets on one port. With port 0, a free UDP port can still be the
+        local port of some TCP connection, so try again until both bind."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for _ in range(50 if self.port == 0 else 1):
+            udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+            tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                await udp.bind((self.host, self.port))
+                await tcp.bind((self.host, udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                tcp.close()
+                if self.port:
+                    raise
+                continue
+            self.port = udp.getsockname()[1]
+            tcp.listen(128)
+            return udp, tcp
+        raise OSError(f"no port free for both UDP and TCP on {self.host}")
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve UDP and TCP until cancelled; ``task_status.started`` gets the port."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
-        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await udp.bind((self.host, self.port))
-        self.port = udp.getsockname()[1]
-        await tcp.bind((self.host, self.port))
-        tcp.listen(128)
+        udp, tcp = await self._bind()
         self._udp = udp
         with udp, tcp:
             async with trio.open_nursery() as nursery:
