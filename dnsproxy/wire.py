@@ -414,10 +414,12 @@ def records(wire: bytes) -> tuple[int, list[Record]]:
     return qend, out
 
 
-def strip_opt(wire: bytes) -> tuple[bytes, list[Record]]:
+def strip_opt(wire: bytes) -> tuple[bytes, list[Record], int]:
     """Remove OPT records from a response (OPT is hop-by-hop, RFC 6891 §6.1.1).
 
-    Returns the message without them and the remaining records, offsets adjusted. Bytes
+    Returns the message without them, the remaining records (offsets adjusted) and the
+    whole rcode: the header's four bits plus the upper eight the OPT carries (BADVERS is
+    16, so it would read as NOERROR once the OPT is gone). Bytes
     after the last counted record are dropped too: appending our own OPT behind them would
     make the reply unreadable.
     """
@@ -426,10 +428,12 @@ def strip_opt(wire: bytes) -> tuple[bytes, list[Record]]:
     if len(wire) > end:
         wire = wire[:end]
     opts = [r for r in recs if r.rtype == OPT]
+    rcode = wire[3] & 0x0F
     if not opts:
-        return wire, recs
+        return wire, recs, rcode
     if any(r.section != 3 for r in opts):
         raise ValueError("OPT outside the additional section")
+    rcode |= wire[opts[0].ttl_off] << 4
     parts = []
     pos = 0
     for r in opts:
@@ -440,7 +444,7 @@ def strip_opt(wire: bytes) -> tuple[bytes, list[Record]]:
     ar = U16.unpack_from(out, 10)[0] - len(opts)
     U16.pack_into(out, 10, ar)
     stripped = bytes(out)
-    return stripped, records(stripped)[1]
+    return stripped, records(stripped)[1], rcode
 
 
 def opcode_text(flags: int) -> str:

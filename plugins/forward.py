@@ -312,10 +312,13 @@ class Forward(Step):
                 err = str(exc)
             else:
                 try:
-                    body = minimal(wire.strip_opt(data), q)
+                    body, recs, rcode = wire.strip_opt(data)
+                    body = minimal(body, recs, q)
                 except ValueError as exc:
                     err = f"malformed answer ({exc})"
                 else:
+                    if rcode > 15:  # BADVERS and the like: EDNS trouble, as FORMERR would be
+                        body = body[:3] + bytes([(body[3] & 0xF0) | wire.FORMERR]) + body[4:]
                     health.ok(time.monotonic() - start)
                     if q.trace is not None:
                         q.explain(f"{self.setup.where}: {up.name} answered rcode {body[3] & 0xF}")
@@ -402,7 +405,7 @@ def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:
     return keep
 
 
-def minimal(stripped: tuple[bytes, list[wire.Record]], q: Query) -> bytes:
+def minimal(body: bytes, recs: list[wire.Record], q: Query) -> bytes:
     """Keep only what answers the question (RFC 2181 §5.4.1; CONFORMANCE.md C2).
 
     That is the CNAME/DNAME chain from the query name with the records of the asked type at
@@ -412,7 +415,6 @@ def minimal(stripped: tuple[bytes, list[wire.Record]], q: Query) -> bytes:
     answer record owned by the question name and of its type, nothing else) are returned
     without a parse.
     """
-    body, recs = stripped
     if all(
         r.section == 1 and r.rtype == q.qtype and body[r.name_off : r.name_off + 2] == b"\xc0\x0c"
         for r in recs

@@ -169,7 +169,8 @@ def test_records_and_strip_opt():
     qend, recs = wire.records(data)
     assert qend == 12 + len(b"\x07example\x03org\x00") + 4
     assert [r.rtype for r in recs] == [1, 1, 41]
-    stripped, recs2 = wire.strip_opt(data)
+    stripped, recs2, rcode = wire.strip_opt(data)
+    assert rcode == 0
     assert [r.rtype for r in recs2] == [1, 1]
     assert struct.unpack_from("!H", stripped, 10)[0] == 0
     assert dns.message.from_wire(stripped).edns == -1

@@ -125,7 +125,7 @@ def test_minimal_keeps_only_the_chain_and_the_proof(case):
     answer, authority, additional = CASES[case]
     q = make_query("q.example.org", "A")
     body = response(q, answer, authority, additional)
-    out = dns.message.from_wire(forward.minimal(wire.strip_opt(body), q))
+    out = dns.message.from_wire(forward.minimal(*wire.strip_opt(body)[:2], q))
     kept = {rrset.name.to_text() for rrset in out.answer}
     assert "victim.example.net." not in kept and "stray.example.com." not in kept
     assert not out.additional
@@ -137,8 +137,8 @@ def test_minimal_keeps_only_the_chain_and_the_proof(case):
 
 def test_minimal_leaves_clean_answers_untouched():
     q = make_query("q.example.org", "A")
-    body = wire.strip_opt(response(q, ["q.example.org. 60 IN A 192.0.2.1"]))
-    assert forward.minimal(body, q) is body[0]
+    body, recs, _ = wire.strip_opt(response(q, ["q.example.org. 60 IN A 192.0.2.1"]))
+    assert forward.minimal(body, recs, q) is body
 
 
 def test_minimal_rejects_forward_pointers():
@@ -151,4 +151,4 @@ def test_minimal_rejects_forward_pointers():
     ns = recs[1]
     body[ns.name_off : ns.name_off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
     with pytest.raises(ValueError):
-        forward.minimal(wire.strip_opt(bytes(body)), q)
+        forward.minimal(*wire.strip_opt(bytes(body))[:2], q)
