@@ -13,8 +13,8 @@ BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.localnames",
     "dnsproxy.plugins.ratelimit",
     "dnsproxy.plugins.cache",
-    "dnsproxy.plugins.querylog",
-    "dnsproxy.plugins.http",
     "dnsproxy.plugins.dot",
     "dnsproxy.plugins.doh",
+    "dnsproxy.plugins.querylog",
+    "dnsproxy.plugins.http",
 )
