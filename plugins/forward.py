@@ -64,6 +64,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Mapping
@@ -474,6 +475,7 @@ def minimal(body: bytes, recs: list[wire.Record], q: Query) -> bytes:
 
 
 def _own_listener(host: str, port: int, setup: Setup) -> bool:
+    """Whether host:port is one of our listeners (a wildcard listener covers local addresses)."""
     try:
         target = ipaddress.ip_address(host)
     except ValueError:
@@ -485,11 +487,22 @@ def _own_listener(host: str, port: int, setup: Setup) -> bool:
             mine = ipaddress.ip_address(addr.host)
         except ValueError:
             continue
-        if mine == target or (mine.is_unspecified and mine.version == target.version):
+        if mine == target:
             return True
-        if mine.is_unspecified and target.is_loopback:
+        if mine.is_unspecified and mine.version == target.version and _is_local(target):
             return True
     return False
+
+
+def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``addr`` belongs to this host: only local addresses can be bound."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((str(addr), 0))
+        except OSError:
+            return False
+    return True
 
 
 def _plain(tcp_only: bool) -> Any:

@@ -152,3 +152,25 @@ def test_minimal_rejects_forward_pointers():
     body[ns.name_off : ns.name_off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
     with pytest.raises(ValueError):
         forward.minimal(*wire.strip_opt(bytes(body))[:2], q)
+
+
+@pytest.mark.parametrize(
+    ("listen", "upstream", "loop"),
+    [
+        ("0.0.0.0:53", "192.0.2.53", False),  # not an address of this host
+        ("0.0.0.0:53", "127.0.0.1", True),
+        ("0.0.0.0:5353", "127.0.0.1", False),  # other port
+        ("127.0.0.1:53", "127.0.0.1:53", True),
+        ("[::]:53", "::1", True),
+    ],
+)
+def test_own_listener_is_rejected_wildcards_included(listen, upstream, loop):
+    from dnsproxy.config import ServerConfig
+    from dnsproxy.errors import ConfigError
+
+    server = ServerConfig(listen=(listen,))
+    if loop:
+        with pytest.raises(ConfigError, match="own listener"):
+            build_step("forward", {"upstreams": [upstream]}, server=server)
+    else:
+        build_step("forward", {"upstreams": [upstream]}, server=server).close()
