@@ -45,7 +45,7 @@ class UpstreamSpec:
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any]) -> UpstreamSpec:
-        """Parse "1.2.3.4", "1.2.3.4:53", "[::1]:53", "tcp://h:p", "tls://h", "https://h/p"."""
+        """Parse "192.0.2.1", "192.0.2.1:53", "::1", "[::1]:53", "tcp://h:p", "tls://h", "https://h/p"."""
         extra: dict[str, Any] = {}
         if isinstance(value, Mapping):
             extra = {k: v for k, v in value.items() if k != "url"}
@@ -56,6 +56,8 @@ class UpstreamSpec:
             url = value
         else:
             raise ValueError(f"an upstream is a string or a table, got {value!r}")
+        if "://" not in url and url.count(":") > 1 and not url.startswith("["):
+            url = f"[{url}]"  # a bare IPv6 address: "2001:db8::1"
         text = url if "://" in url else "udp://" + url
         parts = urlsplit(text)
         try:
