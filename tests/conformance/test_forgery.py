@@ -98,8 +98,15 @@ def test_blind_spoofing_flood_accepts_nothing(fwd, shared_upstream):
     for t in threads:
         t.join(10)
     assert len(results) == 4
+    # A flood can cost the real answer (the socket buffer overflows: SERVFAIL, a denial of
+    # service), but a forged answer must never be accepted.
+    good = 0
     for msg in results:
+        if msg.rcode() == 2 and not msg.answer:
+            continue
         assert [rd.address for rd in msg.answer[0]] == ["192.0.2.1"]
+        good += 1
+    assert good >= 1  # the wait went on past thousands of wrong IDs
 
 
 def test_same_question_from_many_clients_one_upstream_query(fwd, shared_upstream):
