@@ -419,9 +419,9 @@ def strip_opt(wire: bytes) -> tuple[bytes, list[Record], int]:
 
     Returns the message without them, the remaining records (offsets adjusted) and the
     whole rcode: the header's four bits plus the upper eight the OPT carries (BADVERS is
-    16, so it would read as NOERROR once the OPT is gone). Bytes
-    after the last counted record are dropped too: appending our own OPT behind them would
-    make the reply unreadable.
+    16, so it would read as NOERROR once the OPT is gone). Bytes after the last counted
+    record are dropped too: appending our own OPT behind them would make the reply
+    unreadable.
     """
     qend, recs = records(wire)
     end = recs[-1].end if recs else qend
@@ -434,6 +434,10 @@ def strip_opt(wire: bytes) -> tuple[bytes, list[Record], int]:
     if any(r.section != 3 for r in opts):
         raise ValueError("OPT outside the additional section")
     rcode |= wire[opts[0].ttl_off] << 4
+    if len(opts) == 1 and opts[0] is recs[-1]:  # the usual place: cut it off the end
+        out = bytearray(wire[: opts[0].name_off])
+        U16.pack_into(out, 10, U16.unpack_from(out, 10)[0] - 1)
+        return bytes(out), recs[:-1], rcode
     parts = []
     pos = 0
     for r in opts:

@@ -103,6 +103,7 @@ MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: resolvers stop at 10-16 hops
 LOOP_OPTION = 65053
 TOKEN = secrets.token_bytes(8)
 MAX_HOPS = 8
+FIRST_HOP = edns_option(LOOP_OPTION, TOKEN)
 NEGATIVE_PROOF = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
 CNAME, SOA, DNAME, RRSIG, NSEC, NSEC3, ANY = 5, 6, 39, 46, 47, 50, 255
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
@@ -358,6 +359,8 @@ def _loop_marker(q: Query) -> bytes | None:
         if code == LOOP_OPTION:
             hops = data
             break
+    else:
+        return FIRST_HOP
     tokens = [hops[i : i + 8] for i in range(0, len(hops), 8)]
     if TOKEN in tokens or len(tokens) >= MAX_HOPS:
         return None
@@ -416,11 +419,16 @@ def minimal(body: bytes, recs: list[wire.Record], q: Query) -> bytes:
     answer record owned by the question name and of its type, nothing else) are returned
     without a parse.
     """
-    if all(
-        r.section == 1 and r.rtype == q.qtype and body[r.name_off : r.name_off + 2] == b"\xc0\x0c"
-        for r in recs
-    ):
+    direct = 0  # leading answer records owned by the question name, of the asked type
+    for r in recs:
+        if r.section != 1 or r.rtype != q.qtype or body[r.name_off : r.name_off + 2] != b"\xc0\x0c":
+            break
+        direct += 1
+    if direct == len(recs):
         return body
+    if direct and recs[direct].section != 1:  # a plain answer plus NS/glue: cut the rest
+        end = recs[direct - 1].end
+        return body[:6] + struct.pack("!HHH", direct, 0, 0) + body[12:end]
     keep = _keep(body, recs, q)
     if keep is not None:
         if len(keep) == len(recs):
