@@ -218,6 +218,7 @@ def main() -> None:
                 """
                 proxy = start_proxy(d / f"p{i}", config, cpu=SERVER_CPU)
                 try:
+                    print(f"measuring {label}", file=sys.stderr)
                     latencies(proxy.port, wires, len(wires))  # warm-up: connect, fill caches
                     rows.append(row(label, latencies(proxy.port, wires, args.queries)))
                 finally:
