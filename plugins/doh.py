@@ -134,7 +134,12 @@ class DohUpstream:
             for attempt in range(len(self.urls)):
                 index = (self._current + attempt) % len(self.urls)
                 try:
-                    reply = await self._request(self.urls[index], data, req)
+                    try:
+                        reply = await self._request(self.urls[index], data, req)
+                    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                        # The server ended a reused connection (GOAWAY after its request
+                        # limit, idle close): one more try on a fresh connection.
+                        reply = await self._request(self.urls[index], data, req)
                 except httpx.ConnectError as exc:
                     if tls_error(exc) is not None or attempt + 1 == len(self.urls):
                         raise UpstreamError(describe(exc)) from exc

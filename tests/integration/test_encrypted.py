@@ -392,3 +392,18 @@ def test_spki_pin(make_proxy, kresd, ca_file):
     assert resp.rcode() == dns.rcode.SERVFAIL
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert "spki_pin" in (ede[0].text or "")
+
+
+def test_doh_server_ending_the_connection_costs_no_query(tmp_path, nsd, ca, ca_file, make_proxy):
+    """hypercorn sends GOAWAY after its request limit: the query in flight is retried on a
+    fresh connection instead of failing."""
+    server = DohServer(tmp_path / "doh-limited", nsd, ca)
+    server.config.keep_alive_max_requests = 3
+    server.start()
+    try:
+        proxy = make_proxy(config(doh_upstream(server, ca_file)))
+        for i in range(8):
+            name = ("www", "mail")[i % 2] + ".example.test"
+            assert ask(proxy.port, name).rcode() == dns.rcode.NOERROR, i
+    finally:
+        server.stop()
