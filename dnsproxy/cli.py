@@ -156,8 +156,7 @@ async def _query(path: Path, name: str, type_text: str) -> int:
     reply = None
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
-        server._nursery = nursery
-        server._start_chain(chain)
+        await nursery.start(server.run_steps)
         with trio.move_on_after(QUERY_READY_WAIT):
             while not chain.ready():  # lists load in the background: wait for them
                 await trio.sleep(0.05)

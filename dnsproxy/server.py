@@ -432,6 +432,17 @@ class Server:
             self.chain.close()
         log.info("stopped")
 
+    async def run_steps(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the chain's background work (list loading, refreshes) without listeners.
+
+        For ``dnsproxy query`` and embedding: start it in a nursery, call `query`, cancel.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._start_chain(self.chain)
+            task_status.started()
+            await trio.sleep_forever()
+
     def stop(self) -> None:
         """Stop accepting queries; in-flight ones get up to 5 s to finish."""
         self._stop.set()
