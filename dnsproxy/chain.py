@@ -210,6 +210,17 @@ def scope_test(
     return None
 
 
+def client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as the ACL and scopes see it: zone id dropped, v4-mapped as v4."""
+    try:
+        addr = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def client_matcher(
     nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> Callable[[str], bool]:
@@ -218,13 +229,8 @@ def client_matcher(
 
     @functools.lru_cache(maxsize=4096)
     def match(host: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in nets)
+        addr = client_address(host)
+        return addr is not None and any(addr in n for n in nets)
 
     return match
 

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from dnsproxy import wire
+from dnsproxy.chain import client_address
 from dnsproxy.wire import HEADER, U16
 
 SOA = 6
@@ -152,13 +153,8 @@ def client_exempt(
     """Parse a client address (v4-mapped as v4); None if unparsable or in ``nets``."""
 
     def parse(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        try:
-            addr = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
-            return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if any(addr in n for n in nets):
+        addr = client_address(host)
+        if addr is None or any(addr in n for n in nets):
             return None
         return addr
 
