@@ -25,7 +25,15 @@ import trio
 
 from dnsproxy import config as config_mod
 from dnsproxy import wire
-from dnsproxy.chain import Chain, Setup, StepFailed, Suspended, client_matcher, scope_test
+from dnsproxy.chain import (
+    Chain,
+    Setup,
+    Step,
+    StepFailed,
+    Suspended,
+    client_matcher,
+    scope_test,
+)
 from dnsproxy.config import Address, Config
 from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.hookspecs import Observer
@@ -452,13 +460,26 @@ class Server:
         scope = trio.CancelScope()
         self._chain_scopes[id(chain)] = scope
 
-        async def run_steps() -> None:
+        async def background() -> None:
             with scope:
                 async with trio.open_nursery() as n:
                     for step in chain.steps:
-                        n.start_soon(step.run)
+                        n.start_soon(self._run_step, step)
 
-        self._nursery.start_soon(run_steps)
+        self._nursery.start_soon(background)
+
+    async def _run_step(self, step: Step) -> None:
+        """A step's background work; its failure is logged and must not stop the server."""
+        try:
+            await step.run()
+        except Exception as exc:
+            self.stats.internal_errors += 1
+            log.error(
+                "%s: background work failed, the step keeps serving what it has: %r",
+                step.setup.where,
+                exc,
+                exc_info=exc,
+            )
 
     async def reload(self) -> bool:
         """Load the config again and swap the new chain in; keep the old one on error."""

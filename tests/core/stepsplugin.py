@@ -66,3 +66,11 @@ def dnsproxy_add_steps(registry):
     registry.add_step("static", Static)
     registry.add_step("slow", Slow)
     registry.add_step("boom", Boom)
+    registry.add_step("crashy", Crashy)
+
+
+class Crashy(Step):
+    """Background work that fails at once (a bug in a plugin's loader)."""
+
+    async def run(self):
+        raise RuntimeError("loader bug")

@@ -304,3 +304,18 @@ async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery):
             await trio.sleep(0.1)
             server.stop()
     assert result[0].answer[0][0].address == "192.0.2.99"
+
+
+async def test_failing_background_work_does_not_stop_the_server(tmp_path, nursery, caplog):
+    server, addrs = await start(
+        nursery, write_config(tmp_path, '[[chain]]\nplugin = "crashy"\n' + STATIC)
+    )
+    with trio.fail_after(5):
+        await trio.sleep(0.05)
+        r = await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2)
+    assert r.rcode() == 0
+    assert server.stats.internal_errors == 1
+    assert any(
+        "chain[0] (crashy): background work failed" in rec.getMessage() for rec in caplog.records
+    )
+    server.stop()
