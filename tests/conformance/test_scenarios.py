@@ -44,7 +44,6 @@ their own.
 
 from __future__ import annotations
 
-import socket
 import time
 import tomllib
 from pathlib import Path
@@ -61,7 +60,7 @@ import dns.rrset
 import pytest
 from dnsproxy.plugins import BUILTIN
 
-from tests.conformance.confkit import TIMEOUT, Proxy, forward_config
+from tests.conformance.confkit import Proxy, forward_config, tcp_raw, udp_raw
 from tests.fakeupstream import FakeUpstream
 
 SCENARIOS = sorted((Path(__file__).parent / "scenarios").glob("*.toml"))
@@ -105,19 +104,8 @@ def _query(step: dict[str, Any]) -> tuple[bytes, dns.message.Message | None]:
 
 def _exchange(addr: tuple[str, int], data: bytes, transport: str) -> bytes | None:
     if transport == "tcp":
-        with socket.create_connection(addr, timeout=TIMEOUT) as s:
-            s.sendall(len(data).to_bytes(2, "big") + data)
-            head = s.recv(2, socket.MSG_WAITALL)
-            if len(head) < 2:
-                return None
-            return s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(TIMEOUT)
-        s.sendto(data, addr)
-        try:
-            return s.recv(65535)
-        except TimeoutError:
-            return None
+        return tcp_raw(addr, len(data).to_bytes(2, "big") + data)
+    return udp_raw(addr, data)
 
 
 def _rr_lines(section: list[Any]) -> list[tuple[str, int, str]]:
