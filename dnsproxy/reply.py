@@ -32,10 +32,8 @@ EDE_BLOCKED = 15
 EDE_FILTERED = 17
 EDE_PROHIBITED = 18
 EDE_STALE_NXDOMAIN = 19
-EDE_NOT_SUPPORTED = 21
 EDE_NO_REACHABLE_AUTHORITY = 22
 EDE_NETWORK_ERROR = 23
-EDE_INVALID_DATA = 24
 EDE_SYNTHESIZED = 29
 EDE_RATE_LIMITED = 31
 
@@ -245,7 +243,3 @@ def error_wire(reject: Reject, edns_udp_size: int) -> bytes:
     opt = _opt_record(edns_udp_size, query.do, (), reject.rcode >> 4)
     header = HEADER.pack(reject.msg_id, flags, 1, 0, 0, 1)
     return header + question + opt
-
-
-def qtype_text(qtype: int) -> str:
-    return dns.rdatatype.to_text(qtype)

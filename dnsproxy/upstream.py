@@ -29,7 +29,6 @@ from dnsproxy.errors import UpstreamError
 from dnsproxy.reply import edns_option
 
 UPSTREAM_UDP_SIZE = 1232
-TCP_MAX = 65535
 
 
 @attrs.frozen

@@ -18,10 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import dns.exception
-import dns.flags
 import dns.message
 import dns.name
-import dns.opcode
 import dns.rdatatype
 
 HEADER = struct.Struct("!HHHHHH")
@@ -449,13 +447,3 @@ def strip_opt(wire: bytes) -> tuple[bytes, list[Record], int]:
     U16.pack_into(out, 10, ar)
     stripped = bytes(out)
     return stripped, records(stripped)[1], rcode
-
-
-def opcode_text(flags: int) -> str:
-    """Opcode name for logs."""
-    return dns.opcode.to_text(dns.opcode.from_flags(flags))
-
-
-def flags_text(flags: int) -> str:
-    """Header flags for logs and traces."""
-    return dns.flags.to_text(flags)
