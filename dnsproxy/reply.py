@@ -16,7 +16,6 @@ import struct
 from collections.abc import Iterable, Sequence
 
 import dns.message
-import dns.rdatatype
 import dns.rrset
 
 from dnsproxy import wire

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dns.flags
 import dns.message
 import dns.rdataclass
 import dns.rdatatype
