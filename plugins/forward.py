@@ -175,7 +175,7 @@ class _Flight:
     __slots__ = ("done", "result")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done: trio.Event | None = None  # made by the first follower, if any
         self.result: Reply | None = None
 
 
@@ -221,6 +221,8 @@ class Forward(Step):
         if flight is not None:
             q.note("coalesced", True)
             self.coalesced += 1
+            if flight.done is None:
+                flight.done = trio.Event()
             await flight.done.wait()
             return flight.result
         flight = self.flights[key] = _Flight()
@@ -228,7 +230,8 @@ class Forward(Step):
             flight.result = await self._ask(q, hops)
         finally:
             del self.flights[key]
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
         return flight.result
 
     def _order(self) -> list[Upstream]:
@@ -250,31 +253,34 @@ class Forward(Step):
         timeouts = 0
         errors: list[str] = []
         last_bad: Reply | None = None
-        with trio.move_on_after(self.options.budget):
-            for up in self._order():
-                health = self.health[up.name]
-                plain = health.no_edns_until > time.monotonic()
-                reply, err = await self._attempt(
-                    up, attrs.evolve(req, edns=False) if plain else req, q
-                )
-                if reply is not None and reply.truncated and isinstance(up, UdpUpstream):
-                    reply, err = await self._attempt(up.tcp, req, q, health)  # a fresh attempt
-                if reply is not None and reply.rcode in NO_EDNS_RCODES and not plain:
-                    reply, err = await self._attempt(up, attrs.evolve(req, edns=False), q)
-                    if reply is not None and reply.rcode not in NO_EDNS_RCODES:
-                        health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
-                        self.log.info("%s rejects EDNS; asking it without EDNS for 10 min", up.name)
-                if reply is not None and reply.rcode not in FAILOVER_RCODES:
-                    q.note("upstream", up.name)
-                    return reply
-                if reply is not None:
-                    last_bad = reply
-                    errors.append(f"{up.name}: rcode {reply.rcode}")
-                elif err == "timeout":
-                    timeouts += 1
-                    errors.append(f"{up.name}: timeout")
-                else:
-                    errors.append(f"{up.name}: {err}")
+        deadline = trio.current_time() + self.options.budget
+        for up in self._order():
+            if trio.current_time() >= deadline:
+                break
+            health = self.health[up.name]
+            plain = health.no_edns_until > time.monotonic()
+            reply, err = await self._attempt(
+                up, attrs.evolve(req, edns=False) if plain else req, q, deadline
+            )
+            if reply is not None and reply.truncated and isinstance(up, UdpUpstream):
+                # TC: the whole answer over TCP, as an attempt of its own.
+                reply, err = await self._attempt(up.tcp, req, q, deadline, health)
+            if reply is not None and reply.rcode in NO_EDNS_RCODES and not plain:
+                reply, err = await self._attempt(up, attrs.evolve(req, edns=False), q, deadline)
+                if reply is not None and reply.rcode not in NO_EDNS_RCODES:
+                    health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
+                    self.log.info("%s rejects EDNS; asking it without EDNS for 10 min", up.name)
+            if reply is not None and reply.rcode not in FAILOVER_RCODES:
+                q.note("upstream", up.name)
+                return reply
+            if reply is not None:
+                last_bad = reply
+                errors.append(f"{up.name}: rcode {reply.rcode}")
+            elif err == "timeout":
+                timeouts += 1
+                errors.append(f"{up.name}: timeout")
+            else:
+                errors.append(f"{up.name}: {err}")
         if last_bad is not None and not timeouts and last_bad.rcode == wire.REFUSED:
             return last_bad
         q.explain(
@@ -301,13 +307,13 @@ class Forward(Step):
         )
 
     async def _attempt(
-        self, up: Upstream, req: Request, q: Query, health: Health | None = None
+        self, up: Upstream, req: Request, q: Query, deadline: float, health: Health | None = None
     ) -> tuple[Reply | None, str]:
         health = health or self.health[up.name]
         health.queries += 1
         start = time.monotonic()
         err = "timeout"
-        with trio.move_on_after(self.options.timeout):
+        with trio.move_on_at(min(deadline, trio.current_time() + self.options.timeout)):
             try:
                 data = await up.exchange(req)
             except UpstreamError as exc:
