@@ -180,3 +180,15 @@ def test_own_listener_is_rejected_wildcards_included(listen, upstream, loop):
             build_step("forward", {"upstreams": [upstream]}, server=server)
     else:
         build_step("forward", {"upstreams": [upstream]}, server=server).close()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_direct_path_agrees_with_minimal_or_declines(case):
+    """The one-pass path for plain answers gives the same bytes as the general one."""
+    answer, authority, additional = CASES[case]
+    q = make_query("q.example.org", "A")
+    body = response(q, answer, authority, additional)
+    direct = forward._direct_answer(body, q)
+    if direct is not None:
+        assert direct == forward.minimal(*wire.strip_opt(body)[:2], q)
+    assert (direct is not None) == (case in ("clean", "glue and ns"))
