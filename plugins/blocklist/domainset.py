@@ -15,7 +15,7 @@ names that collide with other names (a collision would only block a name that sh
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -138,10 +138,29 @@ class DomainSet:
         Precedence: important exception > important block > exception > block; among
         blocks, the most specific name wins (it names the list in the answer).
         """
+        matched = list(self._matches(key))
+        if self.patterns is not None:
+            matched += self.patterns.match(key)
+        block = imp_block = NO_MATCH
+        allow = False
+        for tag in matched:
+            if tag & ALLOW:
+                if tag & IMPORTANT:
+                    return NO_MATCH  # an important exception beats everything
+                allow = True
+            elif tag & IMPORTANT:
+                if imp_block < 0:
+                    imp_block = tag
+            elif block < 0:
+                block = tag
+        if imp_block >= 0:
+            return imp_block
+        return NO_MATCH if allow else block
+
+    def _matches(self, key: bytes) -> Iterator[int]:
+        """Tags of the listed names among ``key`` and its parents, most specific first."""
         hashes, tags, index = self._hashes, self._tags, self._index
         shift, half = self._shift, self._half
-        block = imp_block = NO_MATCH
-        allow = imp_allow = False
         off = 0
         while key[off]:
             h = hash(key[off:]) if off else hash(key)
@@ -149,43 +168,17 @@ class DomainSet:
             i = index[b]
             end = index[b + 1]
             while i < end:
-                if hashes[i] == h:
-                    tag = tags[i]
-                    if not tag & (EXACT if off else SUBONLY):
-                        if tag & ALLOW:
-                            if tag & IMPORTANT:
-                                imp_allow = True
-                            else:
-                                allow = True
-                        elif tag & IMPORTANT:
-                            if imp_block < 0:
-                                imp_block = tag
-                        elif block < 0:
-                            block = tag
+                if hashes[i] == h and not tags[i] & (EXACT if off else SUBONLY):
+                    yield tags[i]
                 i += 1
             off += key[off] + 1
-        if self.patterns is not None:
-            for tag in self.patterns.match(key):
-                if tag & ALLOW:
-                    if tag & IMPORTANT:
-                        imp_allow = True
-                    else:
-                        allow = True
-                elif tag & IMPORTANT:
-                    if imp_block < 0:
-                        imp_block = tag
-                elif block < 0:
-                    block = tag
-        if imp_allow:
-            return NO_MATCH
-        if imp_block >= 0:
-            return imp_block
-        if allow:
-            return NO_MATCH
-        return block
 
     def _first_block(self, key: bytes) -> int:
-        """`verdict` for sets of plain blocks: the most specific match, found first, wins."""
+        """`verdict` for sets of plain blocks: the most specific match, found first, wins.
+
+        The walk of `_matches`, inlined: on the blocked-answer path a generator costs
+        0.4 µs of the 1.3 µs a lookup takes.
+        """
         hashes, tags, index = self._hashes, self._tags, self._index
         shift, half = self._shift, self._half
         off = 0
