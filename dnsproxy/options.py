@@ -68,6 +68,11 @@ def networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return tuple(out)
 
 
+def seconds(default: float | str, low: float, high: float) -> Any:
+    """An attrs field for a duration option: converted by `duration`, bounded low..high."""
+    return attrs.field(default=default, converter=duration, validator=in_range(low, high))
+
+
 def in_range(low: float, high: float) -> Any:
     """attrs validator: low <= value <= high."""
 

@@ -99,9 +99,7 @@ class TlsOptions:
     server_name: str = ""
     ca_file: str = ""
     bootstrap: tuple[str, ...] = attrs.field(default=(), converter=_addresses)
-    idle_timeout: float = attrs.field(
-        default=10.0, converter=options.duration, validator=options.in_range(0.1, 3600)
-    )
+    idle_timeout: float = options.seconds(10.0, 0.1, 3600)
     max_inflight: int = attrs.field(default=100, validator=options.in_range(1, 4096))
 
 

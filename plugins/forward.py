@@ -124,12 +124,8 @@ def _upstream_list(value: object) -> tuple[str | Mapping[str, Any], ...]:
 class ForwardOptions:
     upstreams: tuple[str | Mapping[str, Any], ...] = attrs.field(converter=_upstream_list)
     policy: Literal["sequential", "random", "round_robin", "fastest"] = "sequential"
-    timeout: float = attrs.field(
-        default=2.0, converter=options.duration, validator=options.in_range(0.01, 60)
-    )
-    budget: float = attrs.field(
-        default=5.0, converter=options.duration, validator=options.in_range(0.01, 300)
-    )
+    timeout: float = options.seconds(2.0, 0.01, 60)
+    budget: float = options.seconds(5.0, 0.01, 300)
     loop_detect: bool = True
 
 

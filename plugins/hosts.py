@@ -68,9 +68,7 @@ class HostsOptions:
     files: tuple[str, ...] = attrs.field(default=(), converter=options.string_tuple)
     entries: tuple[str, ...] = attrs.field(default=(), converter=options.string_tuple)
     ttl: int = attrs.field(default=3600, validator=options.in_range(0, 604800))
-    watch: float = attrs.field(
-        default="5s", converter=options.duration, validator=options.in_range(0.1, 3600)
-    )
+    watch: float = options.seconds("5s", 0.1, 3600)
     max_names: int = attrs.field(default=1_000_000, validator=options.in_range(1, 50_000_000))
     max_size: int = attrs.field(default=64 << 20, validator=options.in_range(1, 1 << 32))
 

@@ -113,16 +113,10 @@ class QueryLogOptions:
     sqlite: bool = True
     database: str = ""
     jsonl: str = ""
-    retention: float = attrs.field(
-        default=7 * 86400.0,
-        converter=options.duration,
-        validator=options.in_range(60, 3650 * 86400),
-    )
+    retention: float = options.seconds(7 * 86400.0, 60, 3650 * 86400)
     max_size_mb: int = attrs.field(default=100, validator=options.in_range(1, 1_000_000))
     buffer: int = attrs.field(default=10000, validator=options.in_range(10, 10_000_000))
-    flush_interval: float = attrs.field(
-        default=1.0, converter=options.duration, validator=options.in_range(0.01, 60)
-    )
+    flush_interval: float = options.seconds(1.0, 0.01, 60)
     anonymize: bool = False
     ipv4_prefix: int = attrs.field(default=24, validator=options.in_range(0, 32))
     ipv6_prefix: int = attrs.field(default=56, validator=options.in_range(0, 128))

@@ -116,18 +116,10 @@ class BlocklistOptions:
     ttl: int = attrs.field(default=60, validator=options.in_range(0, 604800))
     subdomains: bool = True
     cname: bool = True
-    refresh: float = attrs.field(
-        default="24h", converter=options.duration, validator=options.in_range(60, 30 * 86400)
-    )
-    retry: float = attrs.field(
-        default="5m", converter=options.duration, validator=options.in_range(1, 86400)
-    )
-    watch: float = attrs.field(
-        default="5s", converter=options.duration, validator=options.in_range(0.1, 3600)
-    )
-    timeout: float = attrs.field(
-        default="60s", converter=options.duration, validator=options.in_range(0.1, 3600)
-    )
+    refresh: float = options.seconds("24h", 60, 30 * 86400)
+    retry: float = options.seconds("5m", 1, 86400)
+    watch: float = options.seconds("5s", 0.1, 3600)
+    timeout: float = options.seconds("60s", 0.1, 3600)
     max_size: int = attrs.field(default=100 << 20, validator=options.in_range(1, 1 << 32))
     max_entries: int = attrs.field(default=5_000_000, validator=options.in_range(1, 50_000_000))
     max_patterns: int = attrs.field(default=1000, validator=options.in_range(0, 100_000))

@@ -30,21 +30,13 @@ class CacheOptions:
     min_ttl: int = attrs.field(default=0, validator=options.in_range(0, 604_800))
     max_ttl: int = attrs.field(default=86_400, validator=options.in_range(1, 604_800))
     max_negative_ttl: int = attrs.field(default=3600, validator=options.in_range(0, 86_400))
-    servfail_ttl: float = attrs.field(
-        default=1.0, converter=options.duration, validator=options.in_range(0, 300)
-    )
+    servfail_ttl: float = options.seconds(1.0, 0, 300)
     max_records: int = attrs.field(default=100, validator=options.in_range(1, 10_000))
     prefetch: bool = True
     serve_stale: bool = True
-    stale_max_age: float = attrs.field(
-        default=86_400.0, converter=options.duration, validator=options.in_range(0, 604_800)
-    )
-    stale_client_timeout: float = attrs.field(
-        default=1.8, converter=options.duration, validator=options.in_range(0.01, 30)
-    )
-    stale_refresh_time: float = attrs.field(
-        default=30.0, converter=options.duration, validator=options.in_range(0, 3600)
-    )
+    stale_max_age: float = options.seconds(86_400.0, 0, 604_800)
+    stale_client_timeout: float = options.seconds(1.8, 0.01, 30)
+    stale_refresh_time: float = options.seconds(30.0, 0, 3600)
     max_refreshes: int = attrs.field(default=256, validator=options.in_range(1, 100_000))
 
     def __attrs_post_init__(self) -> None:

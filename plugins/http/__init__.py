@@ -101,12 +101,8 @@ def _address(value: object) -> Address:
 @attrs.frozen
 class HttpOptions:
     listen: Address = attrs.field(default="127.0.0.1:9153", converter=_address)
-    query_timeout: float = attrs.field(
-        default=5.0, converter=options.duration, validator=options.in_range(0.1, 60)
-    )
-    stats_interval: float = attrs.field(
-        default=600.0, converter=options.duration, validator=options.in_range(1, 3600)
-    )
+    query_timeout: float = options.seconds(5.0, 0.1, 60)
+    stats_interval: float = options.seconds(600.0, 1, 3600)
     stats_max_keys: int = attrs.field(default=1000, validator=options.in_range(1, 100_000))
 
     def __attrs_post_init__(self) -> None:

@@ -55,9 +55,7 @@ class RateLimitOptions:
     nxdomains_per_second: int | None = _class_rate()
     errors_per_second: int | None = _class_rate()
     all_per_second: int = _rate()
-    window: float = attrs.field(
-        default=15.0, converter=options.duration, validator=options.in_range(1, 3600)
-    )
+    window: float = options.seconds(15.0, 1, 3600)
     slip: int = attrs.field(default=2, validator=options.in_range(0, 10))
     ipv4_prefix: int = attrs.field(default=24, validator=options.in_range(8, 32))
     ipv6_prefix: int = attrs.field(default=56, validator=options.in_range(16, 128))
