@@ -11,7 +11,10 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import dns.message
+import dns.query
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +208,24 @@ class Proxy:
                 raise TimeoutError(f"proxy did not start:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    def ask(
+        self,
+        name: str = "www.example.test",
+        rdtype: str = "A",
+        *,
+        tcp: bool = False,
+        v6: bool = False,
+        source: str | None = None,
+        **kw: Any,
+    ) -> dns.message.Message:
+        """One query to this proxy with dnspython (EDNS on unless ``use_edns=False``)."""
+        kw.setdefault("use_edns", 0)
+        q = dns.message.make_query(name, rdtype, **kw)
+        host = "::1" if v6 else "127.0.0.1"
+        if tcp:
+            return dns.query.tcp(q, host, port=self.port, timeout=5, source=source)
+        return dns.query.udp(q, host, port=self.port, timeout=5, source=source)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

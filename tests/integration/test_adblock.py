@@ -46,11 +46,6 @@ upstreams = ["%(upstream)s"]
 """
 
 
-def ask(proxy, name, rdtype="A"):
-    q = dns.message.make_query(name, rdtype, use_edns=0)
-    return dns.query.udp(q, "127.0.0.1", port=proxy.port, timeout=3)
-
-
 def addrs(msg):
     return sorted(rd.to_text() for rrset in msg.answer for rd in rrset if rrset.rdtype in (1, 28))
 
@@ -78,7 +73,7 @@ def proxy(make_nsd, make_proxy, tmp_path):
 
 def test_lan_adblocker(proxy):
     # Answers from the first second, blocking or not, while the lists load.
-    assert ask(proxy, "printer.lan").rcode() == dns.rcode.NOERROR
+    assert proxy.ask("printer.lan").rcode() == dns.rcode.NOERROR
     deadline = time.monotonic() + 30
     while "4/4 lists ready" not in proxy.log():
         assert time.monotonic() < deadline, proxy.log()
@@ -88,30 +83,30 @@ def test_lan_adblocker(proxy):
     for list_name, every in (("basic.hosts", 761), ("tracking.adblock", 1439)):
         for name in sample(BLOCKLISTS / list_name, every):
             for qname in (name, f"sub.{name}"):
-                msg = ask(proxy, qname)
+                msg = proxy.ask(qname)
                 assert addrs(msg) == ["0.0.0.0"], qname
                 assert msg.answer[0].ttl == 42
                 # a name on both lists is reported by the first in config order
                 assert edes(msg) in ([(15, list_name)], [(15, "basic.hosts")]), qname
-    assert addrs(ask(proxy, "0cf.io", "AAAA")) == ["::"]
-    mx = ask(proxy, "0cf.io", "MX")
+    assert addrs(proxy.ask("0cf.io", "AAAA")) == ["::"]
+    mx = proxy.ask("0cf.io", "MX")
     assert mx.rcode() == dns.rcode.NOERROR and mx.answer == []
 
     # Names outside the lists go upstream; an allow entry beats the zone-wide block.
-    assert addrs(ask(proxy, "www.example.test")) == ["192.0.2.10"]
-    assert edes(ask(proxy, "mail.example.test")) == [(15, "local.txt")]
+    assert addrs(proxy.ask("www.example.test")) == ["192.0.2.10"]
+    assert edes(proxy.ask("mail.example.test")) == [(15, "local.txt")]
     # CNAME inspection: the upstream's answer points at a blocked name.
-    track = ask(proxy, "track.cname.test")
+    track = proxy.ask("track.cname.test")
     assert addrs(track) == ["0.0.0.0"] and edes(track) == [(15, "tracking.adblock")]
-    assert addrs(ask(proxy, "ok.cname.test")) == ["192.0.2.10"]
+    assert addrs(proxy.ask("ok.cname.test")) == ["192.0.2.10"]
 
     # hosts: authoritative answers, NODATA for other types, PTR synthesised.
-    msg = ask(proxy, "printer.lan")
+    msg = proxy.ask("printer.lan")
     assert addrs(msg) == ["192.0.2.50"] and msg.flags & dns.flags.AA
-    assert addrs(ask(proxy, "printer.lan", "AAAA")) == ["2001:db8::50"]
-    mx = ask(proxy, "printer.lan", "MX")
+    assert addrs(proxy.ask("printer.lan", "AAAA")) == ["2001:db8::50"]
+    mx = proxy.ask("printer.lan", "MX")
     assert mx.rcode() == dns.rcode.NOERROR and mx.answer == []
-    ptr = ask(proxy, "50.2.0.192.in-addr.arpa", "PTR")
+    ptr = proxy.ask("50.2.0.192.in-addr.arpa", "PTR")
     assert [rd.to_text() for rd in ptr.answer[0]] == ["printer.lan."]
 
 
@@ -155,8 +150,8 @@ def test_sighup_reload_keeps_blocking(proxy):
     deadline = time.monotonic() + 20
     while "reloaded" not in proxy.log():
         # every answer during and right after the swap is still the blocked one
-        assert addrs(ask(proxy, "0cf.io")) == ["0.0.0.0"]
+        assert addrs(proxy.ask("0cf.io")) == ["0.0.0.0"]
         assert time.monotonic() < deadline, proxy.log()
     for _ in range(20):
-        assert addrs(ask(proxy, "0cf.io")) == ["0.0.0.0"]
-        assert edes(ask(proxy, "mail.example.test")) == [(15, "local.txt")]
+        assert addrs(proxy.ask("0cf.io")) == ["0.0.0.0"]
+        assert edes(proxy.ask("mail.example.test")) == [(15, "local.txt")]

@@ -37,11 +37,6 @@ def zone(addr: str = "192.0.2.10", ttl: int = 300) -> dict[str, str]:
     return {"example.test": ZONE.format(addr=addr, ttl=ttl)}
 
 
-def ask(proxy, name: str = "www.example.test", rdtype: str = "A") -> dns.message.Message:
-    q = dns.message.make_query(name, rdtype, use_edns=0)
-    return dns.query.udp(q, "127.0.0.1", port=proxy.port, timeout=5)
-
-
 def address(msg: dns.message.Message) -> str:
     return msg.answer[0][0].address
 
@@ -53,7 +48,7 @@ def upstream(make_nsd):
 
 def test_ttl_counts_down_and_case_is_echoed(upstream, make_proxy):
     proxy = make_proxy(CONFIG % ("", upstream.addr))
-    first = ask(proxy)
+    first = proxy.ask()
     assert first.answer[0].ttl == 300
     time.sleep(2.1)
     q = dns.message.make_query("WWW.example.TEST", "A", use_edns=0)
@@ -65,10 +60,10 @@ def test_ttl_counts_down_and_case_is_echoed(upstream, make_proxy):
 
 def test_negative_answers_are_cached_with_the_soa(upstream, make_proxy):
     proxy = make_proxy(CONFIG % ("max_negative_ttl = 100", upstream.addr))
-    first = ask(proxy, "nope.example.test")
+    first = proxy.ask("nope.example.test")
     assert first.rcode() == dns.rcode.NXDOMAIN and first.authority[0].ttl == 100
     upstream.stop()  # the second answer can only come from the cache
-    again = ask(proxy, "nope.example.test")
+    again = proxy.ask("nope.example.test")
     assert again.rcode() == dns.rcode.NXDOMAIN and again.authority[0].ttl <= 100
     assert not again.options
 
@@ -76,22 +71,22 @@ def test_negative_answers_are_cached_with_the_soa(upstream, make_proxy):
 def test_zone_change_visible_after_expiry(make_nsd, make_proxy):
     server = make_nsd(zone(ttl=2))
     proxy = make_proxy(CONFIG % ("", server.addr))
-    assert address(ask(proxy)) == "192.0.2.10"
+    assert address(proxy.ask()) == "192.0.2.10"
     server.reload_zones(zone("192.0.2.99", ttl=2))
-    assert address(ask(proxy)) == "192.0.2.10"  # still cached
+    assert address(proxy.ask()) == "192.0.2.10"  # still cached
     time.sleep(2.2)
-    fresh = ask(proxy)
+    fresh = proxy.ask()
     assert address(fresh) == "192.0.2.99" and not fresh.options
 
 
 def test_serve_stale_when_upstream_is_down(make_nsd, make_proxy):
     server = make_nsd(zone(ttl=1))
     proxy = make_proxy(CONFIG % ("prefetch = false", server.addr))
-    assert address(ask(proxy)) == "192.0.2.10"
+    assert address(proxy.ask()) == "192.0.2.10"
     server.stop()
     time.sleep(1.2)
     start = time.monotonic()
-    stale = ask(proxy)
+    stale = proxy.ask()
     assert time.monotonic() - start < 2.5  # within the 1.8 s client timer (plus slack)
     assert address(stale) == "192.0.2.10" and stale.answer[0].ttl == 30
     ede = [o for o in stale.options if o.otype == dns.edns.EDE]
@@ -100,11 +95,11 @@ def test_serve_stale_when_upstream_is_down(make_nsd, make_proxy):
 
 def test_sigusr1_flushes(upstream, make_proxy):
     proxy = make_proxy(CONFIG % ("", upstream.addr))
-    assert address(ask(proxy)) == "192.0.2.10"
+    assert address(proxy.ask()) == "192.0.2.10"
     upstream.reload_zones(zone("192.0.2.99"))
-    assert address(ask(proxy)) == "192.0.2.10"
+    assert address(proxy.ask()) == "192.0.2.10"
     proxy.signal(signal.SIGUSR1)
     deadline = time.monotonic() + 5
     while "caches flushed" not in proxy.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert address(ask(proxy)) == "192.0.2.99"
+    assert address(proxy.ask()) == "192.0.2.99"

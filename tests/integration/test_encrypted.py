@@ -227,12 +227,6 @@ def doh_upstream(server: DohServer, ca_file: Path, **extra: str) -> str:
     return "{" + body + ', bootstrap = ["127.0.0.2", "127.0.0.1"]}'
 
 
-def ask(port: int, name: str = "www.example.test", rdtype: str = "A") -> dns.message.Message:
-    return dns.query.udp(
-        dns.message.make_query(name, rdtype, use_edns=0), "127.0.0.1", port=port, timeout=5
-    )
-
-
 def addresses(resp: dns.message.Message) -> set[str]:
     return {rr.address for rrset in resp.answer for rr in rrset}
 
@@ -255,11 +249,11 @@ def ttls(resp: dns.message.Message) -> set[int]:
 @pytest.mark.parametrize("method", ["post", "get"])
 def test_doh_answers(make_proxy, doh_server, ca_file, method):
     proxy = make_proxy(config(doh_upstream(doh_server, ca_file, method=method)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.NOERROR and addresses(resp) == {"192.0.2.10"}
     assert resp.id != 0 and ttls(resp) == {300}
-    assert addresses(ask(proxy.port, "mail.example.test")) == {"192.0.2.25"}
-    assert ask(proxy.port, "nope.example.test").rcode() == dns.rcode.NXDOMAIN
+    assert addresses(proxy.ask("mail.example.test")) == {"192.0.2.25"}
+    assert proxy.ask("nope.example.test").rcode() == dns.rcode.NXDOMAIN
     assert established(doh_server.port) == 1  # every query on one HTTP/2 connection
     assert {m for m, _ in doh_server.requests} == {method.upper()}
     wires = [body for _, body in doh_server.requests]
@@ -278,7 +272,7 @@ def test_doh_answers(make_proxy, doh_server, ca_file, method):
 def test_doh_bad_replies_fail_the_upstream(make_proxy, doh_server, ca_file, mode, reason):
     doh_server.mode = mode
     proxy = make_proxy(config(doh_upstream(doh_server, ca_file)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.SERVFAIL
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert ede and reason in (ede[0].text or "")
@@ -287,30 +281,30 @@ def test_doh_bad_replies_fail_the_upstream(make_proxy, doh_server, ca_file, mode
 def test_doh_timeout_leaves_the_connection_usable(make_proxy, doh_server, ca_file):
     doh_server.mode = "slow"
     proxy = make_proxy(config(doh_upstream(doh_server, ca_file)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.SERVFAIL  # forward gave up after its 1.5 s timeout
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert ede and ede[0].code == dns.edns.EDECode.NO_REACHABLE_AUTHORITY
     doh_server.mode = ""
-    assert addresses(ask(proxy.port, "mail.example.test")) == {"192.0.2.25"}
+    assert addresses(proxy.ask("mail.example.test")) == {"192.0.2.25"}
     assert established(doh_server.port) == 1
 
 
 def test_doh_cache_control_caps_ttls(make_proxy, doh_server, ca_file):
     doh_server.max_age = 42
     proxy = make_proxy(config(doh_upstream(doh_server, ca_file)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert addresses(resp) == {"192.0.2.10"} and ttls(resp) == {42}
 
 
 def test_dot_answers_and_pipelines(make_proxy, kresd, ca_file):
     proxy = make_proxy(config(dot_upstream(kresd, ca_file)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.NOERROR and addresses(resp) == {"192.0.2.10"}
     assert resp.id != 0
     names = [f"n{i}.example.test" for i in range(40)] + ["www.example.test", "mail.example.test"]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda n: ask(proxy.port, n), names))
+        results = list(pool.map(lambda n: proxy.ask(n), names))
     assert [r.rcode() for r in results[:40]] == [dns.rcode.NXDOMAIN] * 40
     assert addresses(results[-1]) == {"192.0.2.25"}
     assert established(kresd.dot_port) == 1
@@ -330,7 +324,7 @@ def test_certificate_failure_fails_the_upstream(
     else:
         upstream = doh_upstream(doh_server, ca_file, **extra)
     proxy = make_proxy(config(upstream))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.SERVFAIL
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert ede and ede[0].code == dns.edns.EDECode.NETWORK_ERROR
@@ -341,16 +335,16 @@ def test_certificate_failure_fails_the_upstream(
 def test_failover_from_bad_certificate_to_good(make_proxy, kresd, ca_file):
     bad = dot_upstream(kresd, ca_file, server_name="wrong.example")
     proxy = make_proxy(config(f"{bad}, {dot_upstream(kresd, ca_file)}"))
-    assert addresses(ask(proxy.port)) == {"192.0.2.10"}
+    assert addresses(proxy.ask()) == {"192.0.2.10"}
 
 
 def test_restarted_dot_server_is_reconnected(make_proxy, kresd, ca_file):
     proxy = make_proxy(config(dot_upstream(kresd, ca_file)))
-    assert addresses(ask(proxy.port)) == {"192.0.2.10"}
+    assert addresses(proxy.ask()) == {"192.0.2.10"}
     kresd.stop()
     kresd.start()
     # The old connection died with the server; the very next query must not be lost.
-    assert addresses(ask(proxy.port, "mail.example.test")) == {"192.0.2.25"}
+    assert addresses(proxy.ask("mail.example.test")) == {"192.0.2.25"}
     assert established(kresd.dot_port) == 1
 
 
@@ -386,9 +380,9 @@ def test_spki_pin(make_proxy, kresd, ca_file):
     good = base64.b64encode(dot.spki_digest(der)).decode()
     wrong = base64.b64encode(bytes(32)).decode()
     proxy = make_proxy(config(dot_upstream(kresd, ca_file, spki_pin=good)))
-    assert addresses(ask(proxy.port)) == {"192.0.2.10"}
+    assert addresses(proxy.ask()) == {"192.0.2.10"}
     proxy = make_proxy(config(dot_upstream(kresd, ca_file, spki_pin=wrong)))
-    resp = ask(proxy.port)
+    resp = proxy.ask()
     assert resp.rcode() == dns.rcode.SERVFAIL
     ede = [o for o in resp.options if isinstance(o, dns.edns.EDEOption)]
     assert "spki_pin" in (ede[0].text or "")
@@ -404,6 +398,6 @@ def test_doh_server_ending_the_connection_costs_no_query(tmp_path, nsd, ca, ca_f
         proxy = make_proxy(config(doh_upstream(server, ca_file)))
         for i in range(8):
             name = ("www", "mail")[i % 2] + ".example.test"
-            assert ask(proxy.port, name).rcode() == dns.rcode.NOERROR, i
+            assert proxy.ask(name).rcode() == dns.rcode.NOERROR, i
     finally:
         server.stop()

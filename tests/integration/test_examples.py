@@ -31,11 +31,6 @@ def swap(text: str, replacements: dict[str, str]) -> str:
     return text
 
 
-def ask(proxy, name: str, rdtype: str = "A") -> dns.message.Message:
-    q = dns.message.make_query(name, rdtype, use_edns=0)
-    return dns.query.udp(q, proxy.addr[0], port=proxy.port, timeout=3)
-
-
 def rdatas(msg: dns.message.Message, rdtype: str = "A") -> list[str]:
     code = dns.rdatatype.from_text(rdtype)
     return sorted(rd.to_text() for rrset in msg.answer if rrset.rdtype == code for rd in rrset)
@@ -66,23 +61,23 @@ def test_split_dns_dev(make_nsd, make_proxy):
     assert done.returncode == 0 and "warning" not in done.stdout, done.stdout + done.stderr
 
     # *.myapp.test is this machine, under the name asked.
-    msg = ask(proxy, "api.myapp.test")
+    msg = proxy.ask("api.myapp.test")
     assert rdatas(msg) == ["127.0.0.1"] and msg.answer[0].name.to_text() == "api.myapp.test."
-    assert rdatas(ask(proxy, "myapp.test", "AAAA"), "AAAA") == ["::1"]
+    assert rdatas(proxy.ask("myapp.test", "AAAA"), "AAAA") == ["::1"]
     # corp.example through the "VPN": A with TTL at most 60, AAAA NODATA.
-    msg = ask(proxy, "db.corp.example")
+    msg = proxy.ask("db.corp.example")
     assert rdatas(msg) == ["10.0.0.6"] and msg.answer[0].ttl <= 60
-    msg = ask(proxy, "db.corp.example", "AAAA")
+    msg = proxy.ask("db.corp.example", "AAAA")
     assert (msg.rcode(), msg.answer) == (dns.rcode.NOERROR, [])
-    assert rdatas(ask(proxy, "5.0.0.10.in-addr.arpa", "PTR"), "PTR") == ["app.corp.example."]
+    assert rdatas(proxy.ask("5.0.0.10.in-addr.arpa", "PTR"), "PTR") == ["app.corp.example."]
     # Staging served from production, rewritten back.
-    msg = ask(proxy, "www.staging.example.org")
+    msg = proxy.ask("www.staging.example.org")
     assert rdatas(msg) == ["192.0.2.10"]
     assert msg.answer[0].name.to_text() == "www.staging.example.org."
-    assert rdatas(ask(proxy, "www.example.org")) == ["192.0.2.10"]
+    assert rdatas(proxy.ask("www.example.org")) == ["192.0.2.10"]
     # Nothing private leaks.
     for name, rdtype in (("printer", "A"), ("1.1.168.192.in-addr.arpa", "PTR"), ("x.test", "A")):
-        assert ask(proxy, name, rdtype).rcode() == dns.rcode.NXDOMAIN, name
+        assert proxy.ask(name, rdtype).rcode() == dns.rcode.NXDOMAIN, name
 
 
 LAN_ZONE = """\
@@ -134,19 +129,19 @@ def test_adblock_lan(make_nsd, make_proxy, tmp_path):
     assert done.returncode == 0 and "warning" not in done.stdout, done.stdout + done.stderr
 
     deadline = time.monotonic() + 10  # the list attaches in the background
-    while rdatas(msg := ask(proxy, "ads.example.org")) != ["0.0.0.0"]:
+    while rdatas(msg := proxy.ask("ads.example.org")) != ["0.0.0.0"]:
         assert time.monotonic() < deadline, msg.to_text()
         time.sleep(0.1)
-    assert any(opt.otype == 15 for opt in ask(proxy, "www.ads.example.org").options)
-    assert rdatas(ask(proxy, "ads.example.org", "AAAA"), "AAAA") == ["::"]
+    assert any(opt.otype == 15 for opt in proxy.ask("www.ads.example.org").options)
+    assert rdatas(proxy.ask("ads.example.org", "AAAA"), "AAAA") == ["::"]
     # The house's names from the hosts table, the rest of the LAN from the router.
-    assert rdatas(ask(proxy, "nas.lan")) == ["192.168.1.10"]
-    assert rdatas(ask(proxy, "10.1.168.192.in-addr.arpa", "PTR"), "PTR") == ["nas.lan."]
-    assert rdatas(ask(proxy, "laptop.lan")) == ["192.168.1.20"]
-    assert rdatas(ask(proxy, "20.1.168.192.in-addr.arpa", "PTR"), "PTR") == ["laptop.lan."]
-    assert rdatas(ask(proxy, "printer")) == ["192.168.1.30"]
+    assert rdatas(proxy.ask("nas.lan")) == ["192.168.1.10"]
+    assert rdatas(proxy.ask("10.1.168.192.in-addr.arpa", "PTR"), "PTR") == ["nas.lan."]
+    assert rdatas(proxy.ask("laptop.lan")) == ["192.168.1.20"]
+    assert rdatas(proxy.ask("20.1.168.192.in-addr.arpa", "PTR"), "PTR") == ["laptop.lan."]
+    assert rdatas(proxy.ask("printer")) == ["192.168.1.30"]
     # Other private reverse zones never leave; the internet through the cache.
-    assert ask(proxy, "5.0.0.10.in-addr.arpa", "PTR").rcode() == dns.rcode.NXDOMAIN
-    assert rdatas(ask(proxy, "www.example.org")) == ["192.0.2.10"]
+    assert proxy.ask("5.0.0.10.in-addr.arpa", "PTR").rcode() == dns.rcode.NXDOMAIN
+    assert rdatas(proxy.ask("www.example.org")) == ["192.0.2.10"]
     internet.stop()
-    assert rdatas(ask(proxy, "www.example.org")) == ["192.0.2.10"]  # from the cache
+    assert rdatas(proxy.ask("www.example.org")) == ["192.0.2.10"]  # from the cache

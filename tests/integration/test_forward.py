@@ -38,16 +38,6 @@ def proxy(nsd, make_proxy):
     return make_proxy(config(nsd.addr))
 
 
-def ask(
-    proxy, name: str, rdtype: str = "A", *, tcp: bool = False, v6: bool = False, **kw
-) -> dns.message.Message:
-    q = dns.message.make_query(name, rdtype, **kw)
-    host = "::1" if v6 else "127.0.0.1"
-    if tcp:
-        return dns.query.tcp(q, host, port=proxy.port, timeout=3)
-    return dns.query.udp(q, host, port=proxy.port, timeout=3)
-
-
 @pytest.mark.parametrize(
     ("name", "rdtype", "expected"),
     [
@@ -60,48 +50,48 @@ def ask(
 )
 def test_record_types(proxy, name, rdtype, expected):
     for kw in ({}, {"tcp": True}, {"v6": True}):
-        r = ask(proxy, name, rdtype, **kw)
+        r = proxy.ask(name, rdtype, **kw)
         assert r.rcode() == dns.rcode.NOERROR
         assert expected in [rd.to_text() for rd in r.answer[-1]]
 
 
 def test_nxdomain_and_nodata_keep_the_soa(proxy):
-    r = ask(proxy, "nope.example.test")
+    r = proxy.ask("nope.example.test")
     assert r.rcode() == dns.rcode.NXDOMAIN and r.authority[0].rdtype == dns.rdatatype.SOA
-    r = ask(proxy, "www.example.test", "MX")
+    r = proxy.ask("www.example.test", "MX")
     assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
 
 
 def test_cname_chain_passes_through(proxy):
-    r = ask(proxy, "alias.example.test")
+    r = proxy.ask("alias.example.test")
     assert [rr.rdtype for rr in r.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
 
 
 def test_case_and_id_are_echoed(proxy):
-    r = ask(proxy, "WwW.ExAmPlE.TeSt")
+    r = proxy.ask("WwW.ExAmPlE.TeSt")
     assert r.question[0].name.to_text() == "WwW.ExAmPlE.TeSt."
 
 
 def test_txt_over_512_fits_with_edns_and_truncates_without(proxy):
-    r = ask(proxy, "mid.example.test", "TXT", use_edns=False)
+    r = proxy.ask("mid.example.test", "TXT", use_edns=False)
     assert r.flags & dns.flags.TC and not r.answer
-    r = ask(proxy, "mid.example.test", "TXT", use_edns=0, payload=1232)
+    r = proxy.ask("mid.example.test", "TXT", use_edns=0, payload=1232)
     assert not r.flags & dns.flags.TC and len(r.answer[0]) == 7
-    r = ask(proxy, "mid.example.test", "TXT", use_edns=0, payload=600)
+    r = proxy.ask("mid.example.test", "TXT", use_edns=0, payload=600)
     assert r.flags & dns.flags.TC  # the client's own smaller limit is honoured
 
 
 def test_big_txt_truncates_over_udp_and_is_whole_over_tcp(proxy):
-    r = ask(proxy, "big.example.test", "TXT", use_edns=False)
+    r = proxy.ask("big.example.test", "TXT", use_edns=False)
     assert r.flags & dns.flags.TC and not r.answer
-    r = ask(proxy, "big.example.test", "TXT", use_edns=0, payload=1232)
+    r = proxy.ask("big.example.test", "TXT", use_edns=0, payload=1232)
     assert r.flags & dns.flags.TC  # 1.5 kB does not fit 1232 either
-    r = ask(proxy, "big.example.test", "TXT", tcp=True)
+    r = proxy.ask("big.example.test", "TXT", tcp=True)
     assert not r.flags & dns.flags.TC and len(r.answer[0]) == 16
 
 
 def test_do_bit_and_edns_are_hop_by_hop(proxy):
-    r = ask(proxy, "www.example.test", use_edns=0, want_dnssec=True, payload=4096)
+    r = proxy.ask("www.example.test", use_edns=0, want_dnssec=True, payload=4096)
     assert r.edns == 0 and r.ednsflags & dns.flags.DO and r.payload == 1232
 
 
@@ -160,7 +150,7 @@ def test_pipelined_tcp_through_the_forwarder(proxy):
 
 def test_sigterm_exits_zero_and_sighup_reloads(nsd, make_proxy):
     proxy = make_proxy(config(nsd.addr))
-    assert ask(proxy, "www.example.test").answer
+    assert proxy.ask("www.example.test").answer
     text = proxy.config_path.read_text()
     proxy.config_path.write_text(text + "bogus_key = 1\n")
     proxy.signal(signal.SIGHUP)
@@ -168,7 +158,7 @@ def test_sigterm_exits_zero_and_sighup_reloads(nsd, make_proxy):
     while "reload failed" not in proxy.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "config.toml: chain[0] (forward): unknown option 'bogus_key'" in proxy.log()
-    assert ask(proxy, "www.example.test").answer  # the old chain keeps serving
+    assert proxy.ask("www.example.test").answer  # the old chain keeps serving
     proxy.config_path.write_text(text)
     proxy.signal(signal.SIGHUP)
     while "reloaded" not in proxy.log() and time.monotonic() < deadline:

@@ -45,10 +45,6 @@ timeout = 1.0
 """
 
 
-def ask(port: int, name: str, rdtype: str = "A") -> dns.message.Message:
-    return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", timeout=3, port=port)
-
-
 def wait_rows(path, count: int, timeout: float = 10.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
@@ -74,9 +70,9 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
     with httpx.Client(base_url=base, timeout=5) as http:
         assert http.get("/ready").json()["ready"] is True
         for _ in range(3):  # one miss, two hits
-            r = ask(proxy.port, "www.example.test")
+            r = proxy.ask("www.example.test")
             assert r.rcode() == dns.rcode.NOERROR and r.answer
-        assert ask(proxy.port, "nope.example.test").rcode() == dns.rcode.NXDOMAIN
+        assert proxy.ask("nope.example.test").rcode() == dns.rcode.NXDOMAIN
         text = http.get("/metrics").text
         assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NOERROR") == 3
         assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NXDOMAIN") == 1
@@ -85,7 +81,7 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
         assert sample(text, "dnsproxy_cache_misses_total", step="1") == 2
 
         assert http.post("/api/cache/flush").json() == {"flushed": True}
-        assert ask(proxy.port, "www.example.test").answer
+        assert proxy.ask("www.example.test").answer
         text = http.get("/metrics").text
         assert sample(text, "dnsproxy_cache_misses_total", step="1") == 3
         assert sample(text, "dnsproxy_cache_hits_total", step="1") == 2
@@ -184,12 +180,12 @@ def test_blocking_toggle_and_blocked_trace(nsd, make_proxy, tmp_path):
         while http.get("/ready").status_code != 200:  # the list loads in the background
             assert time.monotonic() < deadline, "blocklist never became ready"
             time.sleep(0.05)
-        assert ask(proxy.port, "www.example.test").answer[0][0].address == "0.0.0.0"
+        assert proxy.ask("www.example.test").answer[0][0].address == "0.0.0.0"
         r = http.post("/api/blocking/disable", params={"duration": "10m"})
         assert r.status_code == 200 and r.json()["enabled"] is False
-        assert ask(proxy.port, "www.example.test").answer[0][0].address == "192.0.2.10"
+        assert proxy.ask("www.example.test").answer[0][0].address == "192.0.2.10"
         assert http.post("/api/blocking/enable").json()["enabled"] is True
-        assert ask(proxy.port, "www.example.test").answer[0][0].address == "0.0.0.0"
+        assert proxy.ask("www.example.test").answer[0][0].address == "0.0.0.0"
         text = http.get("/metrics").text
         assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NOERROR") == 3
         stats = http.get("/api/stats").json()

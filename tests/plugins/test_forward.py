@@ -143,19 +143,27 @@ def test_minimal_leaves_clean_answers_untouched():
 
 def test_minimal_rejects_forward_pointers():
     q = make_query("q.example.org", "A")
-    body = bytearray(response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."]))
+    body = bytearray(
+        response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."])
+    )
     # Point the answer record's owner forward, past the end: never a valid compression.
     _, recs = wire.records(bytes(body))
-    body[recs[0].name_off : recs[0].name_off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
+    body[recs[0].name_off : recs[0].name_off + 2] = bytes(
+        [0xC0 | (len(body) >> 8), len(body) & 0xFF]
+    )
     with pytest.raises(ValueError):
         forward.minimal(*wire.strip_opt(bytes(body))[:2], q)
 
 
 def test_malformed_records_that_are_cut_do_not_matter():
     q = make_query("q.example.org", "A")
-    body = bytearray(response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."]))
+    body = bytearray(
+        response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."])
+    )
     _, recs = wire.records(bytes(body))
-    body[recs[1].name_off : recs[1].name_off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
+    body[recs[1].name_off : recs[1].name_off + 2] = bytes(
+        [0xC0 | (len(body) >> 8), len(body) & 0xFF]
+    )
     out = dns.message.from_wire(forward.minimal(*wire.strip_opt(bytes(body))[:2], q))
     assert [r.rdtype for r in out.answer] == [1] and not out.authority
 
