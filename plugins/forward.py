@@ -74,7 +74,6 @@ from typing import Any, Literal
 import attrs
 import dns.exception
 import dns.message
-import dns.rdatatype
 import trio
 
 from dnsproxy import options, wire
@@ -104,8 +103,8 @@ LOOP_OPTION = 65053
 TOKEN = secrets.token_bytes(8)
 MAX_HOPS = 8
 FIRST_HOP = edns_option(LOOP_OPTION, TOKEN)
-NEGATIVE_PROOF = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
 CNAME, SOA, DNAME, RRSIG, NSEC, NSEC3, ANY = 5, 6, 39, 46, 47, 50, 255
+NEGATIVE_PROOF = (NSEC, NSEC3)
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
 
@@ -129,10 +128,10 @@ class ForwardOptions:
     loop_detect: bool = True
 
 
-def system_nameservers(path: Path = RESOLV_CONF) -> list[str]:
-    """The ``nameserver`` lines of resolv.conf."""
+def system_nameservers() -> list[str]:
+    """The ``nameserver`` lines of resolv.conf (zone ids dropped)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = RESOLV_CONF.read_text().splitlines()
     except OSError:
         return []
     out = []
@@ -195,8 +194,7 @@ class Forward(Step):
         self._rand = random.Random()
 
     def _system(self, setup: Setup) -> list[Upstream]:
-        own = {(a.host, a.port) for a in setup.server.listen}
-        found = [h for h in system_nameservers() if (h, 53) not in own]
+        found = [h for h in system_nameservers() if not _own_listener(h, 53, setup)]
         if not found:
             raise setup.error(
                 "upstreams", f"'system': no usable nameserver in {RESOLV_CONF}; name one instead"
@@ -431,7 +429,7 @@ def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:
             covered = r.rtype
             if r.rtype == RRSIG and r.rdlen >= 2:
                 covered = struct.unpack_from("!H", body, r.rdata_off)[0]
-            if covered in (NSEC, NSEC3) or (covered == SOA and owner in parents):
+            if covered in NEGATIVE_PROOF or (covered == SOA and owner in parents):
                 keep.append(i)
     return keep
 
@@ -475,7 +473,7 @@ def minimal(body: bytes, recs: list[wire.Record], q: Query) -> bytes:
     for _ in range(MAX_CNAME_CHAIN):
         target = None
         for rrset in msg.answer:
-            if rrset.rdtype == dns.rdatatype.CNAME and rrset.name == chain[-1]:
+            if rrset.rdtype == CNAME and rrset.name == chain[-1]:
                 target = rrset[0].target
                 break
         if target is None or target in chain:
@@ -485,19 +483,19 @@ def minimal(body: bytes, recs: list[wire.Record], q: Query) -> bytes:
     final = chain[-1]
     answer = []
     for rrset in msg.answer:
-        covered = rrset.covers if rrset.rdtype == dns.rdatatype.RRSIG else rrset.rdtype
+        covered = rrset.covers if rrset.rdtype == RRSIG else rrset.rdtype
         if rrset.name in names:
-            keep = covered in (q.qtype, dns.rdatatype.CNAME) or q.qtype == dns.rdatatype.ANY
+            keep = covered in (q.qtype, CNAME) or q.qtype == ANY
         else:
-            keep = covered == dns.rdatatype.DNAME and any(n.is_subdomain(rrset.name) for n in names)
+            keep = covered == DNAME and any(n.is_subdomain(rrset.name) for n in names)
         if keep:
             answer.append(rrset)
     answered = any(r.name == final and r.rdtype == q.qtype for r in answer)
     authority = []
     if not answered:
         for rrset in msg.authority:
-            covered = rrset.covers if rrset.rdtype == dns.rdatatype.RRSIG else rrset.rdtype
-            soa = covered == dns.rdatatype.SOA and final.is_subdomain(rrset.name)
+            covered = rrset.covers if rrset.rdtype == RRSIG else rrset.rdtype
+            soa = covered == SOA and final.is_subdomain(rrset.name)
             if soa or covered in NEGATIVE_PROOF:
                 authority.append(rrset)
     unchanged = len(answer) == len(msg.answer) and len(authority) == len(msg.authority)

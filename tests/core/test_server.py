@@ -319,3 +319,23 @@ async def test_failing_background_work_does_not_stop_the_server(tmp_path, nurser
         "chain[0] (crashy): background work failed" in rec.getMessage() for rec in caplog.records
     )
     server.stop()
+
+
+async def test_max_tcp_pipeline_bounds_queries_in_progress(tmp_path, nursery):
+    """With at most 2 queries outstanding per connection, 6 slow ones take 3 rounds."""
+    path = write_config(
+        tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.3\n', "max_tcp_pipeline = 2"
+    )
+    server, addrs = await start(nursery, path)
+    msgs = [query(f"q{i}.example.org") for i in range(6)]
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        start_t = trio.current_time()
+        await stream.send_all(b"".join(framed(m) for m in msgs))
+        buf = bytearray()
+        got = {(await read_message(stream, buf)).id for _ in msgs}
+        took = trio.current_time() - start_t
+    assert got == {m.id for m in msgs}
+    assert 0.85 < took < 2.0  # 3 rounds of 0.3 s, not 1 (unbounded) or 6 (serial)
+    await stream.aclose()
+    server.stop()

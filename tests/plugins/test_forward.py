@@ -200,3 +200,19 @@ def test_direct_path_agrees_with_minimal_or_declines(case):
     if direct is not None:
         assert direct == forward.minimal(*wire.strip_opt(body)[:2], q)
     assert (direct is not None) == (case in ("clean", "glue and ns"))
+
+
+def test_system_upstreams_come_from_resolv_conf_minus_our_listener(tmp_path, monkeypatch):
+    from dnsproxy.config import ServerConfig
+    from dnsproxy.errors import ConfigError
+
+    conf = tmp_path / "resolv.conf"
+    monkeypatch.setattr(forward, "RESOLV_CONF", conf)
+    server = ServerConfig(listen=("127.0.0.1:53",))
+    conf.write_text("# only ourselves\nnameserver 127.0.0.1\nsearch example.org\n")
+    with pytest.raises(ConfigError, match="'system': no usable nameserver"):
+        build_step("forward", {"upstreams": ["system"]}, server=server)
+    conf.write_text("nameserver 127.0.0.1\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\n")
+    step = build_step("forward", {"upstreams": ["system"]}, server=server)
+    assert [u.name for u in step.upstreams] == ["udp://192.0.2.53:53", "udp://[fe80::1]:53"]
+    step.close()
