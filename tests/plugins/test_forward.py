@@ -141,30 +141,26 @@ def test_minimal_leaves_clean_answers_untouched():
     assert forward.minimal(body, recs, q) is body
 
 
-def test_minimal_rejects_forward_pointers():
+def with_forward_pointer(record: int) -> tuple[bytes, object]:
+    """An answer plus an NS record, one record's owner pointing past the end (never valid)."""
     q = make_query("q.example.org", "A")
     body = bytearray(
         response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."])
     )
-    # Point the answer record's owner forward, past the end: never a valid compression.
-    _, recs = wire.records(bytes(body))
-    body[recs[0].name_off : recs[0].name_off + 2] = bytes(
-        [0xC0 | (len(body) >> 8), len(body) & 0xFF]
-    )
+    off = wire.records(bytes(body))[1][record].name_off
+    body[off : off + 2] = bytes([0xC0 | (len(body) >> 8), len(body) & 0xFF])
+    return bytes(body), q
+
+
+def test_minimal_rejects_forward_pointers():
+    body, q = with_forward_pointer(0)
     with pytest.raises(ValueError):
-        forward.minimal(*wire.strip_opt(bytes(body))[:2], q)
+        forward.minimal(*wire.strip_opt(body)[:2], q)
 
 
 def test_malformed_records_that_are_cut_do_not_matter():
-    q = make_query("q.example.org", "A")
-    body = bytearray(
-        response(q, ["q.example.org. 60 IN A 192.0.2.1"], ["example.org. 60 IN NS ns.example.org."])
-    )
-    _, recs = wire.records(bytes(body))
-    body[recs[1].name_off : recs[1].name_off + 2] = bytes(
-        [0xC0 | (len(body) >> 8), len(body) & 0xFF]
-    )
-    out = dns.message.from_wire(forward.minimal(*wire.strip_opt(bytes(body))[:2], q))
+    body, q = with_forward_pointer(1)
+    out = dns.message.from_wire(forward.minimal(*wire.strip_opt(body)[:2], q))
     assert [r.rdtype for r in out.answer] == [1] and not out.authority
 
 
