@@ -11,6 +11,11 @@ case never leaves synchronous code (DESIGN.md §3):
 ``async resolve(q)``
     Only for steps that returned `AWAIT`; runs inside a Trio task. Return a `Reply`, or
     ``None`` to pass the query on after all.
+``begin(q, done)``
+    The same I/O phase without a task, for steps that can drive their I/O from callbacks
+    (``forward`` over UDP: a task per query was most of the cost of a cache miss). Start
+    the I/O and call ``done(reply)`` exactly once, from synchronous code (a reader task of
+    the step's own, or before returning). A step overrides `resolve` or `begin`, not both.
 ``response(q, reply)``
     Synchronous, called on the way back for steps that passed the query on: store it,
     count it, rewrite it. Return the reply to send on (a new `Reply` if it changed it), or
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+import trio
 
 from dnsproxy import wire
 from dnsproxy.errors import ConfigError
@@ -128,6 +134,10 @@ class Step:
         """The I/O phase, for steps whose `query` returned AWAIT."""
         raise NotImplementedError(f"{type(self).__name__} returned AWAIT without resolve()")
 
+    def begin(self, q: Query, done: Callable[[Reply | None], None]) -> None:
+        """The I/O phase without a task, instead of `resolve`: call ``done`` exactly once."""
+        raise NotImplementedError(f"{type(self).__name__} returned AWAIT without begin()")
+
     def response(self, q: Query, reply: Reply) -> Reply | None:
         """Post-process a reply from further down the chain (only if overridden)."""
         return reply
@@ -157,6 +167,22 @@ class Step:
         """Release resources when the chain is retired (sockets, files)."""
 
 
+async def _begun(
+    begin: Callable[[Query, Callable[[Reply | None], None]], None], q: Query
+) -> Reply | None:
+    """Wait in this task for a `Step.begin` I/O phase (for `Chain.pass_on` callers)."""
+    result: list[Reply | None] = []
+    arrived = trio.Event()
+
+    def done(reply: Reply | None) -> None:
+        result.append(reply)
+        arrived.set()
+
+    begin(q, done)
+    await arrived.wait()
+    return result[0]
+
+
 def _overrides(step: Step, method: str) -> bool:
     return getattr(type(step), method) is not getattr(Step, method)
 
@@ -164,12 +190,13 @@ def _overrides(step: Step, method: str) -> bool:
 class Link:
     """A compiled step: the bound methods the hot path calls and its scope test."""
 
-    __slots__ = ("in_scope", "on_query", "on_response", "step")
+    __slots__ = ("in_scope", "on_begin", "on_query", "on_response", "step")
 
     def __init__(self, step: Step, in_scope: Callable[[Query], bool] | None) -> None:
         self.step = step
         self.on_query = step.query
         self.on_response = step.response if _overrides(step, "response") else None
+        self.on_begin = step.begin if _overrides(step, "begin") else None
         self.in_scope = in_scope
 
 
@@ -250,23 +277,30 @@ class Chain:
         return self._walk(q, 0, [])
 
     async def resume(self, q: Query, sus: Suspended) -> Reply | None:
-        """Finish a suspended query: resolve, then walk on until answered or suspended again."""
+        """Finish a suspended query in this task: do the I/O, walk on, until answered."""
         while True:
             link = sus.link
             try:
-                reply = await link.step.resolve(q)
+                if link.on_begin is None:
+                    reply = await link.step.resolve(q)
+                else:
+                    reply = await _begun(link.on_begin, q)
             except Exception as exc:
                 raise StepFailed(link.step, exc) from exc
-            if reply is not None:
-                if q.trace is not None:
-                    q.explain(f"{link.step.setup.where}: answered (rcode {reply.rcode})")
-                return self._unwind(q, reply, sus.unwind)
-            if link.on_response is not None:
-                sus.unwind.append(link)
-            result = self._walk(q, sus.index, sus.unwind)
+            result = self.proceed(q, sus, reply)
             if not isinstance(result, Suspended):
                 return result
             sus = result
+
+    def proceed(self, q: Query, sus: Suspended, reply: Reply | None) -> Reply | Suspended | None:
+        """Go on from ``sus`` once its step's I/O gave ``reply``: unwind it, or walk on."""
+        if reply is not None:
+            if q.trace is not None:
+                q.explain(f"{sus.link.step.setup.where}: answered (rcode {reply.rcode})")
+            return self._unwind(q, reply, sus.unwind)
+        if sus.link.on_response is not None:
+            sus.unwind.append(sus.link)
+        return self._walk(q, sus.index, sus.unwind)
 
     async def pass_on(self, step: Step, q: Query) -> Reply | None:
         """Run ``q`` through the steps after ``step`` and return what would come back to it.

@@ -208,23 +208,57 @@ class Server:
             self._inflight += 1
             cid = id(chain)
             self._chain_inflight[cid] = self._chain_inflight.get(cid, 0) + 1
-            self._work.start_soon(self._finish, q, chain, result, send)
+            self._dispatch(q, chain, result, send)  # type: ignore[arg-type]
             return
         self._send(q, result, send)  # type: ignore[arg-type]
 
-    async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
-        try:
+    def _dispatch(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
+        """Go on with a query that waits for I/O: by callback if the step has `begin`,
+        else in a task."""
+        begin = sus.link.on_begin
+        if begin is None:
+            if self._work is None:  # stopping: no new tasks
+                self._complete(q, chain, respond(q, wire.SERVFAIL, source="overload"), send)
+            else:
+                self._work.start_soon(self._finish, q, chain, sus, send)
+            return
+
+        def done(reply: Reply | None) -> None:
             try:
-                reply = await chain.resume(q, sus)
+                result = chain.proceed(q, sus, reply)
             except StepFailed as exc:
-                reply = self._step_failed(q, exc)
+                result = self._step_failed(q, exc)
+            if result.__class__ is Suspended:
+                self._dispatch(q, chain, result, send)  # type: ignore[arg-type]
+            else:
+                self._complete(q, chain, result, send)  # type: ignore[arg-type]
+
+        try:
+            begin(q, done)
+        except Exception as exc:
+            self._complete(q, chain, self._step_failed(q, StepFailed(sus.link.step, exc)), send)
+
+    async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
+        reply = None
+        try:
+            reply = await chain.resume(q, sus)
+        except StepFailed as exc:
+            reply = self._step_failed(q, exc)
+        finally:  # also when cancelled: the client is told (TCP) and the counts stay right
+            self._complete(q, chain, reply, send)
+
+    def _complete(self, q: Query, chain: Chain, reply: Reply | None, send: Sender) -> None:
+        """Send the final reply of a query that waited for I/O, and count it done."""
+        try:
             self._send(q, reply, send)
         except Exception as exc:
-            self._internal_error("query task", exc)
+            self._internal_error("query completion", exc)
         finally:
             self._inflight -= 1
             cid = id(chain)
-            self._chain_inflight[cid] -= 1
+            left = self._chain_inflight.get(cid)
+            if left is not None:  # None: the chain was retired after its grace period
+                self._chain_inflight[cid] = left - 1
 
     def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
         send(None if reply is None else finalize(reply, q, self.edns_udp_size))
@@ -431,6 +465,8 @@ class Server:
                     for scope in list(self._tcp_scopes):
                         scope.cancel()
                     work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                    while self._inflight:  # queries waiting on I/O without a task of their own
+                        await trio.sleep(0.01)
                 self._work = None
                 self.pm.hook.dnsproxy_shutdown(server=self)
                 root.cancel_scope.cancel()

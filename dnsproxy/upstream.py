@@ -1,10 +1,11 @@
-"""Upstream transports: the protocol every scheme implements, and plain DNS over UDP/TCP.
+"""Upstream transports: the protocol every scheme implements, and what they share.
 
 An `Upstream` takes a `Request` (question, flags, DO) and returns the upstream's response
 as wire bytes, already matched to the request: source address and port (a connected
 socket per query, RFC 5452 §9.1), a fresh random ID from `secrets` and the question
 (case-insensitively). Datagrams that do not match never end the wait. Callers own the
-timeout (``trio.move_on_after``), as Trio code should.
+timeout (``trio.move_on_after``), as Trio code should. Plain DNS is in `udpclient` (UDP)
+and `streamclient` (TCP, and TLS for ``dot``).
 
 Schemes are registered by plugins through ``dnsproxy_add_upstream_schemes``; the built-in
 ``forward`` plugin registers ``udp`` (the default for "host:port") and ``tcp``; the ``dot``
@@ -13,9 +14,7 @@ and ``doh`` plugins register ``tls`` and ``https``.
 
 from __future__ import annotations
 
-import errno
 import secrets
-import socket
 import struct
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -124,7 +123,11 @@ def new_id() -> int:
 
 
 class Upstream(Protocol):
-    """What ``forward`` needs from an upstream transport."""
+    """What ``forward`` needs from an upstream transport.
+
+    A transport may also offer ``send(req, deadline, done)``, the same exchange without a
+    task (see `dnsproxy.udpclient.UdpUpstream`); ``forward`` uses it when it is there.
+    """
 
     name: str  # shown in logs, metrics and traces, e.g. "udp://127.0.0.1:53"
 
@@ -135,10 +138,6 @@ class Upstream(Protocol):
     def close(self) -> None:
         """Release sockets and connections."""
         ...
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | None:
@@ -162,50 +161,3 @@ async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | 
                 raise UpstreamError("connection closed inside a message")
             return None
         buf += chunk
-
-
-class UdpUpstream:
-    """Plain DNS over UDP; ``tcp`` is the same server over TCP, for truncated answers.
-
-    Each exchange uses a new connected socket on a kernel-chosen random port, so
-    concurrent queries never share a port and the kernel drops datagrams from any other
-    source; the ID and question are checked on top of that.
-    """
-
-    def __init__(self, host: str, port: int, tcp: Upstream) -> None:
-        self.addr = (host, port)
-        self.family = _family(host)
-        self.name = (
-            f"udp://{host}:{port}" if self.family == socket.AF_INET else f"udp://[{host}]:{port}"
-        )
-        self.tcp = tcp
-
-    async def exchange(self, req: Request) -> bytes:
-        msg_id = new_id()
-        data = req.to_wire(msg_id)
-        # A plain non-blocking socket and wait_readable: a trio socket object per query
-        # costs more than the exchange itself on the forwarding path.
-        sock = socket.socket(self.family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.connect(self.addr)  # UDP connect: picks a random port, filters sources
-            sock.send(data)
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    reply = sock.recv(65535)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.ECONNREFUSED:
-                        raise UpstreamError("connection refused") from exc
-                    raise UpstreamError(exc.strerror or str(exc)) from exc
-                if matches(reply, msg_id, req):
-                    return reply
-        except OSError as exc:
-            raise UpstreamError(exc.strerror or str(exc)) from exc
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        self.tcp.close()

@@ -62,12 +62,13 @@ Examples
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 import secrets
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,8 +91,11 @@ from dnsproxy.reply import (
     respond,
 )
 from dnsproxy.streamclient import PipelinedTcpUpstream
-from dnsproxy.upstream import Request, UdpUpstream, Upstream, UpstreamSpec
+from dnsproxy.udpclient import UdpUpstream
+from dnsproxy.upstream import Request, Upstream, UpstreamSpec
 from dnsproxy.wire import Query
+
+log = logging.getLogger("dnsproxy.plugins.forward")
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 NO_EDNS_MEMORY = 600.0  # seconds an EDNS-intolerant upstream is asked without EDNS
@@ -164,14 +168,171 @@ class Health:
         self.srtt = max(self.srtt, timeout) * 1.5
 
 
-class _Flight:
-    """One upstream query shared by every identical client query that arrives meanwhile."""
+Done = Callable[[Reply | None], None]
 
-    __slots__ = ("done", "result")
 
-    def __init__(self) -> None:
-        self.done: trio.Event | None = None  # made by the first follower, if any
-        self.result: Reply | None = None
+async def _exchange_task(
+    up: Upstream, req: Request, deadline: float, done: Callable[[bytes | None, str], None]
+) -> None:
+    """One exchange over a transport with only the async ``exchange`` (TCP, DoT, DoH).
+
+    A system task, like the stream clients' own: forward has no nursery per query, and the
+    attempt's deadline bounds it.
+    """
+    data, err = None, "timeout"
+    try:
+        with trio.move_on_at(deadline):
+            data, err = await up.exchange(req), ""
+    except UpstreamError as exc:
+        err = str(exc)
+    except trio.Cancelled:  # the run is ending
+        done(None, "shutting down")
+        raise
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+    try:
+        done(data, err)
+    except Exception as exc:  # a bug must not end the run (this is a system task)
+        log.error("forward: completing a query failed: %r", exc, exc_info=exc)
+
+
+class _Ask:
+    """One upstream query in flight: the attempts in policy order until one answers.
+
+    Driven by callbacks (`UdpUpstream.send`, or `_exchange_task`): TC retries over TCP,
+    FORMERR/NOTIMP/BADVERS retries without EDNS, and failover are each one more attempt.
+    """
+
+    __slots__ = (
+        "deadline",
+        "errors",
+        "fwd",
+        "health",
+        "key",
+        "last_bad",
+        "order",
+        "plain",
+        "q",
+        "req",
+        "timeouts",
+        "up",
+    )
+
+    def __init__(self, fwd: Forward, q: Query, key: tuple[Any, ...], hops: bytes) -> None:
+        self.fwd = fwd
+        self.q = q
+        self.key = key
+        self.req = Request(
+            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
+        )
+        self.order = iter(fwd.order())
+        self.deadline = trio.current_time() + fwd.options.budget
+        self.timeouts = 0
+        self.errors: list[str] = []
+        self.last_bad: Reply | None = None
+        self.up: Upstream | None = None
+        self.health = Health()
+        self.plain = False
+
+    def next(self) -> None:
+        """Ask the next upstream, or give up."""
+        up = next(self.order, None)
+        if up is None or trio.current_time() >= self.deadline:
+            self.fwd.complete(self.key, self.give_up())
+            return
+        self.up = up
+        self.health = self.fwd.health[up.name]
+        self.plain = self.health.no_edns_until > time.monotonic()
+        req = attrs.evolve(self.req, edns=False) if self.plain else self.req
+        self.attempt(up, req, self.answered)
+
+    def attempt(
+        self, up: Upstream, req: Request, then: Callable[[Reply | None, str], None]
+    ) -> None:
+        health = self.health
+        health.queries += 1
+        start = time.monotonic()
+        fwd = self.fwd
+        q = self.q
+
+        def done(data: bytes | None, err: str) -> None:
+            reply = None
+            if data is not None:
+                try:
+                    body, rcode = _direct_answer(data, q), 0
+                    if body is None:
+                        body, recs, rcode = wire.strip_opt(data)
+                        body = minimal(body, recs, q)
+                except ValueError as exc:
+                    err = f"malformed answer ({exc})"
+                else:
+                    if rcode > 15:  # BADVERS and the like: EDNS trouble, as FORMERR would be
+                        body = body[:3] + bytes([(body[3] & 0xF0) | wire.FORMERR]) + body[4:]
+                    reply = Reply(body, source=fwd.setup.name)
+            if reply is None:
+                health.failed(fwd.options.timeout if err == "timeout" else 0.0)
+                q.explain(f"{fwd.setup.where}: {up.name}: {err}")
+            else:
+                health.ok(time.monotonic() - start)
+                if q.trace is not None:
+                    q.explain(f"{fwd.setup.where}: {up.name} answered rcode {reply.rcode}")
+            then(reply, err)
+
+        deadline = min(self.deadline, trio.current_time() + fwd.options.timeout)
+        send = getattr(up, "send", None)
+        if send is not None:
+            send(req, deadline, done)
+        else:
+            trio.lowlevel.spawn_system_task(_exchange_task, up, req, deadline, done)
+
+    def answered(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
+            self.attempt(self.up.tcp, self.req, self.whole)  # TC: the whole answer over TCP
+        else:
+            self.whole(reply, err)
+
+    def whole(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:
+            assert self.up is not None
+            self.attempt(self.up, attrs.evolve(self.req, edns=False), self.without_edns)
+        else:
+            self.judge(reply, err)
+
+    def without_edns(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.rcode not in NO_EDNS_RCODES:
+            assert self.up is not None
+            self.health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
+            self.fwd.log.info("%s rejects EDNS; asking it without EDNS for 10 min", self.up.name)
+        self.judge(reply, err)
+
+    def judge(self, reply: Reply | None, err: str) -> None:
+        assert self.up is not None
+        name = self.up.name
+        if reply is not None and reply.rcode not in FAILOVER_RCODES:
+            self.q.note("upstream", name)
+            self.fwd.complete(self.key, reply)
+            return
+        if reply is not None:
+            self.last_bad = reply
+            self.errors.append(f"{name}: rcode {reply.rcode}")
+        elif err == "timeout":
+            self.timeouts += 1
+            self.errors.append(f"{name}: timeout")
+        else:
+            self.errors.append(f"{name}: {err}")
+        self.next()
+
+    def give_up(self) -> Reply:
+        """SERVFAIL with EDE 22/23, or an upstream's REFUSED if that is all there was."""
+        q, errors = self.q, self.errors
+        last_bad = self.last_bad
+        if last_bad is not None and not self.timeouts and last_bad.rcode == wire.REFUSED:
+            return last_bad
+        where = self.fwd.setup.where
+        q.explain(f"{where}: all upstreams failed: {'; '.join(errors) or 'no time left'}")
+        ede = EDE_NO_REACHABLE_AUTHORITY if self.timeouts or not errors else EDE_NETWORK_ERROR
+        text = "; ".join(errors)[:80] or "upstreams did not answer in time"
+        return respond(q, wire.SERVFAIL, ede=[(ede, text)], source=self.fwd.setup.name)
 
 
 class Forward(Step):
@@ -186,7 +347,7 @@ class Forward(Step):
             else:
                 self.upstreams.append(setup.make_upstream(UpstreamSpec.parse(item), setup))
         self.health = {u.name: Health() for u in self.upstreams}
-        self.flights: dict[tuple[bytes, int, int, int, bool], _Flight] = {}
+        self.flights: dict[tuple[Any, ...], list[Done]] = {}  # one upstream query, its clients
         self.loops = 0
         self.coalesced = 0
         self._loop_logged = -1e9
@@ -204,31 +365,30 @@ class Forward(Step):
     def query(self, q: Query) -> Any:
         return AWAIT
 
-    async def resolve(self, q: Query) -> Reply | None:
+    def begin(self, q: Query, done: Done) -> None:
         hops = b""
         if self.options.loop_detect:  # before coalescing: a looped query must not wait on itself
             hops = _loop_marker(q)
             if hops is None:
-                return self._loop(q)
+                done(self._loop(q))
+                return
         key = (q.key, q.qtype, q.qclass, q.flags & wire.CD, q.do)
-        flight = self.flights.get(key)
-        if flight is not None:
+        waiting = self.flights.get(key)
+        if waiting is not None:
             q.note("coalesced", True)
             self.coalesced += 1
-            if flight.done is None:
-                flight.done = trio.Event()
-            await flight.done.wait()
-            return flight.result
-        flight = self.flights[key] = _Flight()
-        try:
-            flight.result = await self._ask(q, hops)
-        finally:
-            del self.flights[key]
-            if flight.done is not None:
-                flight.done.set()
-        return flight.result
+            waiting.append(done)
+            return
+        self.flights[key] = [done]
+        _Ask(self, q, key, hops).next()
 
-    def _order(self) -> list[Upstream]:
+    def complete(self, key: tuple[Any, ...], reply: Reply) -> None:
+        """Hand ``reply`` to every client query that waited for this upstream query."""
+        for done in self.flights.pop(key):
+            done(reply)
+
+    def order(self) -> list[Upstream]:
+        """The upstreams in the order the policy asks them for one query."""
         ups = self.upstreams
         policy = self.options.policy
         if policy == "sequential" or len(ups) == 1:
@@ -239,50 +399,6 @@ class Forward(Step):
             self._rr = (self._rr + 1) % len(ups)
             return ups[self._rr :] + ups[: self._rr]
         return sorted(ups, key=lambda u: self.health[u.name].srtt)
-
-    async def _ask(self, q: Query, hops: bytes) -> Reply:
-        req = Request(
-            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
-        )
-        timeouts = 0
-        errors: list[str] = []
-        last_bad: Reply | None = None
-        deadline = trio.current_time() + self.options.budget
-        for up in self._order():
-            if trio.current_time() >= deadline:
-                break
-            health = self.health[up.name]
-            plain = health.no_edns_until > time.monotonic()
-            reply, err = await self._attempt(
-                up, attrs.evolve(req, edns=False) if plain else req, q, deadline
-            )
-            if reply is not None and reply.truncated and isinstance(up, UdpUpstream):
-                # TC: the whole answer over TCP, as an attempt of its own.
-                reply, err = await self._attempt(up.tcp, req, q, deadline, health)
-            if reply is not None and reply.rcode in NO_EDNS_RCODES and not plain:
-                reply, err = await self._attempt(up, attrs.evolve(req, edns=False), q, deadline)
-                if reply is not None and reply.rcode not in NO_EDNS_RCODES:
-                    health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
-                    self.log.info("%s rejects EDNS; asking it without EDNS for 10 min", up.name)
-            if reply is not None and reply.rcode not in FAILOVER_RCODES:
-                q.note("upstream", up.name)
-                return reply
-            if reply is not None:
-                last_bad = reply
-                errors.append(f"{up.name}: rcode {reply.rcode}")
-            elif err == "timeout":
-                timeouts += 1
-                errors.append(f"{up.name}: timeout")
-            else:
-                errors.append(f"{up.name}: {err}")
-        if last_bad is not None and not timeouts and last_bad.rcode == wire.REFUSED:
-            return last_bad
-        q.explain(
-            f"{self.setup.where}: all upstreams failed: {'; '.join(errors) or 'no time left'}"
-        )
-        ede = EDE_NO_REACHABLE_AUTHORITY if timeouts or not errors else EDE_NETWORK_ERROR
-        text = "; ".join(errors)[:80] or "upstreams did not answer in time"
-        return respond(q, wire.SERVFAIL, ede=[(ede, text)], source=self.setup.name)
 
     def _loop(self, q: Query) -> Reply:
         self.loops += 1
@@ -299,37 +415,6 @@ class Forward(Step):
         return respond(
             q, wire.SERVFAIL, ede=[(EDE_OTHER, "forwarding loop detected")], source=self.setup.name
         )
-
-    async def _attempt(
-        self, up: Upstream, req: Request, q: Query, deadline: float, health: Health | None = None
-    ) -> tuple[Reply | None, str]:
-        health = health or self.health[up.name]
-        health.queries += 1
-        start = time.monotonic()
-        err = "timeout"
-        with trio.move_on_at(min(deadline, trio.current_time() + self.options.timeout)):
-            try:
-                data = await up.exchange(req)
-            except UpstreamError as exc:
-                err = str(exc)
-            else:
-                try:
-                    body, rcode = _direct_answer(data, q), 0
-                    if body is None:
-                        body, recs, rcode = wire.strip_opt(data)
-                        body = minimal(body, recs, q)
-                except ValueError as exc:
-                    err = f"malformed answer ({exc})"
-                else:
-                    if rcode > 15:  # BADVERS and the like: EDNS trouble, as FORMERR would be
-                        body = body[:3] + bytes([(body[3] & 0xF0) | wire.FORMERR]) + body[4:]
-                    health.ok(time.monotonic() - start)
-                    if q.trace is not None:
-                        q.explain(f"{self.setup.where}: {up.name} answered rcode {body[3] & 0xF}")
-                    return Reply(body, source=self.setup.name), ""
-        health.failed(self.options.timeout if err == "timeout" else 0.0)
-        q.explain(f"{self.setup.where}: {up.name}: {err}")
-        return None, err
 
     def ready(self) -> bool:
         return any(h.failures < 3 for h in self.health.values())

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
@@ -239,9 +240,9 @@ class LocalNames(Step):
             return respond(q, authority=zone.soa, aa=True, ede=zone.ede, source=name)
         return respond(q, wire.NXDOMAIN, authority=zone.soa, aa=True, ede=zone.ede, source=name)
 
-    async def resolve(self, q: Query) -> Reply | None:
+    def begin(self, q: Query, done: Callable[[Reply | None], None]) -> None:
         assert self.forward is not None
-        return await self.forward.resolve(q)
+        self.forward.begin(q, done)
 
     def ready(self) -> bool:
         return self.forward is None or self.forward.ready()
