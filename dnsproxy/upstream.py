@@ -67,9 +67,12 @@ class UpstreamSpec:
         return cls(url, parts.scheme.lower(), parts.hostname, port, parts.path, extra)
 
 
-@attrs.frozen
+@attrs.define  # not frozen: a frozen attrs init costs 1.2 µs, a third of that without
 class Request:
-    """What forward asks an upstream: the client's question with fresh, proxy-owned EDNS."""
+    """What forward asks an upstream: the client's question with fresh, proxy-owned EDNS.
+
+    Treat it as immutable (``attrs.evolve`` for a variant): transports may share it.
+    """
 
     question: bytes  # qname (wire, client's case) + qtype + qclass
     key: bytes  # lower-cased qname

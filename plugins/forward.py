@@ -200,7 +200,8 @@ class _Ask:
     """One upstream query in flight: the attempts in policy order until one answers.
 
     Driven by callbacks (`UdpUpstream.send`, or `_exchange_task`): TC retries over TCP,
-    FORMERR/NOTIMP/BADVERS retries without EDNS, and failover are each one more attempt.
+    FORMERR/NOTIMP/BADVERS retries without EDNS, and failover are each one more attempt,
+    and only one attempt is in flight at a time.
     """
 
     __slots__ = (
@@ -214,8 +215,11 @@ class _Ask:
         "plain",
         "q",
         "req",
+        "sent",
+        "then",
         "timeouts",
         "up",
+        "via",
     )
 
     def __init__(self, fwd: Forward, q: Query, key: tuple[Any, ...], hops: bytes) -> None:
@@ -230,60 +234,64 @@ class _Ask:
         self.timeouts = 0
         self.errors: list[str] = []
         self.last_bad: Reply | None = None
-        self.up: Upstream | None = None
+        self.up: Upstream | None = None  # the upstream being asked
+        self.via: Upstream | None = None  # the transport of the attempt: up, or its TCP twin
         self.health = Health()
         self.plain = False
+        self.sent = 0.0
+        self.then: Callable[[Reply | None, str], None] = self.answered
 
     def next(self) -> None:
         """Ask the next upstream, or give up."""
         up = next(self.order, None)
-        if up is None or trio.current_time() >= self.deadline:
+        if up is None or (self.up is not None and trio.current_time() >= self.deadline):
             self.fwd.complete(self.key, self.give_up())
             return
         self.up = up
         self.health = self.fwd.health[up.name]
         self.plain = self.health.no_edns_until > time.monotonic()
-        req = attrs.evolve(self.req, edns=False) if self.plain else self.req
-        self.attempt(up, req, self.answered)
+        self.attempt(up, attrs.evolve(self.req, edns=False) if self.plain else self.req)
 
     def attempt(
-        self, up: Upstream, req: Request, then: Callable[[Reply | None, str], None]
+        self, via: Upstream, req: Request, then: Callable[[Reply | None, str], None] | None = None
     ) -> None:
-        health = self.health
-        health.queries += 1
-        start = time.monotonic()
-        fwd = self.fwd
-        q = self.q
-
-        def done(data: bytes | None, err: str) -> None:
-            reply = None
-            if data is not None:
-                try:
-                    body, rcode = _direct_answer(data, q), 0
-                    if body is None:
-                        body, recs, rcode = wire.strip_opt(data)
-                        body = minimal(body, recs, q)
-                except ValueError as exc:
-                    err = f"malformed answer ({exc})"
-                else:
-                    if rcode > 15:  # BADVERS and the like: EDNS trouble, as FORMERR would be
-                        body = body[:3] + bytes([(body[3] & 0xF0) | wire.FORMERR]) + body[4:]
-                    reply = Reply(body, source=fwd.setup.name)
-            if reply is None:
-                health.failed(fwd.options.timeout if err == "timeout" else 0.0)
-                q.explain(f"{fwd.setup.where}: {up.name}: {err}")
-            else:
-                health.ok(time.monotonic() - start)
-                if q.trace is not None:
-                    q.explain(f"{fwd.setup.where}: {up.name} answered rcode {reply.rcode}")
-            then(reply, err)
-
-        deadline = min(self.deadline, trio.current_time() + fwd.options.timeout)
-        send = getattr(up, "send", None)
+        """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome."""
+        self.health.queries += 1
+        self.via = via
+        self.then = then or self.answered
+        self.sent = time.monotonic()
+        deadline = min(self.deadline, trio.current_time() + self.fwd.options.timeout)
+        send = getattr(via, "send", None)
         if send is not None:
-            send(req, deadline, done)
+            send(req, deadline, self.done)
         else:
-            trio.lowlevel.spawn_system_task(_exchange_task, up, req, deadline, done)
+            trio.lowlevel.spawn_system_task(_exchange_task, via, req, deadline, self.done)
+
+    def done(self, data: bytes | None, err: str) -> None:
+        """An attempt's outcome: the answer trimmed (`minimal`), or why there is none."""
+        fwd, q, health = self.fwd, self.q, self.health
+        reply = None
+        if data is not None:
+            try:
+                body, rcode = _direct_answer(data, q), 0
+                if body is None:
+                    body, recs, rcode = wire.strip_opt(data)
+                    body = minimal(body, recs, q)
+            except ValueError as exc:
+                err = f"malformed answer ({exc})"
+            else:
+                if rcode > 15:  # BADVERS and the like: EDNS trouble, as FORMERR would be
+                    body = body[:3] + bytes([(body[3] & 0xF0) | wire.FORMERR]) + body[4:]
+                reply = Reply(body, source=fwd.setup.name)
+        assert self.via is not None
+        if reply is None:
+            health.failed(fwd.options.timeout if err == "timeout" else 0.0)
+            q.explain(f"{fwd.setup.where}: {self.via.name}: {err}")
+        else:
+            health.ok(time.monotonic() - self.sent)
+            if q.trace is not None:
+                q.explain(f"{fwd.setup.where}: {self.via.name} answered rcode {reply.rcode}")
+        self.then(reply, err)
 
     def answered(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
