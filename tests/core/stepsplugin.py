@@ -52,6 +52,26 @@ class Slow(Step):
         return respond(q, answers=[rr(1, 60, b"\xc0\x00\x02\x63")], source="slow")
 
 
+class Later(Slow):
+    """`slow` through `Step.begin`: answered from a task of the step's own, not the query's.
+
+    Names starting with "boom" make ``begin`` raise.
+    """
+
+    async def resolve(self, q):
+        raise AssertionError("a begin step is never resolved")
+
+    def begin(self, q, done):
+        if q.text.startswith("boom"):
+            raise RuntimeError("kaboom in begin")
+
+        async def later():
+            await trio.sleep(self.options.delay)
+            done(respond(q, answers=[rr(1, 60, b"\xc0\x00\x02\x63")], source="later"))
+
+        trio.lowlevel.spawn_system_task(later)
+
+
 class Boom(Step):
     """Raises for names starting with "boom"."""
 
@@ -65,6 +85,7 @@ class Boom(Step):
 def dnsproxy_add_steps(registry):
     registry.add_step("static", Static)
     registry.add_step("slow", Slow)
+    registry.add_step("later", Later)
     registry.add_step("boom", Boom)
     registry.add_step("crashy", Crashy)
 

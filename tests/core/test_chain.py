@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from dnsproxy import hookspecs, wire
-from dnsproxy.chain import AWAIT, Step, StepFailed
+from dnsproxy.chain import AWAIT, Step, StepFailed, Suspended
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry, build_registry, load_file, make_plugin_manager
 from dnsproxy.reply import Reply, respond
@@ -50,6 +50,24 @@ class Passer(Slow):
         return None
 
 
+class Later(Step):
+    """I/O through `Step.begin`: the answer (or a pass) comes from a task of its own."""
+
+    def __init__(self, answer: bool = True) -> None:
+        super().__init__(None, make_setup("later", reg=Registry()))
+        self.answer = answer
+
+    def query(self, q):
+        return AWAIT
+
+    def begin(self, q, done):
+        async def later() -> None:
+            await trio.sleep(0.01)
+            done(respond(q, wire.NOERROR, source="later") if self.answer else None)
+
+        trio.lowlevel.spawn_system_task(later)
+
+
 class Boom(Step):
     def __init__(self) -> None:
         super().__init__(None, make_setup("boom", reg=Registry()))
@@ -87,6 +105,25 @@ async def test_resolve_returning_none_passes_on():
         [Passer(), Answer({"example.org": "192.0.2.1"})], make_query("example.org")
     )
     assert reply.source == "answer"
+
+
+async def test_begin_answers_by_callback_then_unwinds():
+    reply = await run_chain([Recorder("a"), Later()], make_query("example.org"))
+    assert reply.source == "later>a"
+
+
+async def test_begin_passing_none_walks_on():
+    chain = chain_of([Recorder("a"), Later(answer=False), Answer({"example.org": "192.0.2.1"})])
+    q = make_query("example.org")
+    sus = chain.start(q)
+    assert isinstance(sus, Suspended) and sus.link.on_begin is not None
+    replies = []
+    sus.link.on_begin(q, replies.append)
+    with trio.fail_after(1):
+        while not replies:
+            await trio.sleep(0.005)
+    # What the server does with the outcome: go on synchronously, no task of the query's.
+    assert chain.proceed(q, sus, replies[0]).source == "answer>a"
 
 
 async def test_sync_answer_needs_no_task():

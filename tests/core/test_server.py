@@ -89,8 +89,13 @@ async def test_acl_refuses_with_ede_18(tmp_path, nursery):
     server.stop()
 
 
-async def test_step_exception_is_servfail_and_server_keeps_serving(tmp_path, nursery, caplog):
-    path = write_config(tmp_path, '[[chain]]\nplugin = "boom"\n' + STATIC)
+@pytest.mark.parametrize("plugin", ["boom", "later"])  # raising in query, or in begin
+async def test_step_exception_is_servfail_and_server_keeps_serving(
+    tmp_path, nursery, caplog, plugin
+):
+    path = write_config(
+        tmp_path, f'[[chain]]\nplugin = "{plugin}"\nzones = ["boom.example.org"]\n' + STATIC
+    )
     server, addrs = await start(nursery, path)
     with trio.fail_after(5):
         for _ in range(3):
@@ -100,12 +105,14 @@ async def test_step_exception_is_servfail_and_server_keeps_serving(tmp_path, nur
         assert r.rcode() == dns.rcode.NOERROR
     assert server.stats.step_errors == 3
     logged = [rec for rec in caplog.records if "step failed" in rec.getMessage()]
-    assert len(logged) == 1 and "chain[0] (boom)" in logged[0].getMessage()
+    assert len(logged) == 1 and f"chain[0] ({plugin})" in logged[0].getMessage()
     server.stop()
 
 
-async def test_max_inflight_answers_servfail_beyond_the_bound(tmp_path, nursery):
-    path = write_config(tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.5\n', "max_inflight = 2")
+@pytest.mark.parametrize("plugin", ["slow", "later"])  # I/O in a task, or by callback
+async def test_max_inflight_answers_servfail_beyond_the_bound(tmp_path, nursery, plugin):
+    chain = f'[[chain]]\nplugin = "{plugin}"\ndelay = 0.5\n'
+    path = write_config(tmp_path, chain, "max_inflight = 2")
     server, addrs = await start(nursery, path)
     results = []
 
@@ -290,8 +297,9 @@ async def test_reload_swaps_chain_and_keeps_old_on_error(tmp_path, nursery):
     server.stop()
 
 
-async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery):
-    path = write_config(tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.3\n')
+@pytest.mark.parametrize("plugin", ["slow", "later"])
+async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery, plugin):
+    path = write_config(tmp_path, f'[[chain]]\nplugin = "{plugin}"\ndelay = 0.3\n')
     server, addrs = await start(nursery, path)
     with trio.fail_after(5):
         async with trio.open_nursery() as n:

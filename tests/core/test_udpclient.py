@@ -1,0 +1,180 @@
+"""The taskless UDP client: matching, timeouts, errors, bounds, and the end of a run."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+
+from dnsproxy import wire
+from dnsproxy.errors import UpstreamError
+from dnsproxy.udpclient import SelectorSet, UdpExchanges, UdpUpstream, exchanges
+from dnsproxy.upstream import Request
+
+NAME = b"\x03www\x07example\x03org\x00"
+
+
+def request(name: bytes = NAME) -> Request:
+    return Request(name + b"\x00\x01\x00\x01", name.lower(), 1, 1)
+
+
+def answer_to(query: bytes, *, msg_id: int | None = None, name: bytes | None = None) -> bytes:
+    """A NOERROR response echoing ``query``'s question (or ``name``), with ``msg_id``."""
+    rid = struct.unpack_from("!H", query)[0] if msg_id is None else msg_id
+    question = query[12 : 12 + len(NAME) + 4] if name is None else name + b"\x00\x01\x00\x01"
+    return wire.HEADER.pack(rid, 0x8180, 1, 0, 0, 0) + question
+
+
+class Upstream:
+    """A UDP server on loopback that answers per ``mode``."""
+
+    def __init__(self, mode: str = "answer") -> None:
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.mode = mode
+        self.ports: list[int] = []
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.sock.bind(("127.0.0.1", 0))
+        task_status.started()
+        while True:
+            data, addr = await self.sock.recvfrom(65535)
+            self.ports.append(addr[1])
+            if self.mode == "silent":
+                continue
+            if self.mode == "liar":  # wrong ID, wrong question, then the real answer
+                wrong_id = (struct.unpack_from("!H", data)[0] + 1) % 65536
+                await self.sock.sendto(answer_to(data, msg_id=wrong_id), addr)
+                await self.sock.sendto(answer_to(data, name=b"\x03bad\x00"), addr)
+            await self.sock.sendto(answer_to(data), addr)
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.sock.getsockname()
+
+
+async def ask(up: tuple[str, int], deadline_in: float = 2.0, table: UdpExchanges | None = None):
+    """One exchange; returns (reply, error)."""
+    result: list[tuple[bytes | None, str]] = []
+    arrived = trio.Event()
+
+    def done(data: bytes | None, err: str) -> None:
+        result.append((data, err))
+        arrived.set()
+
+    (table or exchanges()).send(
+        up, socket.AF_INET, request(), trio.current_time() + deadline_in, done
+    )
+    await arrived.wait()
+    assert len(result) == 1
+    return result[0]
+
+
+async def test_answer_arrives_after_lies_are_ignored(nursery):
+    up = Upstream("liar")
+    await nursery.start(up.run)
+    data, err = await ask(up.addr)
+    assert err == "" and data is not None and struct.unpack_from("!H", data, 6)[0] == 0
+    assert len(exchanges()) == 0
+
+
+async def test_silent_upstream_times_out_at_the_deadline(nursery, autojump_clock):
+    up = Upstream("silent")
+    await nursery.start(up.run)
+    start = trio.current_time()
+    data, err = await ask(up.addr, deadline_in=1.5)
+    assert (data, err) == (None, "timeout")
+    assert 1.5 <= trio.current_time() - start < 1.6
+
+
+async def test_a_later_exchange_with_an_earlier_deadline_is_not_held_up(nursery, autojump_clock):
+    up = Upstream("silent")
+    await nursery.start(up.run)
+    finished: dict[str, float] = {}
+
+    async def one(label: str, deadline_in: float) -> None:
+        await ask(up.addr, deadline_in)
+        finished[label] = trio.current_time()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(one, "long", 5.0)
+        await trio.sleep(0.1)
+        n.start_soon(one, "short", 0.5)
+    assert finished["short"] - start < 0.7
+    assert finished["long"] - start >= 5.0
+
+
+async def test_closed_port_is_connection_refused():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        addr = s.getsockname()
+    with trio.fail_after(2):
+        data, err = await ask(addr)
+    assert (data, err) == (None, "connection refused")
+
+
+async def test_concurrent_exchanges_use_different_fresh_ports(nursery):
+    up = Upstream()
+    await nursery.start(up.run)
+    async with trio.open_nursery() as n:
+        for _ in range(50):
+            n.start_soon(ask, up.addr)
+    assert len(set(up.ports)) == 50
+
+
+async def test_finished_deadlines_do_not_pile_up(nursery):
+    up = Upstream()
+    await nursery.start(up.run)
+    table = UdpExchanges()
+    for _ in range(1500):
+        await ask(up.addr, deadline_in=60, table=table)
+    assert len(table._deadlines) <= 1024 + 1
+
+
+async def test_selector_fallback_works_the_same(nursery):
+    up = Upstream("liar")
+    await nursery.start(up.run)
+    data, err = await ask(up.addr, table=UdpExchanges(SelectorSet()))
+    assert err == "" and data is not None
+
+
+async def test_async_exchange_raises_upstream_error(nursery):
+    silent = Upstream("silent")
+    await nursery.start(silent.run)
+    up = UdpUpstream(*silent.addr, tcp=None)  # type: ignore[arg-type]
+    with trio.move_on_after(0.2) as cs:
+        await up.exchange(request())
+    assert cs.cancelled_caught
+    answering = Upstream()
+    await nursery.start(answering.run)
+    assert await UdpUpstream(*answering.addr, tcp=None).exchange(request())  # type: ignore[arg-type]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()
+    with pytest.raises(UpstreamError, match="refused"):
+        await UdpUpstream(*closed, tcp=None).exchange(request())  # type: ignore[arg-type]
+
+
+def test_end_of_run_answers_every_waiting_caller():
+    """A run that ends with exchanges in flight tells their callers, and refuses new ones
+    (a caller that fails over on "shutting down" must not start another exchange)."""
+    outcomes: list[str] = []
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+
+    async def main() -> None:
+        table = exchanges()
+
+        def done(data: bytes | None, err: str) -> None:
+            outcomes.append(err)
+            if len(outcomes) == 1:  # fail over, as forward would
+                table.send(silent.getsockname(), socket.AF_INET, request(), 1e9, done)
+
+        table.send(silent.getsockname(), socket.AF_INET, request(), trio.current_time() + 60, done)
+        await trio.sleep(0.05)
+
+    trio.run(main)
+    silent.close()
+    assert outcomes == ["shutting down", "shutting down"]
