@@ -101,9 +101,6 @@ class UdpExchanges:
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def send(
         self,
         addr: tuple[str, int],

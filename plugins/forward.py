@@ -221,6 +221,7 @@ class _Ask:
         "up",
         "via",
     )
+    health: Health  # of the upstream being asked; set by `next` before any attempt
 
     def __init__(self, fwd: Forward, q: Query, key: tuple[Any, ...], hops: bytes) -> None:
         self.fwd = fwd
@@ -236,7 +237,6 @@ class _Ask:
         self.last_bad: Reply | None = None
         self.up: Upstream | None = None  # the upstream being asked
         self.via: Upstream | None = None  # the transport of the attempt: up, or its TCP twin
-        self.health = Health()
         self.plain = False
         self.sent = 0.0
         self.then: Callable[[Reply | None, str], None] = self.answered

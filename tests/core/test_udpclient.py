@@ -76,7 +76,7 @@ async def test_answer_arrives_after_lies_are_ignored(nursery):
     await nursery.start(up.run)
     data, err = await ask(up.addr)
     assert err == "" and data is not None and struct.unpack_from("!H", data, 6)[0] == 0
-    assert len(exchanges()) == 0
+    assert exchanges()._pending == {}  # the socket is closed and forgotten
 
 
 async def test_silent_upstream_times_out_at_the_deadline(nursery, autojump_clock):
@@ -113,6 +113,20 @@ async def test_closed_port_is_connection_refused():
     with trio.fail_after(2):
         data, err = await ask(addr)
     assert (data, err) == (None, "connection refused")
+
+
+async def test_send_error_is_reported_before_send_returns():
+    outcomes: list[tuple[bytes | None, str]] = []
+    # An IPv6 address on an IPv4 socket: connect() fails at once.
+    exchanges().send(
+        ("::1", 53),
+        socket.AF_INET,
+        request(),
+        trio.current_time() + 1,
+        lambda *a: outcomes.append(a),
+    )
+    assert len(outcomes) == 1 and outcomes[0][0] is None and outcomes[0][1]
+    assert exchanges()._pending == {}
 
 
 async def test_concurrent_exchanges_use_different_fresh_ports(nursery):

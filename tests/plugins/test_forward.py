@@ -212,3 +212,43 @@ def test_system_upstreams_come_from_resolv_conf_minus_our_listener(tmp_path, mon
     step = build_step("forward", {"upstreams": ["system"]}, server=server)
     assert [u.name for u in step.upstreams] == ["udp://192.0.2.53:53", "udp://[fe80::1]:53"]
     step.close()
+
+
+class Broken:
+    """A transport with only the async ``exchange`` (run in a task), failing as told."""
+
+    def __init__(self, name: str, exc: Exception) -> None:
+        self.name = name
+        self.exc = exc
+
+    async def exchange(self, req):
+        await trio.sleep(0)
+        raise self.exc
+
+    def close(self) -> None:
+        pass
+
+
+async def test_failing_task_transports_fail_over_then_servfail(nursery):
+    """Errors of transports run in a task (a bug's exception too) are attempts that
+    failed: the next upstream is asked, and with none left the client gets EDE 23."""
+    good = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.7"]}])
+    step = build_step("forward", {"upstreams": [good.addr]})
+    broken = [
+        Broken("bug://a", RuntimeError("transport bug")),
+        Broken("err://b", forward.UpstreamError("refused by peer")),
+    ]
+    for up in broken:
+        step.health[up.name] = forward.Health()
+    step.upstreams[:0] = broken
+    with trio.fail_after(5):
+        reply = await run_chain([step], make_query("t.example.org"))
+    assert reply.message().answer[0][0].address == "192.0.2.7"
+    assert [step.health[u.name].errors for u in broken] == [1, 1]
+
+    step.upstreams[:] = broken
+    with trio.fail_after(5):
+        reply = await run_chain([step], make_query("u.example.org"))
+    assert reply.rcode == wire.SERVFAIL
+    ((code, text),) = reply.ede
+    assert code == 23 and "RuntimeError: transport bug" in text and "refused by peer" in text
