@@ -21,6 +21,7 @@ RUNS = [
     ("cache hits", ["cachehit.py"], ["--seconds", "2"]),
     ("blocklist", ["blocklist.py"], ["--seconds", "2", "--names", "100000"]),
     ("encrypted upstreams", ["encrypted.py"], ["--queries", "300"]),
+    ("the floor under a Python server", ["floor.py"], ["--seconds", "2"]),
 ]
 
 

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(path: Path) -> int:
     loaded = load(path)
     setup_logging(loaded[0].server.log_level, loaded[0].server.log_format)
-    server = Server(path, loaded=loaded)
+    server = Server(path, freeze_gc=True, loaded=loaded)
     trio.run(server.run)
     return 0
 

@@ -10,6 +10,7 @@ only by a complete message, and bounded connections, pipelines and write stalls.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -47,6 +48,7 @@ log = logging.getLogger("dnsproxy")
 UDP_BATCH = 64  # datagrams handled per wake-up before other tasks get a turn
 UDP_RCVBUF = 4 << 20
 SHUTDOWN_GRACE = 5.0
+GC_REFREEZE = 600.0  # seconds between full collections when start-up objects are frozen
 
 Sender = Callable[[bytes | None], Any]
 
@@ -142,10 +144,22 @@ class Server:
         path: Path,
         *,
         handle_signals: bool = True,
+        freeze_gc: bool = False,
         loaded: tuple[Config, Registry, pluggy.PluginManager] | None = None,
     ) -> None:
+        """``freeze_gc``: exempt long-lived objects from the garbage collector
+        (`gc.freeze`), for a process that is nothing but this server (``dnsproxy run``).
+
+        Under load, queries in flight are promoted to the oldest generation, so Python
+        runs a full collection about once a second, and each one walked every module,
+        plugin and config object: a 15-30 ms stall of the event loop, and about a fifth
+        of the CPU of a cache miss. Frozen objects are still freed by reference counting;
+        a frozen *cycle* is freed by the next `_refreeze`: after each reload (the old
+        chain holds cycles) and every `GC_REFREEZE` seconds.
+        """
         self.path = Path(path)
         self.handle_signals = handle_signals
+        self.freeze_gc = freeze_gc
         self.config, self.registry, self.pm = loaded or load(self.path)
         self.chain = build_chain(self.config, self.registry)
         self.stats = Stats()
@@ -159,7 +173,7 @@ class Server:
         self._failed_once: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
-        self._chain_scopes: dict[int, trio.CancelScope] = {}
+        self._chain_scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
 
     def _apply_server_config(self) -> None:
         sc = self.config.server
@@ -458,6 +472,9 @@ class Server:
                             accept.start_soon(self._signals)
                         self._collect_observers()
                         self.pm.hook.dnsproxy_startup(server=self)
+                        if self.freeze_gc:
+                            _refreeze()
+                            accept.start_soon(_refreeze_every, GC_REFREEZE)
                         task_status.started(self.addresses)
                         await self._stop.wait()
                         accept.cancel_scope.cancel()
@@ -494,13 +511,17 @@ class Server:
     def _start_chain(self, chain: Chain) -> None:
         assert self._nursery is not None
         scope = trio.CancelScope()
-        self._chain_scopes[id(chain)] = scope
+        ended = trio.Event()
+        self._chain_scopes[id(chain)] = (scope, ended)
 
         async def background() -> None:
-            with scope:
-                async with trio.open_nursery() as n:
-                    for step in chain.steps:
-                        n.start_soon(self._run_step, step)
+            try:
+                with scope:
+                    async with trio.open_nursery() as n:
+                        for step in chain.steps:
+                            n.start_soon(self._run_step, step)
+            finally:
+                ended.set()
 
         self._nursery.start_soon(background)
 
@@ -545,9 +566,14 @@ class Server:
         with trio.move_on_after(SHUTDOWN_GRACE):
             while self._chain_inflight.get(cid, 0) > 0:
                 await trio.sleep(0.05)
-        self._chain_scopes.pop(cid).cancel()
+        scope, ended = self._chain_scopes.pop(cid)
+        scope.cancel()
+        await ended.wait()
         self._chain_inflight.pop(cid, None)
         chain.close()
+        if self.freeze_gc:
+            del chain  # this frame's reference: the collection must be able to free it
+            _refreeze()
 
     def flush(self) -> None:
         self.chain.flush()
@@ -565,6 +591,19 @@ class Server:
                 else:
                     self.stop()
                     return
+
+
+def _refreeze() -> None:
+    """Collect everything (frozen objects included), then freeze what is left alive."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+async def _refreeze_every(seconds: float) -> None:
+    while True:
+        await trio.sleep(seconds)
+        _refreeze()
 
 
 async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | None:

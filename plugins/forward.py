@@ -169,6 +169,7 @@ class Health:
 
 
 Done = Callable[[Reply | None], None]
+Then = Callable[["_Ask", Reply | None, str], None]  # an _Ask method, called with its _Ask
 
 
 async def _exchange_task(
@@ -239,7 +240,7 @@ class _Ask:
         self.via: Upstream | None = None  # the transport of the attempt: up, or its TCP twin
         self.plain = False
         self.sent = 0.0
-        self.then: Callable[[Reply | None, str], None] = self.answered
+        self.then: Then = _Ask.answered
 
     def next(self) -> None:
         """Ask the next upstream, or give up."""
@@ -252,13 +253,16 @@ class _Ask:
         self.plain = self.health.no_edns_until > time.monotonic()
         self.attempt(up, attrs.evolve(self.req, edns=False) if self.plain else self.req)
 
-    def attempt(
-        self, via: Upstream, req: Request, then: Callable[[Reply | None, str], None] | None = None
-    ) -> None:
-        """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome."""
+    def attempt(self, via: Upstream, req: Request, then: Then | None = None) -> None:
+        """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
+
+        ``then`` is a plain function, not a bound method: an `_Ask` holding its own bound
+        method would be a reference cycle, freed only by the garbage collector, whose runs
+        cost more than the rest of a cache miss.
+        """
         self.health.queries += 1
         self.via = via
-        self.then = then or self.answered
+        self.then = then or _Ask.answered
         self.sent = time.monotonic()
         deadline = min(self.deadline, trio.current_time() + self.fwd.options.timeout)
         send = getattr(via, "send", None)
@@ -291,18 +295,18 @@ class _Ask:
             health.ok(time.monotonic() - self.sent)
             if q.trace is not None:
                 q.explain(f"{fwd.setup.where}: {self.via.name} answered rcode {reply.rcode}")
-        self.then(reply, err)
+        self.then(self, reply, err)
 
     def answered(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
-            self.attempt(self.up.tcp, self.req, self.whole)  # TC: the whole answer over TCP
+            self.attempt(self.up.tcp, self.req, _Ask.whole)  # TC: the whole answer over TCP
         else:
             self.whole(reply, err)
 
     def whole(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:
             assert self.up is not None
-            self.attempt(self.up, attrs.evolve(self.req, edns=False), self.without_edns)
+            self.attempt(self.up, attrs.evolve(self.req, edns=False), _Ask.without_edns)
         else:
             self.judge(reply, err)
 

@@ -297,6 +297,70 @@ async def test_reload_swaps_chain_and_keeps_old_on_error(tmp_path, nursery):
     server.stop()
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_frozen_gc_frees_the_chain_a_reload_retires(tmp_path, nursery):
+    """``dnsproxy run`` freezes long-lived objects out of the garbage collector; the old
+    chain holds cycles, so a reload must collect it (not wait for the periodic refreeze)."""
+    import gc
+    import weakref
+
+    path = write_config(tmp_path, '[[chain]]\nplugin = "slow"\ndelay = 0.2\n')
+    server = Server(path, handle_signals=False, freeze_gc=True)
+    try:
+        addrs = {kind + host: (host, port) for kind, host, port in await nursery.start(server.run)}
+        assert gc.get_freeze_count() > 0
+        old = weakref.ref(server.chain)
+        answered = []
+
+        async def ask() -> None:
+            r = await dns.asyncquery.udp(query(), **at(addrs["udp127.0.0.1"]), timeout=2)
+            answered.append(r.rcode())
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:  # a query in flight across the reload
+                n.start_soon(ask)
+                await trio.sleep(0.05)
+                assert await server.reload()
+            while old() is not None:
+                await trio.sleep(0.02)
+        assert answered == [dns.rcode.NOERROR]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    server.stop()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_frozen_gc_still_frees_cycles_periodically(tmp_path, nursery, monkeypatch):
+    import gc
+    import weakref
+
+    from dnsproxy import server as server_mod
+
+    monkeypatch.setattr(server_mod, "GC_REFREEZE", 0.1)
+    server = Server(write_config(tmp_path, STATIC), handle_signals=False, freeze_gc=True)
+    junk = _Cycle()
+    junk_ref = weakref.ref(junk)
+    try:
+        await nursery.start(server.run)
+        assert gc.get_freeze_count() > 0
+        del junk  # frozen with the rest at start-up, now garbage
+        with trio.fail_after(5):
+            while junk_ref() is not None:
+                await trio.sleep(0.02)
+    finally:
+        gc.unfreeze()
+    server.stop()
+
+
 @pytest.mark.parametrize("plugin", ["slow", "later"])
 async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery, plugin):
     path = write_config(tmp_path, f'[[chain]]\nplugin = "{plugin}"\ndelay = 0.3\n')

@@ -1,0 +1,214 @@
+"""The floor under any Python server on this machine, next to dnsmasq and dnsproxy.
+
+    python bench/floor.py [--seconds 5] [--names 1000]
+
+Why the issue targets "at least dnsmasq's queries/s" are checked against this: a server's
+CPU time per query splits into kernel time (receiving and sending the datagrams; the same
+for every server) and its own user time. This prints both, per query, for:
+
+- dnsmasq answering from its cache, and forwarding with ``--cache-size=0``;
+- ``echo (blocking)``: Python doing no DNS work at all, ``recvfrom`` then ``sendto`` of
+  the query turned into an empty answer;
+- ``echo (trio)``: the same inside a Trio loop shaped like dnsproxy's UDP listener;
+- ``relay (trio)``: forwarding with no DNS work: a fresh connected random-port socket per
+  query in a private epoll set, as ``dnsproxy.udpclient`` does (RFC 5452);
+- dnsproxy: cache only, the full default chain, and forward only.
+
+Servers run on CPU 0; dnsperf (200 outstanding) and nsd on CPU 1. CPU times come from
+/proc/PID/stat over the dnsperf run (1/100 s ticks, so the per-query figures are ±0.2 µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BLOCKLISTS,
+    SERVER_CPU,
+    Process,
+    dnsperf,
+    free_port,
+    names_zone,
+    pinned,
+    start_dnsmasq,
+    start_nsd,
+    start_proxy,
+    table,
+    wait_udp,
+    workdir,
+)
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def as_answer(query: bytes) -> bytes:
+    """The query with QR and RA set: an empty NOERROR answer dnsperf accepts."""
+    return query[:2] + bytes([query[2] | 0x80, 0x80]) + query[4:]
+
+
+def serve_blocking(port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    while True:
+        data, addr = sock.recvfrom(65535)
+        sock.sendto(as_answer(data), addr)
+
+
+async def serve_trio(port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    sock.bind(("127.0.0.1", port))
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            sock.sendto(as_answer(data), addr)
+
+
+async def serve_relay(port: int, upstream_port: int) -> None:
+    """Forward each query on a fresh connected socket with a random ID; no parse at all."""
+    upstream = ("127.0.0.1", upstream_port)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    listener.bind(("127.0.0.1", port))
+    ready = select.epoll()
+    pending: dict[int, tuple[socket.socket, bytes, bytes, tuple[str, int]]] = {}
+
+    async def replies() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(ready.fileno())
+            for fd, _ in ready.poll(0, 256):
+                sock, sent_id, client_id, client = pending.pop(fd)
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    pending[fd] = (sock, sent_id, client_id, client)
+                    continue
+                sock.close()
+                if data[:2] == sent_id:
+                    listener.sendto(client_id + data[2:], client)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replies)
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(64):
+                try:
+                    data, client = listener.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                sent_id = secrets.token_bytes(2)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+                sock.connect(upstream)
+                sock.send(sent_id + data[2:])
+                pending[sock.fileno()] = (sock, sent_id, data[:2], client)
+                ready.register(sock.fileno(), select.EPOLLIN)
+
+
+def start_floor(kind: str, upstream_port: int = 0) -> Process:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", kind, str(port), str(upstream_port)]
+    proc = subprocess.Popen(pinned(cmd, SERVER_CPU))
+    wait_udp(port)
+    return Process(kind, proc, port)
+
+
+def proxy_config(upstream: str, steps: list[str]) -> str:
+    tables = {
+        "ratelimit": 'plugin = "ratelimit"\nresponses_per_second = 1000000',
+        "hosts": 'plugin = "hosts"\nentries = ["192.0.2.200 printer.lan"]',
+        "blocklist": f'plugin = "blocklist"\nlists = ["{BLOCKLISTS / "basic.hosts"}"]',
+        "cache": 'plugin = "cache"',
+        "forward": f'plugin = "forward"\nupstreams = ["{upstream}"]',
+    }
+    body = "\n".join(f"[[chain]]\n{tables[s]}" for s in steps)
+    return f'[server]\nlisten = ["127.0.0.1:{{port}}"]\nlog_level = "warning"\n{body}\n'
+
+
+def measure(server: Process, queries: list[str], seconds: float) -> list[str]:
+    dnsperf(server.port, queries, 1)  # warm-up (fills the caches)
+    user0, sys0 = cpu_seconds(server.pid)
+    perf = dnsperf(server.port, queries, seconds)
+    user1, sys1 = cpu_seconds(server.pid)
+    n = perf.qps * seconds
+    user, kernel = (user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6
+    return [f"{perf.qps:,.0f}", f"{user:.1f}", f"{kernel:.1f}", f"{user + kernel:.1f}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--names", type=int, default=1000)
+    ap.add_argument(
+        "--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    if args.serve:
+        kind, port, upstream = args.serve[0], int(args.serve[1]), int(args.serve[2])
+        if kind == "echo (blocking)":
+            serve_blocking(port)
+        elif kind == "echo (trio)":
+            trio.run(serve_trio, port)
+        else:
+            trio.run(serve_relay, port, upstream)
+        return
+    queries = [f"h{i}.bench.test A" for i in range(args.names)]
+    full = ["ratelimit", "hosts", "blocklist", "cache", "forward"]
+    rows = []
+    with workdir() as d:
+        (d / "nsd").mkdir()
+        nsd = start_nsd(d / "nsd", {"bench.test": names_zone("bench.test", args.names)})
+        upstream = f"127.0.0.1:{nsd.port}"
+        dnsmasq_args = [f"--server=127.0.0.1#{nsd.port}"]
+        runs: list[tuple[str, str, list[str]]] = [
+            ("hits", "dnsmasq", ["--cache-size=10000", *dnsmasq_args]),
+            ("hits", "echo (blocking)", []),
+            ("hits", "echo (trio)", []),
+            ("hits", "dnsproxy: cache, forward", ["cache", "forward"]),
+            ("hits", "dnsproxy: full default chain", full),
+            ("misses", "dnsmasq --cache-size=0", ["--cache-size=0", *dnsmasq_args]),
+            ("misses", "relay (trio)", []),
+            ("misses", "dnsproxy: forward", ["forward"]),
+        ]
+        try:
+            for n, (workload, name, how) in enumerate(runs):
+                if name.startswith("dnsmasq"):
+                    (d / f"m{n}").mkdir()
+                    server = start_dnsmasq(d / f"m{n}", how)
+                elif name.startswith("dnsproxy"):
+                    (d / f"p{n}").mkdir()
+                    server = start_proxy(d / f"p{n}", proxy_config(upstream, how))
+                else:
+                    server = start_floor(name, nsd.port)
+                try:
+                    rows.append([workload, name, *measure(server, queries, args.seconds)])
+                finally:
+                    server.stop()
+                time.sleep(0.5)
+        finally:
+            nsd.stop()
+    header = ["workload", "server (CPU 0)", "queries/s", "user µs/q", "kernel µs/q", "CPU µs/q"]
+    print(table(rows, header))
+
+
+if __name__ == "__main__":
+    main()
