@@ -152,10 +152,10 @@ class Server:
 
         Under load, queries in flight are promoted to the oldest generation, so Python
         runs a full collection about once a second, and each one walked every module,
-        plugin and config object: a 15-30 ms stall of the event loop, and about a fifth
-        of the CPU of a cache miss. Frozen objects are still freed by reference counting;
-        a frozen *cycle* is freed by the next `_refreeze`: after each reload (the old
-        chain holds cycles) and every `GC_REFREEZE` seconds.
+        plugin and config object: a 15-45 ms stall of the event loop each time, and
+        5-8 % of the CPU under a load of cache misses. Frozen objects are still freed by
+        reference counting; a frozen *cycle* is freed by the next `_refreeze`: after each
+        reload (the old chain holds cycles) and every `GC_REFREEZE` seconds.
         """
         self.path = Path(path)
         self.handle_signals = handle_signals

@@ -257,8 +257,8 @@ class _Ask:
         """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
 
         ``then`` is a plain function, not a bound method: an `_Ask` holding its own bound
-        method would be a reference cycle, freed only by the garbage collector, whose runs
-        cost more than the rest of a cache miss.
+        method would be a reference cycle, left for the garbage collector instead of
+        being freed the moment the query is answered (5 % of a miss's CPU, measured).
         """
         self.health.queries += 1
         self.via = via

@@ -256,8 +256,7 @@ async def test_failing_task_transports_fail_over_then_servfail(nursery):
 
 async def test_finished_queries_leave_no_garbage_cycles(nursery):
     """Each upstream query's state is freed as soon as it is answered, by reference
-    counting alone: a cycle would wait for the garbage collector, whose full runs cost
-    more than a cache miss under load. Failover (SERVFAIL, then an answer) included."""
+    counting alone, not left for the garbage collector. Failover included."""
     import gc
 
     bad = await start(nursery, [{"rcode": "SERVFAIL"}])
