@@ -151,7 +151,7 @@ class Server:
         (`gc.freeze`), for a process that is nothing but this server (``dnsproxy run``).
 
         Under load, queries in flight are promoted to the oldest generation, so Python
-        runs a full collection about once a second, and each one walked every module,
+        runs a full collection every half second or so, each walking every module,
         plugin and config object: a 15-45 ms stall of the event loop each time, and
         5-8 % of the CPU under a load of cache misses. Frozen objects are still freed by
         reference counting; a frozen *cycle* is freed by the next `_refreeze`: after each
