@@ -15,6 +15,7 @@ import ctypes
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 BUF = 2048
 
@@ -87,46 +88,48 @@ def main() -> None:
             except BlockingIOError:
                 return
 
-    elapsed = 0.0
-    for _ in range(rounds):
-        fill()
-        start = time.perf_counter()
+    def timed(way: str, chunk_of_work: Callable[[], None], received: bool) -> None:
+        """Time ``chunk_of_work`` (one chunk of datagrams) ``rounds`` times."""
+        elapsed = 0.0
+        for _ in range(rounds):
+            if received:
+                fill()
+            start = time.perf_counter()
+            chunk_of_work()
+            elapsed += time.perf_counter() - start
+            if not received:
+                drain_client()
+        results[way] = elapsed
+
+    def recvfrom() -> None:
         for _ in range(chunk):
             server.recvfrom(BUF)
-        elapsed += time.perf_counter() - start
-    results["recvfrom, one per call"] = elapsed
 
-    msgs, _ = messages(batch, BUF, None)
-    elapsed = 0.0
-    for _ in range(rounds):
-        fill()
-        start = time.perf_counter()
+    plain, _ = messages(batch, BUF, None)
+
+    def recvmmsg() -> None:
         got = 0
         while got < chunk:
-            got += libc.recvmmsg(server.fileno(), msgs, batch, 0, None)
-        elapsed += time.perf_counter() - start
-    results[f"recvmmsg, {batch} per call"] = elapsed
+            got += libc.recvmmsg(server.fileno(), plain, batch, 0, None)
 
     # The same, plus what a server must do with each: its bytes and its source address.
     names = ctypes.create_string_buffer(16 * batch)
-    msgs, data = messages(batch, BUF, None)
+    named, data = messages(batch, BUF, None)
     for i in range(batch):
-        msgs[i].hdr.name = ctypes.addressof(names) + 16 * i
+        named[i].hdr.name = ctypes.addressof(names) + 16 * i
     view, name_view = memoryview(data), memoryview(names)
-    header = memoryview(msgs).cast("B")
+    header = memoryview(named).cast("B")
     fields = struct.Struct(
         f"8xI{ctypes.sizeof(MsgHdr) - 12}xI{ctypes.sizeof(MMsgHdr) - ctypes.sizeof(MsgHdr) - 4}x"
     )
     addresses: dict[bytes, tuple[str, int]] = {}
-    elapsed = 0.0
-    for _ in range(rounds):
-        fill()
-        start = time.perf_counter()
+
+    def recvmmsg_and_unpack() -> None:
         got = 0
         while got < chunk:
             for i in range(batch):
-                msgs[i].hdr.namelen = 16
-            k = libc.recvmmsg(server.fileno(), msgs, batch, 0, None)
+                named[i].hdr.namelen = 16
+            k = libc.recvmmsg(server.fileno(), named, batch, 0, None)
             for i, (_, size) in enumerate(fields.iter_unpack(header[: k * fields.size])):
                 datagram = bytes(view[i * BUF : i * BUF + size])
                 raw = bytes(name_view[16 * i : 16 * i + 8])
@@ -136,37 +139,37 @@ def main() -> None:
                     source = addresses[raw] = (socket.inet_ntoa(raw[4:8]), port)
                 del datagram, source
             got += k
-        elapsed += time.perf_counter() - start
-    results[f"recvmmsg, {batch} per call, with bytes and address per datagram"] = elapsed
 
     addr = client.getsockname()
-    elapsed = 0.0
-    for _ in range(rounds):
-        start = time.perf_counter()
+
+    def sendto() -> None:
         for _ in range(chunk):
             server.sendto(packet, addr)
-        elapsed += time.perf_counter() - start
-        drain_client()
-    results["sendto, one per call"] = elapsed
 
     sockaddr = ctypes.create_string_buffer(
         struct.pack("=H", socket.AF_INET) + struct.pack("!H", addr[1]) + socket.inet_aton(addr[0]),
         16,
     )
-    msgs, data = messages(batch, len(packet), sockaddr)
-    ctypes.memmove(data, packet * batch, len(packet) * batch)
-    elapsed = 0.0
-    for _ in range(rounds):
-        start = time.perf_counter()
+    outgoing, payload = messages(batch, len(packet), sockaddr)
+    ctypes.memmove(payload, packet * batch, len(packet) * batch)
+
+    def sendmmsg() -> None:
         sent = 0
         while sent < chunk:
-            done = libc.sendmmsg(server.fileno(), msgs, batch, 0)
+            done = libc.sendmmsg(server.fileno(), outgoing, batch, 0)
             if done < 0:
                 raise OSError(ctypes.get_errno(), "sendmmsg")
             sent += done
-        elapsed += time.perf_counter() - start
-        drain_client()
-    results[f"sendmmsg, {batch} per call"] = elapsed
+
+    timed("recvfrom, one per call", recvfrom, received=True)
+    timed(f"recvmmsg, {batch} per call", recvmmsg, received=True)
+    timed(
+        f"recvmmsg, {batch} per call, with bytes and address per datagram",
+        recvmmsg_and_unpack,
+        received=True,
+    )
+    timed("sendto, one per call", sendto, received=False)
+    timed(f"sendmmsg, {batch} per call", sendmmsg, received=False)
 
     print("| way | µs per datagram |\n|---|---|")
     for way, seconds in results.items():
