@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -104,6 +105,32 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far (from /proc, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def launch(
+    name: str,
+    cmd: Sequence[str],
+    port: int,
+    cpu: int = SERVER_CPU,
+    timeout: float = 30.0,
+    **popen: Any,
+) -> Process:
+    """Start a server pinned to ``cpu`` and wait until it answers on 127.0.0.1:port
+    (killed, and TimeoutError raised, if it does not within ``timeout`` seconds)."""
+    proc = subprocess.Popen(pinned(cmd, cpu), **popen)
+    try:
+        wait_udp(port, timeout)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return Process(name, proc, port)
+
+
 @contextmanager
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="dnsproxy-bench-") as d:
@@ -146,13 +173,9 @@ def start_nsd(d: Path, zones: dict[str, str], cpu: int = CLIENT_CPU) -> Process:
         (d / f"{name}.zone").write_text(text)
         conf += ["zone:", f"  name: {name}", f"  zonefile: {name}.zone"]
     (d / "nsd.conf").write_text("\n".join(conf) + "\n")
-    proc = subprocess.Popen(
-        pinned([which("nsd"), "-d", "-c", str(d / "nsd.conf")], cpu),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_udp(port)
-    return Process("nsd", proc, port)
+    cmd = [which("nsd"), "-d", "-c", str(d / "nsd.conf")]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return launch("nsd", cmd, port, cpu, **quiet)
 
 
 def start_dnsmasq(d: Path, args: Sequence[str], cpu: int = SERVER_CPU) -> Process:
@@ -172,9 +195,8 @@ def start_dnsmasq(d: Path, args: Sequence[str], cpu: int = SERVER_CPU) -> Proces
         "--log-facility=-",
         *args,
     ]
-    proc = subprocess.Popen(pinned(cmd, cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_udp(port)
-    return Process("dnsmasq", proc, port)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return launch("dnsmasq", cmd, port, cpu, **quiet)
 
 
 def start_proxy(d: Path, config: str, cpu: int = SERVER_CPU) -> Process:
@@ -186,18 +208,11 @@ def start_proxy(d: Path, config: str, cpu: int = SERVER_CPU) -> Process:
     path = d / "dnsproxy.toml"
     path.write_text(textwrap.dedent(config).replace("{port}", str(port)))
     log = (d / "dnsproxy.log").open("wb")
-    proc = subprocess.Popen(
-        pinned([sys.executable, "-m", "dnsproxy", "run", "-c", str(path)], cpu),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=d,
-    )
+    cmd = [sys.executable, "-m", "dnsproxy", "run", "-c", str(path)]
     try:
-        wait_udp(port, timeout=60)
+        return launch("dnsproxy", cmd, port, cpu, 60, stdout=log, stderr=subprocess.STDOUT, cwd=d)
     except TimeoutError:
-        proc.kill()
         raise RuntimeError("dnsproxy did not start:\n" + (d / "dnsproxy.log").read_text()) from None
-    return Process("dnsproxy", proc, port)
 
 
 @dataclass

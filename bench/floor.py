@@ -21,14 +21,14 @@ Servers run on CPU 0; dnsperf (200 outstanding) and nsd on CPU 1. CPU times come
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import select
 import socket
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -36,27 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BLOCKLISTS,
-    SERVER_CPU,
     Process,
+    cpu_seconds,
     dnsperf,
     free_port,
+    launch,
     names_zone,
-    pinned,
     start_dnsmasq,
     start_nsd,
     start_proxy,
     table,
-    wait_udp,
     workdir,
 )
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def as_answer(query: bytes) -> bytes:
@@ -72,9 +63,15 @@ def serve_blocking(port: int) -> None:
         sock.sendto(as_answer(data), addr)
 
 
-async def serve_trio(port: int) -> None:
+def listening(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     sock.bind(("127.0.0.1", port))
+    return sock
+
+
+async def each_datagram(sock: socket.socket, handle: Callable[[bytes, Any], None]) -> None:
+    """Hand every datagram to ``handle``, drained in batches of 64 per wake-up like
+    dnsproxy's listener."""
     while True:
         await trio.lowlevel.wait_readable(sock)
         for _ in range(64):
@@ -82,14 +79,18 @@ async def serve_trio(port: int) -> None:
                 data, addr = sock.recvfrom(65535)
             except BlockingIOError:
                 break
-            sock.sendto(as_answer(data), addr)
+            handle(data, addr)
+
+
+async def serve_trio(port: int) -> None:
+    sock = listening(port)
+    await each_datagram(sock, lambda data, addr: sock.sendto(as_answer(data), addr))
 
 
 async def serve_relay(port: int, upstream_port: int) -> None:
     """Forward each query on a fresh connected socket with a random ID; no parse at all."""
     upstream = ("127.0.0.1", upstream_port)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-    listener.bind(("127.0.0.1", port))
+    listener = listening(port)
     ready = select.epoll()
     pending: dict[int, tuple[socket.socket, bytes, bytes, tuple[str, int]]] = {}
 
@@ -107,29 +108,24 @@ async def serve_relay(port: int, upstream_port: int) -> None:
                 if data[:2] == sent_id:
                     listener.sendto(client_id + data[2:], client)
 
+    def forward(data: bytes, client: tuple[str, int]) -> None:
+        sent_id = secrets.token_bytes(2)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.connect(upstream)
+        sock.send(sent_id + data[2:])
+        pending[sock.fileno()] = (sock, sent_id, data[:2], client)
+        ready.register(sock.fileno(), select.EPOLLIN)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(replies)
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            for _ in range(64):
-                try:
-                    data, client = listener.recvfrom(65535)
-                except BlockingIOError:
-                    break
-                sent_id = secrets.token_bytes(2)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-                sock.connect(upstream)
-                sock.send(sent_id + data[2:])
-                pending[sock.fileno()] = (sock, sent_id, data[:2], client)
-                ready.register(sock.fileno(), select.EPOLLIN)
+        await each_datagram(listener, forward)
 
 
 def start_floor(kind: str, upstream_port: int = 0) -> Process:
     port = free_port()
-    cmd = [sys.executable, __file__, "--serve", kind, str(port), str(upstream_port)]
-    proc = subprocess.Popen(pinned(cmd, SERVER_CPU))
-    wait_udp(port)
-    return Process(kind, proc, port)
+    return launch(
+        kind, [sys.executable, __file__, "--serve", kind, str(port), str(upstream_port)], port
+    )
 
 
 def proxy_config(upstream: str, steps: list[str]) -> str:

@@ -14,7 +14,6 @@ import argparse
 import atexit
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,14 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    SERVER_CPU,
-    Process,
     dnsperf,
     free_port,
+    launch,
     names_zone,
-    pinned,
     start_nsd,
-    wait_udp,
     workdir,
 )
 from floor import proxy_config
@@ -85,8 +81,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--serve", str(config), str(report)]
             if args.no_freeze:
                 cmd.append("--no-freeze")
-            proxy = Process("dnsproxy", subprocess.Popen(pinned(cmd, SERVER_CPU), cwd=d), port)
-            wait_udp(port)
+            proxy = launch("dnsproxy", cmd, port, cwd=d)
             try:
                 perf = dnsperf(port, queries, args.seconds)
             finally:
