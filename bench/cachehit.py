@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BLOCKLISTS,
+    FULL_CHAIN,
     Process,
+    chain_config,
     dnsperf,
     names_zone,
     start_dnsmasq,
@@ -31,38 +33,11 @@ from common import (
     workdir,
 )
 
-VARIANTS = {
-    "full chain": {"ratelimit": True, "querylog": False},
-    "without ratelimit": {"ratelimit": False, "querylog": False},
-    "full chain + querylog": {"ratelimit": True, "querylog": True},
+VARIANTS = {  # dnsproxy's chains, the default (common.FULL_CHAIN) first
+    "full chain": FULL_CHAIN,
+    "without ratelimit": [s for s in FULL_CHAIN if s != "ratelimit"],
+    "full chain + querylog": ["querylog", *FULL_CHAIN],
 }
-
-
-def proxy_config(
-    upstream: str, hosts_list: Path, *, ratelimit: bool, querylog: bool
-) -> tuple[str, list[str]]:
-    """The default chain: ratelimit first (it must see every response), hosts, blocklist,
-    cache, forward. The rate limit is set far above dnsperf's rate, so the accounting runs
-    on every response without limiting any (a real 20/s would limit dnsperf's one client).
-    """
-    chain = []
-    if querylog:
-        chain.append('plugin = "querylog"')
-    if ratelimit:
-        chain.append('plugin = "ratelimit"\nresponses_per_second = 1000000')
-    chain.append('plugin = "hosts"\nentries = ["192.0.2.200 printer.lan"]')
-    chain.append(f'plugin = "blocklist"\nlists = ["{hosts_list}"]')
-    chain.append('plugin = "cache"')
-    chain.append(f'plugin = "forward"\nupstreams = ["{upstream}"]')
-    names = [c.split('"')[1] for c in chain]
-    body = "\n".join(f"[[chain]]\n{c}" for c in chain)
-    config = f"""
-[server]
-listen = ["127.0.0.1:{{port}}"]
-log_level = "warning"
-{body}
-"""
-    return config, names
 
 
 def measure(server: Process, queries: list[str], seconds: float, rate: int) -> list[str]:
@@ -86,7 +61,6 @@ def main() -> None:
     ap.add_argument("--only", choices=["dnsproxy", "dnsmasq"], help="run one server only")
     args = ap.parse_args()
     queries = [f"h{i}.bench.test A" for i in range(args.names)]
-    hosts_list = BLOCKLISTS / "basic.hosts"
     dnsmasq_list = BLOCKLISTS / "basic.dnsmasq.conf"
     rows = []
     qps = {}
@@ -111,13 +85,12 @@ def main() -> None:
                 finally:
                     dm.stop()
             if args.only != "dnsmasq":
-                for n, (title, variant) in enumerate(VARIANTS.items()):
-                    config, names = proxy_config(upstream, hosts_list, **variant)
+                for n, (title, steps) in enumerate(VARIANTS.items()):
                     (d / f"p{n}").mkdir()
-                    proxy = start_proxy(d / f"p{n}", config)
+                    proxy = start_proxy(d / f"p{n}", chain_config(upstream, steps))
                     try:
                         row = measure(proxy, queries, args.seconds, args.rate)
-                        rows.append([f"dnsproxy {title} ({', '.join(names)})", *row])
+                        rows.append([f"dnsproxy {title} ({', '.join(steps)})", *row])
                         qps.setdefault("dnsproxy", float(row[0].replace(",", "")))
                     finally:
                         proxy.stop()

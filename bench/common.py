@@ -199,6 +199,29 @@ def start_dnsmasq(d: Path, args: Sequence[str], cpu: int = SERVER_CPU) -> Proces
     return launch("dnsmasq", cmd, port, cpu, **quiet)
 
 
+FULL_CHAIN = ["ratelimit", "hosts", "blocklist", "cache", "forward"]
+
+
+def chain_config(upstream: str, steps: Sequence[str]) -> str:
+    """A dnsproxy config (``{port}`` left to `start_proxy`) running ``steps`` in order.
+
+    The benchmarks' default chain is `FULL_CHAIN`: ratelimit first (it must see every
+    response), hosts, blocklist (basic.hosts, 76k domains), cache, forward. The rate limit
+    is set far above dnsperf's rate, so the accounting runs on every response without
+    limiting any (a real 20/s would limit dnsperf's one client).
+    """
+    tables = {
+        "querylog": 'plugin = "querylog"',
+        "ratelimit": 'plugin = "ratelimit"\nresponses_per_second = 1000000',
+        "hosts": 'plugin = "hosts"\nentries = ["192.0.2.200 printer.lan"]',
+        "blocklist": f'plugin = "blocklist"\nlists = ["{BLOCKLISTS / "basic.hosts"}"]',
+        "cache": 'plugin = "cache"',
+        "forward": f'plugin = "forward"\nupstreams = ["{upstream}"]',
+    }
+    body = "\n".join(f"[[chain]]\n{tables[s]}" for s in steps)
+    return f'[server]\nlisten = ["127.0.0.1:{{port}}"]\nlog_level = "warning"\n{body}\n'
+
+
 def start_proxy(d: Path, config: str, cpu: int = SERVER_CPU) -> Process:
     """dnsproxy on a config text; ``{port}`` is replaced by a free port.
 

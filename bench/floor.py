@@ -35,8 +35,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    BLOCKLISTS,
+    FULL_CHAIN,
     Process,
+    chain_config,
     cpu_seconds,
     dnsperf,
     free_port,
@@ -128,18 +129,6 @@ def start_floor(kind: str, upstream_port: int = 0) -> Process:
     )
 
 
-def proxy_config(upstream: str, steps: list[str]) -> str:
-    tables = {
-        "ratelimit": 'plugin = "ratelimit"\nresponses_per_second = 1000000',
-        "hosts": 'plugin = "hosts"\nentries = ["192.0.2.200 printer.lan"]',
-        "blocklist": f'plugin = "blocklist"\nlists = ["{BLOCKLISTS / "basic.hosts"}"]',
-        "cache": 'plugin = "cache"',
-        "forward": f'plugin = "forward"\nupstreams = ["{upstream}"]',
-    }
-    body = "\n".join(f"[[chain]]\n{tables[s]}" for s in steps)
-    return f'[server]\nlisten = ["127.0.0.1:{{port}}"]\nlog_level = "warning"\n{body}\n'
-
-
 def measure(server: Process, queries: list[str], seconds: float) -> list[str]:
     dnsperf(server.port, queries, 1)  # warm-up (fills the caches)
     user0, sys0 = cpu_seconds(server.pid)
@@ -168,7 +157,6 @@ def main() -> None:
             trio.run(serve_relay, port, upstream)
         return
     queries = [f"h{i}.bench.test A" for i in range(args.names)]
-    full = ["ratelimit", "hosts", "blocklist", "cache", "forward"]
     rows = []
     with workdir() as d:
         (d / "nsd").mkdir()
@@ -180,7 +168,7 @@ def main() -> None:
             ("hits", "echo (blocking)", []),
             ("hits", "echo (trio)", []),
             ("hits", "dnsproxy: cache, forward", ["cache", "forward"]),
-            ("hits", "dnsproxy: full default chain", full),
+            ("hits", "dnsproxy: full default chain", FULL_CHAIN),
             ("misses", "dnsmasq --cache-size=0", ["--cache-size=0", *dnsmasq_args]),
             ("misses", "relay (trio)", []),
             ("misses", "dnsproxy: forward", ["forward"]),
@@ -192,7 +180,7 @@ def main() -> None:
                     server = start_dnsmasq(d / f"m{n}", how)
                 elif name.startswith("dnsproxy"):
                     (d / f"p{n}").mkdir()
-                    server = start_proxy(d / f"p{n}", proxy_config(upstream, how))
+                    server = start_proxy(d / f"p{n}", chain_config(upstream, how))
                 else:
                     server = start_floor(name, nsd.port)
                 try:

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    chain_config,
     dnsperf,
     free_port,
     launch,
@@ -28,7 +29,6 @@ from common import (
     start_nsd,
     workdir,
 )
-from floor import proxy_config
 
 
 def serve(config: str, report: str, freeze: bool) -> None:
@@ -75,7 +75,7 @@ def main() -> None:
             port = free_port()
             config = d / "dnsproxy.toml"
             config.write_text(
-                proxy_config(f"127.0.0.1:{nsd.port}", ["forward"]).replace("{port}", str(port))
+                chain_config(f"127.0.0.1:{nsd.port}", ["forward"]).replace("{port}", str(port))
             )
             report = d / "gc.json"
             cmd = [sys.executable, __file__, "--serve", str(config), str(report)]

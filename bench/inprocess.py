@@ -31,8 +31,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BLOCKLISTS, names_zone, start_nsd, workdir
-from floor import proxy_config
+from common import BLOCKLISTS, chain_config, names_zone, start_nsd, workdir
 
 from dnsproxy.server import Server
 
@@ -130,7 +129,7 @@ def main() -> None:
         nsd = start_nsd(d / "nsd", {"bench.test": names_zone("bench.test", 1000)})
         try:
             config = d / "dnsproxy.toml"
-            text = proxy_config(f"127.0.0.1:{nsd.port}", [*steps, "forward"])
+            text = chain_config(f"127.0.0.1:{nsd.port}", [*steps, "forward"])
             config.write_text(text.replace("{port}", "0"))
             result = trio.run(measure, args, config, names)
         finally:
