@@ -17,7 +17,3 @@ class ConfigError(DnsProxyError):
 
 class UpstreamError(DnsProxyError):
     """An upstream exchange failed (no valid answer, connection or TLS failure)."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """The upstream did not answer in time."""

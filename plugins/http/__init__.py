@@ -16,7 +16,8 @@ Description
         For the last hour and day: queries, blocked and blocked share, top blocked names,
         top clients. From the querylog's SQLite database when a querylog step writes
         one, otherwise from bounded in-memory counters (``stats_interval`` buckets,
-        ``stats_max_keys`` names/clients per bucket).
+        ``stats_max_keys`` names/clients per bucket; ``untracked`` counts what arrived
+        after a bucket was full, so a top list that leaves much out says so).
     ``GET /api/query?name=example.org&type=A[&client=192.0.2.7][&transport=tcp]``
         Runs the query through the chain (as ``dnsproxy query`` does) and returns the
         trace: which step answered, the notes (list/rule/upstream/cache), the response.

@@ -36,13 +36,22 @@ _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 class Bucket:
     """Counts for one stats interval; the dicts hold at most ``max_keys`` keys each."""
 
-    __slots__ = ("blocked", "clients", "names", "other", "queries", "start")
+    __slots__ = (
+        "blocked",
+        "clients",
+        "clients_untracked",
+        "names",
+        "names_untracked",
+        "queries",
+        "start",
+    )
 
     def __init__(self, start: float) -> None:
         self.start = start
         self.queries = 0
         self.blocked = 0
-        self.other = 0  # increments that found their dict full
+        self.clients_untracked = 0  # queries from clients beyond max_keys: not in the top
+        self.names_untracked = 0  # blocked answers for names beyond max_keys
         self.clients: dict[str, int] = {}
         self.names: dict[bytes, int] = {}  # blocked names, by wire key
 
@@ -75,7 +84,7 @@ class Observed:
         elif len(counts) < self.max_keys:
             counts[host] = 1
         else:
-            b.other += 1
+            b.clients_untracked += 1
         if reply is not None and reply.source in BLOCKING_SOURCES:
             b.blocked += 1
             names = b.names
@@ -84,7 +93,7 @@ class Observed:
             elif len(names) < self.max_keys:
                 names[q.key] = 1
             else:
-                b.other += 1
+                b.names_untracked += 1
 
     def rotate(self, now: float) -> None:
         """Start a new stats interval (from the service's background task)."""
@@ -110,6 +119,11 @@ class Observed:
                     {"name": key_to_text(k) + ".", "count": c} for k, c in names.most_common(top)
                 ],
                 "top_clients": [{"client": h, "count": c} for h, c in clients.most_common(top)],
+                # counted, but past stats_max_keys: the top lists leave these out
+                "untracked": {
+                    "clients": sum(b.clients_untracked for b in picked),
+                    "blocked_names": sum(b.names_untracked for b in picked),
+                },
             }
         return out
 

@@ -251,6 +251,7 @@ async def test_stats_from_memory(tmp_path):
                 assert doc[window]["blocked_share"] == 0.75
                 assert doc[window]["top_blocked"] == [{"name": "a.blocked.test.", "count": 2}]
                 assert doc[window]["top_clients"] == [{"client": "127.0.0.1", "count": 4}]
+                assert doc[window]["untracked"] == {"clients": 0, "blocked_names": 0}
             server.stop()
 
 
@@ -260,7 +261,10 @@ def test_memory_stats_bounded_and_windowed():
         q = make_query(f"n{i}.example.org", client=f"192.0.2.{i}")
         obs.observe(q, respond(q, 3, source="blocklist"), 0.001)
     assert len(obs.bucket.clients) == 2 and len(obs.bucket.names) == 2
-    assert obs.bucket.other == 6
+    assert obs.bucket.clients_untracked == 3 and obs.bucket.names_untracked == 3
+    stats = obs.stats(0.0, {"hour": 3600.0}, 5)
+    assert stats["hour"]["untracked"] == {"clients": 3, "blocked_names": 3}
+    assert sum(e["count"] for e in stats["hour"]["top_clients"]) == 2
     for t in (600.0, 1200.0, 1800.0):  # only 3 buckets are kept
         obs.rotate(t)
     q = make_query("late.example.org")
