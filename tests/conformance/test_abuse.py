@@ -181,19 +181,17 @@ def test_flood_without_reading(tproxy):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.settimeout(0.05)
         stop = time.monotonic() + 10
-        blocked = False
+        bounded = False
         i = 0
         # Keep writing until the proxy stops taking data (its pipeline bound) or closes.
         while time.monotonic() < stop:
             try:
                 s.send(frame(_query(f"n{i}.example.test", i % 65536)))
                 i += 1
-            except TimeoutError:
-                blocked = True
+            except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                bounded = True
                 break
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        assert blocked or i < 1_000_000
+        assert bounded, f"the proxy took {i} queries in 10 s from a client that never reads"
         assert alive(tproxy.addr)  # served while this client hogs its connection
         took = _closed_within_unread(s, 6 * IDLE)
     assert took is not None
