@@ -90,8 +90,26 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # raised inside a nursery: report config errors alone
+        errors, rest = group.split(ConfigError)
+        if errors is None or rest is not None:
+            raise
+        for exc in _leaves(errors):
+            for line in exc.lines:
+                print(line, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
+    out: list[ConfigError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
 
 
 def _run(path: Path) -> int:

@@ -451,6 +451,17 @@ class Server:
             raise ConfigError(
                 f"{self.path.name}: server: listen: cannot bind {addr}: {exc.strerror}"
             ) from exc
+        services = []
+        try:  # services bind too before any listener is announced: all or nothing
+            for svc in self.config.services:
+                service = self.registry.services[svc.table](svc.options, self)
+                if callable(getattr(service, "bind", None)):
+                    service.bind()
+                services.append(service)
+        except ConfigError:
+            for _, _, s in socks:
+                s.close()
+            raise
         try:
             async with trio.open_nursery() as root:
                 self._nursery = root
@@ -465,8 +476,7 @@ class Server:
                             accept.start_soon(loop, s)
                             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                             log.info("listening on %s %s", kind, shown)
-                        for svc in self.config.services:
-                            service = self.registry.services[svc.table](svc.options, self)
+                        for service in services:
                             await root.start(service.run)
                         if self.handle_signals:
                             accept.start_soon(self._signals)

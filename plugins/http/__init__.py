@@ -27,9 +27,21 @@ Description
     ``POST /api/cache/flush``
         Flushes every step (as SIGUSR1 does).
 
+    Every request must name this listener in its ``Host`` header: an IP literal (any
+    address, bracketed for IPv6, with or without a port), ``localhost``, or a name listed
+    in ``hosts``. Anything else gets 421 Misdirected Request before routing, on every route
+    (``/metrics`` and ``/health`` included): a DNS-rebinding page reaches the listener only
+    under a DNS name of its own, so this keeps web pages from reading or driving the API.
+    A request without ``Host`` (HTTP/1.0) is served: browsers always send one.
     State-changing requests are POST only, and refused (403) when a browser sends an
-    ``Origin`` other than this server. Per query the service only bumps counters;
-    everything else is computed at scrape or request time.
+    ``Origin`` other than this server. HEAD is answered like GET, without a body.
+
+    Per query the service only bumps counters; everything else is computed at scrape or
+    request time. ``/metrics``, ``/api/stats`` and ``/api/query`` share ``api_concurrency``
+    slots; up to ``api_queue`` more requests wait for one, beyond that the answer is 503.
+    ``/metrics`` is rendered in a worker thread from a snapshot, ``/api/stats`` is computed
+    in a worker thread and kept for one second (concurrent requests share one computation),
+    so neither stalls DNS.
 
 Syntax
     ::
@@ -39,6 +51,9 @@ Syntax
         query_timeout = 5.0       # seconds, for GET /api/query
         stats_interval = "10m"    # in-memory stats bucket length
         stats_max_keys = 1000     # distinct clients / blocked names kept per bucket
+        hosts = []                # Host names served besides IP literals and localhost
+        api_concurrency = 4       # /metrics, /api/stats, /api/query computed at once
+        api_queue = 64            # requests waiting for a slot; beyond: 503
 
 Metrics
     ``dnsproxy_requests_total{transport, qtype, rcode}`` (rcode ``DROPPED`` when no
@@ -49,6 +64,13 @@ Metrics
     ``dnsproxy_tcp_connections``, ``dnsproxy_ready``; and for every step's ``metrics()``
     sample ``dnsproxy_<plugin>_<name>`` (``_total`` for counters) with a ``step`` label
     (its index in the chain) plus the sample's own labels.
+
+    Label values come from bounded sets: ``qtype`` is a type dnspython knows by name, else
+    ``other``; ``rcode`` a known rcode (or ``DROPPED``), else ``other``. Step counters never
+    go backwards: when a reload replaces a step and its counter restarts lower, the
+    service adds the last value it exported for that series (plugin, chain index, name,
+    labels) as an offset. Increments a replaced step made after the last scrape before the
+    reload are not seen.
 
 Examples
     Scrape with Prometheus and check a name::
@@ -65,6 +87,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import socket
 import time
 from functools import partial
@@ -99,12 +122,29 @@ def _address(value: object) -> Address:
     return Address.parse(value, 9153)
 
 
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def _hosts(value: object) -> tuple[str, ...]:
+    """Host names (lower-cased, without a trailing dot); no ports, schemes or wildcards."""
+    out = []
+    for item in options.string_tuple(value):
+        name = item.lower().removesuffix(".")
+        if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+            raise ValueError(f"{item!r} is not a host name (a name such as dns.example.org)")
+        out.append(name)
+    return tuple(out)
+
+
 @attrs.frozen
 class HttpOptions:
     listen: Address = attrs.field(default="127.0.0.1:9153", converter=_address)
     query_timeout: float = options.seconds(5.0, 0.1, 60)
     stats_interval: float = options.seconds(600.0, 1, 3600)
     stats_max_keys: int = attrs.field(default=1000, validator=options.in_range(1, 100_000))
+    hosts: tuple[str, ...] = attrs.field(default=(), converter=_hosts)
+    api_concurrency: int = attrs.field(default=4, validator=options.in_range(1, 256))
+    api_queue: int = attrs.field(default=64, validator=options.in_range(0, 100_000))
 
     def __attrs_post_init__(self) -> None:
         missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
@@ -126,8 +166,11 @@ class HttpService:
         self.server = server
         buckets = int(DAY // opts.stats_interval) + 1
         self.observed = Observed(opts.stats_interval, buckets, opts.stats_max_keys, time.time())
+        self.sock: socket.socket | None = None
 
-    def _bind(self) -> socket.socket:
+    def bind(self) -> socket.socket:
+        """Bind the listening socket; the server calls this before it announces any
+        listener, so a busy port stops start-up before anything serves."""
         addr = self.options.listen
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -140,17 +183,18 @@ class HttpService:
             raise ConfigError(
                 f"{self.server.path.name}: http: listen: cannot bind {addr}: {exc.strerror}"
             ) from exc
+        self.sock = sock
         return sock
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report the bound address, serve until cancelled."""
+        """Bind (unless `bind` did), report the bound address, serve until cancelled."""
         from hypercorn.config import Config, Sockets
         from hypercorn.trio.run import worker_serve
         from hypercorn.utils import wrap_app
 
         from .app import App
 
-        sock = self._bind()
+        sock = self.sock if self.sock is not None else self.bind()
         cfg = Config()
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("dnsproxy.plugins.http.hypercorn")

@@ -1,17 +1,24 @@
 """The ASGI application behind ``[http]``: /metrics, /health, /ready and the JSON API.
 
-Plain ASGI (no framework): a handful of routes, each a small coroutine. Requests that
+Plain ASGI (no framework): a handful of routes, each a small coroutine. Every request
+must carry a ``Host`` that names this listener (`host_allowed`), else 421 before routing:
+a DNS-rebinding page can make a browser send both Host and Origin of its own DNS name, so
+checking Origin against Host alone would let it read and drive the API. Requests that
 change state are POST, and a POST carrying a browser ``Origin`` that is not this server
 is refused, so a web page cannot toggle blocking or flush caches behind a user's back.
+Heavy routes share a bounded number of slots (`App.limited`) and do their work off the
+event loop.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import dns.exception
@@ -22,7 +29,7 @@ import dns.rdataclass
 import dns.rdatatype
 import trio
 from dnsproxy.plugins.querylog import db_stats, live_database
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dnsproxy import options
 from dnsproxy.wire import Drop, Reject, parse_query
@@ -38,14 +45,27 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+T = TypeVar("T")
+
 WINDOWS = {"hour": 3600.0, "day": 86400.0}
 MAX_DISABLE = 7 * 86400.0  # longest blocking pause the API accepts
+STATS_TTL = 1.0  # seconds a computed /api/stats answer is served again
+_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SharedResult:
+    """One computation that concurrent requests wait for, then reuse until it expires."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.expires = math.inf  # trio clock; set when the result is in
+        self.result: dict[str, Any] | None = None  # None after done: the computation failed
 
 
 class App:
@@ -55,8 +75,10 @@ class App:
         self.server = server
         self.opts = opts
         self.observed = observed
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(Collector(server, observed))  # type: ignore[arg-type]
+        self.collector = Collector(server, observed)
+        self.limiter = trio.CapacityLimiter(opts.api_concurrency)
+        self.hosts = frozenset(opts.hosts)
+        self.stats_cache: dict[int, SharedResult] = {}  # by ``top``
         self.blocking_until: float | None = None  # when a timed pause ends (wall clock)
         self.routes: dict[tuple[str, str], Callable[[dict[str, str]], Awaitable[Any]]] = {
             ("GET", "/metrics"): self.metrics,
@@ -81,9 +103,11 @@ class App:
                     return
         if scope["type"] != "http":
             return
-        method, path = scope["method"], scope["path"]
+        head = scope["method"] == "HEAD"
+        method, path = "GET" if head else scope["method"], scope["path"]
         handler = self.routes.get((method, path))
         try:
+            self._check_host(scope)
             if handler is None:
                 known = {p for _, p in self.routes}
                 raise HttpError(405 if path in known else 404, f"no route {method} {path}")
@@ -101,9 +125,32 @@ class App:
         except ValueError as exc:  # bad parameters (parse_qs limits, conversions)
             status, body, ctype = 400, {"error": str(exc)}, "application/json"
         data = body if isinstance(body, bytes) else json.dumps(body, indent=1).encode() + b"\n"
-        headers = [(b"content-type", ctype.encode()), (b"cache-control", b"no-store")]
+        headers = [
+            (b"content-type", ctype.encode()),
+            (b"content-length", str(len(data)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+        await send({"type": "http.response.body", "body": b"" if head else data})
+
+    def _check_host(self, scope: Scope) -> None:
+        hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
+        if len(hosts) > 1:
+            raise HttpError(400, "more than one Host header")
+        if hosts and hosts[0] and not host_allowed(hosts[0].decode("latin-1"), self.hosts):
+            raise HttpError(
+                421,
+                "misdirected request: the Host header does not name this listener"
+                " (an IP address, localhost or a name in [http] hosts)",
+            )
+
+    async def limited(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` in one of ``api_concurrency`` slots; 503 when ``api_queue``
+        requests already wait for one."""
+        if self.limiter.statistics().tasks_waiting >= self.opts.api_queue:
+            raise HttpError(503, "busy: too many API requests at once, retry shortly")
+        async with self.limiter:
+            return await work()
 
     @staticmethod
     def _check_origin(scope: Scope) -> None:
@@ -118,7 +165,11 @@ class App:
     # --- endpoints ----------------------------------------------------------------------
 
     async def metrics(self, params: dict[str, str]) -> tuple[int, bytes, str]:
-        return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        async def render() -> bytes:
+            snapshot = self.collector.snapshot()
+            return await trio.to_thread.run_sync(generate_latest, snapshot)  # type: ignore[arg-type]
+
+        return 200, await self.limited(render), CONTENT_TYPE_LATEST
 
     async def health(self, params: dict[str, str]) -> dict[str, Any]:
         return {"status": "up"}
@@ -132,15 +183,42 @@ class App:
         return (200 if ok else 503), {"ready": ok, "steps": steps}, "application/json"
 
     async def stats(self, params: dict[str, str]) -> dict[str, Any]:
+        """Computed at most once per `STATS_TTL` per ``top``: concurrent requests share it."""
         top = _int(params.get("top", "10"), "top", 1, 1000)
+        now = trio.current_time()
+        shared = self.stats_cache.get(top)
+        if shared is not None and (not shared.done.is_set() or shared.expires > now):
+            await shared.done.wait()
+            if shared.result is None:
+                raise HttpError(503, "stats could not be computed, retry")
+            return shared.result
+        self.stats_cache = {
+            k: v for k, v in self.stats_cache.items() if not v.done.is_set() or v.expires > now
+        }
+        shared = self.stats_cache[top] = SharedResult()
+        try:
+            shared.result = await self.limited(lambda: self._compute_stats(top))
+            shared.expires = trio.current_time() + STATS_TTL
+        finally:
+            shared.done.set()
+            if shared.result is None and self.stats_cache.get(top) is shared:
+                del self.stats_cache[top]
+        return shared.result
+
+    async def _compute_stats(self, top: int) -> dict[str, Any]:
         now = time.time()
         db = live_database(self.server.chain)
         if db is not None and db.exists():
             windows = await trio.to_thread.run_sync(db_stats, db, now, WINDOWS, top)
             return {"source": "querylog", **windows}
-        return {"source": "memory", **self.observed.stats(now, WINDOWS, top)}
+        history = self.observed.copy()  # the loop keeps counting while the thread reads
+        windows = await trio.to_thread.run_sync(history.stats, now, WINDOWS, top)
+        return {"source": "memory", **windows}
 
     async def query(self, params: dict[str, str]) -> dict[str, Any]:
+        return await self.limited(lambda: self._query(params))
+
+    async def _query(self, params: dict[str, str]) -> dict[str, Any]:
         name = params.get("name")
         if not name:
             raise HttpError(400, "missing name (GET /api/query?name=example.org&type=A)")
@@ -226,6 +304,32 @@ class App:
     async def flush(self, params: dict[str, str]) -> dict[str, Any]:
         self.server.flush()
         return {"flushed": True}
+
+
+def host_allowed(value: str, names: Collection[str]) -> bool:
+    """Whether a Host header names this listener: an IP literal (a rebinding page needs a
+    DNS name, so no literal is a rebinding vector), ``localhost`` or one of ``names``;
+    each with or without a port."""
+    if value.startswith("["):
+        literal, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not (rest[0] == ":" and _PORT.match(rest[1:]))):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        return True
+    name, colon, port = value.partition(":")
+    if colon and not _PORT.match(port):
+        return False
+    name = name.lower().removesuffix(".")
+    if name == "localhost" or name in names:
+        return True
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _int(text: str, key: str, low: int, high: int) -> int:

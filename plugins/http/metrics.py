@@ -2,9 +2,12 @@
 
 Per query (the observer from ``dnsproxy_observers``, hot path) `Observed.observe` only bumps
 plain dict and list counters; prometheus-client objects are never touched per query
-(their locks and label lookups cost more than a cache hit). At scrape time a custom
-collector turns those counters, the core's `Stats` and every step's `metrics()` into
-metric families.
+(their locks and label lookups cost more than a cache hit). Label values come from bounded
+sets (a qtype outside `QTYPES` counts as ``other``), so no client can grow the series.
+
+At scrape time `Collector.snapshot` copies those counters, the core's `Stats` and every
+step's `metrics()` on the event loop (plain copies of bounded data); the `Snapshot` turns
+them into metric families in a worker thread, so rendering never stalls DNS.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import collections
 import re
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import dns.rcode
 import dns.rdatatype
 from prometheus_client.core import HistogramMetricFamily, Metric
 
+from dnsproxy.chain import Metric as StepMetric
+from dnsproxy.chain import Setup
 from dnsproxy.reply import Reply
 from dnsproxy.wire import Query, key_to_text
 
@@ -30,6 +36,11 @@ BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
           2.5, 5.0)  # fmt: skip
 BLOCKING_SOURCES = frozenset({"blocklist"})  # reply.source values counted as blocked
 DROPPED = -1  # rcode key of a query that got no response
+OTHER = -2  # qtype key of a type outside QTYPES
+QTYPES = frozenset(int(t) for t in dns.rdatatype.RdataType if t)  # types known by name
+RCODES = frozenset(int(r) for r in dns.rcode.Rcode)
+CORE_COUNTERS = ("queries", "dropped", "formerr", "refused_acl", "servfail_overload",
+                 "step_errors", "tcp_rejected")  # fmt: skip
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -55,6 +66,13 @@ class Bucket:
         self.clients: dict[str, int] = {}
         self.names: dict[bytes, int] = {}  # blocked names, by wire key
 
+    def copy(self) -> Bucket:
+        out = Bucket(self.start)
+        out.queries, out.blocked = self.queries, self.blocked
+        out.clients_untracked, out.names_untracked = self.clients_untracked, self.names_untracked
+        out.clients, out.names = dict(self.clients), dict(self.names)
+        return out
+
 
 class Observed:
     """Counters fed by the observer hook and read by the collector and /api/stats."""
@@ -70,7 +88,8 @@ class Observed:
 
     def observe(self, q: Query, reply: Reply | None, elapsed: float) -> None:
         """Hot path: plain increments only."""
-        key = (q.transport, q.qtype, DROPPED if reply is None else reply.wire[3] & 0xF)
+        qtype = q.qtype if q.qtype in QTYPES else OTHER
+        key = (q.transport, qtype, DROPPED if reply is None else reply.wire[3] & 0xF)
         req = self.requests
         req[key] = req.get(key, 0) + 1
         self.hist[bisect_left(BOUNDS, elapsed)] += 1
@@ -99,6 +118,15 @@ class Observed:
         """Start a new stats interval (from the service's background task)."""
         self.bucket = Bucket(now)
         self.history.append(self.bucket)
+
+    def copy(self) -> Observed:
+        """The stats history, for reading in a worker thread while the loop counts on:
+        past buckets no longer change and are shared, the current one is copied."""
+        out = Observed(self.bucket_seconds, self.history.maxlen or 1, self.max_keys, 0.0)
+        out.bucket = self.bucket.copy()
+        out.history = collections.deque(self.history, self.history.maxlen)
+        out.history[-1] = out.bucket
+        return out
 
     def stats(self, now: float, windows: dict[str, float], top: int) -> dict[str, Any]:
         out = {}
@@ -129,66 +157,131 @@ class Observed:
 
 
 def _rcode_text(rcode: int) -> str:
-    return "DROPPED" if rcode == DROPPED else dns.rcode.to_text(rcode)
+    if rcode == DROPPED:
+        return "DROPPED"
+    return dns.rcode.to_text(rcode) if rcode in RCODES else "other"
 
 
-class Collector:
-    """prometheus-client collector: core counters plus dnsproxy_<plugin>_<metric> per step."""
+def _qtype_text(qtype: int) -> str:
+    return dns.rdatatype.to_text(qtype) if qtype in QTYPES else "other"
 
-    def __init__(self, server: Server, observed: Observed) -> None:
-        self.server = server
-        self.observed = observed
+
+@attrs.frozen
+class StepSamples:
+    """One step's `metrics()` at scrape time, counters already made monotonic."""
+
+    plugin: str
+    index: int
+    samples: tuple[StepMetric, ...]
+
+
+@attrs.frozen
+class Snapshot:
+    """Everything one scrape exports, copied on the event loop; `collect` (called by
+    prometheus-client's ``generate_latest``) may then run in a worker thread."""
+
+    requests: tuple[tuple[tuple[str, int, int], int], ...]
+    hist: tuple[int, ...]
+    elapsed_sum: float
+    core: tuple[tuple[str, int], ...]
+    tcp_connections: int
+    ready: bool
+    steps: tuple[StepSamples, ...]
 
     def collect(self) -> Iterator[Metric]:
-        obs = self.observed
         fam = Metric("dnsproxy_requests", "Queries answered by transport, qtype, rcode.", "counter")
-        for (transport, qtype, rcode), n in sorted(obs.requests.items()):
-            labels = {
-                "transport": transport,
-                "qtype": dns.rdatatype.to_text(qtype),
-                "rcode": _rcode_text(rcode),
-            }
+        totals: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for (transport, qtype, rcode), n in self.requests:
+            totals[(transport, _qtype_text(qtype), _rcode_text(rcode))] += n
+        for (transport, qtype_text, rcode_text), n in sorted(totals.items()):
+            labels = {"transport": transport, "qtype": qtype_text, "rcode": rcode_text}
             fam.add_sample("dnsproxy_requests_total", labels, n)
         yield fam
 
         cumulative = []
         running = 0
-        for bound, n in zip((*map(str, BOUNDS), "+Inf"), obs.hist, strict=True):
+        for bound, n in zip((*map(str, BOUNDS), "+Inf"), self.hist, strict=True):
             running += n
             cumulative.append((bound, running))
         yield HistogramMetricFamily(
             "dnsproxy_request_duration_seconds",
             "Time from receiving a query to sending its response.",
             buckets=cumulative,
-            sum_value=obs.elapsed_sum,
+            sum_value=self.elapsed_sum,
         )
-
-        stats = self.server.stats
-        for field in ("queries", "dropped", "formerr", "refused_acl", "servfail_overload",
-                      "step_errors", "tcp_rejected"):  # fmt: skip
+        for field, value in self.core:
             fam = Metric(f"dnsproxy_{field}", f"Core counter {field}.", "counter")
-            fam.add_sample(f"dnsproxy_{field}_total", {}, getattr(stats, field))
+            fam.add_sample(f"dnsproxy_{field}_total", {}, value)
             yield fam
         fam = Metric("dnsproxy_tcp_connections", "Open client TCP connections.", "gauge")
-        fam.add_sample("dnsproxy_tcp_connections", {}, stats.tcp_connections)
+        fam.add_sample("dnsproxy_tcp_connections", {}, self.tcp_connections)
         yield fam
         fam = Metric("dnsproxy_ready", "1 when every step is ready.", "gauge")
-        fam.add_sample("dnsproxy_ready", {}, 1 if self.server.chain.ready() else 0)
+        fam.add_sample("dnsproxy_ready", {}, 1 if self.ready else 0)
         yield fam
-        yield from self.step_metrics()
+        yield from _step_families(self.steps)
 
-    def step_metrics(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        for step in self.server.chain.steps:
-            plugin = _UNSAFE.sub("_", step.setup.name)
-            for m in step.metrics():
-                name = f"dnsproxy_{plugin}_{_UNSAFE.sub('_', m.name)}"
-                kind = "gauge" if m.kind == "gauge" else "counter"
-                fam = families.get(name)
-                if fam is None:
-                    fam = families[name] = Metric(name, m.help or f"{plugin} {m.name}", kind)
-                elif fam.type != kind:
-                    continue  # one name, one type: the first step's declaration wins
-                labels = {"step": str(step.setup.index), **dict(m.labels)}
-                fam.add_sample(name + "_total" if kind == "counter" else name, labels, m.value)
-        yield from families.values()
+
+def _step_families(steps: Iterable[StepSamples]) -> Iterator[Metric]:
+    families: dict[str, Metric] = {}
+    for step in steps:
+        plugin = _UNSAFE.sub("_", step.plugin)
+        for m in step.samples:
+            name = f"dnsproxy_{plugin}_{_UNSAFE.sub('_', m.name)}"
+            kind = "gauge" if m.kind == "gauge" else "counter"
+            fam = families.get(name)
+            if fam is None:
+                fam = families[name] = Metric(name, m.help or f"{plugin} {m.name}", kind)
+            elif fam.type != kind:
+                continue  # one name, one type: the first step's declaration wins
+            labels = {"step": str(step.index), **dict(m.labels)}
+            fam.add_sample(name + "_total" if kind == "counter" else name, labels, m.value)
+    yield from families.values()
+
+
+SeriesKey = tuple[str, int, str, tuple[tuple[str, str], ...]]  # plugin, index, name, labels
+
+
+class Collector:
+    """Takes `Snapshot`s of the core counters plus every step's metrics.
+
+    Remembers, per step counter series (plugin, chain index, name, labels), the last raw
+    value and an offset: a reload may replace a step whose counters then restart lower,
+    and the exported counter must not go backwards (``rate()`` would read a reset).
+    """
+
+    def __init__(self, server: Server, observed: Observed) -> None:
+        self.server = server
+        self.observed = observed
+        self.counters: dict[SeriesKey, tuple[float, float]] = {}  # raw last value, offset
+
+    def snapshot(self) -> Snapshot:
+        obs = self.observed
+        stats = self.server.stats
+        chain = self.server.chain
+        return Snapshot(
+            requests=tuple(obs.requests.items()),
+            hist=tuple(obs.hist),
+            elapsed_sum=obs.elapsed_sum,
+            core=tuple((field, getattr(stats, field)) for field in CORE_COUNTERS),
+            tcp_connections=stats.tcp_connections,
+            ready=chain.ready(),
+            steps=tuple(
+                StepSamples(
+                    s.setup.name, s.setup.index, tuple(self._monotonic(s.setup, s.metrics()))
+                )
+                for s in chain.steps
+            ),
+        )
+
+    def _monotonic(self, setup: Setup, samples: list[StepMetric]) -> Iterator[StepMetric]:
+        for m in samples:
+            if m.kind == "gauge":
+                yield m
+                continue
+            key = (setup.name, setup.index, m.name, m.labels)
+            last, offset = self.counters.get(key, (0.0, 0.0))
+            if m.value < last:  # the step was replaced and restarted counting
+                offset += last
+            self.counters[key] = (m.value, offset)
+            yield attrs.evolve(m, value=m.value + offset) if offset else m
