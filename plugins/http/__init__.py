@@ -101,13 +101,9 @@ from dnsproxy.config import Address
 from dnsproxy.errors import ConfigError
 from dnsproxy.hookspecs import Observer, hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import Reply
-from dnsproxy.wire import Query
 
 if TYPE_CHECKING:
     from dnsproxy.server import Server
-
-    from .metrics import Observed
 
 log = logging.getLogger("dnsproxy.plugins.http")
 NEEDS = ("hypercorn", "prometheus_client")
@@ -160,12 +156,13 @@ class HttpService:
     Options = HttpOptions
 
     def __init__(self, opts: HttpOptions, server: Server) -> None:
-        from .metrics import Observed
+        from .metrics import Collector, Observed
 
         self.options = opts
         self.server = server
         buckets = int(DAY // opts.stats_interval) + 1
         self.observed = Observed(opts.stats_interval, buckets, opts.stats_max_keys, time.time())
+        self.collector = Collector(server, self.observed)
         self.sock: socket.socket | None = None
 
     def bind(self) -> socket.socket:
@@ -202,8 +199,8 @@ class HttpService:
         cfg.keep_alive_timeout = 5
         cfg.read_timeout = 10
         cfg.graceful_timeout = 1
-        app = App(self.server, self.options, self.observed)
-        _sinks.append(self.observed)
+        app = App(self.server, self.options, self.observed, self.collector)
+        _running.append(self)
         try:
             async with trio.open_nursery() as nursery:
                 serve = partial(
@@ -219,7 +216,7 @@ class HttpService:
                 nursery.start_soon(self._rotate)
                 task_status.started([("http", host, port)])
         finally:
-            _sinks.remove(self.observed)
+            _running.remove(self)
             sock.close()
 
     async def _rotate(self) -> None:
@@ -228,7 +225,7 @@ class HttpService:
             self.observed.rotate(time.time())
 
 
-_sinks: list[Observed] = []  # counters of running http services
+_running: list[HttpService] = []  # http services serving now, of any Server in the process
 
 
 @hookimpl
@@ -238,12 +235,15 @@ def dnsproxy_add_services(registry: Registry) -> None:
 
 @hookimpl
 def dnsproxy_observers(server: Server) -> list[Observer] | None:
-    if any(svc.table == "http" for svc in server.config.services):
-        return [observe]
-    return None
+    """The counters of ``server``'s http service (hot path: increments only).
 
-
-def observe(query: Query, reply: Reply | None, elapsed: float) -> None:
-    """Count a finished query in every running http service (hot path: increments only)."""
-    for observed in _sinks:
-        observed.observe(query, reply, elapsed)
+    Asked right after each chain swap, before any query reaches the new steps: the moment
+    to note where their counters start, so a replaced step's restart is seen even when
+    it counts past its predecessor's last value before the next scrape.
+    """
+    if not any(svc.table == "http" for svc in server.config.services):
+        return None
+    mine = [svc for svc in _running if svc.server is server]
+    for svc in mine:
+        svc.collector.note_counters()
+    return [svc.observed.observe for svc in mine]

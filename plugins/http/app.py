@@ -71,11 +71,13 @@ class SharedResult:
 class App:
     """Routes by (method, path); each handler returns (status, body, content type)."""
 
-    def __init__(self, server: Server, opts: HttpOptions, observed: Observed) -> None:
+    def __init__(
+        self, server: Server, opts: HttpOptions, observed: Observed, collector: Collector
+    ) -> None:
         self.server = server
         self.opts = opts
         self.observed = observed
-        self.collector = Collector(server, observed)
+        self.collector = collector
         self.limiter = trio.CapacityLimiter(opts.api_concurrency)
         self.hosts = frozenset(opts.hosts)
         self.stats_cache: dict[int, SharedResult] = {}  # by ``top``

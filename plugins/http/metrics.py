@@ -274,6 +274,12 @@ class Collector:
             ),
         )
 
+    def note_counters(self) -> None:
+        """Read every step's counters now (after a chain swap: a fresh step reads low)."""
+        for s in self.server.chain.steps:
+            for _ in self._monotonic(s.setup, s.metrics()):
+                pass
+
     def _monotonic(self, setup: Setup, samples: list[StepMetric]) -> Iterator[StepMetric]:
         for m in samples:
             if m.kind == "gauge":

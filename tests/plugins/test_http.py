@@ -9,6 +9,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import httpx
 import pytest
 import trio
@@ -73,20 +74,22 @@ def write_config(tmp_path: Path, body: str, policy: bool = True) -> Path:
     return path
 
 
-def config_text(dns_port: int, http_port: int, chain: str = '[[chain]]\nplugin = "policy"\n'):
+def config_text(
+    dns_port: int, http_port: int, chain: str = '[[chain]]\nplugin = "policy"\n', http: str = ""
+):
     return (
         'plugins = ["policy.py"]\n[server]\n'
         f'listen = ["127.0.0.1:{dns_port}"]\n'
-        f'[http]\nlisten = "127.0.0.1:{http_port}"\nquery_timeout = 2\n{chain}'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\nquery_timeout = 2\n{http}{chain}'
     )
 
 
-async def start(nursery: trio.Nursery, tmp_path: Path, chain: str | None = None):
+async def start(nursery: trio.Nursery, tmp_path: Path, chain: str | None = None, http: str = ""):
     dns_port, http_port = free_port(), free_port()
     text = (
-        config_text(dns_port, http_port)
+        config_text(dns_port, http_port, http=http)
         if chain is None
-        else config_text(dns_port, http_port, chain)
+        else config_text(dns_port, http_port, chain, http)
     )
     path = write_config(tmp_path, text)
     server = Server(path, handle_signals=False)
@@ -306,3 +309,259 @@ async def test_bind_failure_is_a_clear_error(tmp_path):
         service = HttpService(server.config.services[0].options, server)
         with pytest.raises(ConfigError, match=rf"http: listen: cannot bind 127.0.0.1:{taken}"):
             await service.run()
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.1:9153", True),
+        ("10.1.2.3:80", True),
+        ("[::1]:9153", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LocalHost.:9153", True),
+        ("dns.home.example:9153", True),
+        ("DNS.Home.Example.", True),
+        ("rebind.evil.example:9153", False),
+        ("evil.localhost", False),
+        ("localhost.evil.example", False),
+        ("1.2.3.4.nip.io", False),
+        ("127.0.0.1:port", False),
+        ("[::1", False),
+        ("[::1]x", False),
+        ("[evil.example]", False),
+        ("::1", False),
+        ("", False),
+    ],
+)
+def test_host_allowed(host, ok):
+    from dnsproxy.plugins.http.app import host_allowed
+
+    assert host_allowed(host, {"dns.home.example"}) is ok
+
+
+async def raw_http(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        out = b""
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    return out
+
+
+async def test_rebinding_host_refused_before_routing(tmp_path):
+    """Issue 22 item 1: a page on rebind.evil.example controls Host and Origin alike."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            http_opts = 'hosts = ["dns.home.example"]\n'
+            server, port, base = await start(n, tmp_path, http=http_opts)
+            http_port = int(base.rsplit(":", 1)[1])
+            evil = f"rebind.evil.example:{http_port}"
+            headers = {"Host": evil, "Origin": f"http://{evil}"}
+            async with httpx.AsyncClient(base_url=base) as http:
+                r = await http.post(
+                    "/api/blocking/disable", params={"duration": "1m"}, headers=headers
+                )
+                assert r.status_code == 421 and "Host" in r.json()["error"]
+                assert (await ask(port, "a.blocked.test")).rcode() == dns.rcode.NXDOMAIN
+                for method, path in (("GET", "/api/query?name=a.test"), ("GET", "/metrics"),
+                                     ("GET", "/health"), ("HEAD", "/health"),
+                                     ("GET", "/nope"), ("POST", "/api/cache/flush")):  # fmt: skip
+                    r = await http.request(method, path, headers={"Host": evil})
+                    assert r.status_code == 421, (method, path)
+                assert policy_step(server).flushes == 0
+                for host in ("localhost", f"localhost:{http_port}", "dns.home.example",
+                             f"DNS.home.example.:{http_port}", f"[::1]:{http_port}",
+                             "192.0.2.7"):  # fmt: skip
+                    r = await http.get("/health", headers={"Host": host})
+                    assert r.status_code == 200, host
+                # a listed name may still not drive the API from another origin
+                r = await http.post(
+                    "/api/cache/flush",
+                    headers={"Host": "dns.home.example", "Origin": f"http://{evil}"},
+                )
+                assert r.status_code == 403
+            # HTTP/1.0 without Host: no browser sends that, so it is served
+            out = await raw_http(http_port, b"GET /health HTTP/1.0\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200") and b'"up"' in out
+            out = await raw_http(
+                http_port,
+                b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
+                b"Connection: close\r\n\r\n",
+            )
+            assert out.startswith(b"HTTP/1.1 400")
+            server.stop()
+
+
+def test_hosts_option_is_validated(tmp_path):
+    for bad in ('["http://dns.example.org"]', '["dns.example.org:80"]', '["*.example.org"]',
+                '[""]', "[1]"):  # fmt: skip
+        path = write_config(
+            tmp_path, config_text(free_port(), free_port(), http=f"hosts = {bad}\n")
+        )
+        with pytest.raises(ConfigError, match=r"config.toml: http: option 'hosts'"):
+            load(path)
+
+
+def ask_types(port: int, qtypes: range | list[int]) -> None:
+    """One UDP query per qtype (blocking: run in a thread)."""
+    for qtype in qtypes:
+        q = dns.message.make_query("www.example.org", qtype)
+        dns.query.udp(q, "127.0.0.1", timeout=2, port=port)
+
+
+async def test_metrics_labels_bounded_and_rendered_off_loop(tmp_path, monkeypatch):
+    """Issue 22 item 3: every qtype a client sends must not become a series of its own."""
+    import threading
+
+    from dnsproxy.plugins.http import app as app_mod
+    from dnsproxy.plugins.http.metrics import QTYPES
+
+    threads = []
+    real = app_mod.generate_latest
+
+    def render(registry):
+        threads.append(threading.current_thread())
+        return real(registry)
+
+    monkeypatch.setattr(app_mod, "generate_latest", render)
+    unknown = [*range(300, 500), *range(65280, 65300)]  # no dnspython name for these
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            sent = [*range(1, 60), *unknown]
+            await trio.to_thread.run_sync(ask_types, port, sent)
+            async with httpx.AsyncClient(base_url=base) as http:
+                text = (await http.get("/metrics")).text
+            series = [ln for ln in text.splitlines() if ln.startswith("dnsproxy_requests_total")]
+            assert len(series) <= len(QTYPES) + 1
+            nameless = [t for t in sent if dns.rdatatype.to_text(t).startswith("TYPE")]
+            assert len(nameless) >= len(unknown)
+            assert sample(text, "dnsproxy_requests_total", qtype="other") == len(nameless)
+            assert sample(text, "dnsproxy_requests_total", qtype="AAAA", rcode="NOERROR") == 1
+            assert "TYPE300" not in text
+            assert threads and threading.main_thread() not in threads
+            server.stop()
+
+
+async def test_step_counters_monotonic_across_reload(tmp_path):
+    """Issue 21 item 2: a reload that rebuilds a step must not make its counters go back."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            async with httpx.AsyncClient(base_url=base) as http:
+                for _ in range(3):
+                    await ask(port, "www.example.org")
+                text = (await http.get("/metrics")).text
+                assert sample(text, "dnsproxy_policy_hits_total", step="0") == 3
+                seen = [3.0]
+                for _ in range(2):
+                    old = policy_step(server)
+                    assert await server.reload()
+                    assert policy_step(server) is not old and policy_step(server).hits == 0
+                    await ask(port, "www.example.org")
+                    text = (await http.get("/metrics")).text
+                    seen.append(sample(text, "dnsproxy_policy_hits_total", step="0"))
+                assert seen == [3.0, 4.0, 5.0]
+                assert sample(text, "dnsproxy_policy_size", step="0") == 7  # gauges as they are
+            server.stop()
+
+
+async def test_head_is_get_without_body(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            server, _, base = await start(n, tmp_path)
+            async with httpx.AsyncClient(base_url=base) as http:
+                get = await http.get("/health")
+                for path in ("/health", "/metrics", "/ready"):
+                    r = await http.head(path)
+                    assert r.status_code == 200, path
+                    assert r.content == b""
+                    assert (
+                        r.headers["content-type"] == (await http.get(path)).headers["content-type"]
+                    )
+                assert int((await http.head("/health")).headers["content-length"]) == len(
+                    get.content
+                )
+                assert (await http.head("/api/cache/flush")).status_code == 405
+            server.stop()
+
+
+async def test_concurrent_stats_share_one_computation(tmp_path, monkeypatch):
+    """Issue 22 item 10: 50 concurrent /api/stats compute once, off the event loop."""
+    import threading
+    import time
+
+    calls = []
+    real = Observed.stats
+
+    def counted(self, *args):
+        calls.append(threading.current_thread())
+        time.sleep(0.2)  # a heavy computation: must not hold up DNS
+        return real(self, *args)
+
+    monkeypatch.setattr(Observed, "stats", counted)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path)
+            await ask(port, "a.blocked.test")
+            results = []
+            async with httpx.AsyncClient(base_url=base) as http:
+
+                async def one() -> None:
+                    results.append(await http.get("/api/stats"))
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(50):
+                        clients.start_soon(one)
+                    while not calls:
+                        await trio.sleep(0.01)
+                    # DNS keeps answering while the stats are computed
+                    assert (await ask(port, "a.blocked.test")).rcode() == dns.rcode.NXDOMAIN
+                assert len(calls) == 1 and calls[0] is not threading.main_thread()
+                assert all(r.status_code == 200 for r in results)
+                assert len({r.content for r in results}) == 1
+                assert results[0].json()["hour"]["queries"] == 1
+                await trio.sleep(1.1)  # the cached answer expires after a second
+                doc = (await http.get("/api/stats")).json()
+                assert len(calls) == 2 and doc["hour"]["queries"] == 2
+            server.stop()
+
+
+async def test_api_work_bounded(tmp_path, monkeypatch):
+    """api_concurrency slots, api_queue waiting, the rest 503 (health stays free)."""
+    import time
+
+    real = Observed.stats
+
+    def slow(self, *args):
+        time.sleep(0.5)
+        return real(self, *args)
+
+    monkeypatch.setattr(Observed, "stats", slow)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            http_opts = "api_concurrency = 1\napi_queue = 1\n"
+            server, _, base = await start(n, tmp_path, http=http_opts)
+            status = {}
+            async with httpx.AsyncClient(base_url=base) as http:
+
+                async def stats(top: int) -> None:
+                    status[top] = (await http.get("/api/stats", params={"top": top})).status_code
+
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(stats, 1)
+                    await trio.sleep(0.1)
+                    clients.start_soon(stats, 2)
+                    await trio.sleep(0.1)
+                    await stats(3)
+                    assert (await http.get("/health")).status_code == 200
+                    assert (await http.get("/metrics")).status_code == 503
+            assert status == {1: 200, 2: 200, 3: 503}
+            server.stop()
+    for bad in ("api_concurrency = 0", "api_queue = -1"):
+        path = write_config(tmp_path, config_text(free_port(), free_port(), http=bad + "\n"))
+        with pytest.raises(ConfigError, match=rf"http: option '{bad.split()[0]}'"):
+            load(path)
