@@ -112,7 +112,7 @@ class App:
             self._check_host(scope)
             if handler is None:
                 known = {p for _, p in self.routes}
-                raise HttpError(405 if path in known else 404, f"no route {method} {path}")
+                raise HttpError(405 if path in known else 404, f"no route {scope['method']} {path}")
             if method == "POST":
                 self._check_origin(scope)
             raw = parse_qs(scope.get("query_string", b"").decode("latin-1"), max_num_fields=20)
