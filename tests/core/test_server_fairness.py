@@ -12,12 +12,15 @@ import struct
 from pathlib import Path
 
 import dns.message
+import pytest
 import trio
 
+from dnsproxy.errors import ConfigError
 from dnsproxy.server import Server
 from tests.fakeupstream import FakeUpstream
 
 UPSTREAM_DELAY = 0.3
+FORWARD = '[[chain]]\nplugin = "forward"\nupstreams = ["127.0.0.1:9"]\n'
 
 
 async def start(
@@ -64,6 +67,40 @@ async def test_reset_connection_with_pending_queries_completes_quietly(tmp_path:
                 await trio.sleep(0.05)
         assert len(up.seen) > 0
         assert server.stats.internal_errors == 0
+        assert not server._client_inflight  # every in-flight share given back
         assert not [r for r in caplog.records if "internal error" in r.getMessage()]
         server.stop()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ("max_tcp_per_client = 0", "option 'max_tcp_per_client': must be between 1"),
+        ("max_inflight_per_client = 0", "option 'max_inflight_per_client': must be between 1"),
+        ('max_inflight_per_client = "all"', "option 'max_inflight_per_client' must be an integer"),
+        ("tcp_idle_timeout_min = 0", "option 'tcp_idle_timeout_min': must be between 0.1"),
+    ],
+)
+def test_fairness_options_are_validated(tmp_path: Path, server: str, expected: str):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[server]\n{server}\n{FORWARD}")
+    with pytest.raises(ConfigError) as exc:
+        Server(path, handle_signals=False)
+    assert exc.value.lines[0].startswith(f"config.toml: server: {expected}"), exc.value.lines
+
+
+@pytest.mark.parametrize(
+    ("server", "share"),
+    [
+        ("", 1024),  # a quarter of the default 4096
+        ("max_inflight = 20", 8),  # at least 8 ...
+        ("max_inflight = 3", 3),  # ... but never more than max_inflight
+        ("max_inflight = 100\nmax_inflight_per_client = 60", 60),
+        ("max_inflight = 100\nmax_inflight_per_client = 500", 100),
+    ],
+)
+def test_inflight_share_default(tmp_path: Path, server: str, share: int):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[server]\n{server}\n{FORWARD}")
+    assert Server(path, handle_signals=False).max_inflight_per_client == share
