@@ -81,9 +81,14 @@ class ServerConfig:
     listen: tuple[Address, ...] = attrs.field(default=("127.0.0.1:5353",), converter=_addresses)
     allow: tuple[Network, ...] = attrs.field(default=DEFAULT_ALLOW, converter=options.networks)
     tcp_idle_timeout: float = options.seconds(10.0, 0.1, 3600)
+    tcp_idle_timeout_min: float = options.seconds(1.0, 0.1, 3600)
     max_tcp_connections: int = attrs.field(default=1024, validator=options.in_range(1, 1_000_000))
+    max_tcp_per_client: int = attrs.field(default=64, validator=options.in_range(1, 1_000_000))
     max_tcp_pipeline: int = attrs.field(default=100, validator=options.in_range(1, 65535))
     max_inflight: int = attrs.field(default=4096, validator=options.in_range(1, 1_000_000))
+    max_inflight_per_client: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(options.in_range(1, 1_000_000))
+    )
     edns_udp_size: int = attrs.field(default=1232, validator=options.in_range(512, 4096))
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -5,17 +5,26 @@ calls, handling each datagram synchronously; only a query that reaches a step do
 becomes a Trio task (DESIGN.md §3). TCP follows RFC 7766: length-prefixed frames, many
 and pipelined queries per connection answered as they complete, an idle timeout reset
 only by a complete message, and bounded connections, pipelines and write stalls.
+
+No one client can take a shared resource from the others: each client prefix gets at
+most `max_inflight_per_client` of the `max_inflight` slots (/24, /56) and
+`max_tcp_per_client` of the TCP connections (/32, /64); idle timeouts shrink as the
+connection table fills (RFC 7766 §6.2.3), and a full table closes its longest-idle
+connection (no query outstanding) to admit a new one.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import gc
+import ipaddress
 import logging
 import signal
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from dnsproxy.chain import (
     Step,
     StepFailed,
     Suspended,
+    client_address,
     client_matcher,
     scope_test,
 )
@@ -49,6 +59,11 @@ UDP_BATCH = 64  # datagrams handled per wake-up before other tasks get a turn
 UDP_RCVBUF = 4 << 20
 SHUTDOWN_GRACE = 5.0
 GC_REFREEZE = 600.0  # seconds between full collections when start-up objects are frozen
+INFLIGHT_PREFIX = (24, 56)  # a client, for its share of max_inflight (IPv4, IPv6)
+TCP_CLIENT_PREFIX = (32, 64)  # a client, for max_tcp_per_client
+INFLIGHT_SHARE = 4  # max_inflight_per_client defaults to max_inflight / 4 ...
+INFLIGHT_SHARE_MIN = 8  # ... but at least this many (or max_inflight if smaller)
+TCP_LOG_INTERVAL = 60.0  # seconds between log lines about one kind of TCP limit
 
 Sender = Callable[[bytes | None], Any]
 
@@ -66,6 +81,32 @@ class Stats:
     internal_errors: int = 0
     tcp_connections: int = 0
     tcp_rejected: int = 0
+    tcp_evicted: int = 0  # idle connections closed to admit a new one (table full)
+
+
+class TcpConn:
+    """A client TCP connection as the accept loop sees it: whose, and whether it is busy."""
+
+    __slots__ = ("client", "outstanding", "peer", "scope")
+
+    def __init__(self, peer: tuple[str, int], client: str) -> None:
+        self.peer = peer
+        self.client = client  # its /32 or /64: the key of max_tcp_per_client
+        self.scope = trio.CancelScope()  # cancelled to close it (shutdown, eviction)
+        self.outstanding = 0  # queries read and not answered yet; 0 = idle
+
+
+def prefix_of(v4: int, v6: int) -> Callable[[str], str]:
+    """A cached map from a client address to its network (/v4 or /v6) as text."""
+
+    @functools.lru_cache(maxsize=4096)
+    def prefix(host: str) -> str:
+        addr = client_address(host)
+        if addr is None:
+            return host
+        return str(ipaddress.ip_network((addr, v4 if addr.version == 4 else v6), strict=False))
+
+    return prefix
 
 
 def load(path: Path) -> tuple[Config, Registry, pluggy.PluginManager]:
@@ -167,7 +208,13 @@ class Server:
         self._apply_server_config()
         self._inflight = 0
         self._chain_inflight: dict[int, int] = {}
+        self._client_inflight: dict[str, int] = {}  # by INFLIGHT_PREFIX, only while > 0
+        self._inflight_client = prefix_of(*INFLIGHT_PREFIX)
         self._tcp_scopes: set[trio.CancelScope] = set()
+        self._tcp_conns: OrderedDict[TcpConn, None] = OrderedDict()  # least recently active first
+        self._tcp_clients: dict[str, int] = {}  # open connections by TCP_CLIENT_PREFIX
+        self._tcp_client = prefix_of(*TCP_CLIENT_PREFIX)
+        self._tcp_limit_log: dict[str, tuple[float, int]] = {}  # kind: (next log time, count)
         self._observers: tuple[Observer, ...] = ()
         self._stop = trio.Event()
         self._failed_once: set[tuple[str, str]] = set()
@@ -179,6 +226,10 @@ class Server:
         sc = self.config.server
         self.edns_udp_size = sc.edns_udp_size
         self.max_inflight = sc.max_inflight
+        share = sc.max_inflight_per_client
+        if share is None:
+            share = max(sc.max_inflight // INFLIGHT_SHARE, INFLIGHT_SHARE_MIN)
+        self.max_inflight_per_client = min(share, sc.max_inflight)
         self.allowed = client_matcher(sc.allow)
 
     # --- the query path -----------------------------------------------------------------
@@ -204,10 +255,7 @@ class Server:
             q.received = time.monotonic()
         if not self.allowed(client[0]):
             self.stats.refused_acl += 1
-            reply = respond(
-                q, wire.REFUSED, ede=[(EDE_PROHIBITED, "client not allowed")], source="acl"
-            )
-            self._send(q, reply, send)
+            self._send(q, self._acl_refusal(q), send)
             return
         chain = self.chain
         try:
@@ -215,26 +263,38 @@ class Server:
         except StepFailed as exc:
             result = self._step_failed(q, exc)
         if result.__class__ is Suspended:
-            if self._inflight >= self.max_inflight or self._work is None:
+            who = self._inflight_client(client[0])
+            held = self._client_inflight.get(who, 0)
+            if (
+                self._inflight >= self.max_inflight
+                or held >= self.max_inflight_per_client
+                or self._work is None
+            ):
                 self.stats.servfail_overload += 1
                 self._send(q, respond(q, wire.SERVFAIL, source="overload"), send)
                 return
+            self._client_inflight[who] = held + 1
             self._inflight += 1
             cid = id(chain)
             self._chain_inflight[cid] = self._chain_inflight.get(cid, 0) + 1
-            self._dispatch(q, chain, result, send)  # type: ignore[arg-type]
+            self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
             return
         self._send(q, result, send)  # type: ignore[arg-type]
 
-    def _dispatch(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
+    def _acl_refusal(self, q: Query) -> Reply:
+        """The answer to a client outside ``[server] allow``: REFUSED with EDE 18."""
+        q.explain(f"acl: {q.client[0]} is not in [server] allow: REFUSED")
+        return respond(q, wire.REFUSED, ede=[(EDE_PROHIBITED, "client not allowed")], source="acl")
+
+    def _dispatch(self, q: Query, chain: Chain, sus: Suspended, send: Sender, who: str) -> None:
         """Go on with a query that waits for I/O: by callback if the step has `begin`,
-        else in a task."""
+        else in a task. ``who`` is the client's in-flight key, released by `_complete`."""
         begin = sus.link.on_begin
         if begin is None:
             if self._work is None:  # stopping: no new tasks
-                self._complete(q, chain, respond(q, wire.SERVFAIL, source="overload"), send)
+                self._complete(q, chain, respond(q, wire.SERVFAIL, source="overload"), send, who)
             else:
-                self._work.start_soon(self._finish, q, chain, sus, send)
+                self._work.start_soon(self._finish, q, chain, sus, send, who)
             return
 
         def done(reply: Reply | None) -> None:
@@ -243,25 +303,28 @@ class Server:
             except StepFailed as exc:
                 result = self._step_failed(q, exc)
             if result.__class__ is Suspended:
-                self._dispatch(q, chain, result, send)  # type: ignore[arg-type]
+                self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
             else:
-                self._complete(q, chain, result, send)  # type: ignore[arg-type]
+                self._complete(q, chain, result, send, who)  # type: ignore[arg-type]
 
         try:
             begin(q, done)
         except Exception as exc:
-            self._complete(q, chain, self._step_failed(q, StepFailed(sus.link.step, exc)), send)
+            failed = self._step_failed(q, StepFailed(sus.link.step, exc))
+            self._complete(q, chain, failed, send, who)
 
-    async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender) -> None:
+    async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender, who: str) -> None:
         reply = None
         try:
             reply = await chain.resume(q, sus)
         except StepFailed as exc:
             reply = self._step_failed(q, exc)
         finally:  # also when cancelled: the client is told (TCP) and the counts stay right
-            self._complete(q, chain, reply, send)
+            self._complete(q, chain, reply, send, who)
 
-    def _complete(self, q: Query, chain: Chain, reply: Reply | None, send: Sender) -> None:
+    def _complete(
+        self, q: Query, chain: Chain, reply: Reply | None, send: Sender, who: str
+    ) -> None:
         """Send the final reply of a query that waited for I/O, and count it done."""
         try:
             self._send(q, reply, send)
@@ -269,6 +332,11 @@ class Server:
             self._internal_error("query completion", exc)
         finally:
             self._inflight -= 1
+            held = self._client_inflight[who] - 1
+            if held:
+                self._client_inflight[who] = held
+            else:
+                del self._client_inflight[who]
             cid = id(chain)
             left = self._chain_inflight.get(cid)
             if left is not None:  # None: the chain was retired after its grace period
@@ -295,7 +363,13 @@ class Server:
         return respond(q, wire.SERVFAIL, source="error")
 
     async def query(self, q: Query) -> Reply | None:
-        """Run one query through the current chain (``dnsproxy query``, the HTTP API)."""
+        """Run one query through the current chain (``dnsproxy query``, the HTTP API).
+
+        It takes the path `handle` takes (the ACL first), so a trace shows what the client
+        named in ``q`` would get; it is not counted as traffic.
+        """
+        if not self.allowed(q.client[0]):
+            return self._acl_refusal(q)
         chain = self.chain
         try:
             result = chain.start(q)
@@ -336,7 +410,6 @@ class Server:
 
     async def _tcp_accept(self, sock: socket.socket) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        max_conns = self.config.server.max_tcp_connections
         while True:
             try:
                 stream = await listener.accept()
@@ -346,19 +419,96 @@ class Server:
                     await trio.sleep(0.1)
                     continue
                 raise
-            if self.stats.tcp_connections >= max_conns:
+            conn = self._tcp_admit(stream)
+            if conn is None:
                 self.stats.tcp_rejected += 1
                 stream.socket.close()
                 continue
             assert self._work is not None
-            self._work.start_soon(self._tcp_guarded, stream)
+            self._work.start_soon(self._tcp_guarded, stream, conn)
 
-    async def _tcp_guarded(self, stream: trio.SocketStream) -> None:
+    def _tcp_admit(self, stream: trio.SocketStream) -> TcpConn | None:
+        """Enter a new connection in the table, or None to refuse it.
+
+        A client at `max_tcp_per_client` is refused. When the table is full, the connection
+        idle the longest (none of its queries outstanding) is closed to make room, so idle
+        connections cannot lock clients out; only a table of busy ones refuses newcomers.
+        """
+        sc = self.config.server
+        try:
+            peer = stream.socket.getpeername()[:2]
+        except OSError:  # reset before we got to it
+            return None
+        client = self._tcp_client(peer[0])
+        held = self._tcp_clients.get(client, 0)
+        cap = min(sc.max_tcp_per_client, sc.max_tcp_connections)
+        if held >= cap:
+            self._tcp_limit_hit(
+                "client",
+                f"a client reached max_tcp_per_client ({cap}), its new connection refused;"
+                f" the latest: {client}",
+            )
+            return None
+        conns = self._tcp_conns
+        if len(conns) >= sc.max_tcp_connections:
+            idle = next((c for c in conns if not c.outstanding), None)
+            full = f"connection table full (max_tcp_connections = {sc.max_tcp_connections})"
+            if idle is None:
+                self._tcp_limit_hit("busy", f"{full} and every connection busy: refused one")
+                return None
+            self._tcp_release(idle)
+            idle.scope.cancel()
+            self.stats.tcp_evicted += 1
+            self._tcp_limit_hit("full", f"{full}: closed the longest-idle one for a new one")
+        conn = TcpConn(peer, client)
+        conns[conn] = None
+        self._tcp_clients[client] = held + 1
+        self.stats.tcp_connections += 1
+        return conn
+
+    def _tcp_release(self, conn: TcpConn) -> None:
+        """Take a connection out of the table (once: eviction, then its handler's end)."""
+        if self._tcp_conns.pop(conn, False) is False:
+            return
+        self.stats.tcp_connections -= 1
+        held = self._tcp_clients[conn.client] - 1
+        if held:
+            self._tcp_clients[conn.client] = held
+        else:
+            del self._tcp_clients[conn.client]
+
+    def _tcp_limit_hit(self, kind: str, what: str) -> None:
+        """Log a TCP limit being hit: at once, then at most every TCP_LOG_INTERVAL per kind,
+        with how many times it was hit since the last line (an attacker can trigger it)."""
+        now = trio.current_time()
+        next_at, count = self._tcp_limit_log.get(kind, (now, 0))
+        count += 1
+        if now < next_at:
+            self._tcp_limit_log[kind] = (next_at, count)
+            return
+        self._tcp_limit_log[kind] = (now + TCP_LOG_INTERVAL, 0)
+        log.warning("tcp: %s (%d time(s) since the last such line)", what, count)
+
+    def _tcp_idle(self) -> float:
+        """The idle timeout for a connection starting to wait now (RFC 7766 §6.2.3):
+        `tcp_idle_timeout` up to a half-full table, then linearly down to
+        `tcp_idle_timeout_min` at a full one."""
+        sc = self.config.server
+        idle = sc.tcp_idle_timeout
+        fill = len(self._tcp_conns) / sc.max_tcp_connections
+        if fill <= 0.5:
+            return idle
+        floor = min(sc.tcp_idle_timeout_min, idle)
+        return floor + (idle - floor) * 2 * (1 - min(fill, 1.0))
+
+    async def _tcp_guarded(self, stream: trio.SocketStream, conn: TcpConn) -> None:
         """A connection handler's bug must not take the server down (trio serve_listeners)."""
         try:
-            await self._tcp_conn(stream)
+            await self._tcp_conn(stream, conn)
         except Exception as exc:
             self._internal_error("tcp connection", exc)
+        finally:
+            self._tcp_release(conn)
 
     def _internal_error(self, where: str, exc: Exception) -> None:
         self.stats.internal_errors += 1
@@ -367,70 +517,70 @@ class Server:
             self._failed_once.add(key)
             log.error("internal error in %s (reported once): %r", where, exc, exc_info=exc)
 
-    async def _tcp_conn(self, stream: trio.SocketStream) -> None:
+    async def _tcp_conn(self, stream: trio.SocketStream, conn: TcpConn) -> None:
         sc = self.config.server
-        idle = sc.tcp_idle_timeout
-        self.stats.tcp_connections += 1
-        try:
-            peer = stream.socket.getpeername()[:2]
-        except OSError:
-            peer = ("", 0)
+        stall = sc.tcp_idle_timeout
+        peer = conn.peer
+        conns = self._tcp_conns
         send_lock = trio.Lock()
         slots = trio.Semaphore(sc.max_tcp_pipeline)  # bounds queries outstanding per connection
         all_done = trio.Event()
-        state = {"outstanding": 0, "reading": True, "closed": False}
-        read_scope = trio.CancelScope()
+        state = {"reading": True, "closed": False}
+        read_scope = conn.scope
         self._tcp_scopes.add(read_scope)
 
         def finished() -> None:
-            state["outstanding"] -= 1
+            conn.outstanding -= 1
             slots.release()
-            if not state["outstanding"] and not state["reading"]:
+            if not conn.outstanding and not state["reading"]:
                 all_done.set()
 
         try:
-            async with trio.open_nursery() as conn:
+            async with trio.open_nursery() as writers:
 
                 async def write(out: bytes) -> None:
                     try:
                         async with send_lock:
-                            with trio.move_on_after(idle) as cs:
+                            with trio.move_on_after(stall) as cs:
                                 await stream.send_all(struct.pack("!H", len(out)) + out)
                             if cs.cancelled_caught:  # the client does not read: give up on it
-                                conn.cancel_scope.cancel()
+                                writers.cancel_scope.cancel()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        conn.cancel_scope.cancel()
+                        writers.cancel_scope.cancel()
                     finally:
                         finished()
 
                 def send(out: bytes | None) -> None:
                     if out is None or state["closed"]:
-                        finished()
+                        finished()  # a closed connection's answers go nowhere, quietly
                     else:
-                        conn.start_soon(write, out)
+                        writers.start_soon(write, out)
 
-                with read_scope:
-                    buf = bytearray()
-                    while True:
-                        await slots.acquire()
-                        frame = None
-                        with trio.move_on_after(idle) as idle_cs:
-                            frame = await _read_frame(stream, buf)
-                        if idle_cs.cancelled_caught and state["outstanding"]:
-                            slots.release()  # not idle while answers are pending
-                            continue
-                        if frame is None or idle_cs.cancelled_caught:
-                            slots.release()
-                            break
-                        state["outstanding"] += 1
-                        self.handle(frame, peer, "tcp", send)
-                state["reading"] = False
-                if state["outstanding"]:
-                    await all_done.wait()
+                try:
+                    with read_scope:
+                        buf = bytearray()
+                        while True:
+                            await slots.acquire()
+                            frame = None
+                            with trio.move_on_after(self._tcp_idle()) as idle_cs:
+                                frame = await _read_frame(stream, buf)
+                            if idle_cs.cancelled_caught and conn.outstanding:
+                                slots.release()  # not idle while answers are pending
+                                continue
+                            if frame is None or idle_cs.cancelled_caught:
+                                slots.release()
+                                break
+                            conn.outstanding += 1
+                            if conn in conns:
+                                conns.move_to_end(conn)
+                            self.handle(frame, peer, "tcp", send)
+                    state["reading"] = False
+                    if conn.outstanding:
+                        await all_done.wait()
+                finally:  # before the nursery closes: answers still to come must not use it
+                    state["closed"] = True
         finally:
-            state["closed"] = True
             self._tcp_scopes.discard(read_scope)
-            self.stats.tcp_connections -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

@@ -159,7 +159,9 @@ class RateLimit(Step):
             return None
         if action == "drop":
             return DROP
-        return respond(q, wire.REFUSED, ede=[(EDE_RATE_LIMITED, "")], source=self.setup.name)
+        refused = respond(q, wire.REFUSED, ede=[(EDE_RATE_LIMITED, "")], source=self.setup.name)
+        out = self.response(q, refused)  # an error response like any other: RRL accounts it
+        return DROP if out is None else out
 
     # --- on the way back -----------------------------------------------------------------
 

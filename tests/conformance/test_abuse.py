@@ -20,6 +20,7 @@ import time
 import dns.message
 import dns.rcode
 import pytest
+from dnsproxy.plugins import BUILTIN
 
 from tests.conformance.confkit import (
     Proxy,
@@ -30,6 +31,7 @@ from tests.conformance.confkit import (
     frame,
     free_port,
     message,
+    parse,
     qname_wire,
     read_frame,
     rss_kb,
@@ -398,3 +400,138 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _connect(addr: tuple[str, int], source: str) -> socket.socket:
+    return socket.create_connection(addr, timeout=3, source_address=(source, 0))
+
+
+def _tcp_answer(s: socket.socket, name: str) -> int:
+    """Ask ``name`` on an open connection; the answer's rcode."""
+    s.sendall(frame(_query(name)))
+    out = read_frame(s)
+    assert out is not None, "connection closed instead of answering"
+    return out[3] & 0xF
+
+
+def test_idle_connections_lock_no_client_out(tmp_path, upstream):
+    """Issue 22 item 2 / RFC 7766 §6.2.3: one client filling its share of the connection
+    table with idle connections is refused further ones, and a full table of idle
+    connections closes the longest-idle one for a newcomer instead of refusing it. Each
+    limit is logged once (rate-limited), whatever the number of hits."""
+    server = (
+        "max_tcp_connections = 6\nmax_tcp_per_client = 3\n"
+        "tcp_idle_timeout = 30\ntcp_idle_timeout_min = 20\n"  # nothing times out here
+    )
+    proxy = Proxy(tmp_path, forward_config(upstream.addr, server=server)).start()
+    hog = [_connect(proxy.addr, "127.0.1.1") for _ in range(3)]
+    others: list[socket.socket] = []
+    try:
+        with _connect(proxy.addr, "127.0.1.1") as over:  # the hog's 4th: refused at once
+            assert _closed_within(over, 1.0) is not None
+        with _connect(proxy.addr, "127.0.1.1") as over:
+            assert _closed_within(over, 1.0) is not None
+        active = _connect(proxy.addr, "127.0.1.2")  # another client gets in and is answered
+        others.append(active)
+        assert _tcp_answer(active, "other.example.test") == 0
+        others += [_connect(proxy.addr, "127.0.1.3") for _ in range(2)]  # 6 of 6: full
+        time.sleep(0.2)
+        for i, source in enumerate(("127.0.1.4", "127.0.1.5")):
+            late = _connect(proxy.addr, source)
+            others.append(late)
+            assert _tcp_answer(late, f"late{i}.example.test") == 0  # served, not refused
+            # The hog's connections were idle the longest: closed in connection order.
+            assert _closed_within(hog[i], 1.0) is not None
+        assert _closed_within(hog[2], 0.2) is None  # only as many as needed
+        assert _tcp_answer(active, "still.example.test") == 0  # recently active: kept
+        log = proxy.log()
+        assert log.count("reached max_tcp_per_client (3)") == 1
+        assert log.count("connection table full (max_tcp_connections = 6)") == 1
+    finally:
+        for s in hog + others:
+            s.close()
+        proxy.stop()
+
+
+def test_idle_timeout_shrinks_as_the_table_fills(tmp_path, upstream):
+    """RFC 7766 §6.2.3: past half full, a connection starting to wait gets a shorter idle
+    timeout, down to tcp_idle_timeout_min at a full table; earlier ones keep theirs."""
+    server = "max_tcp_connections = 4\ntcp_idle_timeout = 10\ntcp_idle_timeout_min = 0.5\n"
+    proxy = Proxy(tmp_path, forward_config(upstream.addr, server=server)).start()
+    conns = []
+    try:
+        for _ in range(4):
+            conns.append(_connect(proxy.addr, "127.0.0.1"))
+            time.sleep(0.1)  # admitted in this order
+        took = _closed_within(conns[3], 3.0)  # the 4th waits at a full table: 0.5 s
+        assert took is not None and took < 2.0
+        assert _closed_within(conns[0], 0.1) is None  # the 1st waited at a quarter: 10 s
+    finally:
+        for s in conns:
+            s.close()
+        proxy.stop()
+
+
+def _flood(addr: tuple[str, int], source: str, stop: threading.Event, rcodes: list[int]) -> None:
+    """Slow unique names from ``source`` as fast as they are answered, until ``stop``."""
+    while not stop.is_set():
+        names = [f"{random.getrandbits(48):x}.victim.test" for _ in range(MAX_INFLIGHT)]
+        replies = blast(addr, names, window=len(names), timeout=5, source=source)
+        rcodes += [r[3] & 0xF for r in replies.values()]
+
+
+def test_flooding_client_gets_only_its_share_of_inflight(tproxy, shared_upstream):
+    """Issue 22 item 5: a client flooding names its upstream answers slowly is held to its
+    share of max_inflight (a quarter by default); another client's cache misses, sent while
+    the flood holds that share, are all answered."""
+    shared_upstream.set_rules([{"match": {"qname": "*.victim.test."}, "delay": 0.8}])
+    stop = threading.Event()
+    flooded: list[int] = []
+    flood = threading.Thread(target=_flood, args=(tproxy.addr, "127.0.1.1", stop, flooded))
+    flood.start()
+    rcodes = []
+    try:
+        time.sleep(0.3)  # the flood holds every slot it can
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.2.1", 0))
+            s.settimeout(3)
+            for i in range(60):
+                s.sendto(_query(f"fair{i}.example.test", i), tproxy.addr)
+                rcodes.append(parse(s.recv(65535)).rcode())
+    finally:
+        stop.set()
+        flood.join(15)
+    assert rcodes == [0] * 60
+    assert flooded.count(dns.rcode.SERVFAIL) >= MAX_INFLIGHT // 2  # the flooder is refused
+    assert alive(tproxy.addr)
+
+
+@pytest.mark.skipif(
+    "dnsproxy.plugins.ratelimit" not in BUILTIN, reason="ratelimit plugin not registered"
+)
+def test_query_limit_refusals_go_through_rrl(tmp_path, upstream):
+    """Issue 22 item 10: the REFUSED answers of the per-client query limit are error
+    responses like any other: RRL (errors_per_second) limits them over UDP."""
+    before = (
+        '[[chain]]\nplugin = "ratelimit"\nqueries_per_second = 5\n'
+        "errors_per_second = 20\nslip = 0\n"
+    )
+    proxy = Proxy(tmp_path, forward_config(upstream.addr, before=before)).start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.3.1", 0))
+            for i in range(100):
+                s.sendto(_query(f"q{i}.example.test", i), proxy.addr)
+            rcodes = []
+            s.settimeout(1.0)
+            try:
+                while True:
+                    rcodes.append(s.recv(65535)[3] & 0xF)
+            except TimeoutError:
+                pass
+    finally:
+        proxy.stop()
+    refused = rcodes.count(dns.rcode.REFUSED)
+    assert rcodes.count(dns.rcode.NOERROR) <= 10  # the query limit itself works
+    # 95 refusals in well under a second: about 20 credits' worth go out, not all 95.
+    assert 10 <= refused <= 40, rcodes
