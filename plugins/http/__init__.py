@@ -61,6 +61,7 @@ Metrics
     ``dnsproxy_queries_total``, ``dnsproxy_dropped_total``, ``dnsproxy_formerr_total``,
     ``dnsproxy_refused_acl_total``, ``dnsproxy_servfail_overload_total``,
     ``dnsproxy_step_errors_total``, ``dnsproxy_tcp_rejected_total``,
+    ``dnsproxy_tcp_evicted_total`` (idle connections closed to make room),
     ``dnsproxy_tcp_connections``, ``dnsproxy_ready``; and for every step's ``metrics()``
     sample ``dnsproxy_<plugin>_<name>`` (``_total`` for counters) with a ``step`` label
     (its index in the chain) plus the sample's own labels.
