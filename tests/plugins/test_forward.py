@@ -52,11 +52,36 @@ async def test_failover_and_metrics(nursery):
 async def test_query_carrying_our_token_is_a_loop(nursery):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
-    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + forward.TOKEN)
+    token = forward.loop_token(make_query("l.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + token)
     with trio.fail_after(5):
         reply = await run_chain([step], make_query("l.example.org", options_=[marker]))
     assert reply.rcode == wire.SERVFAIL and "loop" in reply.ede[0][1]
     assert up.seen == [] and step.loops == 1
+    assert not reply.cacheable  # about this query's path: never served to others
+
+
+@pytest.mark.parametrize(
+    "hops",
+    [b"\x01" * 64, b"\x01" * 800, b"", b"\x01" * 5, "other-question"],
+    ids=["8-hops", "100-hops", "empty", "not-tokens", "token-of-another-question"],
+)
+async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
+    """Only our own token for this question is a loop: a client's full, bogus or copied
+    marker is forwarded (trimmed or replaced), never answered SERVFAIL."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    step = build_step("forward", {"upstreams": [up.addr]})
+    if hops == "other-question":
+        hops = forward.loop_token(make_query("other.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, hops)
+    q = make_query("c.example.org", options_=[marker])
+    with trio.fail_after(5):
+        reply = await run_chain([step], q)
+    assert reply.rcode == wire.NOERROR and step.loops == 0
+    (seen,) = up.seen
+    (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == forward.LOOP_OPTION]
+    assert sent.endswith(forward.loop_token(q))
+    assert len(sent) <= forward.MAX_HOPS * forward.TOKEN_SIZE and len(sent) % 8 == 0
 
 
 async def test_marker_is_appended_for_the_next_hop(nursery):
@@ -66,7 +91,8 @@ async def test_marker_is_appended_for_the_next_hop(nursery):
     with trio.fail_after(5):
         await run_chain([step], make_query("m.example.org", options_=[other]))
     (seen,) = up.seen
-    assert (forward.LOOP_OPTION, (b"\x02" * 8 + forward.TOKEN).hex()) in seen.options
+    token = forward.loop_token(make_query("m.example.org"))
+    assert (forward.LOOP_OPTION, (b"\x02" * 8 + token).hex()) in seen.options
 
 
 def response(q, answer=(), authority=(), additional=(), rcode=0) -> bytes:
