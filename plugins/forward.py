@@ -448,8 +448,10 @@ class Forward(Step):
         self.complete(key, result)
 
     async def _follow(self, q: Query, reply: Reply, kept: list[Any], target: Any) -> Reply | None:
-        followed = list((q.notes or {}).get("followed", ()))
-        text = target.to_text()
+        # The names of this query's chain so far, shared with its subqueries (notes are):
+        # a target among them would wait on itself (coalescing) until the budget ran out.
+        followed = list((q.notes or {}).get("followed", ())) or [q.text]
+        text = target.to_text().lower()
         if len(followed) >= MAX_FOLLOW or text in followed:
             q.explain(f"{self.setup.where}: CNAME chain too long or looping at {text}")
             return None
