@@ -10,7 +10,7 @@ import trio
 from dnsproxy.plugins import forward
 
 from dnsproxy import wire
-from dnsproxy.testing import build_step, make_query, run_chain
+from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
 
@@ -82,6 +82,47 @@ async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
     (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == forward.LOOP_OPTION]
     assert sent.endswith(forward.loop_token(q))
     assert len(sent) <= forward.MAX_HOPS * forward.TOKEN_SIZE and len(sent) % 8 == 0
+
+
+async def test_loop_servfail_is_not_cached(nursery):
+    """A looped query's SERVFAIL is about its path: the next client is not served it."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    chain = chain_of([build_step("cache", {}), build_step("forward", {"upstreams": [up.addr]})])
+    token = forward.loop_token(make_query("n.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, token)
+    with trio.fail_after(5):
+        looped = await run_chain(chain, make_query("n.example.org", options_=[marker]))
+        plain = await run_chain(chain, make_query("n.example.org"))
+    assert looped.rcode == wire.SERVFAIL and plain.rcode == wire.NOERROR
+    assert len(up.seen) == 1
+
+
+async def test_scoped_cname_chain_cut_and_followed_through_the_chain(nursery):
+    """A zone-scoped forward's answer is cut where its CNAME chain leaves the zones; the
+    target comes from the step that owns it, even one before it in the chain."""
+    evil = await start(
+        nursery,
+        [
+            {
+                "answer": [
+                    "{qname} 300 IN CNAME www.example.org.",
+                    "www.example.org. 300 IN A 6.6.6.6",
+                ]
+            }
+        ],
+    )
+    good = await start(nursery, [{"answer": ["{qname} 60 IN A 192.0.2.9"]}])
+    owner = build_step("forward", {"upstreams": [good.addr]})
+    scoped = build_step("forward", {"upstreams": [evil.addr]})
+    unscoped = build_step("forward", {"upstreams": [evil.addr]})
+    chain = chain_of([(owner, {"zones": ["example.org"]}), (scoped, {"zones": ["evil.test"]})])
+    with trio.fail_after(5):
+        reply = await run_chain(chain, make_query("x.evil.test"))
+        relayed = await run_chain([unscoped], make_query("y.evil.test"))
+    got = [(r.name.to_text(), r[0].to_text()) for r in reply.message().answer]
+    assert got == [("x.evil.test.", "www.example.org."), ("www.example.org.", "192.0.2.9")]
+    assert [s.qname for s in good.seen] == ["www.example.org."]
+    assert len(relayed.message().answer) == 2  # unscoped: the upstream's chain, as before
 
 
 async def test_marker_is_appended_for_the_next_hop(nursery):
