@@ -33,12 +33,24 @@ Syntax
     ``{ url = "tls://192.0.2.1:853", server_name = "dns.example.org" }``.
 
     An upstream that is one of our own listen addresses is a config error (a loop). Loops
-    through other dnsproxy instances are caught at run time: each appends a random token to
-    a private EDNS option (code 65053) of the queries it forwards, and a query that arrives
-    carrying our own token is answered SERVFAIL at once and logged (``loop_detect = false``
-    turns this off). Answers are trimmed to the CNAME chain from the query name plus, for
-    negative answers, the SOA and NSEC/NSEC3 proof (RFC 2181 §5.4.1): unsolicited NS, glue
-    and other names never reach the client or a cache.
+    through other dnsproxy instances are caught at run time: each appends a token to a
+    private EDNS option (code 65053) of the queries it forwards, and a query that arrives
+    carrying our own token is answered SERVFAIL at once (never cached) and logged
+    (``loop_detect = false`` turns this off). The token is a keyed hash of the question
+    under a per-process secret, so a client cannot make one up: a client's own option 65053
+    never counts as a loop (a malformed one is replaced, a long one keeps its newest hops).
+
+    Answers are trimmed to the CNAME chain from the query name plus, for negative answers,
+    the SOA and NSEC/NSEC3 proof (RFC 2181 §5.4.1): unsolicited NS, glue and other names
+    never reach the client or a cache. Records of another class than the question's are
+    dropped, TTLs with the top bit set become 0 (RFC 2181 §8), AA is cleared (a proxy is not
+    the authority) and RA set (the proxy offers recursion, whatever the upstream said).
+
+    A forward with ``zones`` speaks only for those zones: where the CNAME chain of its
+    answer leaves them, the chain is cut and the target is resolved through the chain from
+    its start, so the step that owns the target answers for it (at most 8 such targets per
+    query; a chain that comes back to a name already followed is SERVFAIL). Without
+    ``zones``, the upstream's whole chain is relayed.
 
 Metrics
     ``dnsproxy_forward_upstream_queries{upstream}``, ``..._upstream_errors{upstream}``
