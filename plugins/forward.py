@@ -26,6 +26,7 @@ Syntax
         policy = "sequential"       # sequential | random | round_robin | fastest
         timeout = 2.0               # seconds per attempt
         budget = 5.0                # seconds per query, all attempts together
+        max_follow = 8              # CNAME targets outside ``zones`` followed per query
 
     Upstream forms: ``"system"`` (the nameservers of /etc/resolv.conf, minus our own
     listeners), ``"192.0.2.1"``, ``"192.0.2.1:5300"``, ``"[2001:db8::1]:53"``,
@@ -48,8 +49,9 @@ Syntax
 
     A forward with ``zones`` speaks only for those zones: where the CNAME chain of its
     answer leaves them, the chain is cut and the target is resolved through the chain from
-    its start, so the step that owns the target answers for it (at most 8 such targets per
-    query; a chain that comes back to a name already followed is SERVFAIL). Without
+    its start, so the step that owns the target answers for it (at most ``max_follow``
+    targets per query, 1-16; past that, or when the chain comes back to a name already
+    followed, the answer is SERVFAIL, as CONFORMANCE.md A8 asks). Without
     ``zones``, the upstream's whole chain is relayed.
 
 Metrics
@@ -129,7 +131,6 @@ MAX_HOPS = 8
 CNAME, SOA, DNAME, RRSIG, NSEC, NSEC3, ANY = 5, 6, 39, 46, 47, 50, 255
 CLASS_ANY = 255
 DROPPED = 65535  # reserved type (RFC 6895): marks records of another class for removal
-MAX_FOLLOW = 8  # CNAME targets a query may resolve through the chain (CONFORMANCE.md A8)
 NEGATIVE_PROOF = (NSEC, NSEC3)
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
@@ -152,6 +153,7 @@ class ForwardOptions:
     timeout: float = options.seconds(2.0, 0.01, 60)
     budget: float = options.seconds(5.0, 0.01, 300)
     loop_detect: bool = True
+    max_follow: int = attrs.field(default=8, validator=options.in_range(1, 16))
 
 
 def system_nameservers() -> list[str]:
@@ -464,7 +466,7 @@ class Forward(Step):
         # a target among them would wait on itself (coalescing) until the budget ran out.
         followed = list((q.notes or {}).get("followed", ())) or [q.text]
         text = target.to_text().lower()
-        if len(followed) >= MAX_FOLLOW or text in followed:
+        if len(followed) > self.options.max_follow or text in followed:
             q.explain(f"{self.setup.where}: CNAME chain too long or looping at {text}")
             return None
         q.explain(f"{self.setup.where}: CNAME target {text} is outside this step's zones")

@@ -10,6 +10,7 @@ import trio
 from dnsproxy.plugins import forward
 
 from dnsproxy import wire
+from dnsproxy.errors import ConfigError
 from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
@@ -342,3 +343,32 @@ async def test_finished_queries_leave_no_garbage_cycles(nursery):
     finally:
         gc.enable()
     assert left == []
+
+
+@pytest.mark.parametrize("value", [0, 17])
+def test_max_follow_is_validated(value):
+    with pytest.raises(ConfigError, match="max_follow"):
+        build_step("forward", {"upstreams": ["192.0.2.1"], "max_follow": value})
+
+
+@pytest.mark.parametrize(("limit", "rcode"), [(1, wire.SERVFAIL), (2, wire.NOERROR)])
+async def test_max_follow_bounds_targets_followed(nursery, limit, rcode):
+    a = await start(nursery, [{"answer": ["{qname} 300 IN CNAME x.b.test."]}])
+    b = await start(nursery, [{"answer": ["{qname} 300 IN CNAME y.c.test."]}])
+    c = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.3"]}])
+    steps = [
+        (
+            build_step("forward", {"upstreams": [a.addr], "max_follow": limit}),
+            {"zones": ["a.test"]},
+        ),
+        (
+            build_step("forward", {"upstreams": [b.addr], "max_follow": limit}),
+            {"zones": ["b.test"]},
+        ),
+        build_step("forward", {"upstreams": [c.addr]}),
+    ]
+    with trio.fail_after(5):
+        reply = await run_chain(steps, make_query("q.a.test"))
+    assert reply.rcode == rcode
+    if rcode == wire.NOERROR:
+        assert len(reply.message().answer) == 3
