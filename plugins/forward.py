@@ -588,7 +588,7 @@ def _scrub(body: bytes, recs: list[wire.Record], q: Query) -> tuple[bytes, list[
         struct.pack_into("!HH", out, r.ttl_off - 4, DROPPED, qclass)
     try:
         msg = dns.message.from_wire(bytes(out))
-    except (dns.exception.DNSException, ValueError, IndexError) as exc:
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
         raise ValueError(str(exc)) from exc
     for section in (msg.answer, msg.authority, msg.additional):
         section[:] = [rrset for rrset in section if rrset.rdtype != DROPPED]

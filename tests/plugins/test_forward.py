@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+
 import dns.edns
 import dns.message
 import dns.rrset
 import pytest
 import trio
 from dnsproxy.plugins import forward
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnsproxy import wire
 from dnsproxy.errors import ConfigError
@@ -372,3 +376,25 @@ async def test_max_follow_bounds_targets_followed(nursery, limit, rcode):
     assert reply.rcode == rcode
     if rcode == wire.NOERROR:
         assert len(reply.message().answer) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=200),
+    counts=st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)),
+    qclass=st.sampled_from([1, 3, 255]),
+)
+def test_scrub_and_minimal_raise_only_value_error(body, counts, qclass):
+    """Whatever an upstream sends, the class/TTL scrub and the trim either give a message
+    dnspython reads or raise ValueError (the attempt's "malformed answer")."""
+    q = make_query("q.example.org")
+    q.qclass = qclass
+    data = struct.pack("!HHHHHH", 7, 0x8580, 1, *counts) + q.question + body
+    try:
+        stripped, recs, _ = wire.strip_opt(data)
+        out = forward._relayed(forward.minimal(*forward._scrub(stripped, recs, q), q))
+    except ValueError:
+        return
+    if any(r.rclass != qclass for r in wire.records(out)[1]) and qclass != 255:
+        raise AssertionError("a record of another class survived")
+    assert not out[2] & 0x04 and out[3] & 0x80
