@@ -44,14 +44,19 @@ class Reply:
 
     Treat a Reply as immutable: a step that changes a response returns a new one
     (`evolve`, `from_message`), so no one mutates a message someone else holds.
+    ``cacheable = False`` marks an answer about this one query's path, not about the
+    name (a forwarding loop), which no cache may keep and serve to others.
     """
 
-    __slots__ = ("_message", "_records", "ede", "source", "wire")
+    __slots__ = ("_message", "_records", "cacheable", "ede", "source", "wire")
 
-    def __init__(self, wire_: bytes, *, ede: Sequence[Ede] = (), source: str = "") -> None:
+    def __init__(
+        self, wire_: bytes, *, ede: Sequence[Ede] = (), source: str = "", cacheable: bool = True
+    ) -> None:
         self.wire = wire_
         self.ede = tuple(ede)
         self.source = source
+        self.cacheable = cacheable
         self._message: dns.message.Message | None = None
         self._records: list[wire.Record] | None = None
 
@@ -104,6 +109,7 @@ class Reply:
             self.wire if wire_ is None else wire_,
             ede=self.ede if ede is None else ede,
             source=self.source if source is None else source,
+            cacheable=self.cacheable,
         )
 
     def __repr__(self) -> str:
@@ -135,6 +141,7 @@ def respond(
     aa: bool = False,
     ede: Sequence[Ede] = (),
     source: str = "",
+    cacheable: bool = True,
 ) -> Reply:
     """Synthesise a reply to ``query`` from records built with `rr` (no dnspython needed)."""
     answers = tuple(answers)
@@ -142,7 +149,7 @@ def respond(
     flags = QR | RA | (query.flags & (RD | CD)) | (wire.AA if aa else 0) | (rcode & 0xF)
     header = HEADER.pack(query.id, flags, 1, len(answers), len(authority), 0)
     body = header + query.question + b"".join(answers) + b"".join(authority)
-    return Reply(body, ede=ede, source=source)
+    return Reply(body, ede=ede, source=source, cacheable=cacheable)
 
 
 def response_message(query: Query, rcode: int = wire.NOERROR) -> dns.message.Message:

@@ -42,6 +42,7 @@ BADVERS = 16
 OPT = 41
 EDNS_DO = 0x8000
 EDE_OPTION = 15
+COOKIE_OPTION = 10
 MAX_EDNS_OPTIONS = 64  # bounded parsing of hostile option lists (Unbound CVE-2026-41292)
 
 
@@ -253,11 +254,19 @@ def _apply_opt(query: Query, size: int, ttl: int, rdata: bytes) -> None:
         pos += 4
         if pos + olen > len(rdata):
             raise Reject(FORMERR, query.id, query.flags, query)
+        if code == COOKIE_OPTION and not _cookie_length_ok(olen):
+            raise Reject(FORMERR, query.id, query.flags, query)
         options.append((code, rdata[pos : pos + olen]))
         pos += olen
     query.edns_options = tuple(options)
     if (ttl >> 16) & 0xFF != 0:  # EDNS version > 0
         raise Reject(BADVERS, query.id, query.flags, query)
+
+
+def _cookie_length_ok(length: int) -> bool:
+    """A COOKIE option is a client cookie (8) or client plus server cookie (16-40 octets);
+    anything else is FORMERR (RFC 7873 §5.2.2)."""
+    return length == 8 or 16 <= length <= 40
 
 
 def _parse_slow(

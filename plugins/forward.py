@@ -26,6 +26,7 @@ Syntax
         policy = "sequential"       # sequential | random | round_robin | fastest
         timeout = 2.0               # seconds per attempt
         budget = 5.0                # seconds per query, all attempts together
+        max_follow = 8              # CNAME targets outside ``zones`` followed per query
 
     Upstream forms: ``"system"`` (the nameservers of /etc/resolv.conf, minus our own
     listeners), ``"192.0.2.1"``, ``"192.0.2.1:5300"``, ``"[2001:db8::1]:53"``,
@@ -33,12 +34,25 @@ Syntax
     ``{ url = "tls://192.0.2.1:853", server_name = "dns.example.org" }``.
 
     An upstream that is one of our own listen addresses is a config error (a loop). Loops
-    through other dnsproxy instances are caught at run time: each appends a random token to
-    a private EDNS option (code 65053) of the queries it forwards, and a query that arrives
-    carrying our own token is answered SERVFAIL at once and logged (``loop_detect = false``
-    turns this off). Answers are trimmed to the CNAME chain from the query name plus, for
-    negative answers, the SOA and NSEC/NSEC3 proof (RFC 2181 §5.4.1): unsolicited NS, glue
-    and other names never reach the client or a cache.
+    through other dnsproxy instances are caught at run time: each appends a token to a
+    private EDNS option (code 65053) of the queries it forwards, and a query that arrives
+    carrying our own token is answered SERVFAIL at once (never cached) and logged
+    (``loop_detect = false`` turns this off). The token is a keyed hash of the question
+    under a per-process secret, so a client cannot make one up: a client's own option 65053
+    never counts as a loop (a malformed one is replaced, a long one keeps its newest hops).
+
+    Answers are trimmed to the CNAME chain from the query name plus, for negative answers,
+    the SOA and NSEC/NSEC3 proof (RFC 2181 §5.4.1): unsolicited NS, glue and other names
+    never reach the client or a cache. Records of another class than the question's are
+    dropped, TTLs with the top bit set become 0 (RFC 2181 §8), AA is cleared (a proxy is not
+    the authority) and RA set (the proxy offers recursion, whatever the upstream said).
+
+    A forward with ``zones`` speaks only for those zones: where the CNAME chain of its
+    answer leaves them, the chain is cut and the target is resolved through the chain from
+    its start, so the step that owns the target answers for it (at most ``max_follow``
+    targets per query, 1-16; past that, or when the chain comes back to a name already
+    followed, the answer is SERVFAIL, as CONFORMANCE.md A8 asks). Without
+    ``zones``, the upstream's whole chain is relayed.
 
 Metrics
     ``dnsproxy_forward_upstream_queries{upstream}``, ``..._upstream_errors{upstream}``
@@ -61,6 +75,7 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import random
@@ -75,10 +90,13 @@ from typing import Any, Literal
 import attrs
 import dns.exception
 import dns.message
+import dns.name
+import dns.rrset
 import trio
+from dnsproxy.plugins.rewrite import subquery
 
 from dnsproxy import options, wire
-from dnsproxy.chain import AWAIT, Metric, Setup, Step
+from dnsproxy.chain import AWAIT, Metric, Setup, Step, Suspended
 from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
@@ -89,6 +107,7 @@ from dnsproxy.reply import (
     Reply,
     edns_option,
     respond,
+    response_message,
 )
 from dnsproxy.streamclient import PipelinedTcpUpstream
 from dnsproxy.udpclient import UdpUpstream
@@ -101,13 +120,17 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 NO_EDNS_MEMORY = 600.0  # seconds an EDNS-intolerant upstream is asked without EDNS
 MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: resolvers stop at 10-16 hops
 
-# Forwarding-loop marker: each dnsproxy on a path appends its random token to this private
-# EDNS option (local-use range, RFC 6891 §9); a query carrying our own token has looped.
+# Forwarding-loop marker: each dnsproxy on a path appends its token to this private EDNS
+# option (local-use range, RFC 6891 §9); a query carrying our own token has looped. The
+# token is a keyed hash of the question under a per-process secret, so a client cannot
+# make one up, and one seen by an upstream is good for that question only.
 LOOP_OPTION = 65053
-TOKEN = secrets.token_bytes(8)
+LOOP_KEY = secrets.token_bytes(16)
+TOKEN_SIZE = 8
 MAX_HOPS = 8
-FIRST_HOP = edns_option(LOOP_OPTION, TOKEN)
 CNAME, SOA, DNAME, RRSIG, NSEC, NSEC3, ANY = 5, 6, 39, 46, 47, 50, 255
+CLASS_ANY = 255
+DROPPED = 65535  # reserved type (RFC 6895): marks records of another class for removal
 NEGATIVE_PROOF = (NSEC, NSEC3)
 FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
@@ -130,6 +153,7 @@ class ForwardOptions:
     timeout: float = options.seconds(2.0, 0.01, 60)
     budget: float = options.seconds(5.0, 0.01, 300)
     loop_detect: bool = True
+    max_follow: int = attrs.field(default=8, validator=options.in_range(1, 16))
 
 
 def system_nameservers() -> list[str]:
@@ -280,7 +304,8 @@ class _Ask:
                 body, rcode = _direct_answer(data, q), 0
                 if body is None:
                     body, recs, rcode = wire.strip_opt(data)
-                    body = minimal(body, recs, q)
+                    body, recs = _scrub(body, recs, q)
+                    body = _relayed(minimal(body, recs, q))
             except ValueError as exc:
                 err = f"malformed answer ({exc})"
             else:
@@ -322,7 +347,13 @@ class _Ask:
         name = self.up.name
         if reply is not None and reply.rcode not in FAILOVER_RCODES:
             self.q.note("upstream", name)
-            self.fwd.complete(self.key, reply)
+            fwd = self.fwd
+            if fwd.zone_set and reply.ancount:
+                cut = _leaves_zones(reply, self.q, fwd.zone_set)
+                if cut is not None:
+                    trio.lowlevel.spawn_system_task(fwd.follow, self.q, self.key, reply, *cut)
+                    return
+            fwd.complete(self.key, reply)
             return
         if reply is not None:
             self.last_bad = reply
@@ -360,6 +391,7 @@ class Forward(Step):
                 self.upstreams.append(setup.make_upstream(UpstreamSpec.parse(item), setup))
         self.health = {u.name: Health() for u in self.upstreams}
         self.flights: dict[tuple[Any, ...], list[Done]] = {}  # one upstream query, its clients
+        self._zone_set: frozenset[bytes] | None = None
         self.loops = 0
         self.coalesced = 0
         self._loop_logged = -1e9
@@ -373,6 +405,13 @@ class Forward(Step):
                 "upstreams", f"'system': no usable nameserver in {RESOLV_CONF}; name one instead"
             )
         return [setup.make_upstream(UpstreamSpec.parse(h), setup) for h in found]
+
+    @property
+    def zone_set(self) -> frozenset[bytes]:
+        """The ``zones`` scope as a set (``zones`` is set by the builder after __init__)."""
+        if self._zone_set is None:
+            self._zone_set = frozenset(self.zones)
+        return self._zone_set
 
     def query(self, q: Query) -> Any:
         return AWAIT
@@ -399,6 +438,56 @@ class Forward(Step):
         for done in self.flights.pop(key):
             done(reply)
 
+    async def follow(
+        self, q: Query, key: tuple[Any, ...], reply: Reply, kept: list[Any], target: Any
+    ) -> None:
+        """Finish an answer whose CNAME chain leaves this step's zones: the upstream's
+        CNAMEs up to the exit, plus the target resolved through the chain from its start,
+        so the step that owns the target answers for it (a system task, like
+        `_exchange_task`; the budget bounds it)."""
+        result: Reply | None = None
+        try:
+            with trio.move_on_after(self.options.budget):
+                result = await self._follow(q, reply, kept, target)
+        except trio.Cancelled:  # the run is ending
+            self.complete(key, respond(q, wire.SERVFAIL, source=self.setup.name))
+            raise
+        except Exception as exc:  # a step failed on the target: SERVFAIL, as for a query
+            self.log.debug("following %s failed: %r", target, exc)
+        if result is None:
+            text = f"CNAME target {target} not resolved"
+            q.explain(f"{self.setup.where}: {text}")
+            ede = [(EDE_NO_REACHABLE_AUTHORITY, text[:80])]
+            result = respond(q, wire.SERVFAIL, ede=ede, source=self.setup.name)
+        self.complete(key, result)
+
+    async def _follow(self, q: Query, reply: Reply, kept: list[Any], target: Any) -> Reply | None:
+        # The names of this query's chain so far, shared with its subqueries (notes are):
+        # a target among them would wait on itself (coalescing) until the budget ran out.
+        followed = list((q.notes or {}).get("followed", ())) or [q.text]
+        text = target.to_text().lower()
+        if len(followed) > self.options.max_follow or text in followed:
+            q.explain(f"{self.setup.where}: CNAME chain too long or looping at {text}")
+            return None
+        q.explain(f"{self.setup.where}: CNAME target {text} is outside this step's zones")
+        q.note("followed", [*followed, text])
+        chain = self.chain
+        assert chain is not None
+        sub = subquery(q, target.to_wire())
+        result = chain.start(sub)
+        if isinstance(result, Suspended):
+            result = await chain.resume(sub, result)
+        if result is None:
+            return None
+        if result.rcode not in (wire.NOERROR, wire.NXDOMAIN):
+            return respond(q, result.rcode, ede=result.ede, source=self.setup.name)
+        other = result.message()
+        msg = response_message(q, result.rcode)
+        msg.flags |= reply.flags & result.flags & wire.AD
+        msg.answer = [*kept, *other.answer]
+        msg.authority = list(other.authority)
+        return Reply.from_message(msg, ede=result.ede, source=self.setup.name)
+
     def order(self) -> list[Upstream]:
         """The upstreams in the order the policy asks them for one query."""
         ups = self.upstreams
@@ -424,9 +513,8 @@ class Forward(Step):
                 ", ".join(u.name for u in self.upstreams),
             )
         q.explain(f"{self.setup.where}: forwarding loop detected")
-        return respond(
-            q, wire.SERVFAIL, ede=[(EDE_OTHER, "forwarding loop detected")], source=self.setup.name
-        )
+        ede = [(EDE_OTHER, "forwarding loop detected")]
+        return respond(q, wire.SERVFAIL, ede=ede, source=self.setup.name, cacheable=False)
 
     def ready(self) -> bool:
         return any(h.failures < 3 for h in self.health.values())
@@ -451,19 +539,93 @@ class Forward(Step):
             up.close()
 
 
+def loop_token(q: Query) -> bytes:
+    """Our hop token for ``q``'s question: only this process can make it."""
+    data = q.key + struct.pack("!HH", q.qtype, q.qclass)
+    return hashlib.blake2b(data, key=LOOP_KEY, digest_size=TOKEN_SIZE).digest()
+
+
 def _loop_marker(q: Query) -> bytes | None:
-    """The loop option to send upstream, or None if this query already passed through us."""
-    hops = b""
-    for code, data in q.edns_options:
-        if code == LOOP_OPTION:
-            hops = data
-            break
-    else:
-        return FIRST_HOP
-    tokens = [hops[i : i + 8] for i in range(0, len(hops), 8)]
-    if TOKEN in tokens or len(tokens) >= MAX_HOPS:
+    """The loop option to send upstream, or None if this query already passed through us.
+
+    Only our own token counts. The hops of other proxies are passed on (their loops are
+    theirs to detect), the newest `MAX_HOPS` - 1 of them; an option that is not a list of
+    tokens came from a client and is dropped.
+    """
+    token = loop_token(q)
+    hops = next((data for code, data in q.edns_options if code == LOOP_OPTION), None)
+    if hops is None or len(hops) % TOKEN_SIZE:
+        return edns_option(LOOP_OPTION, token)
+    for i in range(0, len(hops), TOKEN_SIZE):
+        if hops[i : i + TOKEN_SIZE] == token:
+            return None
+    return edns_option(LOOP_OPTION, hops[-(MAX_HOPS - 1) * TOKEN_SIZE :] + token)
+
+
+def _relayed(body: bytes) -> bytes:
+    """The header of an answer we relay: AA cleared (a proxy is not the authority for the
+    name) and RA set (we offer recursion, as every answer we make ourselves says)."""
+    b2, b3 = body[2] & ~(wire.AA >> 8), body[3] | wire.RA
+    if b2 == body[2] and b3 == body[3]:
+        return body
+    return body[:2] + bytes((b2, b3)) + body[4:]
+
+
+def _scrub(body: bytes, recs: list[wire.Record], q: Query) -> tuple[bytes, list[wire.Record]]:
+    """Records of another class than the question's dropped (all sections), and TTLs with
+    the top bit set made 0 (RFC 2181 §8), before anything reads or caches them."""
+    qclass = q.qclass
+    high = [r for r in recs if body[r.ttl_off] & 0x80]
+    foreign = [] if qclass == CLASS_ANY else [r for r in recs if r.rclass != qclass]
+    if not high and not foreign:
+        return body, recs
+    out = bytearray(body)
+    for r in high:
+        out[r.ttl_off : r.ttl_off + 4] = bytes(4)
+    if not foreign:
+        return bytes(out), recs
+    for r in foreign:  # parsed as opaque data of a reserved type, then left out
+        struct.pack_into("!HH", out, r.ttl_off - 4, DROPPED, qclass)
+    try:
+        msg = dns.message.from_wire(bytes(out))
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
+        raise ValueError(str(exc)) from exc
+    for section in (msg.answer, msg.authority, msg.additional):
+        section[:] = [rrset for rrset in section if rrset.rdtype != DROPPED]
+    body = msg.to_wire(want_shuffle=False)
+    return body, wire.records(body)[1]
+
+
+def _in_zones(name: dns.name.Name, zones: frozenset[bytes]) -> bool:
+    return any(p in zones for p in wire.parents(name.to_wire().lower()))
+
+
+def _leaves_zones(
+    reply: Reply, q: Query, zones: frozenset[bytes]
+) -> tuple[list[dns.rrset.RRset], dns.name.Name] | None:
+    """Where the CNAME chain of a scoped upstream's answer leaves its zones: the records
+    it may speak for (the chain up to the exit, with their RRSIGs) and the target outside.
+    None when the chain stays inside (the common case, decided without a parse)."""
+    if not any(r.section == 1 and r.rtype == CNAME for r in reply.records()):
         return None
-    return edns_option(LOOP_OPTION, hops + TOKEN)
+    try:
+        msg = reply.message()
+    except (dns.exception.DNSException, ValueError):
+        return None
+    chain = [q.name]
+    for _ in range(MAX_CNAME_CHAIN):
+        rrset = next((r for r in msg.answer if r.rdtype == CNAME and r.name == chain[-1]), None)
+        if rrset is None:
+            return None
+        target = rrset[0].target
+        if not _in_zones(target, zones):
+            names = set(chain)
+            kept = [r for r in msg.answer if r.name in names and CNAME in (r.rdtype, r.covers)]
+            return kept, target
+        if target in chain:
+            return None
+        chain.append(target)
+    return None
 
 
 def _direct_answer(data: bytes, q: Query) -> bytes | None:
@@ -480,13 +642,14 @@ def _direct_answer(data: bytes, q: Query) -> bytes | None:
     for _ in range(an):
         if off + 12 > end or data[off] != 0xC0 or data[off + 1] != 0x0C:
             return None
-        rtype, _, _, rdlen = wire.RR_FIXED.unpack_from(data, off + 2)
-        if rtype != q.qtype:
-            return None
+        rtype, rclass, ttl, rdlen = wire.RR_FIXED.unpack_from(data, off + 2)
+        if rtype != q.qtype or rclass != q.qclass or ttl & 0x8000_0000:
+            return None  # another class or a TTL to clear: `_scrub` does that
         off += 12 + rdlen
     if off > end:
         return None
-    return data[:6] + struct.pack("!HHH", an, 0, 0) + data[12:off]
+    flags = bytes((data[2] & ~(wire.AA >> 8), data[3] | wire.RA))
+    return data[:2] + flags + data[4:6] + struct.pack("!HHH", an, 0, 0) + data[12:off]
 
 
 def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:

@@ -13,8 +13,9 @@ Rule keys (all optional):
     "udp"|"tcp", "edns": bool, "cd": bool, "do": bool}``; absent keys match anything.
 ``times``
     Apply the rule to this many queries only, then fall through to later rules.
-``rcode``, ``flags``
-    Response rcode ("SERVFAIL") and extra header flags (["AA", "TC"]).
+``rcode``, ``flags``, ``noflags``
+    Response rcode ("SERVFAIL"), extra header flags (["AA", "TC"]) and flags to clear
+    (["RA"]: an authoritative server).
 ``answer``, ``authority``, ``additional``
     Zone-format lines; ``{qname}`` is replaced by the query name as received.
 ``giant``
@@ -185,6 +186,8 @@ def build_reply(rule: Rule | None, msg: dns.message.Message, transport: str) -> 
         resp.set_rcode(dns.rcode.from_text(rule["rcode"]))
     for flag in rule.get("flags", ()):
         resp.flags |= dns.flags.from_text(flag)
+    for flag in rule.get("noflags", ()):
+        resp.flags &= ~dns.flags.from_text(flag)
     resp.answer.extend(_rrsets(rule.get("answer", ()), qname))
     resp.authority.extend(_rrsets(rule.get("authority", ()), qname))
     resp.additional.extend(_rrsets(rule.get("additional", ()), qname))

@@ -116,6 +116,8 @@ def nxdomain_key(key: Key) -> Key:
 
 def make_entry(key: Key, reply: Reply, opts: CacheOptions, now: float) -> Entry | None:
     """An entry for ``reply`` if RFC 2308/9520 and the bounds in ``opts`` allow caching it."""
+    if not reply.cacheable:  # about this query's path, not the name (a forwarding loop)
+        return None
     data = reply.wire
     if len(data) < 12 or data[2] & (TC >> 8) or not same_question(data, key):
         return None

@@ -12,20 +12,31 @@ import concurrent.futures
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
 
+import dns.flags
 import dns.message
 import pytest
 
+from dnsproxy import wire
 from tests.conformance.confkit import (
     Proxy,
     alive,
     ask,
     blast,
     forward_config,
+    frame,
+    message,
+    opt_rr,
+    parse,
+    qname_wire,
+    tcp_raw,
+    udp_raw,
     wait_until,
 )
+from tests.fakeupstream import FakeUpstream
 
 RFC5452_QUERIES = int(os.environ.get("DNSPROXY_RFC5452_QUERIES", "10000"))
 SPOOFS = int(os.environ.get("DNSPROXY_SPOOFS", "3000"))
@@ -194,3 +205,224 @@ def test_response_from_unexpected_source_port_ignored(fwd, shared_upstream):
     shared_upstream.set_rules([{"from_other_port": True}])
     msg = ask(fwd.addr, "wrongport.example.test")
     assert msg.rcode() == 2 and not msg.answer
+
+
+# --- what a hostile or sloppy upstream's answer may not carry to clients ----------------
+
+
+@pytest.fixture(scope="module")
+def cached_proxy(shared_upstream, tmp_path_factory):
+    """cache → forward to the shared fake upstream: what reaches clients and the cache."""
+    proxy = Proxy(
+        tmp_path_factory.mktemp("cached-proxy"),
+        forward_config(shared_upstream.addr, before='[[chain]]\nplugin = "cache"\n'),
+    ).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def cached(cached_proxy, shared_upstream):
+    shared_upstream.set_rules([])
+    return cached_proxy
+
+
+def _raw_answer(name: str, records: list[tuple[int, int, int, bytes]]) -> str:
+    """Hex of an answer to ``name`` A with these (type, class, TTL, rdata) records, all
+    owned by the question name (for the fake upstream's ``raw`` rule, ID patched in)."""
+    question = qname_wire(name) + struct.pack("!HH", 1, 1)
+    body = b"".join(
+        b"\xc0\x0c" + struct.pack("!HHIH", rtype, rclass, ttl, len(rdata)) + rdata
+        for rtype, rclass, ttl, rdata in records
+    )
+    header = struct.pack("!HHHHHH", 0, 0x8180, 1, len(records), 0, 0)
+    return (header + question + body).hex()
+
+
+def test_records_of_another_class_dropped(cached, shared_upstream):
+    """C2: an IN A question answered with CH A and ANY A records besides the IN one: only
+    the IN record reaches the client, on the first answer and from the cache."""
+    name = "classes.example.test"
+    records = [
+        (1, 3, 300, bytes([6, 6, 6, 6])),  # CH A (4 bytes: not even a Chaos address)
+        (1, 1, 300, bytes([192, 0, 2, 10])),
+        (1, 255, 300, bytes([6, 6, 6, 7])),  # class ANY
+    ]
+    shared_upstream.set_rules(
+        [{"match": {"qname": name}, "raw": _raw_answer(name, records), "raw_id": True}]
+    )
+    for _ in range(2):
+        msg = ask(cached.addr, name)
+        assert msg.rcode() == 0
+        assert [(r.rdclass, r.rdtype) for r in msg.answer] == [(1, 1)]
+        assert [rd.address for rd in msg.answer[0]] == ["192.0.2.10"]
+    assert len([s for s in shared_upstream.seen if s.qname == name + "."]) == 1  # cached
+
+
+def _raw_ttls(addr: tuple[str, int], name: str) -> list[int]:
+    """The answer TTLs exactly as on the wire (dnspython reads a top-bit TTL as 0)."""
+    data = udp_raw(addr, message(qname_wire(name) + struct.pack("!HH", 1, 1)))
+    assert data is not None
+    return [
+        struct.unpack_from("!I", data, r.ttl_off)[0]
+        for r in wire.records(data)[1]
+        if r.section == 1
+    ]
+
+
+@pytest.mark.parametrize("ttl", [0xFFFFFFFF, 0x80000000])
+def test_ttl_with_top_bit_is_zero(cached, shared_upstream, ttl):
+    """C2, RFC 2181 §8: a TTL with the top bit set reaches the client as 0 (and, being 0,
+    is not cached), over the one-pass path and the general one."""
+    shared_upstream.set_rules(
+        [
+            {
+                "match": {"qname": "msb.example.test"},
+                "answer": [f"{{qname}} {ttl} IN A 192.0.2.73"],
+            },
+            {
+                "match": {"qname": "msb-chain.example.test"},
+                "answer": [
+                    f"{{qname}} {ttl} IN CNAME msb.example.test.",
+                    "msb.example.test. 300 IN A 192.0.2.73",
+                ],
+            },
+        ]
+    )
+    for _ in range(2):
+        assert _raw_ttls(cached.addr, "msb.example.test") == [0]
+    assert _raw_ttls(cached.addr, "msb-chain.example.test") == [0, 300]
+    assert len([s for s in shared_upstream.seen if s.qname == "msb.example.test."]) == 2
+
+
+def test_relayed_answer_not_authoritative_and_offers_recursion(fwd, shared_upstream):
+    """A proxy is not the authority: AA from an authoritative upstream is cleared; and it
+    offers recursion, so RA is set though that upstream's RA was 0 (dig's "recursion
+    requested but not available")."""
+    shared_upstream.set_rules([{"flags": ["AA"], "noflags": ["RA"]}])
+    for tcp in (False, True):
+        msg = ask(fwd.addr, "auth.example.test", tcp=tcp)
+        assert msg.rcode() == 0 and msg.answer
+        assert not msg.flags & dns.flags.AA
+        assert msg.flags & dns.flags.RA and msg.flags & dns.flags.RD
+    chained = [
+        {"answer": ["{qname} 300 IN CNAME x.example.test.", "x.example.test. 9 IN A 1.2.3.4"]}
+    ]
+    shared_upstream.set_rules([{**chained[0], "flags": ["AA"], "noflags": ["RA"]}])
+    msg = ask(fwd.addr, "auth2.example.test")
+    assert len(msg.answer) == 2 and not msg.flags & dns.flags.AA and msg.flags & dns.flags.RA
+
+
+@pytest.mark.parametrize(
+    ("length", "rcode"),
+    [(0, 1), (5, 1), (7, 1), (9, 1), (15, 1), (41, 1), (8, 0), (16, 0), (40, 0)],
+)
+def test_malformed_cookie_is_formerr(fwd, length, rcode):
+    """RFC 7873 §5.2.2: a COOKIE option that is neither a client cookie (8 octets) nor a
+    client plus server cookie (16-40) is FORMERR, with the question and an OPT."""
+    q = message(opt=opt_rr(options=((10, b"\x01" * length),)))
+    for reply in (udp_raw(fwd.addr, q), tcp_raw(fwd.addr, frame(q))):
+        msg = parse(reply)
+        assert msg.rcode() == rcode
+        assert msg.question and msg.edns == 0
+
+
+def test_client_supplied_loop_marker_is_not_a_loop(cached):
+    """C7: a client's loop option (full, bogus or empty) is not trusted: no SERVFAIL, no
+    warning, nothing cached for the clients after it; only our own token is a loop."""
+    for data in (b"\x01" * 64, b"\x01" * 5, b"", b"\x02" * 800):
+        q = message(
+            qname_wire("marked.example.test") + struct.pack("!HH", 1, 1),
+            opt=opt_rr(options=((65053, data),)),
+        )
+        assert parse(udp_raw(cached.addr, q)).rcode() == 0
+        assert ask(cached.addr, "marked.example.test").rcode() == 0  # another client
+    assert "loop" not in cached.log().lower()
+
+
+@pytest.fixture
+def scoped(tmp_path, upstream):
+    """A proxy routing example.test to ``upstream`` (honest), evil.test to a second fake
+    (the hostile one, returned), everything else to ``upstream``. The example.test step
+    comes first, so only a walk from the chain's start can reach it."""
+    evil = FakeUpstream().start_thread()
+    steps = (
+        '[[chain]]\nplugin = "cache"\n'
+        f'[[chain]]\nplugin = "forward"\nzones = ["example.test"]\nupstreams = ["{upstream.addr}"]\n'
+        f'[[chain]]\nplugin = "forward"\nzones = ["evil.test"]\nupstreams = ["{evil.addr}"]\n'
+    )
+    proxy = Proxy(tmp_path, forward_config(upstream.addr, before=steps)).start()
+    yield proxy, evil
+    proxy.stop()
+    evil.stop()
+
+
+def test_scoped_upstream_cannot_answer_outside_its_zones(scoped, upstream):
+    """C2 bailiwick: the evil.test upstream's CNAME chain is cut where it leaves evil.test;
+    the target is resolved by the step that owns it, so the forged 6.6.6.6 never reaches
+    the client (nor the cache: asked again, the target comes from the honest upstream)."""
+    proxy, evil = scoped
+    evil.set_rules(
+        [
+            {
+                "match": {"qname": "cname2.evil.test"},
+                "answer": [
+                    "cname2.evil.test. 300 IN CNAME cname1.evil.test.",
+                    "cname1.evil.test. 300 IN CNAME www.example.test.",
+                    "www.example.test. 300 IN A 6.6.6.6",
+                ],
+            },
+            {
+                "match": {"qname": "gone.evil.test"},
+                "answer": ["gone.evil.test. 300 IN CNAME nx.example.test."],
+            },
+            {
+                "match": {"qname": "in.evil.test"},
+                "answer": [
+                    "in.evil.test. 300 IN CNAME a.evil.test.",
+                    "a.evil.test. 300 IN A 6.6.6.8",
+                ],
+            },
+        ]
+    )
+    upstream.set_rules(
+        [
+            {
+                "match": {"qname": "nx.example.test"},
+                "rcode": "NXDOMAIN",
+                "authority": [
+                    "example.test. 300 IN SOA ns.example.test. h.example.test. 1 2 3 4 60"
+                ],
+            }
+        ]
+    )
+    for _ in range(2):
+        msg = ask(proxy.addr, "cname2.evil.test")
+        assert msg.rcode() == 0
+        got = sorted((r.name.to_text(), r.rdtype, r[0].to_text()) for r in msg.answer)
+        assert got == [
+            ("cname1.evil.test.", 5, "www.example.test."),
+            ("cname2.evil.test.", 5, "cname1.evil.test."),
+            ("www.example.test.", 1, "192.0.2.1"),
+        ]
+    assert ask(proxy.addr, "www.example.test").answer[0][0].address == "192.0.2.1"
+    msg = ask(proxy.addr, "gone.evil.test")  # the target's rcode and proof are the answer's
+    assert msg.rcode() == 3 and len(msg.answer) == 1 and msg.authority[0].rdtype == 6
+    msg = ask(proxy.addr, "in.evil.test")  # a chain inside the zone is the upstream's to give
+    assert [rd.to_text() for r in msg.answer for rd in r] == ["a.evil.test.", "6.6.6.8"]
+    assert [s.qname for s in upstream.seen] == ["www.example.test.", "nx.example.test."]
+
+
+def test_cname_ping_pong_between_scoped_upstreams_ends(scoped, upstream):
+    """A8: scoped upstreams whose CNAMEs point into each other's zones end in SERVFAIL
+    within the budget, and the proxy keeps serving."""
+    proxy, evil = scoped
+    evil.set_rules([{"answer": ["{qname} 300 IN CNAME b.example.test."]}])
+    upstream.set_rules(
+        [{"match": {"qname": "*.example.test"}, "answer": ["{qname} 300 IN CNAME a.evil.test."]}]
+    )
+    start = time.monotonic()
+    assert ask(proxy.addr, "a.evil.test").rcode() == 2
+    assert time.monotonic() - start < 2.5
+    upstream.set_rules([])
+    assert ask(proxy.addr, "fine.other.test").rcode() == 0

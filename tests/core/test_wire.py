@@ -124,6 +124,23 @@ def test_option_overrunning_rdata_is_formerr():
         parse_query(header(ar=1) + QUESTION + opt(rdata=b"\x00\x0a\x00\x08ab"), CLIENT, "udp")
 
 
+@pytest.mark.parametrize("length", [0, 5, 7, 9, 15, 41, 64])
+def test_malformed_cookie_is_formerr(length):
+    """RFC 7873 §5.2.2: a COOKIE is 8 octets (client) or 16-40 (client + server)."""
+    rdata = struct.pack("!HH", 10, length) + b"\x01" * length
+    with pytest.raises(Reject) as exc:
+        parse_query(header(ar=1) + QUESTION + opt(rdata=rdata), CLIENT, "udp")
+    assert exc.value.rcode == wire.FORMERR
+    assert exc.value.query is not None  # FORMERR echoes the question and carries an OPT
+
+
+@pytest.mark.parametrize("length", [8, 16, 24, 40])
+def test_wellformed_cookie_is_read(length):
+    rdata = struct.pack("!HH", 10, length) + b"\x01" * length
+    q = parse_query(header(ar=1) + QUESTION + opt(rdata=rdata), CLIENT, "udp")
+    assert q.edns_options == ((10, b"\x01" * length),)
+
+
 def test_hundreds_of_options_are_bounded():
     rdata = b"\xff\x00\x00\x00" * 500
     with pytest.raises(Reject):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import struct
+
 import dns.edns
 import dns.message
 import dns.rrset
 import pytest
 import trio
 from dnsproxy.plugins import forward
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnsproxy import wire
-from dnsproxy.testing import build_step, make_query, run_chain
+from dnsproxy.errors import ConfigError
+from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
 
@@ -52,11 +57,77 @@ async def test_failover_and_metrics(nursery):
 async def test_query_carrying_our_token_is_a_loop(nursery):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
-    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + forward.TOKEN)
+    token = forward.loop_token(make_query("l.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + token)
     with trio.fail_after(5):
         reply = await run_chain([step], make_query("l.example.org", options_=[marker]))
     assert reply.rcode == wire.SERVFAIL and "loop" in reply.ede[0][1]
     assert up.seen == [] and step.loops == 1
+    assert not reply.cacheable  # about this query's path: never served to others
+
+
+@pytest.mark.parametrize(
+    "hops",
+    [b"\x01" * 64, b"\x01" * 800, b"", b"\x01" * 5, "other-question"],
+    ids=["8-hops", "100-hops", "empty", "not-tokens", "token-of-another-question"],
+)
+async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
+    """Only our own token for this question is a loop: a client's full, bogus or copied
+    marker is forwarded (trimmed or replaced), never answered SERVFAIL."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    step = build_step("forward", {"upstreams": [up.addr]})
+    if hops == "other-question":
+        hops = forward.loop_token(make_query("other.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, hops)
+    q = make_query("c.example.org", options_=[marker])
+    with trio.fail_after(5):
+        reply = await run_chain([step], q)
+    assert reply.rcode == wire.NOERROR and step.loops == 0
+    (seen,) = up.seen
+    (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == forward.LOOP_OPTION]
+    assert sent.endswith(forward.loop_token(q))
+    assert len(sent) <= forward.MAX_HOPS * forward.TOKEN_SIZE and len(sent) % 8 == 0
+
+
+async def test_loop_servfail_is_not_cached(nursery):
+    """A looped query's SERVFAIL is about its path: the next client is not served it."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    chain = chain_of([build_step("cache", {}), build_step("forward", {"upstreams": [up.addr]})])
+    token = forward.loop_token(make_query("n.example.org"))
+    marker = dns.edns.GenericOption(forward.LOOP_OPTION, token)
+    with trio.fail_after(5):
+        looped = await run_chain(chain, make_query("n.example.org", options_=[marker]))
+        plain = await run_chain(chain, make_query("n.example.org"))
+    assert looped.rcode == wire.SERVFAIL and plain.rcode == wire.NOERROR
+    assert len(up.seen) == 1
+
+
+async def test_scoped_cname_chain_cut_and_followed_through_the_chain(nursery):
+    """A zone-scoped forward's answer is cut where its CNAME chain leaves the zones; the
+    target comes from the step that owns it, even one before it in the chain."""
+    evil = await start(
+        nursery,
+        [
+            {
+                "answer": [
+                    "{qname} 300 IN CNAME www.example.org.",
+                    "www.example.org. 300 IN A 6.6.6.6",
+                ]
+            }
+        ],
+    )
+    good = await start(nursery, [{"answer": ["{qname} 60 IN A 192.0.2.9"]}])
+    owner = build_step("forward", {"upstreams": [good.addr]})
+    scoped = build_step("forward", {"upstreams": [evil.addr]})
+    unscoped = build_step("forward", {"upstreams": [evil.addr]})
+    chain = chain_of([(owner, {"zones": ["example.org"]}), (scoped, {"zones": ["evil.test"]})])
+    with trio.fail_after(5):
+        reply = await run_chain(chain, make_query("x.evil.test"))
+        relayed = await run_chain([unscoped], make_query("y.evil.test"))
+    got = [(r.name.to_text(), r[0].to_text()) for r in reply.message().answer]
+    assert got == [("x.evil.test.", "www.example.org."), ("www.example.org.", "192.0.2.9")]
+    assert [s.qname for s in good.seen] == ["www.example.org."]
+    assert len(relayed.message().answer) == 2  # unscoped: the upstream's chain, as before
 
 
 async def test_marker_is_appended_for_the_next_hop(nursery):
@@ -66,7 +137,8 @@ async def test_marker_is_appended_for_the_next_hop(nursery):
     with trio.fail_after(5):
         await run_chain([step], make_query("m.example.org", options_=[other]))
     (seen,) = up.seen
-    assert (forward.LOOP_OPTION, (b"\x02" * 8 + forward.TOKEN).hex()) in seen.options
+    token = forward.loop_token(make_query("m.example.org"))
+    assert (forward.LOOP_OPTION, (b"\x02" * 8 + token).hex()) in seen.options
 
 
 def response(q, answer=(), authority=(), additional=(), rcode=0) -> bytes:
@@ -194,7 +266,7 @@ def test_direct_path_agrees_with_minimal_or_declines(case):
     body = response(q, answer, authority, additional)
     direct = forward._direct_answer(body, q)
     if direct is not None:
-        assert direct == forward.minimal(*wire.strip_opt(body)[:2], q)
+        assert direct == forward._relayed(forward.minimal(*wire.strip_opt(body)[:2], q))
     assert (direct is not None) == (case in ("clean", "glue and ns"))
 
 
@@ -275,3 +347,54 @@ async def test_finished_queries_leave_no_garbage_cycles(nursery):
     finally:
         gc.enable()
     assert left == []
+
+
+@pytest.mark.parametrize("value", [0, 17])
+def test_max_follow_is_validated(value):
+    with pytest.raises(ConfigError, match="max_follow"):
+        build_step("forward", {"upstreams": ["192.0.2.1"], "max_follow": value})
+
+
+@pytest.mark.parametrize(("limit", "rcode"), [(1, wire.SERVFAIL), (2, wire.NOERROR)])
+async def test_max_follow_bounds_targets_followed(nursery, limit, rcode):
+    a = await start(nursery, [{"answer": ["{qname} 300 IN CNAME x.b.test."]}])
+    b = await start(nursery, [{"answer": ["{qname} 300 IN CNAME y.c.test."]}])
+    c = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.3"]}])
+    steps = [
+        (
+            build_step("forward", {"upstreams": [a.addr], "max_follow": limit}),
+            {"zones": ["a.test"]},
+        ),
+        (
+            build_step("forward", {"upstreams": [b.addr], "max_follow": limit}),
+            {"zones": ["b.test"]},
+        ),
+        build_step("forward", {"upstreams": [c.addr]}),
+    ]
+    with trio.fail_after(5):
+        reply = await run_chain(steps, make_query("q.a.test"))
+    assert reply.rcode == rcode
+    if rcode == wire.NOERROR:
+        assert len(reply.message().answer) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=200),
+    counts=st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)),
+    qclass=st.sampled_from([1, 3, 255]),
+)
+def test_scrub_and_minimal_raise_only_value_error(body, counts, qclass):
+    """Whatever an upstream sends, the class/TTL scrub and the trim either give a message
+    dnspython reads or raise ValueError (the attempt's "malformed answer")."""
+    q = make_query("q.example.org")
+    q.qclass = qclass
+    data = struct.pack("!HHHHHH", 7, 0x8580, 1, *counts) + q.question + body
+    try:
+        stripped, recs, _ = wire.strip_opt(data)
+        out = forward._relayed(forward.minimal(*forward._scrub(stripped, recs, q), q))
+    except ValueError:
+        return
+    if any(r.rclass != qclass for r in wire.records(out)[1]) and qclass != 255:
+        raise AssertionError("a record of another class survived")
+    assert not out[2] & 0x04 and out[3] & 0x80
