@@ -57,7 +57,7 @@ class Blocking:
 
     def seconds_left(self) -> float | None:
         """Seconds until a timed pause ends; None when not paused or paused without end."""
-        if not self.active() or self.paused_until is None or self.paused_until == math.inf:
+        if self.active() or self.paused_until is None or self.paused_until == math.inf:
             return None
         return max(0.0, self.paused_until - trio.current_time())
 
