@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from dnsproxy import wire
+from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import Reply, respond
 from dnsproxy.wire import Query
@@ -99,6 +100,9 @@ class Setup:
     server: ServerConfig
     make_upstream: Callable[[UpstreamSpec | str, Setup], Upstream]
     log: logging.Logger
+    # The server's pause state (the HTTP API's /api/blocking): steps that block consult it
+    # so a pause outlives reloads. A fresh one for steps built outside a server.
+    blocking: Blocking = attrs.field(factory=Blocking)
 
     def error(self, key: str | None, message: str) -> ConfigError:
         """A config error naming this step and ``key``."""
@@ -114,11 +118,19 @@ class Step:
     """Base class of every chain step; override what the step needs.
 
     Class attributes: ``Options`` (an ``attrs.frozen`` class; its fields are the step's
-    config keys besides the generic ``plugin``, ``zones`` and ``clients``).
+    config keys besides the generic ``plugin``, ``zones`` and ``clients``); ``pausable``
+    (True for a step that stops blocking while ``setup.blocking`` is paused: the HTTP
+    API's /api/blocking routes answer 409 when no step is).
+
+    On a reload (SIGHUP) a step that replaces one of the same plugin with equal options,
+    ``zones`` and ``clients`` is handed the old step through `inherit` before the new chain
+    serves, so state that is not config (a cache, rate accounts, counters) carries over.
     """
 
     Options: ClassVar[type] = NoOptions
+    pausable: ClassVar[bool] = False
     zones: tuple[bytes, ...] = ()  # the step's ``zones`` scope (wire keys), set by the builder
+    clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # likewise
 
     def __init__(self, options: Any, setup: Setup) -> None:
         self.options = options
@@ -158,6 +170,16 @@ class Step:
     def ready(self) -> bool:
         """Whether the step is fully operational (lists loaded, an upstream healthy)."""
         return True
+
+    def not_ready_reason(self) -> str | None:
+        """Why `ready` is False, one line for /ready; None when ready or not known."""
+        return None
+
+    def inherit(self, previous: Step) -> None:
+        """Called on reload when this step replaces ``previous``, a step of the same plugin
+        with equal options and scope, before this step's chain serves: take over its state
+        (entries, accounts, counters). ``previous`` keeps finishing its in-flight queries.
+        """
 
     def metrics(self) -> list[Metric]:
         """Samples for /metrics, read at scrape time (so counting costs only an increment)."""

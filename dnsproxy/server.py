@@ -35,6 +35,7 @@ import trio
 
 from dnsproxy import config as config_mod
 from dnsproxy import wire
+from dnsproxy.blocking import Blocking
 from dnsproxy.chain import (
     Chain,
     Setup,
@@ -117,8 +118,12 @@ def load(path: Path) -> tuple[Config, Registry, pluggy.PluginManager]:
     return config_mod.parse(path, doc, registry), registry, pm
 
 
-def build_chain(cfg: Config, registry: Registry) -> Chain:
-    """Instantiate every step of ``cfg``; ConfigError if any step rejects its options."""
+def build_chain(cfg: Config, registry: Registry, blocking: Blocking | None = None) -> Chain:
+    """Instantiate every step of ``cfg``; ConfigError if any step rejects its options.
+
+    ``blocking``: the server's pause state, handed to every step (a new one if None).
+    """
+    blocking = blocking or Blocking()
 
     def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
         if isinstance(spec, str):
@@ -145,6 +150,7 @@ def build_chain(cfg: Config, registry: Registry) -> Chain:
             server=cfg.server,
             make_upstream=make_upstream,
             log=logging.getLogger(f"dnsproxy.plugins.{sc.plugin}"),
+            blocking=blocking,
         )
         try:
             step = registry.steps[sc.plugin](sc.options, setup)
@@ -152,6 +158,7 @@ def build_chain(cfg: Config, registry: Registry) -> Chain:
             errors.extend(exc.lines)
             continue
         step.zones = sc.zones
+        step.clients = sc.clients
         steps.append((step, scope_test(sc.zones, sc.clients)))
     if errors:
         for step, _ in steps:
@@ -202,7 +209,9 @@ class Server:
         self.handle_signals = handle_signals
         self.freeze_gc = freeze_gc
         self.config, self.registry, self.pm = loaded or load(self.path)
-        self.chain = build_chain(self.config, self.registry)
+        self.blocking = Blocking()  # user intent, not config: survives reloads
+        self.chain = build_chain(self.config, self.registry, self.blocking)
+        self.bound: tuple[Address, ...] = ()  # the listen addresses run() bound
         self.stats = Stats()
         self.addresses: list[tuple[str, str, int]] = []  # (transport, host, port) as bound
         self._apply_server_config()
@@ -612,9 +621,11 @@ class Server:
             for _, _, s in socks:
                 s.close()
             raise
+        self.bound = tuple(self.config.server.listen)
         try:
             async with trio.open_nursery() as root:
                 self._nursery = root
+                root.start_soon(self.blocking.run)
                 self._start_chain(self.chain)
                 async with trio.open_nursery() as work:
                     self._work = work
@@ -699,23 +710,34 @@ class Server:
             )
 
     async def reload(self) -> bool:
-        """Load the config again and swap the new chain in; keep the old one on error."""
+        """Load the config again and swap the new chain in; keep the old one on error.
+
+        Steps unchanged by the reload take over the state of the steps they replace
+        (`Step.inherit`); the blocking pause is the server's and is not touched.
+        """
+        start = time.monotonic()
         try:
             cfg, registry, pm = load(self.path)
-            chain = build_chain(cfg, registry)
+            chain = build_chain(cfg, registry, self.blocking)
         except ConfigError as exc:
             for line in exc.lines:
                 log.error("reload failed, keeping the running config: %s", line)
             return False
-        if cfg.server.listen != self.config.server.listen:
+        if self.bound and tuple(cfg.server.listen) != self.bound:
             log.warning("reload: listen addresses changed; restart to apply them")
         old = self.chain
+        _inherit(self.config, old, cfg, chain)
         self.config, self.registry, self.pm = cfg, registry, pm
         self._apply_server_config()
         self._start_chain(chain)
         self.chain = chain
         self._collect_observers()
-        log.info("reloaded %s: %d steps", self.path, len(chain.steps))
+        log.info(
+            "reloaded %s: %d steps serving in %.2f s",
+            self.path.name,
+            len(chain.steps),
+            time.monotonic() - start,
+        )
         self.pm.hook.dnsproxy_reload(server=self)
         assert self._nursery is not None
         self._nursery.start_soon(self._retire, old)
@@ -751,6 +773,23 @@ class Server:
                 else:
                     self.stop()
                     return
+
+
+def _inherit(old_cfg: Config, old: Chain, new_cfg: Config, new: Chain) -> None:
+    """Hand each new step the old step it replaces unchanged: the first old step, in
+    chain order, of the same plugin with equal options, zones and clients not yet taken."""
+    free = list(zip(old_cfg.chain, old.steps, strict=True))
+    for sc, step in zip(new_cfg.chain, new.steps, strict=True):
+        for i, (osc, ostep) in enumerate(free):
+            if (osc.plugin, osc.options, osc.zones, osc.clients) == (
+                sc.plugin,
+                sc.options,
+                sc.zones,
+                sc.clients,
+            ):
+                del free[i]
+                step.inherit(ostep)
+                break
 
 
 def _refreeze() -> None:

@@ -23,6 +23,7 @@ import dns.rdatatype
 import dns.rrset
 
 from dnsproxy import options, wire
+from dnsproxy.blocking import Blocking
 from dnsproxy.chain import Chain, Setup, Step, Suspended, scope_test
 from dnsproxy.config import ServerConfig
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
@@ -71,8 +72,12 @@ def make_setup(
     server: ServerConfig | None = None,
     index: int = 0,
     reg: Registry | None = None,
+    blocking: Blocking | None = None,
 ) -> Setup:
-    """A Setup like the server builds, for constructing steps directly."""
+    """A Setup like the server builds, for constructing steps directly.
+
+    ``blocking``: the pause state to share (steps built with one honour its pauses).
+    """
     reg = reg or registry()
 
     def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
@@ -89,6 +94,7 @@ def make_setup(
         server=server or ServerConfig(),
         make_upstream=make_upstream,
         log=logging.getLogger(f"dnsproxy.plugins.{name}"),
+        blocking=blocking or Blocking(),
     )
 
 
@@ -114,6 +120,7 @@ def chain_of(
         zones = tuple(name_to_key(z) for z in scope.get("zones", ()))
         clients = tuple(ipaddress.ip_network(c, strict=False) for c in scope.get("clients", ()))
         step.zones = zones
+        step.clients = clients
         compiled.append((step, scope_test(zones, clients)))
     return Chain(compiled)
 

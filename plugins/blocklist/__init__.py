@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import math
 import time
 import weakref
 from collections.abc import Callable
@@ -127,6 +126,7 @@ class BlocklistOptions:
 
 class Blocklist(Step):
     Options = BlocklistOptions
+    pausable = True
 
     def __init__(self, opts: BlocklistOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -137,15 +137,12 @@ class Blocklist(Step):
             Source.make(i, spec, allow, setup.base_dir, setup.state_dir)
             for i, (spec, allow) in enumerate(specs)
         ]
-        for src in self.sources:
-            key = "allow" if src.allow else "lists"
-            if src.path is not None and not src.path.is_file():
-                raise setup.error(key, f"{src.path}: no such file")
         self.set = DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
         self._reuse_parsed()
         self.blocked = [0] * len(self.sources)
         self.load_failures = 0
-        self._paused_until: float | None = None
+        self.problems: dict[int, str] = {}  # why a list is not loaded, by source index
+        self.blocking = setup.blocking
         self._merge_lock = trio.Lock()
         self._parse_limiter = trio.CapacityLimiter(1)  # one list in memory at a time
         self._client: Any = None
@@ -182,7 +179,8 @@ class Blocklist(Step):
     # --- the hot path -------------------------------------------------------------------
 
     def query(self, q: Query) -> Reply | None:
-        if self._paused_until is not None and self._still_paused():
+        blocking = self.blocking
+        if blocking.paused_until is not None and not blocking.active():
             return None
         if q.qclass != 1:
             return None
@@ -197,7 +195,8 @@ class Blocklist(Step):
             return reply
         if CNAME_IN not in reply.wire:  # no CNAME record can be there: skip the walk
             return reply
-        if self._paused_until is not None and self._still_paused():
+        blocking = self.blocking
+        if blocking.paused_until is not None and not blocking.active():
             return reply
         try:
             for rdata in cname_rdata(reply.wire, MAX_CNAMES):
@@ -208,13 +207,6 @@ class Blocklist(Step):
         except ValueError:
             pass  # malformed: not ours to judge (forward already stripped what it could)
         return reply
-
-    def _still_paused(self) -> bool:
-        if trio.current_time() < self._paused_until:  # type: ignore[operator]
-            return True
-        self._paused_until = None
-        self.log.info("%s: blocking resumed", self.setup.where)
-        return False
 
     def _block(self, q: Query, tag: int, via: bytes | None) -> Reply:
         index = tag >> KIND_BITS
@@ -246,23 +238,16 @@ class Blocklist(Step):
             out[rtype].append(rr(rtype, opts.ttl, addr.packed))
         return {k: (len(v), b"".join(v)) for k, v in out.items() if v}
 
-    # --- control (the HTTP API) ---------------------------------------------------------
-
-    def set_enabled(self, enabled: bool, duration: float | None = None) -> None:
-        """Pause blocking (for ``duration`` seconds, or until re-enabled) or resume it."""
-        if enabled:
-            self._paused_until = None
-        else:
-            self._paused_until = math.inf if duration is None else trio.current_time() + duration
-        state = "resumed" if enabled else f"paused for {duration:g} s" if duration else "paused"
-        self.log.info("%s: blocking %s", self.setup.where, state)
-
-    @property
-    def enabled(self) -> bool:
-        return self._paused_until is None or not self._still_paused()
+    # --- state ----------------------------------------------------------------------------
 
     def ready(self) -> bool:
         return all(src.parsed is not None for src in self.sources)
+
+    def not_ready_reason(self) -> str | None:
+        waiting = [s for s in self.sources if s.parsed is None]
+        if not waiting:
+            return None
+        return "; ".join(f"list {s.name}: {self.problems.get(s.index, 'loading')}" for s in waiting)
 
     def metrics(self) -> list[Metric]:
         out = []
@@ -291,6 +276,9 @@ class Blocklist(Step):
         lines = []
         try:
             for src in self.sources:
+                if src.path is not None and not src.path.is_file():
+                    key = "allow" if src.allow else "lists"
+                    raise self.setup.error(key, f"{src.path}: no such file")
                 try:
                     data, origin = await self._fetch(src, check=True)
                 except FetchError as exc:
@@ -319,16 +307,42 @@ class Blocklist(Step):
             except FetchError as exc:
                 src.failures += 1
                 self.load_failures += 1
-                kept = "keeping the previous version" if src.parsed else "not loaded yet"
-                self.log.warning("%s: list %s: %s; %s", self.setup.where, src.name, exc, kept)
-                await trio.sleep(self.options.retry)
+                if src.path is None:
+                    self.problems[src.index] = str(exc)
+                    kept = "keeping the previous version" if src.parsed else "not loaded yet"
+                    self.log.warning("%s: list %s: %s; %s", self.setup.where, src.name, exc, kept)
+                    await trio.sleep(self.options.retry)
+                    continue
+                if self.problems.get(src.index) != str(exc):  # once per change of the problem
+                    self._file_failed(src, exc)
+                await trio.sleep(self.options.watch)
                 continue
+            self.problems.pop(src.index, None)
             if data is not None:
                 await self._load(src, data, origin)
                 del data
             elif src.url is not None:
                 self.log.info("%s: list %s: not modified", self.setup.where, src.name)
             await trio.sleep(self.options.refresh if src.url else self.options.watch)
+
+    def _file_failed(self, src: Source, exc: FetchError) -> None:
+        """Log a list file that cannot be read: the step blocks with the other lists."""
+        self.problems[src.index] = str(exc)
+        key = "allow" if src.allow else "lists"
+        if src.parsed is not None:
+            self.log.warning(
+                "%s: list %s: %s; keeping the previous version", self.setup.where, src.name, exc
+            )
+            return
+        self.log.error(
+            "%s: %s: list %s cannot be read (%s): serving without it, not ready; create the"
+            " file or fix the path in the config (it is picked up within %g s of appearing)",
+            self.setup.where,
+            key,
+            src.name,
+            exc,
+            self.options.watch,
+        )
 
     async def _fetch(self, src: Source, check: bool = False) -> tuple[bytes | None, str]:
         """The list's new bytes (None: unchanged) and where they came from, for the log."""

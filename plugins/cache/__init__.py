@@ -55,6 +55,17 @@ def client_scopes(chain: Chain, step: Step) -> tuple[Callable[[Query], bool], ..
     )
 
 
+def view_scopes(chain: Chain, step: Step) -> tuple[tuple[object, ...], ...]:
+    """The configured scope (zones, clients) behind each of ``step``'s views, in order:
+    what a view's value in a cache key means, compared across reloads."""
+    views = client_scopes(chain, step)
+    return tuple(
+        (link.step.zones, link.step.clients)
+        for link in chain.links
+        if link.in_scope is not None and link.in_scope in views
+    )
+
+
 def internal_query(q: Query) -> Query:
     """A copy of ``q`` for a background refresh: same question, client and DO/CD bits."""
     ar = 1 if q.edns else 0
@@ -278,6 +289,35 @@ class Cache(Step):
 
     def flush(self) -> None:
         self.entries.clear()
+
+    def inherit(self, previous: Step) -> None:
+        """Take over the entries and counters of the cache this one replaces on reload.
+
+        Keys hold one value per view (a client-scoped step after the cache). An entry made
+        in the scope of a view that no longer exists is dropped, and every entry is dropped
+        if a view is new (its value for the entry is unknown).
+        """
+        if not isinstance(previous, Cache) or previous.chain is None or self.chain is None:
+            return
+        self.hits, self.misses = previous.hits, previous.misses
+        self.stale, self.evictions = previous.stale, previous.evictions
+        self.prefetches = previous.prefetches
+        old, new = view_scopes(previous.chain, previous), view_scopes(self.chain, self)
+        if old == new:
+            self.entries = previous.entries
+            return
+        if any(view not in old for view in new):
+            return
+        pick = [old.index(view) for view in new]
+        gone = [i for i, view in enumerate(old) if view not in new]
+        for key, entry in previous.entries.items():
+            values = key[5] if len(key) > 5 else ()
+            if any(values[i] for i in gone):
+                continue
+            if new:
+                self.entries[(*key[:5], tuple(values[i] for i in pick))] = entry
+            else:
+                self.entries[key[:5]] = entry
 
     def metrics(self) -> list[Metric]:
         return [

@@ -11,7 +11,7 @@ Description
         200 ``{"status": "up"}`` while the process serves.
     ``GET /ready``
         200 when every step is ready (lists loaded, an upstream healthy), else 503; the
-        body lists each step.
+        body lists each step, with a ``reason`` for one that is not ready (a missing list).
     ``GET /api/stats[?top=10]``
         For the last hour and day: queries, blocked and blocked share, top blocked names,
         top clients. From the querylog's SQLite database when a querylog step writes
@@ -23,7 +23,10 @@ Description
         trace: which step answered, the notes (list/rule/upstream/cache), the response.
     ``GET /api/blocking/status``, ``POST /api/blocking/enable``,
     ``POST /api/blocking/disable[?duration=5m]``
-        Blocky-style switch for every step that supports it (blocklist).
+        Blocky-style switch for every step that supports it (blocklist). The pause is
+        the server's and survives reloads until it ends or is lifted; the status gives
+        ``enabled``, ``disabled_until`` (Unix time), ``seconds_left`` and
+        ``disabled_until_iso`` (UTC, ``...Z``), all null for a pause without end.
     ``POST /api/cache/flush``
         Flushes every step (as SIGUSR1 does).
 

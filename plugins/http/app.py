@@ -37,6 +37,7 @@ from dnsproxy.wire import Drop, Reject, parse_query
 from .metrics import Collector, Observed
 
 if TYPE_CHECKING:
+    from dnsproxy.chain import Step
     from dnsproxy.server import Server
 
     from . import HttpOptions
@@ -81,7 +82,6 @@ class App:
         self.limiter = trio.CapacityLimiter(opts.api_concurrency)
         self.hosts = frozenset(opts.hosts)
         self.stats_cache: dict[int, SharedResult] = {}  # by ``top``
-        self.blocking_until: float | None = None  # when a timed pause ends (wall clock)
         self.routes: dict[tuple[str, str], Callable[[dict[str, str]], Awaitable[Any]]] = {
             ("GET", "/metrics"): self.metrics,
             ("GET", "/health"): self.health,
@@ -177,10 +177,13 @@ class App:
         return {"status": "up"}
 
     async def ready(self, params: dict[str, str]) -> tuple[int, dict[str, Any], str]:
-        steps = [
-            {"step": s.setup.where, "plugin": s.setup.name, "ready": s.ready()}
-            for s in self.server.chain.steps
-        ]
+        steps = []
+        for s in self.server.chain.steps:
+            entry: dict[str, Any] = {"step": s.setup.where, "plugin": s.setup.name}
+            entry["ready"] = ready = s.ready()
+            if not ready and (reason := s.not_ready_reason()):
+                entry["reason"] = reason
+            steps.append(entry)
         ok = all(s["ready"] for s in steps)
         return (200 if ok else 503), {"ready": ok, "steps": steps}, "application/json"
 
@@ -262,34 +265,31 @@ class App:
         )
         return doc
 
-    def _blocking_steps(self) -> list[Any]:
-        steps = [s for s in self.server.chain.steps if callable(getattr(s, "set_enabled", None))]
+    def _blocking_steps(self) -> list[Step]:
+        """The steps that honour the server's blocking pause; 409 when there are none."""
+        steps = [s for s in self.server.chain.steps if s.pausable]
         if not steps:
             raise HttpError(409, "no step supports blocking control (no blocklist step?)")
         return steps
 
     async def blocking_status(self, params: dict[str, str]) -> dict[str, Any]:
         steps = self._blocking_steps()
-        until = self.blocking_until
-        if until is not None and until <= time.time():
-            until = self.blocking_until = None
-        states = [getattr(s, "enabled", None) for s in steps]
+        status = self.server.blocking.status()
         return {
-            "enabled": all(e is not False for e in states),
-            "steps": [
-                {"step": s.setup.where, "enabled": e} for s, e in zip(steps, states, strict=True)
-            ],
-            "disabled_until": until,
+            "enabled": status["enabled"],
+            "steps": [{"step": s.setup.where, "enabled": status["enabled"]} for s in steps],
+            "disabled_until": status["disabled_until"],
+            "seconds_left": status["seconds_left"],
+            "disabled_until_iso": status["disabled_until_iso"],
         }
 
     async def blocking_enable(self, params: dict[str, str]) -> dict[str, Any]:
-        for step in self._blocking_steps():
-            step.set_enabled(True)
-        self.blocking_until = None
+        self._blocking_steps()
+        self.server.blocking.resume()
         return await self.blocking_status(params)
 
     async def blocking_disable(self, params: dict[str, str]) -> dict[str, Any]:
-        steps = self._blocking_steps()
+        self._blocking_steps()
         duration = None
         if params.get("duration"):
             try:
@@ -298,9 +298,7 @@ class App:
                 raise HttpError(400, f"duration: {exc}") from exc
             if not 0 < duration <= MAX_DISABLE:
                 raise HttpError(400, f"duration must be > 0 and at most {MAX_DISABLE:g} s")
-        for step in steps:
-            step.set_enabled(False, duration)
-        self.blocking_until = None if duration is None else time.time() + duration
+        self.server.blocking.pause(duration)
         return await self.blocking_status(params)
 
     async def flush(self, params: dict[str, str]) -> dict[str, Any]:

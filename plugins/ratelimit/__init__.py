@@ -254,6 +254,14 @@ class RateLimit(Step):
             self._log_suppressed = 0
         self.log.warning("%s: %s", self.setup.where, line)
 
+    def inherit(self, previous: Step) -> None:
+        """Take over the accounts and counters of the step this one replaces on reload."""
+        if not isinstance(previous, RateLimit):
+            return
+        self.responses, self.queries = previous.responses, previous.queries
+        self.counts, self.query_counts = previous.counts, previous.query_counts
+        self.any_count = previous.any_count
+
     def flush(self) -> None:
         self.responses.accounts.clear()
         self.queries.accounts.clear()
