@@ -31,6 +31,8 @@ passes, so a conformance case is data, not code. A scenario file::
     upstream_queries_max = 3                # ... at most (RFC 9520 §3.1 retry bounds)
     within = 1.5                            # seconds the answer may take
     none = true                             # no reply at all (dropped)
+    # Always: the reply's ID is the query's, and a reply with a question echoes the
+    # query's question section byte for byte (the QNAME's case included).
 
     [[step]]
     time_passes = 1.2                       # real seconds (the proxy runs on the real clock)
@@ -128,6 +130,14 @@ def _expected_lines(lines: list[str]) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+def _question_end(data: bytes) -> int:
+    """Where the first question of a message ends (its name uncompressed, at offset 12)."""
+    i = 12
+    while data[i]:
+        i += 1 + data[i]
+    return i + 5
+
+
 def _check(where: str, expect: dict[str, Any], out: bytes | None, sent: bytes) -> None:
     if expect.get("none"):
         assert out is None, f"{where}: expected no reply"
@@ -135,6 +145,11 @@ def _check(where: str, expect: dict[str, Any], out: bytes | None, sent: bytes) -
     assert out is not None, f"{where}: no reply"
     msg = dns.message.from_wire(out)
     assert msg.id == int.from_bytes(sent[:2], "big"), f"{where}: wrong ID"
+    if msg.question:
+        end = _question_end(sent)
+        assert out[4:6] == b"\x00\x01" and out[12:end] == sent[12:end], (
+            f"{where}: question not echoed byte for byte: {out[12:end]!r} for {sent[12:end]!r}"
+        )
     if "rcode" in expect:
         got = dns.rcode.to_text(msg.rcode())
         assert got == expect["rcode"], f"{where}: rcode {got}"

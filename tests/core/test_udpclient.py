@@ -14,17 +14,31 @@ from dnsproxy.udpclient import SelectorSet, UdpExchanges, UdpUpstream, exchanges
 from dnsproxy.upstream import Request
 
 NAME = b"\x03www\x07example\x03org\x00"
+OTHER = b"\x03www\x07example\x03net\x00"  # as long as NAME
 
 
 def request(name: bytes = NAME) -> Request:
     return Request(name + b"\x00\x01\x00\x01", name.lower(), 1, 1)
 
 
-def answer_to(query: bytes, *, msg_id: int | None = None, name: bytes | None = None) -> bytes:
-    """A NOERROR response echoing ``query``'s question (or ``name``), with ``msg_id``."""
+TRUTH = bytes([192, 0, 2, 1])
+
+
+def answer_to(
+    query: bytes,
+    *,
+    msg_id: int | None = None,
+    flags: int = 0x8180,
+    question: bytes | None = None,
+    address: bytes = TRUTH,
+) -> bytes:
+    """A response echoing ``query``'s ID and question (or ``msg_id``, ``question``) with one
+    A record for ``address``; its length is the truth's whatever is changed."""
     rid = struct.unpack_from("!H", query)[0] if msg_id is None else msg_id
-    question = query[12 : 12 + len(NAME) + 4] if name is None else name + b"\x00\x01\x00\x01"
-    return wire.HEADER.pack(rid, 0x8180, 1, 0, 0, 0) + question
+    if question is None:
+        question = query[12 : 12 + len(NAME) + 4]
+    record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + address
+    return wire.HEADER.pack(rid, flags, 1, 1, 0, 0) + question + record
 
 
 class Upstream:
@@ -32,21 +46,34 @@ class Upstream:
 
     def __init__(self, mode: str = "answer") -> None:
         self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.other = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a wrong port
         self.mode = mode
         self.ports: list[int] = []
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.sock.bind(("127.0.0.1", 0))
+        await self.other.bind(("127.0.0.1", 0))
         task_status.started()
         while True:
             data, addr = await self.sock.recvfrom(65535)
             self.ports.append(addr[1])
             if self.mode == "silent":
                 continue
-            if self.mode == "liar":  # wrong ID, wrong question, then the real answer
+            if self.mode == "liar":  # lies wrong in one way each, then the real answer
                 wrong_id = (struct.unpack_from("!H", data)[0] + 1) % 65536
-                await self.sock.sendto(answer_to(data, msg_id=wrong_id), addr)
-                await self.sock.sendto(answer_to(data, name=b"\x03bad\x00"), addr)
+                for lie in (
+                    answer_to(data, msg_id=wrong_id, address=b"\x06\x06\x06\x01"),
+                    answer_to(
+                        data, question=OTHER + b"\x00\x01\x00\x01", address=b"\x06\x06\x06\x02"
+                    ),
+                    answer_to(
+                        data, question=NAME + b"\x00\x1c\x00\x01", address=b"\x06\x06\x06\x03"
+                    ),
+                    answer_to(data, flags=0x0180, address=b"\x06\x06\x06\x04"),  # QR=0
+                ):
+                    await self.sock.sendto(lie, addr)
+                await self.other.sendto(answer_to(data, address=b"\x06\x06\x06\x05"), addr)
+                await trio.sleep(0.02)  # the lie from the other port arrives first
             await self.sock.sendto(answer_to(data), addr)
 
     @property
@@ -75,7 +102,7 @@ async def test_answer_arrives_after_lies_are_ignored(nursery):
     up = Upstream("liar")
     await nursery.start(up.run)
     data, err = await ask(up.addr)
-    assert err == "" and data is not None and struct.unpack_from("!H", data, 6)[0] == 0
+    assert err == "" and data == answer_to(data)  # the truth, not one of the lies
     assert exchanges()._pending == {}  # the socket is closed and forgotten
 
 
@@ -151,7 +178,7 @@ async def test_selector_fallback_works_the_same(nursery):
     up = Upstream("liar")
     await nursery.start(up.run)
     data, err = await ask(up.addr, table=UdpExchanges(SelectorSet()))
-    assert err == "" and data is not None
+    assert err == "" and data == answer_to(data)
 
 
 async def test_async_exchange_raises_upstream_error(nursery):

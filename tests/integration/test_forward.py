@@ -235,25 +235,23 @@ async def test_lying_upstream_is_ignored_until_the_real_answer(make_proxy):
     async def liar() -> None:
         data, addr = await sock.recvfrom(4096)
         q = dns.message.from_wire(data)
-        good = dns.message.make_response(q)
-        good.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "192.0.2.77"))
-        bad_id = dns.message.make_response(q)
+
+        def answer(query: dns.message.Message, address: str) -> dns.message.Message:
+            r = dns.message.make_response(query)
+            r.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", address))
+            return r
+
+        good = answer(q, "192.0.2.77")
+        bad_id = answer(q, "6.6.6.1")  # each lie is wrong in one way and has its own address
         bad_id.id = (q.id + 1) % 65536
-        bad_id.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "6.6.6.6"))
         other_q = dns.message.make_query("evil.example.test", "A")
         other_q.id = q.id
-        bad_q = dns.message.make_response(other_q)
-        bad_q.answer.append(dns.rrset.from_text("evil.example.test.", 60, "IN", "A", "6.6.6.6"))
-        not_response = bytearray(good.to_wire())
+        bad_q = answer(other_q, "6.6.6.2")
+        not_response = bytearray(answer(q, "6.6.6.3").to_wire())
         not_response[2] &= 0x7F
         for forged in (bad_id.to_wire(), bad_q.to_wire(), bytes(not_response), b"\x00\x01garbage"):
             await sock.sendto(forged, addr)
-        await other.sendto(
-            good.to_wire().replace(b"192", b"192"), addr
-        )  # right content, wrong port
-        wrong_port = dns.message.make_response(q)
-        wrong_port.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "6.6.6.6"))
-        await other.sendto(wrong_port.to_wire(), addr)
+        await other.sendto(answer(q, "6.6.6.4").to_wire(), addr)  # wrong source port
         await trio.sleep(0.05)
         await sock.sendto(good.to_wire(), addr)
 

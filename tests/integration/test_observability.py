@@ -6,6 +6,7 @@ in SQLite and JSON lines, and the ``dnsproxy query`` trace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -19,7 +20,8 @@ import httpx
 import pytest
 
 from dnsproxy.testing import registry
-from tests.conftest import free_port
+from tests.conftest import Proxy, free_port
+from tests.fakeupstream import FakeUpstream
 from tests.plugins.test_http import sample
 
 CONFIG = """
@@ -62,6 +64,17 @@ def wait_rows(path, count: int, timeout: float = 10.0) -> list[dict]:
         time.sleep(0.05)
 
 
+# The proxy takes its clock after sending, so the client may stop its own a little earlier.
+SCHEDULING_SLACK_MS = 50.0
+
+
+def timed_ask(proxy: Proxy, name: str) -> tuple[dns.message.Message, float]:
+    """One query and the round trip the client measured, in ms."""
+    start = time.monotonic()
+    r = proxy.ask(name)
+    return r, (time.monotonic() - start) * 1000
+
+
 def test_metrics_flush_and_query_log(nsd, make_proxy):
     http_port = free_port()
     config = CONFIG.replace("{http}", str(http_port)).replace("{upstream}", nsd.addr)
@@ -69,10 +82,14 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
     base = f"http://127.0.0.1:{http_port}"
     with httpx.Client(base_url=base, timeout=5) as http:
         assert http.get("/ready").json()["ready"] is True
+        rtts = []  # each query's round trip as the client saw it, in ms
         for _ in range(3):  # one miss, two hits
-            r = proxy.ask("www.example.test")
+            r, rtt = timed_ask(proxy, "www.example.test")
             assert r.rcode() == dns.rcode.NOERROR and r.answer
-        assert proxy.ask("nope.example.test").rcode() == dns.rcode.NXDOMAIN
+            rtts.append(rtt)
+        r, rtt = timed_ask(proxy, "nope.example.test")
+        assert r.rcode() == dns.rcode.NXDOMAIN
+        rtts.append(rtt)
         text = http.get("/metrics").text
         assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NOERROR") == 3
         assert sample(text, "dnsproxy_requests_total", qtype="A", rcode="NXDOMAIN") == 1
@@ -81,7 +98,9 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
         assert sample(text, "dnsproxy_cache_misses_total", step="1") == 2
 
         assert http.post("/api/cache/flush").json() == {"flushed": True}
-        assert proxy.ask("www.example.test").answer
+        r, rtt = timed_ask(proxy, "www.example.test")
+        assert r.answer
+        rtts.append(rtt)
         text = http.get("/metrics").text
         assert sample(text, "dnsproxy_cache_misses_total", step="1") == 3
         assert sample(text, "dnsproxy_cache_hits_total", step="1") == 2
@@ -93,7 +112,8 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
         assert got[1]["answered_by"] == "cache" and got[1]["upstream"] is None
         assert {r["client"] for r in got} == {"127.0.0.1"}
         assert got[3]["name"] == "nope.example.test."
-        assert all(r["duration_ms"] >= 0 for r in got)
+        for row, rtt in zip(got, rtts, strict=True):  # the proxy's time is within the trip
+            assert 0 <= row["duration_ms"] <= rtt + SCHEDULING_SLACK_MS, (row, rtt)
 
         stats = http.get("/api/stats").json()
         assert stats["source"] == "querylog" and stats["hour"]["queries"] == 5
@@ -114,6 +134,52 @@ def test_metrics_flush_and_query_log(nsd, make_proxy):
         "www.example.test.",
     ]
     assert docs[0]["upstream"] == f"udp://{nsd.addr}" and docs[1]["cache"] == "hit"
+
+
+SLOW_CONFIG = """
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[[chain]]
+plugin = "querylog"
+database = "queries.sqlite"
+flush_interval = "50ms"
+
+[[chain]]
+plugin = "forward"
+upstreams = ["{upstream}"]
+timeout = 2.0
+"""
+
+
+def test_query_log_duration_is_the_time_spent_on_the_query(make_proxy):
+    """``duration_ms`` covers the upstream's delay and never exceeds the client's round trip."""
+    delay = 0.3
+    with FakeUpstream([{"match": {"qname": "slow.example.test."}, "delay": delay}]) as upstream:
+        proxy = make_proxy(SLOW_CONFIG.replace("{upstream}", upstream.addr))
+        db = proxy.dir / "queries.sqlite"
+        # The log goes live once the step has opened its database, a little after the
+        # listeners: query until a query is logged.
+        for _ in range(50):
+            proxy.ask("warm.example.test")
+            with contextlib.suppress(TimeoutError, sqlite3.OperationalError):  # not yet created
+                wait_rows(db, 1, timeout=0.2)
+                break
+        rtts = []
+        for name in ("fast.example.test", "slow.example.test"):
+            r, rtt = timed_ask(proxy, name)
+            assert r.rcode() == dns.rcode.NOERROR and r.answer
+            rtts.append(rtt)
+        for _ in range(100):
+            got = [row for row in wait_rows(db, 1) if row["name"] != "warm.example.test."]
+            if len(got) >= 2:
+                break
+            time.sleep(0.05)
+    assert [row["name"] for row in got] == ["fast.example.test.", "slow.example.test."]
+    for row, rtt in zip(got, rtts, strict=True):
+        assert 0 <= row["duration_ms"] <= rtt + SCHEDULING_SLACK_MS, (row, rtt)
+    assert got[1]["duration_ms"] >= delay * 1000
+    assert got[0]["duration_ms"] < delay * 1000 <= rtts[1]
 
 
 def run_query(config_path, *args: str) -> subprocess.CompletedProcess[str]:
