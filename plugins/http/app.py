@@ -21,7 +21,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import trio
-from dnsproxy.plugins.querylog import db_stats, live_database
+from dnsproxy.plugins.querylog import db_stats, live_counters, live_database
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dnsproxy import options
@@ -137,8 +137,11 @@ class App:
         db = live_database(self.server.chain)
         if db is not None and db.exists():
             windows = await trio.to_thread.run_sync(db_stats, db, now, WINDOWS, top)
-            return {"source": "querylog", **windows}
-        return {"source": "memory", **self.observed.stats(now, WINDOWS, top)}
+            out = {"source": "querylog", **windows}
+        else:
+            out = {"source": "memory", **self.observed.stats(now, WINDOWS, top)}
+        counters = live_counters(self.server.chain)
+        return out if counters is None else {**out, "querylog": counters}
 
     async def query(self, params: dict[str, str]) -> dict[str, Any]:
         name = params.get("name")
