@@ -66,12 +66,12 @@ class QueryLog(Step):
 
     async def run(self) -> None:
         """Flush every ``flush_interval``, maintain the database every ``prune_interval``."""
-        self.pruned += await trio.to_thread.run_sync(self.store.start, time.time())
-        where = [str(p.absolute()) for p in (self.store.db_path, self.store.jsonl) if p]
-        self.log.info("%s: logging queries to %s", self.setup.where, ", ".join(where))
-        _activate(self)
+        _activate(self)  # before the first await: queries are buffered from the start
         flush_every, prune_every = self.options.flush_interval, self.options.prune_interval
         try:
+            self.pruned += await trio.to_thread.run_sync(self.store.start, time.time())
+            where = [str(p.absolute()) for p in (self.store.db_path, self.store.jsonl) if p]
+            self.log.info("%s: logging queries to %s", self.setup.where, ", ".join(where))
             now = trio.current_time()
             next_flush, next_prune = now + flush_every, now + prune_every
             while True:

@@ -306,7 +306,8 @@ class Store:
                 break
             removed += n
             self._shrink()
-        self._shrink()  # also when the WAL alone was over
+        if not removed:
+            self._shrink()  # the WAL alone was over
         return removed
 
     def size(self) -> int:
