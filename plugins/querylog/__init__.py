@@ -69,9 +69,10 @@ class QueryLog(Step):
         _activate(self)  # before the first await: queries are buffered from the start
         flush_every, prune_every = self.options.flush_interval, self.options.prune_interval
         try:
-            self.pruned += await trio.to_thread.run_sync(self.store.start, time.time())
+            await trio.to_thread.run_sync(self.store.open)
             where = [str(p.absolute()) for p in (self.store.db_path, self.store.jsonl) if p]
             self.log.info("%s: logging queries to %s", self.setup.where, ", ".join(where))
+            self.pruned += await self._off_loop(self.store.prepare, time.time()) or 0
             now = trio.current_time()
             next_flush, next_prune = now + flush_every, now + prune_every
             while True:

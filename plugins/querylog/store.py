@@ -221,9 +221,11 @@ class Store:
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
 
-    def start(self, now: float) -> int:
-        """Open for the running server: bring an old file under the bounds; rows removed."""
-        self.open()
+    def prepare(self, now: float) -> int:
+        """At start-up: bring the open file under the bounds, rebuild it if it cannot shrink.
+
+        Returns the rows removed.
+        """
         if self.db is None:
             return 0
         removed = self.maintain(now)
