@@ -28,7 +28,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import trio
-from dnsproxy.plugins.querylog import db_stats, live_database
+from dnsproxy.plugins.querylog import db_stats, live_counters, live_database
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dnsproxy import options
@@ -215,10 +215,13 @@ class App:
         db = live_database(self.server.chain)
         if db is not None and db.exists():
             windows = await trio.to_thread.run_sync(db_stats, db, now, WINDOWS, top)
-            return {"source": "querylog", **windows}
-        history = self.observed.copy()  # the loop keeps counting while the thread reads
-        windows = await trio.to_thread.run_sync(history.stats, now, WINDOWS, top)
-        return {"source": "memory", **windows}
+            out = {"source": "querylog", **windows}
+        else:
+            history = self.observed.copy()  # the loop keeps counting while the thread reads
+            windows = await trio.to_thread.run_sync(history.stats, now, WINDOWS, top)
+            out = {"source": "memory", **windows}
+        counters = live_counters(self.server.chain)
+        return out if counters is None else {**out, "querylog": counters}
 
     async def query(self, params: dict[str, str]) -> dict[str, Any]:
         return await self.limited(lambda: self._query(params))

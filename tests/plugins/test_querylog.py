@@ -9,7 +9,9 @@ import time
 import pytest
 import trio
 from dnsproxy.plugins import querylog
-from dnsproxy.plugins.querylog import Anonymizer, db_stats, key_text
+from dnsproxy.plugins.querylog import db_stats
+from dnsproxy.plugins.querylog import store as store_module
+from dnsproxy.plugins.querylog.store import SCHEMA, Anonymizer, key_text
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import respond
@@ -60,7 +62,13 @@ def test_buffer_is_bounded_and_drops_are_counted(tmp_path):
         step.record(q, None, 0.001)
     assert len(step.buffer) == 10 and step.dropped == 5
     values = {m.name: m.value for m in step.metrics()}
-    assert values == {"records": 0, "dropped": 5, "write_errors": 0, "buffered": 10}
+    assert values == {
+        "records": 0,
+        "dropped": 5,
+        "pruned": 0,
+        "write_errors": 0,
+        "buffered": 10,
+    }
 
 
 async def test_drops_are_warned_once_a_minute(tmp_path, caplog, autojump_clock):
@@ -114,7 +122,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
         (t + 1, q2, respond(q2, 0, source="forward"), 0.0123),
         (t + 2, q2, None, 0.5),
     ]
-    assert store.write(batch) == 3
+    assert store.write(batch) == (3, 0)
     store.close()
     got = rows(store.db_path)
     assert got[0] == {
@@ -144,27 +152,156 @@ def test_write_sqlite_and_jsonl(tmp_path):
     assert lines[1]["duration_ms"] == 12.3 and "list" not in lines[1]
 
 
-def test_retention_and_size_cap(tmp_path):
+def on_disk(path):
+    """Bytes of the database and its WAL as the file system has them."""
+    wal = path.with_name(path.name + "-wal")
+    return sum(p.stat().st_size for p in (path, wal) if p.exists())
+
+
+def insert_rows(path, stamps):
+    """Rows written by another connection (as an older dnsproxy or a crash would leave)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(SCHEMA)
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO queries (ts, client, name, qtype, rcode, answered_by)"
+            " VALUES (?, '192.0.2.1', 'www.example.org.', 'A', 'NOERROR', 'forward')",
+            [(ts,) for ts in stamps],
+        )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+async def wait_log(caplog, text, seconds=30.0):
+    """Until a log record contains ``text`` (real time: the work is in a thread)."""
+    deadline = time.monotonic() + seconds
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"not logged: {text}"
+        await trio.sleep(0.01)
+
+
+async def wait_live(step):
+    """Until the step records queries and has its database open."""
+    while step not in querylog._live or (step.store.db_path and step.store.db is None):
+        await trio.sleep(0.01)
+
+
+def test_maintain_applies_retention_and_shrinks_the_file(tmp_path):
     step = make(tmp_path, retention="1h", jsonl="q.jsonl")
     store = step.store
     store.open()
     q = make_query("www.example.org")
     now = time.time()
-    store.write([(now - 7200, q, None, 0.0), (now - 10, q, None, 0.0)])
-    # the first write pruned: the entry older than the retention is gone
+    store.write([(now - 7200, q, None, 0.0)] * 20000 + [(now - 10, q, None, 0.0)])
+    big = on_disk(store.db_path)
+    assert big > 1_000_000
+    assert store.maintain(now) == 20000
     assert [r["ts"] for r in rows(store.db_path)] == [now - 10]
-    store.cap = 200_000  # a small cap (the option's floor is 1 MB) to exercise trimming
-    for i in range(40):
-        store.write([(now + i, q, None, 0.0)] * 200)
-    store.prune(now + 100)
-    assert store._used() <= store.cap
-    left = [r["ts"] for r in rows(store.db_path, "SELECT ts FROM queries ORDER BY rowid")]
-    assert 0 < len(left) < 8001
-    assert left[-1] == now + 39  # the newest rows are kept
+    # the freed pages went back to the file system and the WAL is empty
+    assert on_disk(store.db_path) < 100_000
+    assert store.db_path.with_name("querylog.sqlite-wal").stat().st_size == 0
     store.close()
-    # the JSON-lines file rotates at the cap, keeping one old file
+
+
+def test_jsonl_rotates_at_the_cap(tmp_path):
+    step = make(tmp_path, sqlite=False, jsonl="q.jsonl", max_size_mb=1)
+    store = step.store
+    store.open()
+    q = make_query("www.example.org")
+    for i in range(40):
+        store.write([(time.time() + i, q, None, 0.0)] * 200)
     assert (tmp_path / "q.jsonl.1").exists()
-    assert (tmp_path / "q.jsonl").stat().st_size < store.cap + 20_000
+    assert (tmp_path / "q.jsonl").stat().st_size < store.cap + 60_000
+
+
+async def test_size_cap_bounds_database_and_wal_on_disk(tmp_path):
+    """Through the real writer: 40,000 records into a 1 MB log (each batch about 0.25 MB)."""
+    step = make(tmp_path, max_size_mb=1, buffer=2000, flush_interval="10ms")
+    chain_of([step])
+    cap = 1_000_000
+    path = step.store.db_path
+    queries = [
+        make_query(f"host-{i}.example.org", client=f"192.0.2.{i % 250}") for i in range(2000)
+    ]
+    sizes = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(step.run)
+            await wait_live(step)
+            for batch in range(20):
+                for q in queries:
+                    querylog.observe(q, None, 0.001)
+                while step.written < (batch + 1) * 2000:
+                    await trio.sleep(0.005)
+                sizes.append(on_disk(path))
+            n.cancel_scope.cancel()
+    assert step.dropped == 0 and step.write_errors == 0
+    # after every batch: database + WAL within the cap plus the stated 10 % slack
+    assert max(sizes) <= cap * 1.1, sizes
+    left = rows(path, "SELECT name FROM queries ORDER BY rowid")
+    assert 2000 < len(left) < 40000
+    assert step.pruned == 40000 - len(left)
+    assert left[-1]["name"] == "host-1999.example.org."  # the newest rows are kept
+
+
+async def test_retention_runs_on_a_timer_without_queries(tmp_path, autojump_clock):
+    step = make(tmp_path, retention="1m")
+    chain_of([step])
+    path = step.store.db_path
+    now = time.time()
+    deadline = time.monotonic() + 30  # real time: the virtual clock races ahead of threads
+    expired = "SELECT ts FROM queries WHERE ts < strftime('%s') - 60"
+    async with trio.open_nursery() as n:
+        n.start_soon(step.run)
+        await wait_live(step)
+        insert_rows(path, [now])
+        # Round 1 may race the clean-up at start-up; round 2 starts after it is over (it
+        # deletes expired rows before anything else), so only the timer is left to act.
+        for _ in range(2):
+            insert_rows(path, [now - 120] * 20000)
+            # no query arrives: only the writer's own timers delete rows and shrink files
+            while rows(path, expired) or on_disk(path) >= 100_000:
+                assert time.monotonic() < deadline, "expired rows stay or the files do not shrink"
+                await trio.sleep(1)
+        assert [r["ts"] for r in rows(path, "SELECT ts FROM queries")] == [now]
+        n.cancel_scope.cancel()
+    assert step.written == 0 and step.pruned == 40000
+
+
+async def test_database_without_auto_vacuum_is_rebuilt_at_start(tmp_path, caplog):
+    caplog.set_level("INFO")
+    step = make(tmp_path, max_size_mb=1)
+    chain_of([step])
+    path = step.store.db_path
+    path.parent.mkdir()
+    insert_rows(path, [time.time()] * 30000)  # about 3 MB, made without auto_vacuum
+    async with trio.open_nursery() as n:
+        n.start_soon(step.run)
+        await wait_log(caplog, "rebuilt with auto_vacuum")
+        n.cancel_scope.cancel()
+    assert rows(path, "PRAGMA auto_vacuum") == [{"auto_vacuum": 2}]
+    assert on_disk(path) <= 1_000_000
+    assert 0 < len(rows(path)) < 30000
+
+
+async def test_large_database_without_auto_vacuum_is_trimmed_and_warned(
+    tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setattr(store_module, "VACUUM_AT_START", 100_000)  # "large" for this test
+    step = make(tmp_path, max_size_mb=1)
+    chain_of([step])
+    path = step.store.db_path
+    path.parent.mkdir()
+    insert_rows(path, [time.time()] * 30000)
+    async with trio.open_nursery() as n:
+        n.start_soon(step.run)
+        await wait_log(caplog, f"sqlite3 {path} 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM'")
+        n.cancel_scope.cancel()
+    assert rows(path, "PRAGMA auto_vacuum") == [{"auto_vacuum": 0}]
+    assert len(rows(path)) < 30000  # trimmed to the cap, though the file cannot shrink
 
 
 async def test_observer_hook_and_background_flush(tmp_path):

@@ -1,0 +1,239 @@
+"""querylog — one record per query, to an SQLite database and/or JSON lines.
+
+The step (`QueryLog`: its buffer, the writer task with the flush and maintenance timers,
+its counters), the observer that feeds the live steps, and what the HTTP API reads. The
+files and their bounds are in `store`. README.md beside this file documents options,
+bounds, metrics and examples.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from dnsproxy.chain import Chain, Metric, Setup, Step
+from dnsproxy.hookspecs import Observer, hookimpl
+from dnsproxy.registry import Registry
+from dnsproxy.reply import Reply
+from dnsproxy.wire import Query
+
+from .store import Entry, QueryLogOptions, Store
+
+if TYPE_CHECKING:
+    from dnsproxy.server import Server
+
+DROP_WARN_EVERY = 60.0  # seconds between warnings about a full buffer
+BLOCKING_SOURCES = ("blocklist",)  # answered_by values that count as "blocked" in stats
+T = TypeVar("T")
+
+
+class QueryLog(Step):
+    """A chain step only so that it is configured per chain and gets `run()`."""
+
+    Options = QueryLogOptions
+
+    def __init__(self, opts: QueryLogOptions, setup: Setup) -> None:
+        super().__init__(opts, setup)
+        db_path = None
+        if opts.sqlite:
+            db_path = setup.path(opts.database) if opts.database else None
+            if db_path is None:
+                db_path = setup.state_dir / "querylog.sqlite"
+        jsonl = setup.path(opts.jsonl) if opts.jsonl else None
+        if db_path is None and jsonl is None:
+            raise setup.error("sqlite", "with sqlite = false, set jsonl (or nothing is logged)")
+        self.store = Store(opts, db_path, jsonl, self.log, setup.where)
+        self.buffer: list[Entry] = []
+        self.limit = opts.buffer
+        self.written = 0
+        self.dropped = 0
+        self.pruned = 0
+        self.write_errors = 0
+        self.dropped_reported = 0
+        self.drop_warned = -DROP_WARN_EVERY
+
+    def record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
+        """Hot path (from the observer hook): buffer the entry or count the drop."""
+        if len(self.buffer) >= self.limit:
+            self.dropped += 1
+            return
+        self.buffer.append((time.time(), q, reply, elapsed))
+
+    async def run(self) -> None:
+        """Flush every ``flush_interval``, maintain the database every ``prune_interval``."""
+        _activate(self)  # before the first await: queries are buffered from the start
+        flush_every, prune_every = self.options.flush_interval, self.options.prune_interval
+        try:
+            await trio.to_thread.run_sync(self.store.open)
+            where = [str(p.absolute()) for p in (self.store.db_path, self.store.jsonl) if p]
+            self.log.info("%s: logging queries to %s", self.setup.where, ", ".join(where))
+            self.pruned += await self._off_loop(self.store.prepare, time.time()) or 0
+            now = trio.current_time()
+            next_flush, next_prune = now + flush_every, now + prune_every
+            while True:
+                await trio.sleep_until(min(next_flush, next_prune))
+                now = trio.current_time()
+                if now >= next_flush:
+                    await self.flush_now()
+                    next_flush = trio.current_time() + flush_every
+                if now >= next_prune:
+                    await self.prune_now()
+                    next_prune = trio.current_time() + prune_every
+        finally:
+            _deactivate(self)
+            with trio.CancelScope(shield=True):
+                await self.flush_now()
+                await trio.to_thread.run_sync(self.store.close)
+
+    async def flush_now(self) -> None:
+        """Write what is buffered (from a worker thread); say so if records were dropped."""
+        if self.dropped != self.dropped_reported:
+            now = trio.current_time()
+            if now - self.drop_warned >= DROP_WARN_EVERY:
+                self.log.warning(
+                    "%s: buffer full, %d records dropped so far (raise buffer or lower"
+                    " flush_interval)",
+                    self.setup.where,
+                    self.dropped,
+                )
+                self.drop_warned = now
+                self.dropped_reported = self.dropped
+        if not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        done = await self._off_loop(self.store.write, batch)
+        if done is not None:
+            self.written += done[0]
+            self.pruned += done[1]
+
+    async def prune_now(self) -> None:
+        """Apply retention and the size cap and give the space back, with no query needed."""
+        removed = await self._off_loop(self.store.maintain, time.time())
+        self.pruned += removed or 0
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` in a worker thread; a failure is counted, logged and gives None."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            self.write_errors += 1
+            if self.write_errors == 1 or self.write_errors % 100 == 0:
+                self.log.error(
+                    "%s: cannot write the query log (%d failures): %s",
+                    self.setup.where,
+                    self.write_errors,
+                    exc,
+                )
+            return None
+
+    async def check(self) -> list[str]:
+        await trio.to_thread.run_sync(self.store.open)
+        await trio.to_thread.run_sync(self.store.close)
+        where = [str(p) for p in (self.store.db_path, self.store.jsonl) if p is not None]
+        return [f"logging to {', '.join(where)}"]
+
+    def metrics(self) -> list[Metric]:
+        return [
+            Metric("records", self.written, help="Query log records written."),
+            Metric("dropped", self.dropped, help="Records dropped because the buffer was full."),
+            Metric("pruned", self.pruned, help="Rows removed by retention or max_size_mb."),
+            Metric("write_errors", self.write_errors, help="Writes or clean-ups that failed."),
+            Metric("buffered", len(self.buffer), kind="gauge", help="Records waiting."),
+        ]
+
+
+# --- routing the observer hook to the live steps -----------------------------------------
+
+_live: list[QueryLog] = []  # the querylog steps of the newest running chain
+
+
+def _activate(step: QueryLog) -> None:
+    if _live and _live[0].chain is not step.chain:
+        _live.clear()  # a newer chain took over: its steps log from now on
+    if step not in _live:
+        _live.append(step)
+
+
+def _deactivate(step: QueryLog) -> None:
+    if step in _live:
+        _live.remove(step)
+
+
+def live_database(chain: Chain | None) -> Path | None:
+    """The SQLite file of a querylog step in ``chain`` (for the HTTP API's stats)."""
+    if chain is None:
+        return None
+    for step in chain.steps:
+        if isinstance(step, QueryLog) and step.store.db_path is not None:
+            return step.store.db_path
+    return None
+
+
+def live_counters(chain: Chain | None) -> dict[str, int] | None:
+    """The querylog steps' counters in ``chain``, summed (for ``/api/stats``), or None."""
+    steps = [s for s in chain.steps if isinstance(s, QueryLog)] if chain is not None else []
+    if not steps:
+        return None
+    out: dict[str, int] = {}
+    for step in steps:
+        for m in step.metrics():
+            out[m.name] = out.get(m.name, 0) + int(m.value)
+    return out
+
+
+def db_stats(path: Path, now: float, windows: dict[str, float], top: int) -> dict[str, Any]:
+    """Queries, blocked share, top blocked names and top clients per window (read-only)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    blocked = ",".join("?" * len(BLOCKING_SOURCES))
+    try:
+        out = {}
+        for label, span in windows.items():
+            since = now - span
+            total, nblocked = db.execute(
+                f"SELECT count(*), coalesce(sum(answered_by IN ({blocked})), 0)"
+                " FROM queries WHERE ts >= ?",
+                (*BLOCKING_SOURCES, since),
+            ).fetchone()
+            names = db.execute(
+                f"SELECT name, count(*) FROM queries WHERE ts >= ? AND answered_by IN ({blocked})"
+                " GROUP BY name ORDER BY 2 DESC, 1 LIMIT ?",
+                (since, *BLOCKING_SOURCES, top),
+            ).fetchall()
+            clients = db.execute(
+                "SELECT client, count(*) FROM queries WHERE ts >= ?"
+                " GROUP BY client ORDER BY 2 DESC, 1 LIMIT ?",
+                (since, top),
+            ).fetchall()
+            out[label] = {
+                "queries": total,
+                "blocked": nblocked,
+                "blocked_share": round(nblocked / total, 4) if total else 0.0,
+                "top_blocked": [{"name": n, "count": c} for n, c in names],
+                "top_clients": [{"client": n, "count": c} for n, c in clients],
+            }
+        return out
+    finally:
+        db.close()
+
+
+@hookimpl
+def dnsproxy_add_steps(registry: Registry) -> None:
+    registry.add_step("querylog", QueryLog)
+
+
+@hookimpl
+def dnsproxy_observers(server: Server) -> list[Observer] | None:
+    if any(isinstance(step, QueryLog) for step in server.chain.steps):
+        return [observe]
+    return None
+
+
+def observe(query: Query, reply: Reply | None, elapsed: float) -> None:
+    """Hand a finished query to the live querylog steps (hot path: an append each)."""
+    for step in _live:
+        step.record(query, reply, elapsed)
