@@ -168,6 +168,7 @@ class Blocklist(Step):
         rcode = {"nxdomain": wire.NXDOMAIN, "refused": wire.REFUSED}.get(str(opts.mode), 0)
         self._flags = wire.QR | wire.RA | rcode
         self._ede = [((EDE_BLOCKED, src.name),) for src in self.sources]
+        self._list_notes = [ListNote(self, src.name) for src in self.sources]
 
     def _key(self, src: Source, stamp: tuple[int, int]) -> tuple[object, ...]:
         opts = self.options
@@ -239,8 +240,9 @@ class Blocklist(Step):
     def _block(self, q: Query, tag: int, via: bytes | None) -> Reply:
         index = tag >> KIND_BITS
         self.blocked[index] += 1
-        q.note("list", self.sources[index].name)
-        q.note("rule", Match(self, tag, via or q.key, via))  # rendered only if read
+        q.note("list", self._list_notes[index])  # the query log asks it for the rule
+        if via is not None or q.trace is not None:  # the list cannot re-derive these alone
+            q.note("rule", Match(self, tag, via or q.key, via))
         if q.trace is not None:
             q.explain(f"{self.setup.where}: {self.explain(tag, via or q.key, via)}")
         # respond() by hand, with everything but the header and question prepared.
@@ -482,6 +484,23 @@ class Blocklist(Step):
         )
 
 
+class ListNote(str):
+    """A list's name, as the ``list`` note of a query it blocked, that can also say which of
+    its rules matched (`rule_for`, for the query log's rule column): so a blocked answer
+    makes no object of its own, and the rule's text is made only in the log's writer."""
+
+    step: Blocklist
+
+    def __new__(cls, step: Blocklist, name: str) -> ListNote:
+        note = super().__new__(cls, name)
+        note.step = step
+        return note
+
+    def rule_for(self, q: Query) -> str:
+        """The rule that blocked ``q`` ("?" if the list changed since)."""
+        return Match(self.step, self.step.set.decide(q.key), q.key, None).rule()
+
+
 class Match:
     """The rule that decided a query, as a note: its text is made only when read (the query
     log's writer thread, a trace, /api/query), so a blocked answer costs one small object."""
@@ -494,12 +513,14 @@ class Match:
         self.key = key
         self.via = via
 
+    def rule(self) -> str:
+        """The rule's text ("?" if the list changed since and no longer has the entry)."""
+        return next((r for t, r in self.step.rules(self.key) if t == self.tag), "?")
+
     def __str__(self) -> str:
-        step, tag = self.step, self.tag
-        # "?" if the list changed since and no longer has the entry
-        rule = next((r for t, r in step.rules(self.key) if t == tag), "?")
-        if tag & ALLOW:
-            return f"allowed by {step.sources[tag >> KIND_BITS].name}: {rule}"
+        rule = self.rule()
+        if self.tag & ALLOW:
+            return f"allowed by {self.step.sources[self.tag >> KIND_BITS].name}: {rule}"
         return f"{rule} (CNAME target {wire.key_to_text(self.via)})" if self.via else rule
 
     def __repr__(self) -> str:
