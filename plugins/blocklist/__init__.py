@@ -502,8 +502,9 @@ class ListNote(str):
 
 
 class Match:
-    """The rule that decided a query, as a note: its text is made only when read (the query
-    log's writer thread, a trace, /api/query), so a blocked answer costs one small object."""
+    """The rule that decided a query, as the ``rule`` note of a traced query, a CNAME block
+    or an exception that won: its text is made only when read (the query log's writer
+    thread, a trace, /api/query)."""
 
     __slots__ = ("key", "step", "tag", "via")
 
