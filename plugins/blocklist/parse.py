@@ -273,7 +273,7 @@ class Parsed:
     kinds: np.ndarray  # uint8 kind bits, parallel to hashes
     patterns: list[tuple[str, int]]
     rules: int = 0  # lines that contributed at least one entry
-    adblock: int = 0  # of which in adblock syntax: explanations show rules in the list's own
+    adblock: int = 0  # of which in adblock syntax (explanations use the list's own syntax)
     skipped: int = 0
     errors: int = 0
     problems: list[str] = attrs.Factory(list)  # "line 12: ..." (first MAX_PROBLEMS)

@@ -4,9 +4,11 @@ lists that match, the exception that let a name through; and its config errors (
 from __future__ import annotations
 
 import pytest
+from dnsproxy.plugins.blocklist.parse import parse_list
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
+from tests.conftest import BLOCKLISTS
 from tests.plugins.test_blocklist import UPSTREAM, load_now, write
 
 
@@ -90,3 +92,14 @@ def test_a_network_in_blocklist_allow_points_to_server_allow(tmp_path):
     assert line.startswith("test.toml: chain[0] (blocklist): option 'allow': '127.0.0.1/32'")
     assert "blocklist allow takes list files" in line and "use [server] allow" in line
     assert "no such file" not in line
+
+
+@pytest.mark.parametrize(
+    ("name", "adblock"),
+    [("basic.hosts", False), ("basic.dnsmasq.conf", False), ("tracking.domains", False),
+     ("tracking.adblock", True)],
+)  # fmt: skip
+def test_list_syntax_is_known_by_both_parsers(name, adblock):
+    data = (BLOCKLISTS / name).read_bytes()
+    fast, slow = parse_list(data), parse_list(data, fast=False)
+    assert fast.in_adblock_syntax is slow.in_adblock_syntax is adblock
