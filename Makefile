@@ -5,17 +5,26 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+# Two stamps: `run` installs the proxy with its runtime extras only; `test` (and lint,
+# bench) add the test tools.
+RUNTIME := $(VENV)/.installed-run
 STAMP   := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,doh,http]"
-	touch $(STAMP)
 
-run: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[doh,http]"
+	touch $(RUNTIME)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test,doh,http]"
+	touch $(STAMP) $(RUNTIME)
+
+run: $(RUNTIME)
 	$(BIN)/dnsproxy run -c config.toml
 
 test: $(STAMP)

@@ -14,6 +14,7 @@ import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.reversename
 import trio
 
 from dnsproxy import __version__
@@ -72,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
     sp = sub.add_parser("query", help="run one query through the chain and explain it")
-    sp.add_argument("name")
-    sp.add_argument("type", nargs="?", default="A")
+    sp.add_argument("name", nargs="?", help="a name, or an IP address (its PTR name)")
+    sp.add_argument("type", nargs="?", help="record type (default A; PTR for an address)")
+    sp.add_argument("-x", dest="reverse", metavar="ADDR", help="reverse lookup, as dig -x")
     sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
     return p
 
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config)
         if args.command == "check":
             return trio.run(_check, args.config)
-        return trio.run(_query, args.config, args.name, args.type)
+        name, type_text = _question(args.name, args.type, args.reverse)
+        return trio.run(_query, args.config, name, type_text)
     except ConfigError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
@@ -110,6 +113,26 @@ def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
         else:
             out.append(exc)
     return out
+
+
+def _question(name: str | None, type_text: str | None, reverse: str | None) -> tuple[str, str]:
+    """The name and type to ask. ``-x ADDR [TYPE]``, or an address as the name with PTR or
+    no type, asks for the address's reverse name (as dig does); other names are as given."""
+    if reverse is not None:
+        if type_text is not None:
+            raise ConfigError("give a name or -x ADDR, not both")
+        name, type_text = reverse, name
+    if name is None:
+        raise ConfigError("give a name to query (or -x ADDR for a reverse lookup)")
+    if reverse is None and type_text is not None and type_text.upper() != "PTR":
+        return name, type_text
+    try:
+        ptr = dns.reversename.from_address(name).to_text()
+    except (ValueError, dns.exception.SyntaxError) as exc:
+        if reverse is not None:
+            raise ConfigError(f"-x {reverse}: not an IP address") from exc
+        return name, type_text or "A"
+    return ptr, type_text or "PTR"
 
 
 def _run(path: Path) -> int:

@@ -65,6 +65,9 @@ def _addresses(value: object) -> tuple[Address, ...]:
         return value
     out = []
     for item in options.string_tuple(value):
+        fix = _bracket_fix(item)
+        if fix:
+            raise ValueError(f"{item!r}: an IPv6 address with a port needs brackets: {fix}")
         try:
             out.append(Address.parse(item))
         except ValueError as exc:
@@ -74,11 +77,64 @@ def _addresses(value: object) -> tuple[Address, ...]:
     return tuple(out)
 
 
+def _bracket_fix(text: str) -> str:
+    """How to write an unbracketed IPv6 listen address whose last group reads as a port.
+
+    ``"::1:5353"`` parses as the address ::1:5353 on port 53, which is almost never what
+    was meant; ``"::1"`` or ``"fe80::1"`` are unambiguous and stay valid. "" when fine.
+    """
+    if text.startswith("[") or text.count(":") < 2:
+        return ""
+    head, _, tail = text.rpartition(":")
+    if not tail.isdigit():
+        return ""
+    try:
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return ""
+    return f"write [{head}]:{tail} (or [{text}]:53 for that address on port 53)"
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def overlap(a: Address, b: Address) -> bool:
+    """Whether ``a`` and ``b`` cannot both be bound: the same port and the same address, or
+    one the wildcard of the other's family (IPv6 sockets are bound V6ONLY, so 0.0.0.0 and ::
+    coexist). Port 0 (any free port) never clashes; host names compare as written."""
+    if a.port != b.port or a.port == 0:
+        return False
+    ia, ib = _ip(a.host), _ip(b.host)
+    if ia is None or ib is None:
+        return a.host.lower() == b.host.lower()
+    return ia == ib or (ia.version == ib.version and (ia.is_unspecified or ib.is_unspecified))
+
+
+def _distinct(_inst: object, _attr: object, value: tuple[Address, ...]) -> None:
+    """attrs validator: no two listen addresses clash (`run` could not bind them)."""
+    for i, a in enumerate(value):
+        for b in value[i + 1 :]:
+            if not overlap(a, b):
+                continue
+            if _ip(a.host) == _ip(b.host):
+                raise ValueError(f"{a} is listed twice")
+            raise ValueError(
+                f"{a} and {b} overlap: a wildcard address covers every address of its "
+                "family on that port; keep one"
+            )
+
+
 @attrs.frozen
 class ServerConfig:
     """The ``[server]`` table."""
 
-    listen: tuple[Address, ...] = attrs.field(default=("127.0.0.1:5353",), converter=_addresses)
+    listen: tuple[Address, ...] = attrs.field(
+        default=("127.0.0.1:5353",), converter=_addresses, validator=_distinct
+    )
     allow: tuple[Network, ...] = attrs.field(default=DEFAULT_ALLOW, converter=options.networks)
     tcp_idle_timeout: float = options.seconds(10.0, 0.1, 3600)
     tcp_idle_timeout_min: float = options.seconds(1.0, 0.1, 3600)
@@ -207,9 +263,28 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
             except ConfigError as exc:
                 errors.extend(exc.lines)
 
+    if not any(e.startswith(f"{name}: server") for e in errors):  # else listen is a default
+        errors.extend(_service_clashes(server, services))
     if errors:
         raise ConfigError(errors)
     return Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc))
+
+
+def _service_clashes(server: ServerConfig, services: list[ServiceConfig]) -> list[str]:
+    """Errors for a service (``[http]``) listening where a DNS listener does (DNS binds TCP
+    on every listen address too, so the two cannot share it)."""
+    out = []
+    for svc in services:
+        addr = getattr(svc.options, "listen", None)
+        if not isinstance(addr, Address):
+            continue
+        for dns in server.listen:
+            if overlap(addr, dns):
+                out.append(
+                    f"{svc.where}: option 'listen': {addr} clashes with the DNS listener {dns}"
+                    " ([server] listen; both need TCP there): pick another port"
+                )
+    return out
 
 
 def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:

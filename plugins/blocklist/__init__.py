@@ -67,8 +67,8 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_BLOCKED, Reply, rr
 from dnsproxy.wire import HEADER, Query
 
-from .domainset import NO_MATCH, DomainSet, cname_rdata, merge, name_key_at
-from .parse import ALLOW, KIND_BITS, BadList, Parsed, parse_list
+from .domainset import NO_MATCH, DomainSet, cname_rdata, key_text, merge, name_key_at
+from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY, BadList, Parsed, parse_list
 from .source import FetchError, Source
 
 MODES = ("null", "nxdomain", "nodata", "refused")
@@ -107,10 +107,25 @@ def _lists(value: object) -> tuple[str, ...]:
     return out
 
 
+def _allow_lists(value: object) -> tuple[str, ...]:
+    """Exception lists; a network here was meant for ``[server] allow`` (the client ACL)."""
+    out = _lists(value)
+    for item in out:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            continue
+        raise ValueError(
+            f"{item!r} is a network, but blocklist allow takes list files of names never to "
+            "block; to let clients in by address use [server] allow"
+        )
+    return out
+
+
 @attrs.frozen
 class BlocklistOptions:
     lists: tuple[str, ...] = attrs.field(converter=_lists)
-    allow: tuple[str, ...] = attrs.field(default=(), converter=_lists)
+    allow: tuple[str, ...] = attrs.field(default=(), converter=_allow_lists)
     mode: str | tuple[str, ...] = attrs.field(default="null", converter=_mode)
     ttl: int = attrs.field(default=60, validator=options.in_range(0, 604800))
     subdomains: bool = True
@@ -150,6 +165,7 @@ class Blocklist(Step):
         rcode = {"nxdomain": wire.NXDOMAIN, "refused": wire.REFUSED}.get(str(opts.mode), 0)
         self._flags = wire.QR | wire.RA | rcode
         self._ede = [((EDE_BLOCKED, src.name),) for src in self.sources]
+        self._list_notes = [ListNote(self, src.name) for src in self.sources]
 
     def _key(self, src: Source, stamp: tuple[int, int]) -> tuple[object, ...]:
         opts = self.options
@@ -184,8 +200,13 @@ class Blocklist(Step):
             return None
         if q.qclass != 1:
             return None
-        tag = self.set.verdict(q.key)
+        tag = self.set.decide(q.key)
         if tag == NO_MATCH:
+            return None
+        if tag & ALLOW:  # an exception overrode a block
+            q.note("rule", Match(self, tag, q.key, None))
+            if q.trace is not None:
+                q.explain(f"{self.setup.where}: {self.explain(tag, q.key, None)}")
             return None
         return self._block(q, tag, None)
 
@@ -201,8 +222,8 @@ class Blocklist(Step):
         try:
             for rdata in cname_rdata(reply.wire, MAX_CNAMES):
                 target = name_key_at(reply.wire, rdata)
-                tag = self.set.verdict(target)
-                if tag != NO_MATCH:
+                tag = self.set.decide(target)
+                if tag != NO_MATCH and not tag & ALLOW:
                     return self._block(q, tag, target)
         except ValueError:
             pass  # malformed: not ours to judge (forward already stripped what it could)
@@ -211,16 +232,56 @@ class Blocklist(Step):
     def _block(self, q: Query, tag: int, via: bytes | None) -> Reply:
         index = tag >> KIND_BITS
         self.blocked[index] += 1
-        q.note("list", self.sources[index].name)
+        q.note("list", self._list_notes[index])  # the query log asks it for the rule
+        if via is not None or q.trace is not None:  # the list cannot re-derive these alone
+            q.note("rule", Match(self, tag, via or q.key, via))
         if q.trace is not None:
-            how = f" (CNAME target {wire.key_to_text(via)})" if via else ""
-            q.explain(f"{self.setup.where}: blocked by {self.sources[index].name}{how}")
+            q.explain(f"{self.setup.where}: {self.explain(tag, via or q.key, via)}")
         # respond() by hand, with everything but the header and question prepared.
         count, records = self._records.get(q.qtype, (0, b""))
         flags = self._flags | (q.flags & (wire.RD | wire.CD))
         question = q.data[12 : q.qend] if q.qend else q.question
         body = HEADER.pack(q.id, flags, 1, count, 0, 0) + question + records
+        if via is not None and q.trace is not None:  # the step that decided, for the trace
+            q.explain(f"{self.setup.where}: answered (rcode {flags & 0xF}) instead of the reply")
         return Reply(body, ede=self._ede[index], source="blocklist")
+
+    # --- explanations (traces, the query log's rule column): never on the hot path -------
+
+    def rule(self, tag: int, key: bytes, entry: int | str) -> str:
+        """A matched rule as its list writes it, re-derived from the entry and its kind:
+        ``doubleclick.net`` from a hosts or domain list, ``||doubleclick.net^`` from an
+        adblock list (lists keep only hashes; the rule's text is not stored)."""
+        src = self.sources[tag >> KIND_BITS]
+        if isinstance(entry, str):
+            return f"/{entry}/"
+        name = key_text(key[entry:]) or wire.key_to_text(key[entry:])
+        if src.parsed is None or not src.parsed.in_adblock_syntax:
+            return f"*.{name}" if tag & SUBONLY else name
+        text = f"||*.{name}^" if tag & SUBONLY else f"|{name}^" if tag & EXACT else f"||{name}^"
+        if tag & ALLOW and not src.allow:
+            text = "@@" + text
+        return text + "$important" if tag & IMPORTANT else text
+
+    def rules(self, key: bytes) -> list[tuple[int, str]]:
+        """(tag, rule text) of every rule that matches ``key``, most specific first."""
+        return [(t, self.rule(t, key, entry)) for t, entry in self.set.matches(key)]
+
+    def explain(self, tag: int, key: bytes, via: bytes | None) -> str:
+        """One line: which list and rule decided for ``key``, and what else matched it."""
+        decided = ""
+        others = []
+        for t, rule in self.rules(key):
+            text = f"{self.sources[t >> KIND_BITS].name} {rule!r}"
+            if not decided and t == tag:
+                decided = rule
+            elif text not in others:
+                others.append(text)
+        name = self.sources[tag >> KIND_BITS].name
+        what = f"CNAME target {wire.key_to_text(via)}" if via else wire.key_to_text(key)
+        verb = "allowed by" if tag & ALLOW else "blocked by"
+        line = f"{verb} {name}: {what} matched {decided!r}"
+        return line + f"; also matched: {', '.join(others)}" if others else line
 
     @staticmethod
     def _answer_records(opts: BlocklistOptions) -> dict[int, tuple[int, bytes]]:
@@ -435,6 +496,50 @@ class Blocklist(Step):
             len(self.sources),
             self.set.size,
         )
+
+
+class ListNote(str):
+    """A list's name, as the ``list`` note of a query it blocked, that can also say which of
+    its rules matched (`rule_for`, for the query log's rule column): so a blocked answer
+    makes no object of its own, and the rule's text is made only in the log's writer."""
+
+    step: Blocklist
+
+    def __new__(cls, step: Blocklist, name: str) -> ListNote:
+        note = super().__new__(cls, name)
+        note.step = step
+        return note
+
+    def rule_for(self, q: Query) -> str:
+        """The rule that blocked ``q`` ("?" if the list changed since)."""
+        return Match(self.step, self.step.set.decide(q.key), q.key, None).rule()
+
+
+class Match:
+    """The rule that decided a query, as the ``rule`` note of a traced query, a CNAME block
+    or an exception that won: its text is made only when read (the query log's writer
+    thread, a trace, /api/query)."""
+
+    __slots__ = ("key", "step", "tag", "via")
+
+    def __init__(self, step: Blocklist, tag: int, key: bytes, via: bytes | None) -> None:
+        self.step = step
+        self.tag = tag
+        self.key = key
+        self.via = via
+
+    def rule(self) -> str:
+        """The rule's text ("?" if the list changed since and no longer has the entry)."""
+        return next((r for t, r in self.step.rules(self.key) if t == self.tag), "?")
+
+    def __str__(self) -> str:
+        rule = self.rule()
+        if self.tag & ALLOW:
+            return f"allowed by {self.step.sources[self.tag >> KIND_BITS].name}: {rule}"
+        return f"{rule} (CNAME target {wire.key_to_text(self.via)})" if self.via else rule
+
+    def __repr__(self) -> str:
+        return f"<Match {self}>"
 
 
 def _release_memory() -> None:

@@ -126,36 +126,65 @@ class DomainSet:
         self._index = memoryview(index)
         self.patterns = _Patterns(patterns) if patterns else None
         if self.patterns is None and not (self._tag_array & (ALLOW | IMPORTANT)).any():
-            self.verdict = self._first_block  # type: ignore[method-assign]
+            self.verdict = self.decide = self._first_block  # type: ignore[method-assign]
 
     @property
     def nbytes(self) -> int:
         return self._hash_array.nbytes + self._tag_array.nbytes + self._index_array.nbytes
 
     def verdict(self, key: bytes) -> int:
-        """The tag of the rule that blocks this name, or NO_MATCH (none, or allowed).
+        """The tag of the rule that blocks this name, or NO_MATCH (none, or allowed)."""
+        tag = self.decide(key)
+        return NO_MATCH if tag & ALLOW else tag
 
-        Precedence: important exception > important block > exception > block; among
-        blocks, the most specific name wins (it names the list in the answer).
+    def decide(self, key: bytes) -> int:
+        """`verdict`, except that an exception that overrode a block gives its own tag.
+
+        So the step can say which exception let a listed name through, at no cost to
+        names that match nothing. Precedence: important exception > important block >
+        exception > block; among blocks and among exceptions, the most specific name wins
+        (it names the list in the answer).
         """
         matched = list(self._matches(key))
         if self.patterns is not None:
             matched += self.patterns.match(key)
-        block = imp_block = NO_MATCH
-        allow = False
+        block = imp_block = allow = imp_allow = NO_MATCH
         for tag in matched:
             if tag & ALLOW:
                 if tag & IMPORTANT:
-                    return NO_MATCH  # an important exception beats everything
-                allow = True
+                    imp_allow = tag if imp_allow < 0 else imp_allow
+                elif allow < 0:
+                    allow = tag
             elif tag & IMPORTANT:
-                if imp_block < 0:
-                    imp_block = tag
+                imp_block = tag if imp_block < 0 else imp_block
             elif block < 0:
                 block = tag
+        if block < 0 and imp_block < 0:
+            return NO_MATCH  # exceptions alone decide nothing
+        if imp_allow >= 0:
+            return imp_allow
         if imp_block >= 0:
             return imp_block
-        return NO_MATCH if allow else block
+        return allow if allow >= 0 else block
+
+    def matches(self, key: bytes) -> list[tuple[int, int | str]]:
+        """Every rule matching ``key``, most specific name first, then the patterns: (tag,
+        offset in ``key`` of the listed name, or the pattern's regex). For explanations."""
+        out: list[tuple[int, int | str]] = []
+        hashes, tags, index = self._hashes, self._tags, self._index
+        off = 0
+        while key[off]:
+            h = hash(key[off:])
+            b = (h >> self._shift) + self._half
+            for i in range(index[b], index[b + 1]):
+                if hashes[i] == h and not tags[i] & (EXACT if off else SUBONLY):
+                    out.append((tags[i], off))
+            off += key[off] + 1
+        if self.patterns is not None:
+            name = key_text(key)
+            if name is not None:
+                out += [(tag, rx.pattern) for rx, tag in self.patterns.rules if rx.search(name)]
+        return out
 
     def _matches(self, key: bytes) -> Iterator[int]:
         """Tags of the listed names among ``key`` and its parents, most specific first."""

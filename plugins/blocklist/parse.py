@@ -108,7 +108,7 @@ def parse_line(line: bytes, subdomains: bool = True) -> LineResult:
     if len(line) > MAX_LINE:
         return LineResult(error=f"line longer than {MAX_LINE} bytes")
     base = 0 if subdomains else EXACT
-    if line.startswith((b"||", b"|", b"@@", b"/")) or b"^" in line or b"$" in line:
+    if adblock_syntax(line):
         return _adblock(line)
     if line.startswith((b"address=/", b"server=/", b"local=/")):
         return _dnsmasq(line, base)
@@ -130,6 +130,11 @@ def parse_line(line: bytes, subdomains: bool = True) -> LineResult:
             return _wildcard(tokens[0], b"sub" if subdomains else b"exact", 0)
         return _name_rule(tokens[0], base)
     return LineResult(error="not a rule in any supported format")
+
+
+def adblock_syntax(line: bytes) -> bool:
+    """Whether a stripped line is an adblock-syntax rule (``||d^``, ``@@``, ``/re/``, ``$``)."""
+    return line.startswith((b"||", b"|", b"@@", b"/")) or b"^" in line or b"$" in line
 
 
 def _dnsmasq(line: bytes, base: int) -> LineResult:
@@ -268,6 +273,7 @@ class Parsed:
     kinds: np.ndarray  # uint8 kind bits, parallel to hashes
     patterns: list[tuple[str, int]]
     rules: int = 0  # lines that contributed at least one entry
+    adblock: int = 0  # of which in adblock syntax (explanations use the list's own syntax)
     skipped: int = 0
     errors: int = 0
     problems: list[str] = attrs.Factory(list)  # "line 12: ..." (first MAX_PROBLEMS)
@@ -275,6 +281,11 @@ class Parsed:
     @property
     def names(self) -> int:
         return len(self.hashes)
+
+    @property
+    def in_adblock_syntax(self) -> bool:
+        """Whether most rules are adblock rules (``||d^``) rather than hosts/domain lines."""
+        return self.adblock * 2 > self.rules
 
     def summary(self) -> str:
         text = f"{self.rules} rules, {self.names} names"
@@ -362,11 +373,12 @@ def _wire_hashes(arr: np.ndarray, ds: np.ndarray, de: np.ndarray, dots: np.ndarr
 
 def _fast_chunk(
     buf: bytes, subdomains: bool
-) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, bytes]], int]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, bytes]], int, int]:
     """Vectorised pass over a chunk of lower-case whole lines (no CR).
 
     Returns per-shape hashes and kinds, the (index, line) pairs left for `parse_line`,
-    and the number of lines. Positions are in ``arr``, which is ``buf`` after a newline.
+    the number of lines and how many of the hashed ones were adblock rules. Positions
+    are in ``arr``, which is ``buf`` after a newline.
     """
     arr = np.frombuffer(b"\n" + buf + b"\n" + b"\0" * 16, dtype=np.uint8)
     size = len(buf) + 2
@@ -384,6 +396,7 @@ def _fast_chunk(
     lens = ends - starts
     todo = np.flatnonzero((lens > 0) & ~_COMMENT[first])
     hashes, kinds = [], []
+    adblock = 0
     base = 0 if subdomains else EXACT
     for prefix, suffix, kind, extra_bad in _FAST_SHAPES:
         if not len(todo):
@@ -413,9 +426,11 @@ def _fast_chunk(
             h = h[~special]
         hashes.append(h)
         kinds.append(np.full(len(h), base if kind is None else kind, dtype=np.uint8))
+        if kind is not None:  # the || and @@|| shapes
+            adblock += len(h)
     spans = zip(todo.tolist(), starts[todo].tolist(), ends[todo].tolist(), strict=True)
     rest = [(i, buf[s - 1 : e - 1]) for i, s, e in spans]
-    return hashes, kinds, rest, len(starts)
+    return hashes, kinds, rest, len(starts), adblock
 
 
 def parse_list(
@@ -443,10 +458,11 @@ def parse_list(
         chunk = data[pos:end].lower().replace(b"\r\n", b"\n")
         pos = end + 1
         if fast:
-            hashes, kinds, lines, nlines = _fast_chunk(chunk, subdomains)
+            hashes, kinds, lines, nlines, adblock = _fast_chunk(chunk, subdomains)
             all_hashes += hashes
             all_kinds += kinds
             out.rules += sum(map(len, hashes))
+            out.adblock += adblock
         else:
             split = chunk.split(b"\n")
             lines, nlines = list(enumerate(split)), len(split)
@@ -455,6 +471,7 @@ def parse_list(
             result = parse_line(line, subdomains)
             if result.names or result.patterns:
                 out.rules += 1
+                out.adblock += adblock_syntax(line.strip())
                 names.extend(result.names)
                 patterns.extend(result.patterns)
             elif result.skipped or result.error:

@@ -151,6 +151,10 @@ def row(entry: Entry, client: Callable[[str], str], texts: Texts) -> tuple[Any, 
                 if rest is None:
                     rest = {}
                 rest[key] = value
+        if picked[1] is None and picked[0] is not None:  # a list that can name its rule
+            rule_for = getattr(notes["list"], "rule_for", None)
+            if rule_for is not None:
+                picked[1] = rule_for(q)
     return (
         ts,
         client(q.client[0]),

@@ -168,3 +168,71 @@ def test_bad_duration(bad):
 def test_address_parse(text, host, port):
     a = config.Address.parse(text)
     assert (a.host, a.port) == (host, port)
+
+
+# --- listen mistakes `run` cannot bind (issue 21 item 6) ------------------------------
+
+HTTP_ON = '[http]\nlisten = "{addr}"\n'
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        (
+            '["127.0.0.1:5353", "127.0.0.1:5353"]',
+            "config.toml: server: option 'listen': 127.0.0.1:5353 is listed twice",
+        ),
+        (
+            '["[::1]:5353", "[0::1]:5353"]',
+            "config.toml: server: option 'listen': [::1]:5353 is listed twice",
+        ),
+        (
+            '["127.0.0.1:53", "0.0.0.0:53"]',
+            "config.toml: server: option 'listen': 127.0.0.1:53 and 0.0.0.0:53 overlap",
+        ),
+        (
+            '["[::]:53", "[::1]:53"]',
+            "config.toml: server: option 'listen': [::]:53 and [::1]:53 overlap",
+        ),
+        (
+            '["::1:5353"]',
+            "config.toml: server: option 'listen': '::1:5353': an IPv6 address with a port"
+            " needs brackets: write [::1]:5353",
+        ),
+    ],
+)
+def test_listen_clashes_are_config_errors(tmp_path, listen, expected):
+    lines = errors(tmp_path, f"[server]\nlisten = {listen}\n" + FORWARD)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        '["127.0.0.1:53", "127.0.0.2:53", "0.0.0.0:54"]',
+        '["0.0.0.0:53", "[::]:53"]',  # IPv6 sockets are V6ONLY: both families bind
+        '["::1", "fe80::1", "[::1]:5353"]',  # unambiguous without brackets: port 53
+        '["127.0.0.1:0", "127.0.0.1:0"]',  # any free port, twice
+    ],
+)
+def test_listen_without_clashes_is_valid(tmp_path, listen):
+    cfg = load(tmp_path, f"[server]\nlisten = {listen}\n" + FORWARD)
+    assert cfg.server.listen
+
+
+@pytest.mark.parametrize(
+    ("dns_listen", "http_listen"),
+    [("127.0.0.1:5353", "127.0.0.1:5353"), ("127.0.0.1:5353", "0.0.0.0:5353"),
+     ("0.0.0.0:5353", "127.0.0.1:5353"), ("[::1]:5353", "[::]:5353")],
+)  # fmt: skip
+def test_http_listen_on_a_dns_port_is_an_error(tmp_path, dns_listen, http_listen):
+    text = f'[server]\nlisten = ["{dns_listen}"]\n' + HTTP_ON.format(addr=http_listen) + FORWARD
+    lines = errors(tmp_path, text)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("config.toml: http: option 'listen': "), lines
+    assert "clashes with the DNS listener" in lines[0] and "TCP" in lines[0]
+
+
+def test_http_listen_next_to_dns_is_valid(tmp_path):
+    text = '[server]\nlisten = ["127.0.0.1:5353"]\n' + HTTP_ON.format(addr="127.0.0.1:9153")
+    assert load(tmp_path, text + FORWARD).services[0].table == "http"

@@ -116,7 +116,11 @@ async def test_cname_target_blocked(tmp_path, ads, nursery):
     reply = await run_chain([step, Answer(UPSTREAM)], q)
     assert addresses(dns.message.from_wire(reply.wire)) == ["0.0.0.0"]
     assert reply.ede == ((EDE_BLOCKED, "ads.txt"),)
-    assert q.notes == {"list": "ads.txt"}
+    notes = {k: str(v) for k, v in q.notes.items()}
+    assert notes == {
+        "list": "ads.txt",
+        "rule": "tracker.example.net (CNAME target tracker.example.net)",
+    }
     assert any("CNAME target tracker.example.net" in line for line in q.trace)
     _, msg = await ask([step], "fine.example.org")
     assert "192.0.2.1" in addresses(msg)
