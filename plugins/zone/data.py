@@ -26,7 +26,7 @@ from dnsproxy import wire
 NS, SOA, CNAME, MX, SRV, A, AAAA, DS, ANY = 2, 6, 5, 15, 33, 1, 28, 43, 255
 MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: in-zone CNAME hops per query
 WILD = b"\x01*"
-SYNTH_SOA = "{apex} {ttl} IN SOA {apex} hostmaster.{apex} 1 3600 600 86400 60"
+SYNTH_SOA = "{apex} hostmaster.{apex} 1 3600 600 86400 60"  # rdata of an inline zone's SOA
 
 
 class ZoneError(Exception):
@@ -217,7 +217,7 @@ def load_file(path: Path, origin: dns.name.Name | None, limits: Limits) -> dns.z
         raise ZoneError("files", f"{path}: {exc.strerror or exc}") from exc
     try:
         if origin is None and "$ORIGIN" not in text.upper():
-            origin = _soa_owner(text, str(path))
+            origin = _soa_owner(text)
         return dns.zone.from_text(text, origin, relativize=False, filename=str(path))
     except dns.zone.UnknownOrigin as exc:
         raise ZoneError("files", f"{path}: no $ORIGIN or SOA; set 'origin'") from exc
@@ -227,45 +227,55 @@ def load_file(path: Path, origin: dns.name.Name | None, limits: Limits) -> dns.z
         raise ZoneError("files", f"{path}: {exc}") from exc
 
 
-def _soa_owner(text: str, filename: str) -> dns.name.Name | None:
-    """The owner of the first SOA, for a file with absolute names and no ``$ORIGIN``."""
-    try:
-        rrsets = dns.zonefile.read_rrsets(text, relativize=False, default_ttl=0)
-    except dns.exception.DNSException:
-        return None  # the real parse reports the problem with its line
-    return next((r.name for r in rrsets if r.rdtype == SOA), None)
+def _soa_owner(text: str) -> dns.name.Name | None:
+    """The owner of the first SOA line, for a file with absolute names and no ``$ORIGIN``
+    (the real parse then checks the whole file)."""
+    for line in text.splitlines():
+        tokens = line.partition(";")[0].split()
+        if "SOA" in (t.upper() for t in tokens[1:4]) and tokens[0].endswith("."):
+            try:
+                return dns.name.from_text(tokens[0])
+            except dns.exception.DNSException:
+                return None
+    return None
 
 
 def parse_records(
     lines: Iterable[str], origin: dns.name.Name | None, ttl: int
 ) -> list[dns.rrset.RRset]:
-    """Inline records, one RR in zone-file syntax each (TTL and class optional)."""
+    """Inline records, one RR in zone-file syntax each (TTL and class optional); names are
+    relative to ``origin``, and must be absolute without one."""
     out = []
     for i, line in enumerate(lines):
+        where = f"records[{i}] {line!r}"
+        owner = line.split(maxsplit=1)[0] if line.strip() else ""
+        if origin is None and not owner.endswith("."):
+            raise ZoneError("records", f"{where}: relative name; set 'origin'")
         try:
-            out.extend(
-                dns.zonefile.read_rrsets(
-                    line, origin=origin or dns.name.root, relativize=False, default_ttl=ttl
-                )
-            )
-        except dns.exception.DNSException as exc:
+            # Without an origin the owner serves as one (a SOA must be at the origin).
+            base = origin or dns.name.from_text(owner)
+            found = dns.zonefile.read_rrsets(line, origin=base, relativize=False, default_ttl=ttl)
+        except (dns.exception.DNSException, ValueError) as exc:
             detail = str(exc).removeprefix("<input>:1: ")
-            raise ZoneError("records", f"records[{i}] {line!r}: {detail}") from exc
-        if origin is None and not line.split()[0].endswith("."):
-            raise ZoneError("records", f"records[{i}] {line!r}: relative name; set 'origin'")
+            raise ZoneError("records", f"{where}: {detail}") from exc
+        if not found:  # dnspython leaves out a name outside the origin
+            raise ZoneError("records", f"{where}: outside the zone {origin}")
+        out.extend(found)
     return out
 
 
 def inline_apex(rrsets: list[dns.rrset.RRset], origin: dns.name.Name | None) -> dns.name.Name:
     """The apex of inline records: ``origin``, else the owner of a SOA among them, else the
-    closest name enclosing every record (``api.dev.test.`` and ``_http._tcp.dev.test.``
-    give ``dev.test.``)."""
+    closest name enclosing the parents of every owner (``api.dev.test.`` alone, or with
+    ``_http._tcp.dev.test.``, gives ``dev.test.``)."""
     if origin is not None:
         return origin
     soa = next((r.name for r in rrsets if r.rdtype == SOA), None)
     if soa is not None:
         return soa
-    apex = rrsets[0].name
+    if any(r.name == dns.name.root for r in rrsets):
+        raise ZoneError("records", "a record at the root needs 'origin'")
+    apex = rrsets[0].name.parent()
     for rrset in rrsets[1:]:
         while not rrset.name.is_subdomain(apex):
             apex = apex.parent()
@@ -281,10 +291,8 @@ def add_records(
     SOA when no file has that origin."""
     if zone is None:
         zone = dns.zone.Zone(apex, relativize=False)
-        soa = dns.zonefile.read_rrsets(
-            SYNTH_SOA.format(apex=apex.to_text(), ttl=ttl), relativize=False
-        )
-        rrsets = soa + [r for r in rrsets if r.rdtype != SOA or r.name != apex]
+        soa = dns.rrset.from_text(apex, ttl, "IN", "SOA", SYNTH_SOA.format(apex=apex.to_text()))
+        rrsets = [soa] + [r for r in rrsets if r.rdtype != SOA or r.name != apex]
     for rrset in rrsets:
         if not rrset.name.is_subdomain(apex):
             raise ZoneError("records", f"{rrset.name} is outside the zone {apex}")
@@ -299,7 +307,8 @@ def check_zone(zone: dns.zone.Zone, source: str, limits: Limits, total: int) -> 
     origin = zone.origin
     apex = zone.get_node(origin) if origin is not None else None
     if apex is None or apex.get_rdataset(dns.rdataclass.IN, SOA) is None:
-        raise ZoneError("files", f"{source}: no SOA at the zone's origin {origin}")
+        key = "records" if source == "records" else "files"
+        raise ZoneError(key, f"{source}: no SOA at the zone's origin {origin}")
     built = Zone.build(zone, source)
     if total + built.records > limits.max_records:
         raise ZoneError("files", f"more than max_records = {limits.max_records} records")
