@@ -28,7 +28,8 @@ import dns.rrset
 import dns.zone
 import pytest
 
-from tests.conftest import need
+from tests.conftest import ZONE, need
+from tests.integration.test_examples import EXAMPLES, swap
 from tests.plugins.test_zone import DEV_ZONE
 
 OTHER_ZONE = """\
@@ -226,3 +227,47 @@ def test_check_names_the_broken_zone_file_and_line(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "zone dev.test.: 22 records" in out.stdout
+
+
+def test_dev_zone_example(make_nsd, make_proxy):
+    """examples/dev-zone.toml as shipped, but for its listen address, upstream and path
+    (the cache clamps TTLs to 300 s)."""
+    internet = make_nsd({"example.org": ZONE.replace("example.test.", "example.org.")})
+    text = swap(
+        (EXAMPLES / "dev-zone.toml").read_text(),
+        {
+            'listen = ["127.0.0.1:5353", "[::1]:5353"]': 'listen = ["127.0.0.1:{port}"]',
+            '"system"': f'"{internet.addr}"',
+            'files = ["dev.test.zone"]': f'files = ["{EXAMPLES / "dev.test.zone"}"]',
+        },
+    )
+    proxy = make_proxy(text)
+    assert rows(proxy.ask("api.dev.test").answer) == {
+        "api.dev.test. 300 CNAME web.dev.test.",
+        "web.dev.test. 300 A 127.0.0.1",
+    }
+    srv = proxy.ask("_http._tcp.dev.test", "SRV")
+    assert rows(srv.additional) == {"web.dev.test. 300 A 127.0.0.1", "web.dev.test. 300 AAAA ::1"}
+    assert rows(proxy.ask("pr-42.preview.dev.test").answer) == {
+        "pr-42.preview.dev.test. 300 CNAME web.dev.test.",
+        "web.dev.test. 300 A 127.0.0.1",
+    }
+    docs = proxy.ask("docs.dev.test")
+    assert rows(docs.answer) == {
+        "docs.dev.test. 300 CNAME www.example.org.",
+        "www.example.org. 300 A 192.0.2.10",
+    }
+    assert rows(proxy.ask("web.dev.test", "HTTPS").answer) == {
+        'web.dev.test. 300 HTTPS 1 . alpn="h3,h2"'
+    }
+    assert rows(proxy.ask("_grpc._tcp.myapp.test", "SRV").answer) == {
+        "_grpc._tcp.myapp.test. 300 SRV 0 5 50051 lb.myapp.test."
+    }
+    gone = proxy.ask("nope.myapp.test")
+    assert gone.rcode() == dns.rcode.NXDOMAIN
+    assert rows(gone.authority) == {
+        "myapp.test. 60 SOA myapp.test. hostmaster.myapp.test. 1 3600 600 86400 60"
+    }
+    www = proxy.ask("www.example.org")  # cached by the CNAME above: its TTL counts down
+    assert [rd.to_text() for rd in www.answer[0]] == ["192.0.2.10"]
+    assert proxy.ask("dev.test", "AXFR", tcp=True).rcode() == dns.rcode.NOERROR
