@@ -184,7 +184,6 @@ class ZoneStep(Step):
         result = None
         with trio.move_on_after(self.options.budget):
             result = await self._follow(q, found.target)
-        self.counts["answer"] += 1
         q.note("rule", "zone")
         if result is None:
             text = f"CNAME target {found.target} not resolved"
@@ -193,6 +192,7 @@ class ZoneStep(Step):
             return respond(q, wire.SERVFAIL, ede=ede, source=self.setup.name)
         if result.rcode not in (wire.NOERROR, wire.NXDOMAIN):
             return respond(q, result.rcode, ede=result.ede, source=self.setup.name)
+        self.counts["answer"] += 1
         other = result.message()
         msg = response_message(q, result.rcode)
         msg.flags |= wire.AA  # for the question's name, which is ours (RFC 1035 §4.1.1)
@@ -245,7 +245,9 @@ class ZoneStep(Step):
         msg = response_message(q)
         msg.flags |= wire.AA
         msg.answer = zone.transfer()
-        reply = Reply.from_message(msg, source=self.setup.name)
+        # Not cacheable: a cache in front would hand the zone to clients outside the ACL.
+        body = Reply.from_message(msg).wire
+        reply = Reply(body, source=self.setup.name, cacheable=False)
         if len(reply.wire) > MAX_TRANSFER:
             self.log.warning(
                 "%s: zone %s does not fit one 64 KiB transfer message; SERVFAIL",

@@ -15,8 +15,10 @@ Deliberate differences from nsd, allowed here and documented in plugins/zone/REA
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import dns.flags
 import dns.message
@@ -271,3 +273,29 @@ def test_dev_zone_example(make_nsd, make_proxy):
     www = proxy.ask("www.example.org")  # cached by the CNAME above: its TTL counts down
     assert [rd.to_text() for rd in www.answer[0]] == ["192.0.2.10"]
     assert proxy.ask("dev.test", "AXFR", tcp=True).rcode() == dns.rcode.NOERROR
+
+
+def test_running_proxy_follows_the_zone_file(tmp_path, make_proxy):
+    """Edits are picked up by the running process; a broken edit keeps the old zone and is
+    logged once, naming the file and line."""
+    zone = tmp_path / "dev.test.zone"
+    zone.write_text(DEV_ZONE)
+    proxy = make_proxy(
+        f'[server]\nlisten = ["127.0.0.1:{{port}}"]\n'
+        f'[[chain]]\nplugin = "zone"\nfiles = ["{zone}"]\nwatch = "0.1s"\n'
+    )
+    zone.write_text(DEV_ZONE.replace("192.0.2.80", "192.0.2.81"))
+    os.utime(zone, ns=(1, 10**18))
+    deadline = time.monotonic() + 10
+    while rows(proxy.ask("web.dev.test").answer) != {"web.dev.test. 300 A 192.0.2.81"}:
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.05)
+    zone.write_text(DEV_ZONE + "broken IN A not-an-address\n")
+    os.utime(zone, ns=(2, 2 * 10**18))
+    while "keeping the zones loaded before" not in proxy.log():
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.05)
+    time.sleep(0.5)  # several polls later: still one line
+    assert proxy.log().count("keeping the zones loaded before") == 1
+    assert f"{zone}:" in proxy.log()
+    assert rows(proxy.ask("web.dev.test").answer) == {"web.dev.test. 300 A 192.0.2.81"}

@@ -272,6 +272,15 @@ async def test_transfers(tmp_path, zone_file, rdtype, transport, client, allowed
     assert step.counts["transfer"] == 1
 
 
+async def test_a_cache_in_front_never_serves_a_transfer_to_others(tmp_path, zone_file):
+    chain = chain_of([build_step("cache", {}), make(tmp_path, allow_transfer=["127.0.0.1/32"])])
+    mine = await run_chain(chain, make_query("dev.test", "AXFR", transport="tcp"))
+    assert mine is not None and mine.rcode == wire.NOERROR and mine.ancount == 23
+    other = make_query("dev.test", "AXFR", transport="tcp", client="127.0.0.9")
+    theirs = await run_chain(chain, other)
+    assert theirs is not None and theirs.rcode == wire.REFUSED
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
