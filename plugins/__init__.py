@@ -7,6 +7,7 @@ only says which modules the plugin manager registers before entry points and con
 BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.forward",
     "dnsproxy.plugins.hosts",
+    "dnsproxy.plugins.zone",
     "dnsproxy.plugins.blocklist",
     "dnsproxy.plugins.rewrite",
     "dnsproxy.plugins.loadbalance",
