@@ -565,8 +565,8 @@ class Match:
 def _release_memory() -> None:
     """Hand the parser's freed buffers back to the OS.
 
-    glibc keeps freed memory in the heap of the worker thread that parsed (about 30 MB
-    for a 1M list); malloc_trim returns it. Elsewhere this is a no-op.
+    glibc keeps freed memory in the heap of the worker thread that parsed (a large list
+    leaves much of its parse there); malloc_trim returns it. Elsewhere this is a no-op.
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
