@@ -43,6 +43,7 @@ from dnsproxy import wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import Reply, respond
+from dnsproxy.shared import Shared
 from dnsproxy.wire import Query
 
 if TYPE_CHECKING:
@@ -103,6 +104,9 @@ class Setup:
     # The server's pause state (the HTTP API's /api/blocking): steps that block consult it
     # so a pause outlives reloads. A fresh one for steps built outside a server.
     blocking: Blocking = attrs.field(factory=Blocking)
+    # The server's store of long-lived objects its steps share across reloads (parsed
+    # lists); a fresh one for steps built outside a server.
+    shared: Shared = attrs.field(factory=Shared)
 
     def error(self, key: str | None, message: str) -> ConfigError:
         """A config error naming this step and ``key``."""

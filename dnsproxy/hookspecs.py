@@ -10,8 +10,8 @@ work happens in `dnsproxy.chain.Step` objects, which the chain calls directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -22,6 +22,22 @@ if TYPE_CHECKING:
     from dnsproxy.wire import Query
 
 Observer = Callable[["Query", "Reply | None", float], None]
+
+
+class QueryLogReader(Protocol):
+    """A query log as the HTTP API's ``/api/stats`` reads it (`dnsproxy_query_logs`)."""
+
+    def counters(self) -> dict[str, int]:
+        """Its counters by name (records, dropped, ...); read on the event loop."""
+        ...
+
+    def summary(self, now: float, windows: Mapping[str, float], top: int) -> dict[str, Any] | None:
+        """For each ``windows`` label, over the last that many seconds before ``now``:
+        ``queries``, ``blocked``, ``blocked_share``, ``top_blocked`` and ``top_clients``
+        (``top`` of each). None when it has nothing to read yet. May block on I/O: the
+        caller runs it in a worker thread."""
+        ...
+
 
 hookspec = pluggy.HookspecMarker("dnsproxy")
 hookimpl = pluggy.HookimplMarker("dnsproxy")
@@ -74,9 +90,21 @@ def dnsproxy_shutdown(server: Server) -> None:
 def dnsproxy_observers(server: Server) -> list[Observer] | None:
     """Return the observers that should see every finished query under this config.
 
+    Each observer is a bound method of an object ``server`` keeps (a step of
+    ``server.chain``, a service in ``server.services``), so two servers in one process
+    never see each other's queries: a plugin keeps no module-level state to route them.
     Asked once when the server starts and after each reload, so a plugin that is not
     configured returns None and costs nothing per query. The server then calls each
     observer directly as ``observer(query, reply, elapsed)`` for every query: ``reply`` is
     what was sent (None if dropped), ``elapsed`` is in seconds. Observers run on the hot
     path: they must be cheap and never block (buffer, and write from a background task).
+    """
+
+
+@hookspec
+def dnsproxy_query_logs(server: Server) -> list[QueryLogReader] | None:
+    """Return the query logs of ``server``'s current chain (objects it keeps), or None.
+
+    The HTTP API's ``/api/stats`` reads the first that has a summary and sums the
+    counters of all; without one it answers from its own in-memory counters.
     """

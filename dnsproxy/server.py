@@ -51,6 +51,7 @@ from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import EDE_PROHIBITED, Reply, error_wire, finalize, respond
+from dnsproxy.shared import Shared
 from dnsproxy.upstream import Upstream, UpstreamSpec, read_frame
 from dnsproxy.wire import Drop, Query, Reject, parse_query
 
@@ -118,12 +119,19 @@ def load(path: Path) -> tuple[Config, Registry, pluggy.PluginManager]:
     return config_mod.parse(path, doc, registry), registry, pm
 
 
-def build_chain(cfg: Config, registry: Registry, blocking: Blocking | None = None) -> Chain:
+def build_chain(
+    cfg: Config,
+    registry: Registry,
+    blocking: Blocking | None = None,
+    shared: Shared | None = None,
+) -> Chain:
     """Instantiate every step of ``cfg``; ConfigError if any step rejects its options.
 
     ``blocking``: the server's pause state, handed to every step (a new one if None).
+    ``shared``: the server's long-lived store, handed to every step (a new one if None).
     """
     blocking = blocking or Blocking()
+    shared = shared or Shared()
 
     def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
         if isinstance(spec, str):
@@ -151,6 +159,7 @@ def build_chain(cfg: Config, registry: Registry, blocking: Blocking | None = Non
             make_upstream=make_upstream,
             log=logging.getLogger(f"dnsproxy.plugins.{sc.plugin}"),
             blocking=blocking,
+            shared=shared,
         )
         try:
             step = registry.steps[sc.plugin](sc.options, setup)
@@ -210,7 +219,9 @@ class Server:
         self.freeze_gc = freeze_gc
         self.config, self.registry, self.pm = loaded or load(self.path)
         self.blocking = Blocking()  # user intent, not config: survives reloads
-        self.chain = build_chain(self.config, self.registry, self.blocking)
+        self.shared = Shared()  # this server's long-lived objects (parsed lists): survive reloads
+        self.services: list[Any] = []  # the services of [http]-like tables, built by run()
+        self.chain = build_chain(self.config, self.registry, self.blocking, self.shared)
         self.bound: tuple[Address, ...] = ()  # the listen addresses run() bound
         self.stats = Stats()
         self.addresses: list[tuple[str, str, int]] = []  # (transport, host, port) as bound
@@ -610,7 +621,7 @@ class Server:
             raise ConfigError(
                 f"{self.path.name}: server: listen: cannot bind {addr}: {exc.strerror}"
             ) from exc
-        services = []
+        services = self.services
         try:  # services bind too before any listener is announced: all or nothing
             for svc in self.config.services:
                 service = self.registry.services[svc.table](svc.options, self)
@@ -620,6 +631,7 @@ class Server:
         except ConfigError:
             for _, _, s in socks:
                 s.close()
+            services.clear()
             raise
         self.bound = tuple(self.config.server.listen)
         try:
@@ -718,7 +730,7 @@ class Server:
         start = time.monotonic()
         try:
             cfg, registry, pm = load(self.path)
-            chain = build_chain(cfg, registry, self.blocking)
+            chain = build_chain(cfg, registry, self.blocking, self.shared)
         except ConfigError as exc:
             for line in exc.lines:
                 log.error("reload failed, keeping the running config: %s", line)

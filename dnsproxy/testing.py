@@ -28,6 +28,7 @@ from dnsproxy.chain import Chain, Setup, Step, Suspended, scope_test
 from dnsproxy.config import ServerConfig
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import Reply, respond, response_message
+from dnsproxy.shared import Shared
 from dnsproxy.upstream import Upstream, UpstreamSpec
 from dnsproxy.wire import Query, name_to_key, parse_query
 
@@ -73,10 +74,12 @@ def make_setup(
     index: int = 0,
     reg: Registry | None = None,
     blocking: Blocking | None = None,
+    shared: Shared | None = None,
 ) -> Setup:
     """A Setup like the server builds, for constructing steps directly.
 
     ``blocking``: the pause state to share (steps built with one honour its pauses).
+    ``shared``: the long-lived store to share, as steps of one server (and its reloads) do.
     """
     reg = reg or registry()
 
@@ -95,6 +98,7 @@ def make_setup(
         make_upstream=make_upstream,
         log=logging.getLogger(f"dnsproxy.plugins.{name}"),
         blocking=blocking or Blocking(),
+        shared=shared or Shared(),
     )
 
 

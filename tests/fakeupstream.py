@@ -242,7 +242,7 @@ class FakeUpstream:
         self.port = port
         self.seen: list[Seen] = []
         self.record = record
-        self._used: dict[int, int] = {}
+        self.used: dict[int, int] = {}  # answers given by each rule with "times", by index
         self._udp: trio.socket.SocketType | None = None
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -254,7 +254,7 @@ class FakeUpstream:
 
     def set_rules(self, rules: list[Rule]) -> None:
         """Replace the behaviour and forget the queries seen so far."""
-        self._used = {}
+        self.used = {}
         self.rules = list(rules)
         self.seen.clear()
 
@@ -264,9 +264,9 @@ class FakeUpstream:
                 continue
             times = rule.get("times")
             if times is not None:
-                if self._used.get(i, 0) >= times:
+                if self.used.get(i, 0) >= times:
                     continue
-                self._used[i] = self._used.get(i, 0) + 1
+                self.used[i] = self.used.get(i, 0) + 1
             return rule
         return None
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -76,10 +75,7 @@ TYPE_A, TYPE_AAAA = 1, 28
 MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
 CNAME_IN = b"\x00\x05\x00\x01"  # type CNAME, class IN, as in every CNAME record's header
 MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
-
-
-_PARSED: weakref.WeakValueDictionary[tuple[object, ...], Parsed] = weakref.WeakValueDictionary()
-"""Parsed lists by source, file stamp and parse options, while some step holds them."""
+PARSED_TABLE = "blocklist.parsed"  # the `Shared.weak` table of parsed lists
 
 
 def _mode(value: object) -> str | tuple[str, ...]:
@@ -153,6 +149,9 @@ class Blocklist(Step):
             for i, (spec, allow) in enumerate(specs)
         ]
         self.set = DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
+        # Parsed lists by source, file stamp and parse options, while some step of this
+        # server holds them: never another server's (`Shared`).
+        self.parsed_lists = setup.shared.weak(PARSED_TABLE)
         self._reuse_parsed()
         self.blocked = [0] * len(self.sources)
         self.load_failures = 0
@@ -173,14 +172,14 @@ class Blocklist(Step):
         return (where, stamp, src.allow, opts.subdomains, opts.max_entries, opts.max_patterns)
 
     def _reuse_parsed(self) -> None:
-        """Attach lists another step of this process parsed from the same, unchanged file.
+        """Attach lists another step of this server parsed from the same, unchanged file.
 
         A step built by a SIGHUP reload thus blocks from its first query instead of
         answering unblocked while it parses everything again.
         """
         for src in self.sources:
             stamp = src.stamp()
-            parsed = _PARSED.get(self._key(src, stamp)) if stamp else None
+            parsed = self.parsed_lists.get(self._key(src, stamp)) if stamp else None
             if parsed is not None:
                 src.parsed = parsed
                 src.seen = stamp
@@ -356,6 +355,27 @@ class Blocklist(Step):
             await self._close_client()
         return lines
 
+    async def load_now(self) -> None:
+        """Read and attach every list once, in the caller's task, instead of `run`.
+
+        For embedding and tests that want the lists in place before the first query and
+        no background timers: a list that cannot be read is counted, logged and left
+        out (not retried).
+        """
+        try:
+            for src in self.sources:
+                try:
+                    data, origin = await self._fetch(src)
+                except FetchError as exc:
+                    self.load_failures += 1
+                    self.problems[src.index] = str(exc)
+                    self.log.warning("%s: list %s: %s", self.setup.where, src.name, exc)
+                    continue
+                if data is not None:
+                    await self._load(src, data, origin)
+        finally:
+            await self._close_client()
+
     async def _keep_loaded(self, src: Source) -> None:
         if src.url is not None and src.parsed is None:
             cached = src.cached()
@@ -473,7 +493,7 @@ class Blocklist(Step):
             src.keep(data)
         stamp = src.seen if src.path is not None else src.stamp()
         if stamp is not None:
-            _PARSED[self._key(src, stamp)] = parsed
+            self.parsed_lists[self._key(src, stamp)] = parsed
         async with self._merge_lock:
             loaded = [
                 (s.index, p.hashes, p.kinds, p.patterns)
@@ -545,8 +565,8 @@ class Match:
 def _release_memory() -> None:
     """Hand the parser's freed buffers back to the OS.
 
-    glibc keeps freed memory in the heap of the worker thread that parsed (about 30 MB
-    for a 1M list); malloc_trim returns it. Elsewhere this is a no-op.
+    glibc keeps freed memory in the heap of the worker thread that parsed (a large list
+    leaves much of its parse there); malloc_trim returns it. Elsewhere this is a no-op.
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim

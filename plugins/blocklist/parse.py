@@ -320,6 +320,9 @@ def to_wire(name: bytes) -> bytes:
 _SPECIAL_HASHES = np.array(sorted(hash(to_wire(s)) for s in SPECIAL), dtype=np.int64)
 _COMMENT = np.zeros(256, dtype=bool)
 _COMMENT[list(b"#![")] = True
+for _table in (_OK, _LETTER, _FIRST_OK, _SPECIAL_HASHES, _COMMENT):
+    _table.flags.writeable = False  # constant lookup tables, shared by every step
+del _table
 
 # (prefix, suffix, kind) of the line shapes recognised in bulk; kind None = the plain
 # subdomains option decides between subtree and exact.

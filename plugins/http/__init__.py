@@ -204,7 +204,6 @@ class HttpService:
         cfg.read_timeout = 10
         cfg.graceful_timeout = 1
         app = App(self.server, self.options, self.observed, self.collector)
-        _running.append(self)
         try:
             async with trio.open_nursery() as nursery:
                 serve = partial(
@@ -220,16 +219,12 @@ class HttpService:
                 nursery.start_soon(self._rotate)
                 task_status.started([("http", host, port)])
         finally:
-            _running.remove(self)
             sock.close()
 
     async def _rotate(self) -> None:
         while True:
             await trio.sleep(self.options.stats_interval)
             self.observed.rotate(time.time())
-
-
-_running: list[HttpService] = []  # http services serving now, of any Server in the process
 
 
 @hookimpl
@@ -239,7 +234,7 @@ def dnsproxy_add_services(registry: Registry) -> None:
 
 @hookimpl
 def dnsproxy_observers(server: Server) -> list[Observer] | None:
-    """The counters of ``server``'s http service (hot path: increments only).
+    """The counters of the http service ``server`` keeps (hot path: increments only).
 
     Asked right after each chain swap, before any query reaches the new steps: the moment
     to note where their counters start, so a replaced step's restart is seen even when
@@ -247,7 +242,7 @@ def dnsproxy_observers(server: Server) -> list[Observer] | None:
     """
     if not any(svc.table == "http" for svc in server.config.services):
         return None
-    mine = [svc for svc in _running if svc.server is server]
+    mine = [svc for svc in server.services if isinstance(svc, HttpService)]
     for svc in mine:
         svc.collector.note_counters()
-    return [svc.observed.observe for svc in mine]
+    return [svc.observed.observe for svc in mine] or None

@@ -28,7 +28,6 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import trio
-from dnsproxy.plugins.querylog import db_stats, live_counters, live_database
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dnsproxy import options
@@ -212,16 +211,24 @@ class App:
 
     async def _compute_stats(self, top: int) -> dict[str, Any]:
         now = time.time()
-        db = live_database(self.server.chain)
-        if db is not None and db.exists():
-            windows = await trio.to_thread.run_sync(db_stats, db, now, WINDOWS, top)
-            out = {"source": "querylog", **windows}
+        found = self.server.pm.hook.dnsproxy_query_logs(server=self.server)
+        logs = [log for group in found if group for log in group]
+        for log in logs:
+            windows = await trio.to_thread.run_sync(log.summary, now, WINDOWS, top)
+            if windows is not None:
+                out = {"source": "querylog", **windows}
+                break
         else:
             history = self.observed.copy()  # the loop keeps counting while the thread reads
             windows = await trio.to_thread.run_sync(history.stats, now, WINDOWS, top)
             out = {"source": "memory", **windows}
-        counters = live_counters(self.server.chain)
-        return out if counters is None else {**out, "querylog": counters}
+        if not logs:
+            return out
+        counters: dict[str, int] = {}
+        for log in logs:
+            for name, value in log.counters().items():
+                counters[name] = counters.get(name, 0) + value
+        return {**out, "querylog": counters}
 
     async def query(self, params: dict[str, str]) -> dict[str, Any]:
         return await self.limited(lambda: self._query(params))

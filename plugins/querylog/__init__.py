@@ -1,23 +1,23 @@
 """querylog — one record per query, to an SQLite database and/or JSON lines.
 
 The step (`QueryLog`: its buffer, the writer task with the flush and maintenance timers,
-its counters), the observer that feeds the live steps, and what the HTTP API reads. The
-files and their bounds are in `store`. README.md beside this file documents options,
-bounds, metrics and examples.
+its counters), which is also the observer of its server's queries (`QueryLog.record`)
+and what the HTTP API reads (`QueryLogReader`). The files and their bounds are in
+`store`. README.md beside this file documents options, bounds, metrics and examples.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from dnsproxy.chain import Chain, Metric, Setup, Step
-from dnsproxy.hookspecs import Observer, hookimpl
+from dnsproxy.chain import Metric, Setup, Step
+from dnsproxy.hookspecs import Observer, QueryLogReader, hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply
 from dnsproxy.wire import Query
@@ -58,7 +58,7 @@ class QueryLog(Step):
         self.drop_warned = -DROP_WARN_EVERY
 
     def record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
-        """Hot path (from the observer hook): buffer the entry or count the drop."""
+        """The observer (hot path): buffer the entry or count the drop."""
         if len(self.buffer) >= self.limit:
             self.dropped += 1
             return
@@ -66,7 +66,6 @@ class QueryLog(Step):
 
     async def run(self) -> None:
         """Flush every ``flush_interval``, maintain the database every ``prune_interval``."""
-        _activate(self)  # before the first await: queries are buffered from the start
         flush_every, prune_every = self.options.flush_interval, self.options.prune_interval
         try:
             await trio.to_thread.run_sync(self.store.open)
@@ -85,7 +84,6 @@ class QueryLog(Step):
                     await self.prune_now()
                     next_prune = trio.current_time() + prune_every
         finally:
-            _deactivate(self)
             with trio.CancelScope(shield=True):
                 await self.flush_now()
                 await trio.to_thread.run_sync(self.store.close)
@@ -137,6 +135,17 @@ class QueryLog(Step):
         where = [str(p) for p in (self.store.db_path, self.store.jsonl) if p is not None]
         return [f"logging to {', '.join(where)}"]
 
+    def counters(self) -> dict[str, int]:
+        """`QueryLogReader.counters`: what `metrics` reports, by name."""
+        return {m.name: int(m.value) for m in self.metrics()}
+
+    def summary(self, now: float, windows: Mapping[str, float], top: int) -> dict[str, Any] | None:
+        """`QueryLogReader.summary`: `db_stats` of the database; None without one."""
+        path = self.store.db_path
+        if path is None or not path.exists():
+            return None
+        return db_stats(path, now, windows, top)
+
     def metrics(self) -> list[Metric]:
         return [
             Metric("records", self.written, help="Query log records written."),
@@ -147,46 +156,7 @@ class QueryLog(Step):
         ]
 
 
-# --- routing the observer hook to the live steps -----------------------------------------
-
-_live: list[QueryLog] = []  # the querylog steps of the newest running chain
-
-
-def _activate(step: QueryLog) -> None:
-    if _live and _live[0].chain is not step.chain:
-        _live.clear()  # a newer chain took over: its steps log from now on
-    if step not in _live:
-        _live.append(step)
-
-
-def _deactivate(step: QueryLog) -> None:
-    if step in _live:
-        _live.remove(step)
-
-
-def live_database(chain: Chain | None) -> Path | None:
-    """The SQLite file of a querylog step in ``chain`` (for the HTTP API's stats)."""
-    if chain is None:
-        return None
-    for step in chain.steps:
-        if isinstance(step, QueryLog) and step.store.db_path is not None:
-            return step.store.db_path
-    return None
-
-
-def live_counters(chain: Chain | None) -> dict[str, int] | None:
-    """The querylog steps' counters in ``chain``, summed (for ``/api/stats``), or None."""
-    steps = [s for s in chain.steps if isinstance(s, QueryLog)] if chain is not None else []
-    if not steps:
-        return None
-    out: dict[str, int] = {}
-    for step in steps:
-        for m in step.metrics():
-            out[m.name] = out.get(m.name, 0) + int(m.value)
-    return out
-
-
-def db_stats(path: Path, now: float, windows: dict[str, float], top: int) -> dict[str, Any]:
+def db_stats(path: Path, now: float, windows: Mapping[str, float], top: int) -> dict[str, Any]:
     """Queries, blocked share, top blocked names and top clients per window (read-only)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     blocked = ",".join("?" * len(BLOCKING_SOURCES))
@@ -228,12 +198,11 @@ def dnsproxy_add_steps(registry: Registry) -> None:
 
 @hookimpl
 def dnsproxy_observers(server: Server) -> list[Observer] | None:
-    if any(isinstance(step, QueryLog) for step in server.chain.steps):
-        return [observe]
-    return None
+    """The `QueryLog.record` of each querylog step in ``server``'s current chain."""
+    return [s.record for s in server.chain.steps if isinstance(s, QueryLog)] or None
 
 
-def observe(query: Query, reply: Reply | None, elapsed: float) -> None:
-    """Hand a finished query to the live querylog steps (hot path: an append each)."""
-    for step in _live:
-        step.record(query, reply, elapsed)
+@hookimpl
+def dnsproxy_query_logs(server: Server) -> list[QueryLogReader] | None:
+    """The querylog steps of ``server``'s current chain, for the HTTP API's stats."""
+    return [s for s in server.chain.steps if isinstance(s, QueryLog)] or None

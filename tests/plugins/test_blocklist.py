@@ -9,10 +9,10 @@ import dns.message
 import dns.rdatatype
 import pytest
 import trio
-from dnsproxy.plugins import blocklist
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import EDE_BLOCKED
+from dnsproxy.shared import Shared
 from dnsproxy.testing import Answer, build_step, chain_of, make_query, run_chain
 from tests.conftest import BLOCKLISTS
 
@@ -41,8 +41,7 @@ async def loaded(step, nursery):
 
 async def load_now(step):
     """Load every (file) list in this task: no background work, so no timers under autojump."""
-    for src in step.sources:
-        await step._load(src, src.read_file(step.options.max_size), "")
+    await step.load_now()
     assert step.ready()
     return step
 
@@ -153,7 +152,6 @@ async def test_pause_and_resume(tmp_path, ads, autojump_clock):
 
 async def test_answers_before_lists_load_then_attaches(tmp_path, nursery, caplog):
     caplog.set_level(logging.INFO)
-    blocklist._PARSED.clear()  # no step of an earlier test may lend its lists
     table = {"lists": [str(BLOCKLISTS / "tracking.domains"), str(BLOCKLISTS / "basic.hosts")]}
     step = build_step("blocklist", table, base_dir=tmp_path)
     assert not step.ready()
@@ -244,17 +242,20 @@ async def test_root_and_non_in_class_pass(tmp_path, ads, nursery):
 
 
 async def test_a_reloaded_step_blocks_at_once_with_unchanged_lists(tmp_path, ads, nursery):
-    first = await loaded(
-        build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path), nursery
-    )
-    again = build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path)
+    shared = Shared()  # one server's store: its steps and the steps of its reloads
+    table = {"lists": ["ads.txt"]}
+    first = await loaded(build_step("blocklist", table, base_dir=tmp_path, shared=shared), nursery)
+    again = build_step("blocklist", table, base_dir=tmp_path, shared=shared)
     assert again.ready() and again.query(make_query("ads.example.org")) is not None
+    assert again.sources[0].parsed is first.sources[0].parsed
+    other_server = build_step("blocklist", table, base_dir=tmp_path, shared=Shared())
+    assert not other_server.ready()  # another server's step is never lent this one's lists
     other_options = build_step(
-        "blocklist", {"lists": ["ads.txt"], "subdomains": False}, base_dir=tmp_path
+        "blocklist", {"lists": ["ads.txt"], "subdomains": False}, base_dir=tmp_path, shared=shared
     )
     assert not other_options.ready()
     write(tmp_path, "ads.txt", "www.example.org")
     os.utime(tmp_path / "ads.txt", ns=(1, 10**18))
-    changed = build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path)
+    changed = build_step("blocklist", table, base_dir=tmp_path, shared=shared)
     assert not changed.ready() and changed.query(make_query("ads.example.org")) is None
     assert first.ready()

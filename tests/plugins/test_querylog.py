@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -183,9 +184,9 @@ async def wait_log(caplog, text, seconds=30.0):
         await trio.sleep(0.01)
 
 
-async def wait_live(step):
-    """Until the step records queries and has its database open."""
-    while step not in querylog._live or (step.store.db_path and step.store.db is None):
+async def wait_open(step):
+    """Until the step's writer has its database open."""
+    while step.store.db_path and step.store.db is None:
         await trio.sleep(0.01)
 
 
@@ -230,10 +231,10 @@ async def test_size_cap_bounds_database_and_wal_on_disk(tmp_path):
     with trio.fail_after(60):
         async with trio.open_nursery() as n:
             n.start_soon(step.run)
-            await wait_live(step)
+            await wait_open(step)
             for batch in range(20):
                 for q in queries:
-                    querylog.observe(q, None, 0.001)
+                    step.record(q, None, 0.001)
                 while step.written < (batch + 1) * 2000:
                     await trio.sleep(0.005)
                 sizes.append(on_disk(path))
@@ -256,7 +257,7 @@ async def test_retention_runs_on_a_timer_without_queries(tmp_path, autojump_cloc
     expired = "SELECT ts FROM queries WHERE ts < strftime('%s') - 60"
     async with trio.open_nursery() as n:
         n.start_soon(step.run)
-        await wait_live(step)
+        await wait_open(step)
         insert_rows(path, [now])
         # Round 1 may race the clean-up at start-up; round 2 starts after it is over (it
         # deletes expired rows before anything else), so only the timer is left to act.
@@ -306,41 +307,23 @@ async def test_large_database_without_auto_vacuum_is_trimmed_and_warned(
 
 async def test_observer_hook_and_background_flush(tmp_path):
     step = make(tmp_path, flush_interval="20ms", jsonl="q.jsonl")
-    chain_of([step])
+    server = SimpleNamespace(chain=chain_of([step]))  # what the hook reads of a Server
+    assert querylog.dnsproxy_observers(server) == [step.record]
+    assert querylog.dnsproxy_observers(SimpleNamespace(chain=chain_of([]))) is None
     q = make_query("www.example.org")
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             n.start_soon(step.run)
-            while step not in querylog._live:
-                await trio.sleep(0.01)
             for _ in range(5):
-                querylog.observe(q, respond(q, 0, source="x"), 0.0)
+                step.record(q, respond(q, 0, source="x"), 0.0)
             while step.written < 5:
                 await trio.sleep(0.01)
             assert len(rows(step.store.db_path)) == 5
-            querylog.observe(q, None, 0.0)
+            step.record(q, None, 0.0)
             n.cancel_scope.cancel()
     # cancelled: what was still buffered was written on the way out
-    assert step not in querylog._live
     assert len(rows(step.store.db_path)) == 6
     assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 6
-
-
-async def test_newer_chain_takes_over(tmp_path):
-    old = make(tmp_path, flush_interval="20ms", database="old.sqlite")
-    new = make(tmp_path, flush_interval="20ms", database="new.sqlite")
-    chain_of([old])
-    chain_of([new])
-    with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(old.run)
-            while old not in querylog._live:
-                await trio.sleep(0.01)
-            n.start_soon(new.run)
-            while new not in querylog._live:
-                await trio.sleep(0.01)
-            assert querylog._live == [new]
-            n.cancel_scope.cancel()
 
 
 def test_write_errors_are_counted(tmp_path):

@@ -24,9 +24,7 @@ def ads(tmp_path):
 
 async def load_now(step):
     """Load every list file that exists, in this task."""
-    for src in step.sources:
-        if src.path.exists():
-            await step._load(src, src.read_file(step.options.max_size), "")
+    await step.load_now()
     return step
 
 
