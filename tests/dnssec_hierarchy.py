@@ -106,9 +106,12 @@ class Hierarchy:
 
     def _keygen(self, zone: str, algorithm: str) -> str:
         out = subprocess.run(
-            [need("dnssec-keygen"), "-q", "-K", str(self.keys), "-a", algorithm]
-            + (["-b", "2048"] if algorithm.startswith("RSA") else [])
-            + ["-f", "KSK", "-n", "ZONE", zone],
+            [
+                need("dnssec-keygen"),
+                *("-q", "-K", str(self.keys), "-a", algorithm),
+                *(("-b", "2048") if algorithm.startswith("RSA") else ()),
+                *("-f", "KSK", "-n", "ZONE", zone),
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -126,8 +129,18 @@ class Hierarchy:
         src.write_text(body + Path(key + ".key").read_text())
         signed = self.dir / f"{zone}signed"
         subprocess.run(
-            [need("dnssec-signzone"), "-q", "-P", "-z", *extra, "-o", zone]
-            + ["-f", str(signed), str(src), key],
+            [
+                need("dnssec-signzone"),
+                "-q",
+                "-P",
+                "-z",
+                *extra,
+                "-o",
+                zone,
+                "-f",
+                str(signed),
+                *(str(src), key),
+            ],
             check=True,
             capture_output=True,
         )
