@@ -16,10 +16,6 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from dns.dnssectypes import Algorithm
-
-from dnsproxy import wire
-from dnsproxy.chain import AWAIT
-from dnsproxy.errors import ConfigError
 from dnsproxy.plugins.dnssec import anchors
 from dnsproxy.plugins.dnssec.validator import (
     BOGUS,
@@ -30,6 +26,10 @@ from dnsproxy.plugins.dnssec.validator import (
     Verdict,
     supported_algorithms,
 )
+
+from dnsproxy import wire
+from dnsproxy.chain import AWAIT
+from dnsproxy.errors import ConfigError
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
 
 ZONE = dns.name.from_text("example.org.")
