@@ -2,7 +2,8 @@
 with dnssec-keygen/dnssec-signzone (bind9-utils), served by one nsd, resolved by unbound.
 
 Every zone lives in the one nsd, which answers each question from the deepest zone it holds
-(DS from the parent side); unbound reaches it through a stub for the root. ``resolver`` does
+(DS from the parent side); unbound reaches it through a stub zone per zone (the NS
+records name port 53). ``resolver`` does
 no validation (``module-config: "iterator"``), so the proxy in front of it validates;
 ``validator`` is the same unbound validating with the hierarchy's trust anchor, to compare.
 
@@ -134,6 +135,7 @@ class Hierarchy:
                 "-q",
                 "-P",
                 "-z",
+                *("-d", str(self.dir)),  # its dsset- files, which would land in the cwd
                 *extra,
                 "-o",
                 zone,

@@ -4,8 +4,9 @@ compared case by case with unbound validating the same hierarchy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import dns.edns
 import dns.flags
@@ -14,7 +15,10 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+import trio
 
+from dnsproxy import wire
+from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.conftest import Proxy
 from tests.dnssec_hierarchy import Hierarchy
 
@@ -129,10 +133,7 @@ def test_plain_client_gets_no_dnssec_records(proxy: Proxy) -> None:
     assert [rrset.rdtype for rrset in r.answer] == [dns.rdatatype.A]
 
 
-def test_trace_names_keys_and_reason(proxy: Proxy, make_proxy: Callable[..., Proxy]) -> None:
-    import subprocess
-    import sys
-
+def test_trace_names_keys_and_reason(proxy: Proxy) -> None:
     def trace(name: str) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "dnsproxy", "query", "-c", str(proxy.config_path), name],
@@ -148,8 +149,20 @@ def test_trace_names_keys_and_reason(proxy: Proxy, make_proxy: Callable[..., Pro
     assert "signature does not verify" in bad, bad
 
 
-def test_metrics_count(proxy: Proxy, hierarchy: Hierarchy, tmp_path: Path) -> None:
-    # Counters are read through the step; the /metrics route is the http plugin's.
-    for name in ("www.example.test", "tampered.example.test", "www.unsigned.example.test"):
-        ask(proxy_addr(proxy), name, "TXT")
-    assert "Traceback" not in proxy.log()
+async def test_cache_before_dnssec_keeps_the_validated_answer(hierarchy: Hierarchy) -> None:
+    """``cache`` before ``dnssec``: the second query is a cache hit with AD, not validated
+    again; the bogus answer is counted once per validation and never served as good."""
+    assert hierarchy.resolver is not None
+    cache = build_step("cache", {})
+    dnssec = build_step("dnssec", {"trust_anchors": [str(hierarchy.anchor)]})
+    forward = build_step("forward", {"upstreams": [hierarchy.resolver.addr]})
+    chain = chain_of([cache, dnssec, forward])
+    with trio.fail_after(20):
+        for _ in range(2):
+            reply = await run_chain(chain, make_query("www.example.test", do=True))
+            assert reply is not None and reply.flags & wire.AD
+        bad = await run_chain(chain, make_query("tampered.example.test", do=True))
+    assert bad is not None and bad.rcode == wire.SERVFAIL and bad.ede[0][0] == 6
+    assert dnssec.counts == {"secure": 1, "insecure": 0, "bogus": 1}
+    assert dnssec.validator.fetches > 0 and len(dnssec.validator.store) >= 3
+    chain.close()
