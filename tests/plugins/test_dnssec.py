@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import dns.dnssec
+import dns.message
 import dns.name
 import dns.rrset
 import pytest
@@ -226,3 +227,26 @@ def test_metrics_name_the_results():
     for status in (SECURE, INSECURE, BOGUS):
         assert ("answers", (("result", status),)) in names
     assert ("keys", ()) in names
+
+
+async def test_names_under_no_anchor_or_under_a_negative_anchor_are_insecure(tmp_path: Path):
+    keys = signed()[0]
+    path = tmp_path / "anchor"
+    path.write_text(f"example.org. 300 IN DNSKEY {keys[0].to_text()}\n")
+    v = Validator(
+        anchors.load([path]),
+        [dns.name.from_text("corp.example.org.")],
+        max_keys=10,
+        max_iterations=150,
+        algorithms=supported_algorithms(),
+    )
+
+    async def no_fetch(name, rdtype):
+        raise AssertionError("nothing to fetch")
+
+    msg = dns.message.make_response(dns.message.make_query("www.example.net.", "A"))
+    out = await v.validate(dns.name.from_text("www.example.net."), 1, msg, no_fetch, Budget(4))
+    assert out.status == INSECURE and "no trust anchor" in out.why  # the root is not trusted
+    name = dns.name.from_text("www.corp.example.org.")
+    out = await v.validate(name, 1, msg, no_fetch, Budget(4))
+    assert out.status == INSECURE and "negative trust anchor" in out.why
