@@ -14,6 +14,7 @@ BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.localnames",
     "dnsproxy.plugins.ratelimit",
     "dnsproxy.plugins.cache",
+    "dnsproxy.plugins.dnssec",
     "dnsproxy.plugins.dot",
     "dnsproxy.plugins.doh",
     "dnsproxy.plugins.querylog",
