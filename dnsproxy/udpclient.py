@@ -30,6 +30,7 @@ import trio
 
 from dnsproxy.errors import UpstreamError
 from dnsproxy.upstream import Request, Upstream, matches, new_id
+from dnsproxy.wire import hostport
 
 log = logging.getLogger("dnsproxy.udpclient")
 
@@ -222,9 +223,7 @@ class UdpUpstream:
     def __init__(self, host: str, port: int, tcp: Upstream) -> None:
         self.addr = (host, port)
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.name = (
-            f"udp://{host}:{port}" if self.family == socket.AF_INET else f"udp://[{host}]:{port}"
-        )
+        self.name = hostport(host, port, "udp")
         self.tcp = tcp
 
     def send(self, req: Request, deadline: float, done: Done) -> None:

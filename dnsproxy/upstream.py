@@ -25,9 +25,9 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
-from dnsproxy.reply import edns_option
 
 UPSTREAM_UDP_SIZE = 1232
+PADDING_OPTION = 12  # RFC 7830
 
 
 @attrs.frozen
@@ -92,10 +92,8 @@ class Request:
         options = self.options
         if pad_block:
             pad = -(len(msg) + 11 + len(options) + 4) % pad_block
-            options += edns_option(12, b"\x00" * pad)
-        ttl = wire.EDNS_DO if self.do else 0
-        opt = struct.pack("!HHIH", wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options))
-        return msg + b"\x00" + opt + options
+            options += wire.edns_option(PADDING_OPTION, b"\x00" * pad)
+        return msg + wire.opt_record(UPSTREAM_UDP_SIZE, self.do, options)
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:
