@@ -10,8 +10,8 @@ What makes this cheap is how the reply is waited for. The sockets are registered
 private epoll (kqueue elsewhere) set, and one Trio system task per run waits until *that*
 set is readable, drains the ready sockets and hands each reply to its exchange's callback,
 synchronously. A forwarded query so costs no task, no cancel scope and no Trio I/O
-registration of its own; a task per query made misses cost about 130 µs of CPU here,
-bench/RESULTS.md has the figures. The same task enforces the deadlines, kept in a heap.
+registration of its own: those are most of the CPU a cache miss would otherwise take.
+The same task enforces the deadlines, kept in a heap.
 The reader exits when nothing is in flight and is started again by the next exchange.
 """
 
@@ -60,7 +60,7 @@ class EpollSet:
 
 class SelectorSet:
     """The waiting set elsewhere (kqueue on BSD and macOS): `selectors`, which needs an
-    explicit unregister and costs a few µs more per exchange."""
+    explicit unregister per exchange."""
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()

@@ -67,7 +67,7 @@ class UpstreamSpec:
         return cls(url, parts.scheme.lower(), parts.hostname, port, parts.path, extra)
 
 
-@attrs.define  # not frozen: a frozen attrs init costs 1.2 µs, a third of that without
+@attrs.define  # not frozen: one is built per forwarded query, and a frozen init is slower
 class Request:
     """What forward asks an upstream: the client's question with fresh, proxy-owned EDNS.
 

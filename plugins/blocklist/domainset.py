@@ -168,8 +168,8 @@ class DomainSet:
     def _first_block(self, key: bytes) -> int:
         """`verdict` for sets of plain blocks: the most specific match, found first, wins.
 
-        The walk of `_matches`, inlined: on the blocked-answer path a generator costs
-        0.4 µs of the 1.3 µs a lookup takes.
+        The walk of `_matches`, inlined: a generator is a large share of a lookup on the
+        blocked-answer path.
         """
         hashes, tags, index = self._hashes, self._tags, self._index
         shift, half = self._shift, self._half
