@@ -17,7 +17,7 @@ import attrs
 from dnsproxy import options
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry
-from dnsproxy.wire import name_to_key
+from dnsproxy.wire import hostport, name_to_key
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,7 +57,7 @@ class Address:
         return cls(host, port)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 def _addresses(value: object) -> tuple[Address, ...]:

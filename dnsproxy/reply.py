@@ -19,7 +19,7 @@ import dns.message
 import dns.rrset
 
 from dnsproxy import wire
-from dnsproxy.wire import AD, CD, HEADER, QR, RA, RD, TC, U16, Query, Reject
+from dnsproxy.wire import AD, CD, HEADER, QR, RA, RD, TC, U16, Query, Reject, edns_option
 
 EDE_TEXT_MAX = 80  # keeps a truncated reply's OPT small whatever a list is called
 
@@ -37,6 +37,9 @@ EDE_SYNTHESIZED = 29
 EDE_RATE_LIMITED = 31
 
 Ede = tuple[int, str]
+
+# `Reply.source` values that count as "blocked" in statistics (metrics, the query log).
+BLOCKING_SOURCES = ("blocklist",)
 
 
 class Reply:
@@ -161,17 +164,24 @@ def response_message(query: Query, rcode: int = wire.NOERROR) -> dns.message.Mes
     return msg
 
 
-def edns_option(code: int, data: bytes) -> bytes:
-    return struct.pack("!HH", code, len(data)) + data
-
-
 def _opt_record(size: int, do: bool, ede: Sequence[Ede], ext_rcode: int = 0) -> bytes:
     options = b"".join(
         edns_option(wire.EDE_OPTION, struct.pack("!H", code) + text.encode()[:EDE_TEXT_MAX])
         for code, text in ede
     )
-    ttl = (ext_rcode << 24) | (wire.EDNS_DO if do else 0)
-    return b"\x00" + struct.pack("!HHIH", wire.OPT, size, ttl, len(options)) + options
+    return wire.opt_record(size, do, options, ext_rcode)
+
+
+def truncate(reply: Reply, query: Query, ede: Sequence[Ede] | None = None) -> Reply:
+    """``reply`` cut to its header and ``query``'s question with TC set, so the client
+    asks again over TCP; ``ede`` replaces the reply's Extended DNS Errors when given."""
+    header = HEADER.pack(query.id, reply.flags | TC, 1, 0, 0, 0)
+    return Reply(
+        header + query.question,
+        ede=reply.ede if ede is None else ede,
+        source=reply.source,
+        cacheable=reply.cacheable,
+    )
 
 
 def limit_for(query: Query, edns_udp_size: int) -> int:

@@ -647,8 +647,7 @@ class Server:
                             self.addresses.append((kind, host, port))
                             loop = self._udp_loop if kind == "udp" else self._tcp_accept
                             accept.start_soon(loop, s)
-                            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                            log.info("listening on %s %s", kind, shown)
+                            log.info("listening on %s %s", kind, wire.hostport(host, port))
                         for service in services:
                             await root.start(service.run)
                         if self.handle_signals:

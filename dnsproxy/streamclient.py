@@ -34,6 +34,7 @@ import trio
 
 from dnsproxy.errors import UpstreamError
 from dnsproxy.upstream import Request, matches, new_id, read_frame
+from dnsproxy.wire import hostport
 
 log = logging.getLogger("dnsproxy.streamclient")
 
@@ -277,5 +278,4 @@ class PipelinedTcpUpstream(StreamClient):
     """Plain DNS over one reused, pipelined TCP connection (RFC 7766 §6.2.1)."""
 
     def __init__(self, host: str, port: int = 53, **kw: Any) -> None:
-        name = f"tcp://{host}:{port}" if ":" not in host else f"tcp://[{host}]:{port}"
-        super().__init__(name, tcp_connector(host, port), **kw)
+        super().__init__(hostport(host, port, "tcp"), tcp_connector(host, port), **kw)

@@ -25,9 +25,9 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
-from dnsproxy.reply import edns_option
 
 UPSTREAM_UDP_SIZE = 1232
+PADDING_OPTION = 12  # RFC 7830
 
 
 @attrs.frozen
@@ -67,7 +67,7 @@ class UpstreamSpec:
         return cls(url, parts.scheme.lower(), parts.hostname, port, parts.path, extra)
 
 
-@attrs.define  # not frozen: a frozen attrs init costs 1.2 µs, a third of that without
+@attrs.define  # not frozen: one is built per forwarded query, and a frozen init is slower
 class Request:
     """What forward asks an upstream: the client's question with fresh, proxy-owned EDNS.
 
@@ -92,10 +92,8 @@ class Request:
         options = self.options
         if pad_block:
             pad = -(len(msg) + 11 + len(options) + 4) % pad_block
-            options += edns_option(12, b"\x00" * pad)
-        ttl = wire.EDNS_DO if self.do else 0
-        opt = struct.pack("!HHIH", wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options))
-        return msg + b"\x00" + opt + options
+            options += wire.edns_option(PADDING_OPTION, b"\x00" * pad)
+        return msg + wire.opt_record(UPSTREAM_UDP_SIZE, self.do, options)
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:

@@ -20,11 +20,13 @@ from typing import Any
 import dns.exception
 import dns.message
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 
 HEADER = struct.Struct("!HHHHHH")
 U16 = struct.Struct("!H")
 RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+QTYPE_CLASS = struct.Struct("!HH")
 
 # Header flag bits.
 QR = 0x8000
@@ -39,7 +41,22 @@ CD = 0x0010
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
 
-OPT = 41
+# Record types as plain ints (an IntEnum member costs more to compare on the hot path).
+A = int(dns.rdatatype.A)
+NS = int(dns.rdatatype.NS)
+CNAME = int(dns.rdatatype.CNAME)
+SOA = int(dns.rdatatype.SOA)
+PTR = int(dns.rdatatype.PTR)
+HINFO = int(dns.rdatatype.HINFO)
+AAAA = int(dns.rdatatype.AAAA)
+DNAME = int(dns.rdatatype.DNAME)
+OPT = int(dns.rdatatype.OPT)
+RRSIG = int(dns.rdatatype.RRSIG)
+NSEC = int(dns.rdatatype.NSEC)
+NSEC3 = int(dns.rdatatype.NSEC3)
+ANY = int(dns.rdatatype.ANY)
+CLASS_ANY = int(dns.rdataclass.ANY)
+
 EDNS_DO = 0x8000
 EDE_OPTION = 15
 COOKIE_OPTION = 10
@@ -129,7 +146,7 @@ class Query:
     @property
     def question(self) -> bytes:
         """The question section exactly as the client sent it (case included)."""
-        return self.qname + struct.pack("!HH", self.qtype, self.qclass)
+        return self.qname + QTYPE_CLASS.pack(self.qtype, self.qclass)
 
     @property
     def name(self) -> dns.name.Name:
@@ -142,6 +159,39 @@ class Query:
     def text(self) -> str:
         """The lower-cased query name as text with the trailing dot ("example.org.")."""
         return self.name.to_text().lower()
+
+    def derive(
+        self, qname: bytes | None = None, qtype: int | None = None, *, own: bool = False
+    ) -> Query:
+        """This query asked again, for another name (wire form) or type.
+
+        By default the new query is asked on the client's behalf (a step that renames the
+        query or follows a CNAME target): same ID, flags, client, transport and EDNS (size,
+        DO, options), and it shares the notes and trace, so what later steps record shows
+        up for the client's query. ``own=True`` makes a query of the proxy's own (a cache
+        refresh, after the client has its answer): ID 0, RD and the client's CD, EDNS
+        without the client's options, transport "internal", its own notes and no trace.
+        """
+        if own:
+            name = self.key if qname is None else qname
+            msg_id, flags, options, transport = 0, RD | (self.flags & CD), (), "internal"
+        else:
+            name = self.qname if qname is None else qname
+            msg_id, flags, options = self.id, self.flags, self.edns_options
+            transport = self.transport
+        header = HEADER.pack(msg_id, flags, 1, 0, 0, 1 if self.edns else 0)
+        data = header + name + QTYPE_CLASS.pack(self.qtype if qtype is None else qtype, self.qclass)
+        if self.edns:
+            wanted = b"".join(edns_option(code, value) for code, value in options)
+            data += opt_record(self.udp_size, self.do, wanted)
+        derived = parse_query(data, self.client, transport)
+        if not own:
+            if self.notes is None:
+                self.notes = {}
+            derived.notes = self.notes
+            derived.trace = self.trace
+            derived.received = self.received
+        return derived
 
     def note(self, key: str, value: object) -> None:
         """Record a fact about this query for observers (query log, metrics, trace)."""
@@ -314,9 +364,47 @@ def name_to_key(name: str | dns.name.Name) -> bytes:
     return name.to_wire().lower()
 
 
-def key_to_text(key: bytes) -> str:
-    """The text form of a wire name key without the trailing dot ("." for the root)."""
-    return dns.name.from_wire(key, 0)[0].to_text(omit_final_dot=True)
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def key_to_text(key: bytes, *, final_dot: bool = False) -> str:
+    """The text of a lower-cased wire name key ("." for the root), the inverse of
+    `name_to_key`; without the final dot unless ``final_dot``.
+
+    Host-name labels are joined directly (this runs per query for pattern rules and the
+    query log); any other byte goes through dnspython, which escapes it as zone files do.
+    """
+    labels = []
+    off = 0
+    while n := key[off]:
+        label = key[off + 1 : off + 1 + n]
+        if label.translate(None, _HOST_BYTES):
+            return dns.name.from_wire(key, 0)[0].to_text(omit_final_dot=not final_dot)
+        labels.append(label)
+        off += n + 1
+    if not labels:
+        return "."
+    text = b".".join(labels).decode("ascii")
+    return text + "." if final_dot else text
+
+
+def edns_option(code: int, data: bytes) -> bytes:
+    """One EDNS option in wire form (RFC 6891 §6.1.2)."""
+    return QTYPE_CLASS.pack(code, len(data)) + data
+
+
+def opt_record(size: int, do: bool, options: bytes = b"", ext_rcode: int = 0) -> bytes:
+    """A root-owned OPT record: UDP payload ``size``, the DO bit, ``options`` (wire form,
+    see `edns_option`) and the upper eight bits of an extended rcode."""
+    ttl = (ext_rcode << 24) | (EDNS_DO if do else 0)
+    return b"\x00" + RR_FIXED.pack(OPT, size, ttl, len(options)) + options
+
+
+def hostport(host: str, port: int, scheme: str = "") -> str:
+    """An address as text: "host:port", IPv6 in brackets ("[::1]:53"), with ``scheme://``
+    in front when one is given."""
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{scheme}://{text}" if scheme else text
 
 
 def skip_name(wire: bytes, off: int) -> int:
@@ -341,35 +429,42 @@ def skip_name(wire: bytes, off: int) -> int:
 
 
 def read_name(wire: bytes, off: int) -> bytes:
-    """The lower-cased, uncompressed wire name at ``off``.
+    """The lower-cased, uncompressed wire name at ``off``: the one reader of names in
+    messages.
 
     Pointers must point strictly backwards (RFC 9267 §2), so loops cannot occur; a name
-    over 255 octets or running off the end raises ValueError.
+    over 255 octets or running off the end raises ValueError. Runs between pointers are
+    sliced whole, not label by label.
     """
-    out = bytearray()
+    parts = []
+    start = limit = off
+    size = 0
     end = len(wire)
-    limit = off
     while True:
         if off >= end:
             raise ValueError("name runs past the end")
         length = wire[off]
         if length == 0:
-            out.append(0)
-            return bytes(out).lower()
+            break
         if length & 0xC0 == 0xC0:
             if off + 1 >= end:
                 raise ValueError("truncated pointer")
             target = ((length & 0x3F) << 8) | wire[off + 1]
             if target >= limit:
                 raise ValueError("forward or looping compression pointer")
-            off = limit = target
+            parts.append(wire[start:off])
+            off = start = limit = target
             continue
         if length > 63:
             raise ValueError("reserved label type")
-        out += wire[off : off + length + 1]
-        if len(out) > 254:
+        size += length + 1
+        if size > 254:
             raise ValueError("name longer than 255 octets")
         off += length + 1
+    if parts:
+        parts.append(wire[start : off + 1])
+        return b"".join(parts).lower()
+    return wire[start : off + 1].lower()
 
 
 class Record:

@@ -218,10 +218,7 @@ def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
     addresses, name = targets(spec, opts, setup)
     port = spec.port or 443
     path = spec.path or "/dns-query"
-    urls = [
-        f"https://[{a}]:{port}{path}" if ":" in a else f"https://{a}:{port}{path}"
-        for a in addresses
-    ]
+    urls = [wire.hostport(a, port, "https") + path for a in addresses]
     host = f"[{spec.host}]" if ":" in spec.host else spec.host
     headers = {"accept": CONTENT_TYPE, "host": host if port == 443 else f"{host}:{port}"}
     client = httpx.AsyncClient(

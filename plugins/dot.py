@@ -61,6 +61,7 @@ from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.streamclient import Connector, StreamClient
 from dnsproxy.upstream import UpstreamSpec
+from dnsproxy.wire import hostport
 
 T = TypeVar("T")
 PAD_BLOCK = 128  # RFC 8467 §4.1: queries padded to a multiple of 128 octets
@@ -196,10 +197,6 @@ def dot_connector(
     return connect
 
 
-def hostport(scheme: str, host: str, port: int) -> str:
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
 def make_dot(spec: UpstreamSpec, setup: Setup) -> StreamClient:
     opts = build_options(DotOptions, spec, setup)
     if spec.path not in ("", "/"):
@@ -208,7 +205,7 @@ def make_dot(spec: UpstreamSpec, setup: Setup) -> StreamClient:
     port = spec.port or 853
     ctx = tls_context(opts.ca_file, setup, spec.url)
     return StreamClient(
-        hostport("tls", spec.host, port),
+        hostport(spec.host, port, "tls"),
         dot_connector(addresses, port, ctx, name, opts.spki_pin),
         pad_block=PAD_BLOCK,
         max_inflight=opts.max_inflight,

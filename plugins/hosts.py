@@ -57,9 +57,12 @@ from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply, respond, rr
+from dnsproxy.wire import AAAA as TYPE_AAAA
+from dnsproxy.wire import ANY as TYPE_ANY
+from dnsproxy.wire import PTR as TYPE_PTR
+from dnsproxy.wire import A as TYPE_A
 from dnsproxy.wire import Query
 
-TYPE_A, TYPE_PTR, TYPE_AAAA, TYPE_ANY = 1, 12, 28, 255
 MAX_WARNINGS = 20  # broken lines logged per load (all are counted)
 
 

@@ -82,9 +82,8 @@ from dnsproxy.chain import AWAIT, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_SYNTHESIZED, Reply, respond, rr
-from dnsproxy.wire import Query
+from dnsproxy.wire import AAAA, NS, PTR, SOA, A, Query
 
-A, AAAA, PTR, SOA, NS = 1, 28, 12, 6, 2
 ZONE_TYPES = frozenset({SOA, NS, dns.rdatatype.DS, dns.rdatatype.DNSKEY})
 LOCALHOST = wire.name_to_key("localhost")
 LOOPBACK_V4 = ipaddress.ip_address("127.0.0.1").packed

@@ -64,14 +64,15 @@ from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_BLOCKED, Reply, rr
+from dnsproxy.wire import AAAA as TYPE_AAAA
 from dnsproxy.wire import HEADER, Query
+from dnsproxy.wire import A as TYPE_A
 
-from .domainset import NO_MATCH, DomainSet, cname_rdata, key_text, merge, name_key_at
+from .domainset import NO_MATCH, DomainSet, cname_rdata, merge
 from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY, BadList, Parsed, parse_list
 from .source import FetchError, Source
 
 MODES = ("null", "nxdomain", "nodata", "refused")
-TYPE_A, TYPE_AAAA = 1, 28
 MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
 CNAME_IN = b"\x00\x05\x00\x01"  # type CNAME, class IN, as in every CNAME record's header
 MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
@@ -220,7 +221,7 @@ class Blocklist(Step):
             return reply
         try:
             for rdata in cname_rdata(reply.wire, MAX_CNAMES):
-                target = name_key_at(reply.wire, rdata)
+                target = wire.read_name(reply.wire, rdata)
                 tag = self.set.decide(target)
                 if tag != NO_MATCH and not tag & ALLOW:
                     return self._block(q, tag, target)
@@ -254,7 +255,7 @@ class Blocklist(Step):
         src = self.sources[tag >> KIND_BITS]
         if isinstance(entry, str):
             return f"/{entry}/"
-        name = key_text(key[entry:]) or wire.key_to_text(key[entry:])
+        name = wire.key_to_text(key[entry:])
         if src.parsed is None or not src.parsed.in_adblock_syntax:
             return f"*.{name}" if tag & SUBONLY else name
         text = f"||*.{name}^" if tag & SUBONLY else f"|{name}^" if tag & EXACT else f"||{name}^"

@@ -24,24 +24,16 @@ from dnsproxy import wire
 from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY
 
 NO_MATCH = -1
-TYPE_CNAME = 5
 
 
-def key_text(key: bytes) -> str | None:
-    """The text of a wire name key without the final dot, for pattern rules.
+def pattern_text(key: bytes) -> str | None:
+    """The text of a wire name key that pattern rules match, without the final dot.
 
-    None for the root and for names whose labels hold bytes outside host-name syntax
-    (a dot or a non-ASCII byte inside a label): no pattern may match across those.
+    None for the root and for names that text can only show escaped (a dot or a byte
+    outside printable ASCII inside a label, RFC 1035 §5.1): no pattern matches those.
     """
-    labels = []
-    off = 0
-    while key[off]:
-        label = key[off + 1 : off + 1 + key[off]]
-        if b"." in label or not label.isascii():
-            return None
-        labels.append(label)
-        off += key[off] + 1
-    return b".".join(labels).decode() if labels else None
+    text = wire.key_to_text(key)
+    return None if text == "." or "\\" in text else text
 
 
 def cname_rdata(msg: bytes, limit: int) -> list[int]:
@@ -63,41 +55,12 @@ def cname_rdata(msg: bytes, limit: int) -> list[int]:
         off = wire.skip_name(msg, off)
         if off + 10 > len(msg):
             raise ValueError("record past the end")
-        if msg[off] == 0 and msg[off + 1] == TYPE_CNAME:
+        if msg[off] == 0 and msg[off + 1] == wire.CNAME:
             found.append(off + 10)
             if len(found) >= limit:
                 break
         off += 10 + ((msg[off + 8] << 8) | msg[off + 9])
     return found
-
-
-def name_key_at(msg: bytes, off: int) -> bytes:
-    """The lower-cased wire name at ``off`` in a message, compression pointers followed.
-
-    Raises ValueError on a name that runs off the end, loops or exceeds 255 bytes.
-    """
-    labels = []
-    total = 1
-    jumps = 0
-    while True:
-        if off >= len(msg):
-            raise ValueError("name runs past the end")
-        n = msg[off]
-        if n & 0xC0 == 0xC0:
-            if off + 1 >= len(msg) or jumps >= 64:
-                raise ValueError("bad compression pointer")
-            jumps += 1
-            off = ((n & 0x3F) << 8) | msg[off + 1]
-            continue
-        if n > 63:
-            raise ValueError("reserved label type")
-        if n == 0:
-            return b"".join(labels).lower() + b"\0"
-        total += n + 1
-        if total > 255:
-            raise ValueError("name longer than 255 bytes")
-        labels.append(msg[off : off + 1 + n])
-        off += n + 1
 
 
 class DomainSet:
@@ -181,7 +144,7 @@ class DomainSet:
                     out.append((tags[i], off))
             off += key[off] + 1
         if self.patterns is not None:
-            name = key_text(key)
+            name = pattern_text(key)
             if name is not None:
                 out += [(tag, rx.pattern) for rx, tag in self.patterns.rules if rx.search(name)]
         return out
@@ -236,7 +199,7 @@ class _Patterns:
         self.any = re.compile("|".join(f"(?:{src})" for src, _ in patterns))
 
     def match(self, key: bytes) -> list[int]:
-        name = key_text(key)
+        name = pattern_text(key)
         if name is None or self.any.search(name) is None:
             return []
         return [tag for rx, tag in self.rules if rx.search(name)]

@@ -8,7 +8,6 @@ how long is in `store`. README.md beside this file documents options, metrics, e
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dnsproxy.chain import AWAIT, Chain, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_STALE, EDE_STALE_NXDOMAIN, Reply, respond
-from dnsproxy.wire import CD, HEADER, OPT, RD, SERVFAIL, Query
+from dnsproxy.wire import SERVFAIL, Query
 
 from .store import GOOD_RCODES, CacheOptions, Entry, Key, make_entry, nxdomain_key
 
@@ -64,19 +63,6 @@ def view_scopes(chain: Chain, step: Step) -> tuple[tuple[object, ...], ...]:
         for link in chain.links
         if link.in_scope is not None and link.in_scope in views
     )
-
-
-def internal_query(q: Query) -> Query:
-    """A copy of ``q`` for a background refresh: same question, client and DO/CD bits."""
-    ar = 1 if q.edns else 0
-    data = (
-        HEADER.pack(0, RD | (q.flags & CD), 1, 0, 0, ar)
-        + q.key
-        + struct.pack("!HH", q.qtype, q.qclass)
-    )
-    if q.edns:
-        data += b"\x00" + struct.pack("!HHIH", OPT, 1232, wire.EDNS_DO if q.do else 0, 0)
-    return wire.parse_query(data, q.client, "internal")
 
 
 class Cache(Step):
@@ -215,7 +201,7 @@ class Cache(Step):
         if self.nursery is None or len(self.refreshing) >= self.options.max_refreshes:
             return None
         flight = self.refreshing[key] = _Refresh()
-        self.nursery.start_soon(self._refresh, key, internal_query(q), flight)
+        self.nursery.start_soon(self._refresh, key, q.derive(own=True), flight)
         return flight
 
     async def _refresh(self, key: Key, q: Query, flight: _Refresh) -> None:

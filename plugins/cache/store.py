@@ -13,10 +13,9 @@ import attrs
 
 from dnsproxy import options, wire
 from dnsproxy.reply import EDE_CACHED_ERROR, Reply
-from dnsproxy.wire import SERVFAIL, TC
+from dnsproxy.wire import SERVFAIL, SOA, TC
 
 U32 = struct.Struct("!I")
-SOA = 6
 PREFETCH_FRACTION = 0.1  # refresh when a hit comes in the last tenth of an entry's life
 NEVER = float("inf")
 GOOD_RCODES = (wire.NOERROR, wire.NXDOMAIN)

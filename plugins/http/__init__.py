@@ -105,6 +105,7 @@ from dnsproxy.config import Address
 from dnsproxy.errors import ConfigError
 from dnsproxy.hookspecs import Observer, hookimpl
 from dnsproxy.registry import Registry
+from dnsproxy.wire import hostport
 
 if TYPE_CHECKING:
     from dnsproxy.server import Server
@@ -214,8 +215,7 @@ class HttpService:
                 )
                 await nursery.start(serve)
                 host, port = sock.getsockname()[:2]
-                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                log.info("listening on http %s", shown)
+                log.info("listening on http %s", hostport(host, port))
                 nursery.start_soon(self._rotate)
                 task_status.started([("http", host, port)])
         finally:

@@ -25,7 +25,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 
 from dnsproxy.chain import Metric as StepMetric
 from dnsproxy.chain import Setup
-from dnsproxy.reply import Reply
+from dnsproxy.reply import BLOCKING_SOURCES, Reply
 from dnsproxy.wire import Query, key_to_text
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 # Latency buckets in seconds: a cache hit is tens of microseconds, an upstream miss ms to s.
 BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
           2.5, 5.0)  # fmt: skip
-BLOCKING_SOURCES = frozenset({"blocklist"})  # reply.source values counted as blocked
 DROPPED = -1  # rcode key of a query that got no response
 OTHER = -2  # qtype key of a type outside QTYPES
 QTYPES = frozenset(int(t) for t in dns.rdatatype.RdataType if t)  # types known by name

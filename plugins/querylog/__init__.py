@@ -19,7 +19,7 @@ import trio
 from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.hookspecs import Observer, QueryLogReader, hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import Reply
+from dnsproxy.reply import BLOCKING_SOURCES, Reply
 from dnsproxy.wire import Query
 
 from .store import Entry, QueryLogOptions, Store
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from dnsproxy.server import Server
 
 DROP_WARN_EVERY = 60.0  # seconds between warnings about a full buffer
-BLOCKING_SOURCES = ("blocklist",)  # answered_by values that count as "blocked" in stats
 T = TypeVar("T")
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import dns.name
 import dns.rcode
 import dns.rdatatype
 
 from dnsproxy import options
 from dnsproxy.reply import Reply
-from dnsproxy.wire import Query
+from dnsproxy.wire import Query, key_to_text
 
 NOTE_COLUMNS = ("list", "rule", "upstream", "cache")
 LOW_WATER = 0.8  # trimming stops when the rows fill this share of max_size_mb
@@ -63,23 +62,6 @@ class QueryLogOptions:
     anonymize: bool = False
     ipv4_prefix: int = attrs.field(default=24, validator=options.in_range(0, 32))
     ipv6_prefix: int = attrs.field(default=56, validator=options.in_range(0, 128))
-
-
-_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-def key_text(key: bytes) -> str:
-    """The text of a lower-cased wire name ("example.org."), cheaply for ordinary names."""
-    labels = []
-    off = 0
-    while key[off]:
-        length = key[off]
-        label = key[off + 1 : off + 1 + length]
-        if not _SAFE.issuperset(label):
-            return dns.name.from_wire(key, 0)[0].to_text()
-        labels.append(label.decode("ascii"))
-        off += length + 1
-    return ".".join(labels) + "."
 
 
 class Anonymizer:
@@ -121,7 +103,7 @@ class Texts:
         if text is None:
             if len(self.names) >= self.limit:
                 self.names.clear()
-            text = self.names[key] = key_text(key)
+            text = self.names[key] = key_to_text(key, final_dot=True)
         return text
 
     def qtype(self, qtype: int) -> str:

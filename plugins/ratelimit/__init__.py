@@ -19,13 +19,11 @@ from dnsproxy import options, wire
 from dnsproxy.chain import DROP, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import EDE_RATE_LIMITED, Reply, respond, rr
-from dnsproxy.wire import HEADER, TC, Query
+from dnsproxy.reply import EDE_RATE_LIMITED, Reply, respond, rr, truncate
+from dnsproxy.wire import ANY, HINFO, Query
 
 from .accounts import Account, Table, client_exempt, parent, prefix_text, soa_zone
 
-ANY = 255
-HINFO = 13
 ANY_TTL = 3600
 RFC8482_HINFO = b"\x07RFC8482\x00"
 PREFIX_CACHE = 4096  # client addresses whose prefixes are remembered (they repeat)
@@ -234,7 +232,7 @@ class RateLimit(Step):
         if action == "drop":
             return None
         if action == "slip":
-            return truncated(q, reply)
+            return truncate(reply, q, [(EDE_RATE_LIMITED, "")])
         return reply
 
     def _log(self, now: float, line: str) -> None:
@@ -283,13 +281,6 @@ class RateLimit(Step):
             Metric("evictions", evictions, help="accounts forgotten because a table was full"),
             Metric("entries", entries, kind="gauge", help="accounts held"),
         ]
-
-
-def truncated(q: Query, reply: Reply) -> Reply:
-    """The slipped form of ``reply``: its header with TC set and the question only."""
-    flags = reply.flags | TC
-    header = HEADER.pack(q.id, flags, 1, 0, 0, 0)
-    return Reply(header + q.question, ede=[(EDE_RATE_LIMITED, "")], source=reply.source)
 
 
 def describe(key: tuple[str, bytes, int]) -> str:

@@ -13,10 +13,7 @@ from collections.abc import Callable, Hashable
 
 from dnsproxy import wire
 from dnsproxy.chain import client_address
-from dnsproxy.wire import HEADER, U16
-
-SOA = 6
-MAX_POINTERS = 32  # compression pointers followed when reading the SOA owner
+from dnsproxy.wire import HEADER, SOA, U16, read_name
 
 
 class Account:
@@ -104,38 +101,11 @@ def soa_zone(data: bytes, fallback: bytes) -> bytes:
             owner = off
             off = wire.skip_name(data, off)
             if U16.unpack_from(data, off)[0] == SOA:
-                return read_name(data, owner) or fallback
+                return read_name(data, owner)
             off += 10 + U16.unpack_from(data, off + 8)[0]
     except (ValueError, struct.error):
         pass
     return fallback
-
-
-def read_name(data: bytes, off: int) -> bytes | None:
-    """A (possibly compressed) name at ``off`` as a lower-cased wire key, None if malformed."""
-    parts = []
-    start = off
-    hops = 0
-    end = len(data)
-    while True:
-        if off >= end:
-            return None
-        length = data[off]
-        if length == 0:
-            parts.append(data[start : off + 1])
-            break
-        if length >= 0xC0:
-            if off + 1 >= end or hops >= MAX_POINTERS:
-                return None
-            parts.append(data[start:off])
-            off = start = ((length & 0x3F) << 8) | data[off + 1]
-            hops += 1
-        elif length > 63:
-            return None
-        else:
-            off += length + 1
-    name = b"".join(parts)
-    return name.lower() if len(name) <= 255 else None
 
 
 def parent(key: bytes) -> bytes:

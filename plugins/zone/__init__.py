@@ -13,7 +13,6 @@ import dns.exception
 import dns.name
 import dns.zone
 import trio
-from dnsproxy.plugins.rewrite import subquery
 from dnsproxy.plugins.zone import data
 from dnsproxy.plugins.zone.data import Limits, Lookup, Zone, ZoneError
 
@@ -212,7 +211,7 @@ class ZoneStep(Step):
         q.note("followed", [*followed, text])
         chain = self.chain
         assert chain is not None
-        sub = subquery(q, target.to_wire())  # the one place a derived query is made
+        sub = q.derive(target.to_wire())  # the one place a derived query is made
         result = chain.start(sub)
         if isinstance(result, Suspended):
             result = await chain.resume(sub, result)

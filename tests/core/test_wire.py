@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 
 import dns.edns
+import dns.flags
 import dns.message
 import dns.name
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -201,3 +203,84 @@ def test_records_rejects_truncated_messages(cut):
     msg.answer.append(dns.rrset.from_text("example.org.", 300, "IN", "A", "192.0.2.1"))
     with pytest.raises(ValueError):
         wire.records(msg.to_wire()[:cut])
+
+
+def test_read_name_follows_pointers_and_rejects_loops():
+    data = b"\x00" * 12 + b"\x07example\x03ORG\x00" + b"\x03www\xc0\x0c"
+    assert wire.read_name(data, 25) == b"\x03www\x07example\x03org\x00"
+    assert wire.read_name(data, 12) == b"\x07example\x03org\x00"
+    two_hops = data + b"\x03CDN\xc0\x19"  # cdn -> www -> example.org
+    assert wire.read_name(two_hops, 31) == b"\x03cdn\x03www\x07example\x03org\x00"
+    for bad in (
+        b"\x00" * 12 + b"\xc0\x0c",  # a pointer to itself
+        b"\x00" * 12 + b"\x01a\xc0\x0e\x01b\xc0\x0c",  # forward, then back: a loop
+        b"\x00" * 12 + b"\x05ab",  # runs off the end
+        b"\x00" * 12 + b"\x40",  # reserved label type
+        b"\x00" * 12 + b"\xc0",  # truncated pointer
+        b"\x00" * 12 + b"\x3f" + b"a" * 63 + b"\xc0\x0c",  # a loop that grows the name
+    ):
+        with pytest.raises(ValueError):
+            wire.read_name(bad, 12)
+    long = b"\x00" * 12 + (b"\x3f" + b"a" * 63) * 4 + b"\x00"  # 257 octets
+    with pytest.raises(ValueError, match="255"):
+        wire.read_name(long, 12)
+
+
+def test_key_to_text_is_the_inverse_of_name_to_key():
+    assert wire.key_to_text(wire.name_to_key("WWW.Example.ORG")) == "www.example.org"
+    assert wire.key_to_text(wire.name_to_key("www.example.org"), final_dot=True) == (
+        "www.example.org."
+    )
+    assert wire.key_to_text(b"\x00") == wire.key_to_text(b"\x00", final_dot=True) == "."
+    assert wire.key_to_text(b"\x03a b\x04test\x00", final_dot=True) == "a\\032b.test."
+    for text in ("_sip._tcp.example.org", "a\\.b.example", "x\\255.test", "*.example"):
+        assert wire.key_to_text(wire.name_to_key(text)) == text
+
+
+def test_opt_record_and_edns_option_read_back():
+    opt = wire.opt_record(1232, True, wire.edns_option(10, b"12345678"), ext_rcode=1)
+    msg = dns.message.from_wire(wire.HEADER.pack(7, 0, 0, 0, 0, 1) + opt, ignore_trailing=False)
+    assert msg.payload == 1232 and msg.ednsflags & wire.EDNS_DO
+    assert msg.rcode() == 16  # BADVERS: the upper bits from the OPT
+    assert [(o.otype, o.to_wire()) for o in msg.options] == [(10, b"12345678")]
+
+
+def test_hostport_brackets_ipv6():
+    assert wire.hostport("192.0.2.1", 53) == "192.0.2.1:53"
+    assert wire.hostport("::1", 853, "tls") == "tls://[::1]:853"
+    assert wire.hostport("dns.example", 443, "https") == "https://dns.example:443"
+
+
+def test_record_types_are_dnspython_values():
+    for name in ("A", "AAAA", "CNAME", "SOA", "NS", "PTR", "OPT", "RRSIG", "NSEC3", "ANY"):
+        assert getattr(wire, name) == dns.rdatatype.from_text(name)
+        assert type(getattr(wire, name)) is int  # plain ints on the hot path
+
+
+def test_derive_asks_another_question_for_the_client():
+    msg = dns.message.make_query("www.example.org", "A", use_edns=0, payload=4096, want_dnssec=True)
+    msg.use_edns(0, dns.flags.DO, 4096, options=[dns.edns.GenericOption(65001, b"xy")])
+    msg.flags |= dns.flags.CD
+    q = parse_query(msg.to_wire(), CLIENT, "tcp")
+    q.trace = []
+    sub = q.derive(wire.name_to_key("other.example"), wire.AAAA)
+    assert (sub.id, sub.flags, sub.client, sub.transport) == (q.id, q.flags, CLIENT, "tcp")
+    assert sub.key == wire.name_to_key("other.example") and sub.qtype == wire.AAAA
+    assert (sub.udp_size, sub.do, sub.edns_options) == (4096, True, ((65001, b"xy"),))
+    sub.note("seen", 1)
+    sub.explain("line")
+    assert q.notes == {"seen": 1} and q.trace == ["line"]
+    same = q.derive()
+    assert same.question == q.question
+
+
+def test_derive_own_is_the_proxys_query():
+    msg = dns.message.make_query("WWW.example.org", "A", use_edns=0, want_dnssec=True)
+    msg.use_edns(0, dns.flags.DO, 1232, options=[dns.edns.GenericOption(65001, b"xy")])
+    msg.flags = dns.flags.CD
+    q = parse_query(msg.to_wire(), CLIENT, "udp")
+    q.note("client", True)
+    own = q.derive(own=True)
+    assert own.id == 0 and own.flags == wire.RD | wire.CD and own.transport == "internal"
+    assert own.qname == q.key and own.qtype == q.qtype and own.do and own.edns_options == ()
+    assert own.notes is None and own.trace is None

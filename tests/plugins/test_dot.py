@@ -378,4 +378,4 @@ def test_spki_digest_matches_cryptography():
     der = parsed.public_bytes(serialization.Encoding.DER)
     assert dot.spki_digest(der) == hashlib.sha256(spki).digest()
     pin = "sha256/" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
-    assert dot._pins(pin) == (hashlib.sha256(spki).digest(),)
+    assert dot.DotOptions(spki_pin=pin).spki_pin == (hashlib.sha256(spki).digest(),)

@@ -9,12 +9,12 @@ import dns.message
 import dns.rrset
 import pytest
 import trio
-from dnsproxy.plugins import forward
+from dnsproxy.plugins.forward import ask, loop, transport, trim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnsproxy import wire
-from dnsproxy.errors import ConfigError
+from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
@@ -57,8 +57,8 @@ async def test_failover_and_metrics(nursery):
 async def test_query_carrying_our_token_is_a_loop(nursery):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
-    token = forward.loop_token(make_query("l.example.org"))
-    marker = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x01" * 8 + token)
+    token = loop.loop_token(make_query("l.example.org"))
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, b"\x01" * 8 + token)
     with trio.fail_after(5):
         reply = await run_chain([step], make_query("l.example.org", options_=[marker]))
     assert reply.rcode == wire.SERVFAIL and "loop" in reply.ede[0][1]
@@ -77,24 +77,24 @@ async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
     if hops == "other-question":
-        hops = forward.loop_token(make_query("other.example.org"))
-    marker = dns.edns.GenericOption(forward.LOOP_OPTION, hops)
+        hops = loop.loop_token(make_query("other.example.org"))
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, hops)
     q = make_query("c.example.org", options_=[marker])
     with trio.fail_after(5):
         reply = await run_chain([step], q)
     assert reply.rcode == wire.NOERROR and step.loops == 0
     (seen,) = up.seen
-    (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == forward.LOOP_OPTION]
-    assert sent.endswith(forward.loop_token(q))
-    assert len(sent) <= forward.MAX_HOPS * forward.TOKEN_SIZE and len(sent) % 8 == 0
+    (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == loop.LOOP_OPTION]
+    assert sent.endswith(loop.loop_token(q))
+    assert len(sent) <= loop.MAX_HOPS * loop.TOKEN_SIZE and len(sent) % 8 == 0
 
 
 async def test_loop_servfail_is_not_cached(nursery):
     """A looped query's SERVFAIL is about its path: the next client is not served it."""
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     chain = chain_of([build_step("cache", {}), build_step("forward", {"upstreams": [up.addr]})])
-    token = forward.loop_token(make_query("n.example.org"))
-    marker = dns.edns.GenericOption(forward.LOOP_OPTION, token)
+    token = loop.loop_token(make_query("n.example.org"))
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, token)
     with trio.fail_after(5):
         looped = await run_chain(chain, make_query("n.example.org", options_=[marker]))
         plain = await run_chain(chain, make_query("n.example.org"))
@@ -133,12 +133,12 @@ async def test_scoped_cname_chain_cut_and_followed_through_the_chain(nursery):
 async def test_marker_is_appended_for_the_next_hop(nursery):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
-    other = dns.edns.GenericOption(forward.LOOP_OPTION, b"\x02" * 8)
+    other = dns.edns.GenericOption(loop.LOOP_OPTION, b"\x02" * 8)
     with trio.fail_after(5):
         await run_chain([step], make_query("m.example.org", options_=[other]))
     (seen,) = up.seen
-    token = forward.loop_token(make_query("m.example.org"))
-    assert (forward.LOOP_OPTION, (b"\x02" * 8 + token).hex()) in seen.options
+    token = loop.loop_token(make_query("m.example.org"))
+    assert (loop.LOOP_OPTION, (b"\x02" * 8 + token).hex()) in seen.options
 
 
 def response(q, answer=(), authority=(), additional=(), rcode=0) -> bytes:
@@ -197,7 +197,7 @@ def test_minimal_keeps_only_the_chain_and_the_proof(case):
     answer, authority, additional = CASES[case]
     q = make_query("q.example.org", "A")
     body = response(q, answer, authority, additional)
-    out = dns.message.from_wire(forward.minimal(*wire.strip_opt(body)[:2], q))
+    out = dns.message.from_wire(trim.minimal(*wire.strip_opt(body)[:2], q))
     kept = {rrset.name.to_text() for rrset in out.answer}
     assert "victim.example.net." not in kept and "stray.example.com." not in kept
     assert not out.additional
@@ -210,7 +210,7 @@ def test_minimal_keeps_only_the_chain_and_the_proof(case):
 def test_minimal_leaves_clean_answers_untouched():
     q = make_query("q.example.org", "A")
     body, recs, _ = wire.strip_opt(response(q, ["q.example.org. 60 IN A 192.0.2.1"]))
-    assert forward.minimal(body, recs, q) is body
+    assert trim.minimal(body, recs, q) is body
 
 
 def with_forward_pointer(record: int) -> tuple[bytes, object]:
@@ -227,12 +227,12 @@ def with_forward_pointer(record: int) -> tuple[bytes, object]:
 def test_minimal_rejects_forward_pointers():
     body, q = with_forward_pointer(0)
     with pytest.raises(ValueError):
-        forward.minimal(*wire.strip_opt(body)[:2], q)
+        trim.minimal(*wire.strip_opt(body)[:2], q)
 
 
 def test_malformed_records_that_are_cut_do_not_matter():
     body, q = with_forward_pointer(1)
-    out = dns.message.from_wire(forward.minimal(*wire.strip_opt(body)[:2], q))
+    out = dns.message.from_wire(trim.minimal(*wire.strip_opt(body)[:2], q))
     assert [r.rdtype for r in out.answer] == [1] and not out.authority
 
 
@@ -264,9 +264,9 @@ def test_direct_path_agrees_with_minimal_or_declines(case):
     answer, authority, additional = CASES[case]
     q = make_query("q.example.org", "A")
     body = response(q, answer, authority, additional)
-    direct = forward._direct_answer(body, q)
+    direct = trim.direct_answer(body, q)
     if direct is not None:
-        assert direct == forward._relayed(forward.minimal(*wire.strip_opt(body)[:2], q))
+        assert direct == trim.relayed(trim.minimal(*wire.strip_opt(body)[:2], q))
     assert (direct is not None) == (case in ("clean", "glue and ns"))
 
 
@@ -275,7 +275,7 @@ def test_system_upstreams_come_from_resolv_conf_minus_our_listener(tmp_path, mon
     from dnsproxy.errors import ConfigError
 
     conf = tmp_path / "resolv.conf"
-    monkeypatch.setattr(forward, "RESOLV_CONF", conf)
+    monkeypatch.setattr(transport, "RESOLV_CONF", conf)
     server = ServerConfig(listen=("127.0.0.1:53",))
     conf.write_text("# only ourselves\nnameserver 127.0.0.1\nsearch example.org\n")
     with pytest.raises(ConfigError, match="'system': no usable nameserver"):
@@ -308,10 +308,10 @@ async def test_failing_task_transports_fail_over_then_servfail(nursery):
     step = build_step("forward", {"upstreams": [good.addr]})
     broken = [
         Broken("bug://a", RuntimeError("transport bug")),
-        Broken("err://b", forward.UpstreamError("refused by peer")),
+        Broken("err://b", UpstreamError("refused by peer")),
     ]
     for up in broken:
-        step.health[up.name] = forward.Health()
+        step.health[up.name] = ask.Health()
     step.upstreams[:0] = broken
     with trio.fail_after(5):
         reply = await run_chain([step], make_query("t.example.org"))
@@ -343,7 +343,7 @@ async def test_finished_queries_leave_no_garbage_cycles(nursery):
             for i in range(20):
                 reply = await run_chain([step], make_query(f"n{i}.example.org"))
                 assert reply.rcode == 0
-        left = [o for o in gc.get_objects() if isinstance(o, forward._Ask)]
+        left = [o for o in gc.get_objects() if isinstance(o, ask.Ask)]
     finally:
         gc.enable()
     assert left == []
@@ -392,7 +392,7 @@ def test_scrub_and_minimal_raise_only_value_error(body, counts, qclass):
     data = struct.pack("!HHHHHH", 7, 0x8580, 1, *counts) + q.question + body
     try:
         stripped, recs, _ = wire.strip_opt(data)
-        out = forward._relayed(forward.minimal(*forward._scrub(stripped, recs, q), q))
+        out = trim.relayed(trim.minimal(*trim.scrub(stripped, recs, q), q))
     except ValueError:
         return
     if any(r.rclass != qclass for r in wire.records(out)[1]) and qclass != 255:

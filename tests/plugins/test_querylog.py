@@ -12,12 +12,11 @@ import trio
 from dnsproxy.plugins import querylog
 from dnsproxy.plugins.querylog import db_stats
 from dnsproxy.plugins.querylog import store as store_module
-from dnsproxy.plugins.querylog.store import SCHEMA, Anonymizer, key_text
+from dnsproxy.plugins.querylog.store import SCHEMA, Anonymizer
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import respond
 from dnsproxy.testing import build_step, chain_of, make_query
-from dnsproxy.wire import name_to_key
 
 
 def make(tmp_path, **table):
@@ -90,12 +89,6 @@ async def test_drops_are_warned_once_a_minute(tmp_path, caplog, autojump_clock):
     await step.flush_now()
     assert "4 records dropped" in caplog.records[-1].getMessage()
     assert step.written == 20
-
-
-def test_key_text():
-    assert key_text(name_to_key("WWW.Example.ORG")) == "www.example.org."
-    assert key_text(b"\x00") == "."
-    assert key_text(b"\x03a b\x04test\x00") == "a\\032b.test."
 
 
 def test_anonymizer():

@@ -1,0 +1,230 @@
+"""One upstream query in flight (`Ask`): the attempts in policy order until one answers,
+and the per-upstream health that orders them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from dnsproxy import wire
+from dnsproxy.errors import UpstreamError
+from dnsproxy.reply import EDE_NETWORK_ERROR, EDE_NO_REACHABLE_AUTHORITY, Reply, respond
+from dnsproxy.udpclient import UdpUpstream
+from dnsproxy.upstream import Request, Upstream
+from dnsproxy.wire import Query
+
+from .trim import leaves_zones, trim
+
+if TYPE_CHECKING:
+    from . import Forward
+
+log = logging.getLogger("dnsproxy.plugins.forward")
+
+NO_EDNS_MEMORY = 600.0  # seconds an EDNS-intolerant upstream is asked without EDNS
+FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
+NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
+
+
+class Health:
+    """Per-upstream latency estimate (for ``fastest``) and recent failures."""
+
+    __slots__ = ("errors", "failures", "no_edns_until", "queries", "srtt")
+
+    def __init__(self) -> None:
+        self.srtt = 0.0  # smoothed round-trip time; 0 = unknown, tried first
+        self.failures = 0  # consecutive
+        self.queries = 0
+        self.errors = 0
+        self.no_edns_until = 0.0  # an upstream that rejected EDNS is asked without it
+
+    def ok(self, rtt: float) -> None:
+        self.srtt = rtt if self.srtt == 0 else 0.7 * self.srtt + 0.3 * rtt
+        self.failures = 0
+
+    def failed(self, timeout: float) -> None:
+        self.failures += 1
+        self.errors += 1
+        self.srtt = max(self.srtt, timeout) * 1.5
+
+
+Done = Callable[[Reply | None], None]
+Then = Callable[["Ask", Reply | None, str], None]  # an Ask method, called with its Ask
+
+
+async def exchange_task(
+    up: Upstream, req: Request, deadline: float, done: Callable[[bytes | None, str], None]
+) -> None:
+    """One exchange over a transport with only the async ``exchange`` (TCP, DoT, DoH).
+
+    A system task, like the stream clients' own: forward has no nursery per query, and the
+    attempt's deadline bounds it.
+    """
+    data, err = None, "timeout"
+    try:
+        with trio.move_on_at(deadline):
+            data, err = await up.exchange(req), ""
+    except UpstreamError as exc:
+        err = str(exc)
+    except trio.Cancelled:  # the run is ending
+        done(None, "shutting down")
+        raise
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+    try:
+        done(data, err)
+    except Exception as exc:  # a bug must not end the run (this is a system task)
+        log.error("forward: completing a query failed: %r", exc, exc_info=exc)
+
+
+class Ask:
+    """One upstream query in flight: the attempts in policy order until one answers.
+
+    Driven by callbacks (`UdpUpstream.send`, or `exchange_task`): TC retries over TCP,
+    FORMERR/NOTIMP/BADVERS retries without EDNS, and failover are each one more attempt,
+    and only one attempt is in flight at a time.
+    """
+
+    __slots__ = (
+        "deadline",
+        "errors",
+        "fwd",
+        "health",
+        "key",
+        "last_bad",
+        "order",
+        "plain",
+        "q",
+        "req",
+        "sent",
+        "then",
+        "timeouts",
+        "up",
+        "via",
+    )
+    health: Health  # of the upstream being asked; set by `next` before any attempt
+
+    def __init__(self, fwd: Forward, q: Query, key: tuple[Any, ...], hops: bytes) -> None:
+        self.fwd = fwd
+        self.q = q
+        self.key = key
+        self.req = Request(
+            q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
+        )
+        self.order = iter(fwd.order())
+        self.deadline = trio.current_time() + fwd.options.budget
+        self.timeouts = 0
+        self.errors: list[str] = []
+        self.last_bad: Reply | None = None
+        self.up: Upstream | None = None  # the upstream being asked
+        self.via: Upstream | None = None  # the transport of the attempt: up, or its TCP twin
+        self.plain = False
+        self.sent = 0.0
+        self.then: Then = Ask.answered
+
+    def next(self) -> None:
+        """Ask the next upstream, or give up."""
+        up = next(self.order, None)
+        if up is None or (self.up is not None and trio.current_time() >= self.deadline):
+            self.fwd.complete(self.key, self.give_up())
+            return
+        self.up = up
+        self.health = self.fwd.health[up.name]
+        self.plain = self.health.no_edns_until > time.monotonic()
+        self.attempt(up, attrs.evolve(self.req, edns=False) if self.plain else self.req)
+
+    def attempt(self, via: Upstream, req: Request, then: Then | None = None) -> None:
+        """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
+
+        ``then`` is a plain function, not a bound method: an `Ask` holding its own bound
+        method would be a reference cycle, left for the garbage collector instead of
+        being freed the moment the query is answered.
+        """
+        self.health.queries += 1
+        self.via = via
+        self.then = then or Ask.answered
+        self.sent = time.monotonic()
+        deadline = min(self.deadline, trio.current_time() + self.fwd.options.timeout)
+        send = getattr(via, "send", None)
+        if send is not None:
+            send(req, deadline, self.done)
+        else:
+            trio.lowlevel.spawn_system_task(exchange_task, via, req, deadline, self.done)
+
+    def done(self, data: bytes | None, err: str) -> None:
+        """An attempt's outcome: the answer trimmed (`trim`), or why there is none."""
+        fwd, q, health = self.fwd, self.q, self.health
+        reply = None
+        if data is not None:
+            try:
+                reply = Reply(trim(data, q), source=fwd.setup.name)
+            except ValueError as exc:
+                err = f"malformed answer ({exc})"
+        assert self.via is not None
+        if reply is None:
+            health.failed(fwd.options.timeout if err == "timeout" else 0.0)
+            q.explain(f"{fwd.setup.where}: {self.via.name}: {err}")
+        else:
+            health.ok(time.monotonic() - self.sent)
+            if q.trace is not None:
+                q.explain(f"{fwd.setup.where}: {self.via.name} answered rcode {reply.rcode}")
+        self.then(self, reply, err)
+
+    def answered(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
+            self.attempt(self.up.tcp, self.req, Ask.whole)  # TC: the whole answer over TCP
+        else:
+            self.whole(reply, err)
+
+    def whole(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:
+            assert self.up is not None
+            self.attempt(self.up, attrs.evolve(self.req, edns=False), Ask.without_edns)
+        else:
+            self.judge(reply, err)
+
+    def without_edns(self, reply: Reply | None, err: str) -> None:
+        if reply is not None and reply.rcode not in NO_EDNS_RCODES:
+            assert self.up is not None
+            self.health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
+            self.fwd.log.info("%s rejects EDNS; asking it without EDNS for 10 min", self.up.name)
+        self.judge(reply, err)
+
+    def judge(self, reply: Reply | None, err: str) -> None:
+        assert self.up is not None
+        name = self.up.name
+        if reply is not None and reply.rcode not in FAILOVER_RCODES:
+            self.q.note("upstream", name)
+            fwd = self.fwd
+            if fwd.zone_set and reply.ancount:
+                cut = leaves_zones(reply, self.q, fwd.zone_set)
+                if cut is not None:
+                    trio.lowlevel.spawn_system_task(fwd.follow, self.q, self.key, reply, *cut)
+                    return
+            fwd.complete(self.key, reply)
+            return
+        if reply is not None:
+            self.last_bad = reply
+            self.errors.append(f"{name}: rcode {reply.rcode}")
+        elif err == "timeout":
+            self.timeouts += 1
+            self.errors.append(f"{name}: timeout")
+        else:
+            self.errors.append(f"{name}: {err}")
+        self.next()
+
+    def give_up(self) -> Reply:
+        """SERVFAIL with EDE 22/23, or an upstream's REFUSED if that is all there was."""
+        q, errors = self.q, self.errors
+        last_bad = self.last_bad
+        if last_bad is not None and not self.timeouts and last_bad.rcode == wire.REFUSED:
+            return last_bad
+        where = self.fwd.setup.where
+        q.explain(f"{where}: all upstreams failed: {'; '.join(errors) or 'no time left'}")
+        ede = EDE_NO_REACHABLE_AUTHORITY if self.timeouts or not errors else EDE_NETWORK_ERROR
+        text = "; ".join(errors)[:80] or "upstreams did not answer in time"
+        return respond(q, wire.SERVFAIL, ede=[(ede, text)], source=self.fwd.setup.name)

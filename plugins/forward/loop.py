@@ -1,0 +1,43 @@
+"""Forwarding loops through other dnsproxy instances: a hop token in a private EDNS option.
+
+Each dnsproxy on a path appends its token to the option (local-use range, RFC 6891 §9); a
+query carrying our own token has looped. The token is a keyed hash of the question under
+a per-process secret, so a client cannot make one up, and one seen by an upstream is good
+for that question only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+
+from dnsproxy.wire import Query, edns_option
+
+LOOP_OPTION = 65053
+LOOP_KEY = secrets.token_bytes(16)
+TOKEN_SIZE = 8
+MAX_HOPS = 8
+
+
+def loop_token(q: Query) -> bytes:
+    """Our hop token for ``q``'s question: only this process can make it."""
+    data = q.key + struct.pack("!HH", q.qtype, q.qclass)
+    return hashlib.blake2b(data, key=LOOP_KEY, digest_size=TOKEN_SIZE).digest()
+
+
+def loop_marker(q: Query) -> bytes | None:
+    """The loop option to send upstream, or None if this query already passed through us.
+
+    Only our own token counts. The hops of other proxies are passed on (their loops are
+    theirs to detect), the newest `MAX_HOPS` - 1 of them; an option that is not a list of
+    tokens came from a client and is dropped.
+    """
+    token = loop_token(q)
+    hops = next((data for code, data in q.edns_options if code == LOOP_OPTION), None)
+    if hops is None or len(hops) % TOKEN_SIZE:
+        return edns_option(LOOP_OPTION, token)
+    for i in range(0, len(hops), TOKEN_SIZE):
+        if hops[i : i + TOKEN_SIZE] == token:
+            return None
+    return edns_option(LOOP_OPTION, hops[-(MAX_HOPS - 1) * TOKEN_SIZE :] + token)
