@@ -408,9 +408,9 @@ class Forward(Step):
 
     @property
     def zone_set(self) -> frozenset[bytes]:
-        """The ``zones`` scope as a set (``zones`` is set by the builder after __init__)."""
+        """The ``zones`` scope as a set."""
         if self._zone_set is None:
-            self._zone_set = frozenset(self.zones)
+            self._zone_set = frozenset(self.setup.scope.zones)
         return self._zone_set
 
     def query(self, q: Query) -> Any:

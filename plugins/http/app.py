@@ -32,6 +32,7 @@ from dnsproxy.plugins.querylog import db_stats, live_counters, live_database
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dnsproxy import options
+from dnsproxy.errors import DnsProxyError
 from dnsproxy.wire import Drop, Reject, parse_query
 
 from .metrics import Collector, Observed
@@ -54,7 +55,7 @@ STATS_TTL = 1.0  # seconds a computed /api/stats answer is served again
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
 
-class HttpError(Exception):
+class HttpError(DnsProxyError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
