@@ -173,6 +173,11 @@ class Server:
         self._work: trio.Nursery | None = None
         self._chain_scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
 
+    @property
+    def inflight(self) -> int:
+        """Queries waiting on a step's I/O now (each holds one of ``max_inflight``)."""
+        return self._inflight
+
     def _apply_server_config(self) -> None:
         sc = self.config.server
         self.edns_udp_size = sc.edns_udp_size
