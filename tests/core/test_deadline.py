@@ -23,11 +23,7 @@ HUNG = '[[chain]]\nplugin = "{plugin}"\ndeadline = "300ms"\n'
 
 
 def edes(msg: dns.message.Message) -> list[tuple[int, str]]:
-    return [
-        (opt.code, opt.text)
-        for opt in msg.options
-        if isinstance(opt, dns.edns.EDEOption)
-    ]
+    return [(opt.code, opt.text) for opt in msg.options if isinstance(opt, dns.edns.EDEOption)]
 
 
 @pytest.mark.parametrize("plugin", ["hang", "stuck"])  # resolve in a task; begin without one

@@ -7,8 +7,9 @@ import importlib
 import inspect
 import pkgutil
 
-import dnsproxy
 import dnsproxy.plugins
+
+import dnsproxy
 from dnsproxy.errors import DnsProxyError
 
 
