@@ -36,7 +36,7 @@ def serve(config: str, report: str, freeze: bool) -> None:
     from dnsproxy import cli, server
 
     if not freeze:
-        server._refreeze = lambda: None  # type: ignore[assignment]
+        server.refreeze_gc = lambda: None  # type: ignore[assignment]
     started = [0.0]
     pauses: list[float] = []
     total = [0.0]

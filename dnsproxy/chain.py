@@ -13,7 +13,7 @@ case never leaves synchronous code (DESIGN.md §3):
     ``None`` to pass the query on after all.
 ``begin(q, done)``
     The same I/O phase without a task, for steps that can drive their I/O from callbacks
-    (``forward`` over UDP: a task per query was most of the cost of a cache miss). Start
+    (``forward`` over UDP), which spares a cache miss the cost of starting a task. Start
     the I/O and call ``done(reply)`` exactly once, from synchronous code (a reader task of
     the step's own, or before returning). A step overrides `resolve` or `begin`, not both.
 ``response(q, reply)``
@@ -22,9 +22,13 @@ case never leaves synchronous code (DESIGN.md §3):
     ``None`` to drop the response altogether (rate limiting).
 
 A query that no step answers gets REFUSED, as DESIGN.md says (no EDE: 18 is reserved for
-the ACL). Steps are constructed once per (re)load with their validated
-options and a `Setup`, and may run background work for the life of that chain in
-``run()``. Scoping by ``zones`` and ``clients`` is done here, so every plugin gets it.
+the ACL). Steps are constructed once per (re)load with their validated options and a
+`Setup`, and may run background work for the life of that chain in ``run()``.
+
+Every step's generic keys are applied here, so every plugin gets them: its `Scope`
+(``zones``, ``clients``: which queries it sees) and its ``deadline`` (how long its I/O
+phase may take before the query is answered SERVFAIL, so a hung plugin cannot hold a
+``max_inflight`` slot for ever).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,7 +45,7 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.blocking import Blocking
-from dnsproxy.errors import ConfigError
+from dnsproxy.errors import ConfigError, StepFailed, StepTimeout
 from dnsproxy.reply import Reply, respond
 from dnsproxy.shared import Shared
 from dnsproxy.wire import Query
@@ -49,6 +53,13 @@ from dnsproxy.wire import Query
 if TYPE_CHECKING:
     from dnsproxy.config import ServerConfig
     from dnsproxy.upstream import Upstream, UpstreamSpec
+
+__all__ = ["AWAIT", "DROP", "Chain", "Metric", "Scope", "Setup", "Step", "StepFailed"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEADLINE = 10.0  # seconds a step's I/O phase may take (above forward's own 5 s budget)
+DEADLINE_RANGE = (0.01, 3600.0)  # what the ``deadline`` key accepts
 
 
 class _Await:
@@ -89,6 +100,36 @@ class NoOptions:
     """Options class of a step that takes none."""
 
 
+@attrs.frozen
+class Scope:
+    """Which queries a step sees: names at or under ``zones`` (wire keys), from clients in
+    ``clients`` (networks); an empty tuple does not restrict. Equal scopes are equal
+    configs (reloads pair steps by it). ``scope(q)`` says whether ``q`` is in scope.
+    """
+
+    zones: tuple[bytes, ...] = ()
+    clients: tuple[Network, ...] = ()
+    # The compiled test the chain calls per query; None when the scope is everything.
+    match: Callable[[Query], bool] | None = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "match", scope_test(self.zones, self.clients))
+
+    @property
+    def depends_on_client(self) -> bool:
+        """Whether two clients asking the same question can be in and out of scope (a
+        cache in front of this step must key its answers by it)."""
+        return bool(self.clients)
+
+    def covers(self, key: bytes) -> bool:
+        """Whether the name ``key`` (wire form) is in ``zones``, ignoring ``clients``."""
+        zones = self.zones
+        return not zones or any(p in zones for p in wire.parents(key))
+
+    def __call__(self, q: Query) -> bool:
+        return self.match is None or self.match(q)
+
+
 @attrs.frozen(eq=False)
 class Setup:
     """What a step is given besides its options when it is built."""
@@ -107,6 +148,11 @@ class Setup:
     # The server's store of long-lived objects its steps share across reloads (parsed
     # lists); a fresh one for steps built outside a server.
     shared: Shared = attrs.field(factory=Shared)
+    # Build another step as the config loader would (a helper step a plugin delegates
+    # to): ``make_step("forward", {"upstreams": [...]}, setup)``; ConfigError on bad options.
+    make_step: Callable[[str, Mapping[str, Any], Setup], Step] | None = None
+    scope: Scope = attrs.field(factory=Scope)  # the ``zones`` and ``clients`` keys
+    deadline: float = DEADLINE  # the ``deadline`` key: seconds for `Step.resolve`/`begin`
 
     def error(self, key: str | None, message: str) -> ConfigError:
         """A config error naming this step and ``key``."""
@@ -122,25 +168,28 @@ class Step:
     """Base class of every chain step; override what the step needs.
 
     Class attributes: ``Options`` (an ``attrs.frozen`` class; its fields are the step's
-    config keys besides the generic ``plugin``, ``zones`` and ``clients``); ``pausable``
+    config keys besides the generic ``plugin``, ``zones``, ``clients`` and ``deadline``,
+    which the chain applies and which ``setup.scope`` and ``setup.deadline`` hold); ``pausable``
     (True for a step that stops blocking while ``setup.blocking`` is paused: the HTTP
     API's /api/blocking routes answer 409 when no step is).
 
-    On a reload (SIGHUP) a step that replaces one of the same plugin with equal options,
-    ``zones`` and ``clients`` is handed the old step through `inherit` before the new chain
+    On a reload (SIGHUP) a step that replaces one of the same plugin with equal options
+    and scope is handed the old step through `inherit` before the new chain
     serves, so state that is not config (a cache, rate accounts, counters) carries over.
     """
 
     Options: ClassVar[type] = NoOptions
     pausable: ClassVar[bool] = False
-    zones: tuple[bytes, ...] = ()  # the step's ``zones`` scope (wire keys), set by the builder
-    clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # likewise
 
     def __init__(self, options: Any, setup: Setup) -> None:
         self.options = options
         self.setup = setup
         self.log = setup.log
-        self.chain: Chain | None = None  # set when the chain is compiled
+        self.chain: Chain | None = None  # set when the chain is compiled (see `attached`)
+
+    def attached(self, chain: Chain) -> None:
+        """Called once the chain holding this step is compiled (``self.chain`` is set):
+        the place to ask about the steps after this one (`Chain.after`)."""
 
     def query(self, q: Query) -> Reply | None:
         """Answer now (a Reply), pass on (None), or return AWAIT to do I/O in `resolve`."""
@@ -214,16 +263,17 @@ def _overrides(step: Step, method: str) -> bool:
 
 
 class Link:
-    """A compiled step: the bound methods the hot path calls and its scope test."""
+    """A compiled step: the bound methods the hot path calls, its scope test, deadline."""
 
-    __slots__ = ("in_scope", "on_begin", "on_query", "on_response", "step")
+    __slots__ = ("deadline", "in_scope", "on_begin", "on_query", "on_response", "step")
 
-    def __init__(self, step: Step, in_scope: Callable[[Query], bool] | None) -> None:
+    def __init__(self, step: Step) -> None:
         self.step = step
         self.on_query = step.query
         self.on_response = step.response if _overrides(step, "response") else None
         self.on_begin = step.begin if _overrides(step, "begin") else None
-        self.in_scope = in_scope
+        self.in_scope = step.setup.scope.match
+        self.deadline = step.setup.deadline
 
 
 class Suspended:
@@ -237,16 +287,8 @@ class Suspended:
         self.unwind = unwind
 
 
-class StepFailed(Exception):
-    """A step raised; the server answers SERVFAIL and logs the step's name."""
-
-    def __init__(self, step: Step, exc: BaseException) -> None:
-        super().__init__(f"{step.setup.where}: {type(exc).__name__}: {exc}")
-        self.step = step
-
-
 def scope_test(
-    zones: Sequence[bytes], clients: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    zones: Sequence[bytes], clients: Sequence[Network]
 ) -> Callable[[Query], bool] | None:
     """The scope predicate of a step, or None when it applies to every query."""
     zone_set = frozenset(zones)
@@ -291,12 +333,19 @@ def client_matcher(
 class Chain:
     """The steps of one configuration, compiled for the hot path."""
 
-    def __init__(self, steps: Iterable[tuple[Step, Callable[[Query], bool] | None]]) -> None:
-        self.links = [Link(step, scope) for step, scope in steps]
+    def __init__(self, steps: Iterable[Step]) -> None:
+        self.links = [Link(step) for step in steps]
         self.steps = [link.step for link in self.links]
         self._position = {id(step): i for i, step in enumerate(self.steps)}
         for step in self.steps:
             step.chain = self
+        for step in self.steps:
+            step.attached(self)
+
+    def after(self, step: Step) -> tuple[Setup, ...]:
+        """The `Setup` of each step after ``step``, in chain order: their plugin names,
+        scopes and deadlines, for a step whose behaviour depends on what follows it."""
+        return tuple(s.setup for s in self.steps[self._position[id(step)] + 1 :])
 
     def start(self, q: Query) -> Reply | Suspended | None:
         """Run the synchronous part: a final reply, None (drop), or where to resume."""
@@ -307,12 +356,15 @@ class Chain:
         while True:
             link = sus.link
             try:
-                if link.on_begin is None:
-                    reply = await link.step.resolve(q)
-                else:
-                    reply = await _begun(link.on_begin, q)
+                with trio.move_on_after(link.deadline) as timer:
+                    if link.on_begin is None:
+                        reply = await link.step.resolve(q)
+                    else:
+                        reply = await _begun(link.on_begin, q)
             except Exception as exc:
                 raise StepFailed(link.step, exc) from exc
+            if timer.cancelled_caught:
+                raise StepTimeout(link.step)
             result = self.proceed(q, sus, reply)
             if not isinstance(result, Suspended):
                 return result

@@ -20,7 +20,8 @@ import trio
 from dnsproxy import __version__
 from dnsproxy.errors import ConfigError
 from dnsproxy.lint import lint
-from dnsproxy.server import Server, build_chain, load
+from dnsproxy.loader import build_chain, load
+from dnsproxy.server import Server
 from dnsproxy.wire import parse_query
 
 QUERY_READY_WAIT = 10.0  # seconds `dnsproxy query` waits for lists to load

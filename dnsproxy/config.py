@@ -15,6 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from dnsproxy import options
+from dnsproxy.chain import DEADLINE, DEADLINE_RANGE
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry
 from dnsproxy.wire import hostport, name_to_key
@@ -161,6 +162,7 @@ class StepConfig:
     zones: tuple[bytes, ...]
     clients: tuple[Network, ...]
     options: Any
+    deadline: float = DEADLINE  # seconds for the step's I/O phase (``deadline``)
 
 
 @attrs.frozen
@@ -192,7 +194,7 @@ class Config:
         return p if p.is_absolute() else self.base_dir / p
 
 
-GENERIC_STEP_KEYS = ("plugin", "zones", "clients")
+GENERIC_STEP_KEYS = ("plugin", "zones", "clients", "deadline")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -314,6 +316,14 @@ def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
         clients = options.networks(table.get("clients", []))
     except (TypeError, ValueError) as exc:
         errors.append(f"{where}: clients: {exc}")
+    deadline = DEADLINE
+    try:
+        deadline = options.duration(table.get("deadline", DEADLINE))
+        low, high = DEADLINE_RANGE
+        if not low <= deadline <= high:
+            raise ValueError(f"must be between {low:g} s and {high:g} s, got {deadline:g} s")
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: deadline: {exc}")
     rest = {k: v for k, v in table.items() if k not in GENERIC_STEP_KEYS}
     opts = None
     try:
@@ -322,4 +332,4 @@ def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
         errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
-    return StepConfig(i, plugin, where, zones, clients, opts)
+    return StepConfig(i, plugin, where, zones, clients, opts, deadline)

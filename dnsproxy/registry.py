@@ -7,6 +7,7 @@ group, then Python files named in the config. All contribute through the same ho
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -54,8 +55,22 @@ class Registry:
 
 
 def load_file(path: Path) -> Any:
-    """Import a plugin from a Python file named in the config."""
-    mod_name = f"dnsproxy_local_{path.stem}_{abs(hash(str(path))):x}"
+    """Import a plugin from a Python file named in the config.
+
+    The module is named after the file's path and content: an unchanged file is imported
+    once (its steps keep their identity across reloads, so `Step.inherit` pairs them), an
+    edited one is imported afresh (SIGHUP runs the new code; the old chain keeps the old
+    module until it is retired).
+    """
+    try:
+        source = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: plugin file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the plugin file: {exc.strerror or exc}") from exc
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    prefix = f"dnsproxy_local_{path.stem}_{where}_"
+    mod_name = prefix + hashlib.sha256(source).hexdigest()[:12]
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -63,11 +78,11 @@ def load_file(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot load as a Python plugin")
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: plugin file not found") from exc
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as exc:
         raise ConfigError(f"{path}: plugin failed to import: {type(exc).__name__}: {exc}") from exc
+    for stale in [name for name in sys.modules if name.startswith(prefix)]:
+        del sys.modules[stale]  # an older version of this file
     sys.modules[mod_name] = module
     return module
 

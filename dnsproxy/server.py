@@ -20,6 +20,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import math
 import signal
 import socket
 import struct
@@ -30,30 +31,26 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pluggy
 import trio
 
-from dnsproxy import config as config_mod
 from dnsproxy import wire
 from dnsproxy.blocking import Blocking
-from dnsproxy.chain import (
-    Chain,
-    Setup,
-    Step,
-    StepFailed,
-    Suspended,
-    client_address,
-    client_matcher,
-    scope_test,
-)
-from dnsproxy.config import Address, Config
-from dnsproxy.errors import ConfigError, UpstreamError
+from dnsproxy.chain import Chain, Step, Suspended, client_address, client_matcher
+from dnsproxy.config import Address, Config, StepConfig
+from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
-from dnsproxy.registry import Registry, build_registry, make_plugin_manager
-from dnsproxy.reply import EDE_PROHIBITED, Reply, error_wire, finalize, respond
+from dnsproxy.loader import Loaded, build_chain, load
+from dnsproxy.reply import (
+    EDE_NO_REACHABLE_AUTHORITY,
+    EDE_PROHIBITED,
+    Reply,
+    error_wire,
+    finalize,
+    respond,
+)
 from dnsproxy.shared import Shared
-from dnsproxy.upstream import Upstream, UpstreamSpec, read_frame
-from dnsproxy.wire import Drop, Query, Reject, parse_query
+from dnsproxy.upstream import read_frame
+from dnsproxy.wire import Query, parse_query
 
 log = logging.getLogger("dnsproxy")
 
@@ -65,7 +62,7 @@ INFLIGHT_PREFIX = (24, 56)  # a client, for its share of max_inflight (IPv4, IPv
 TCP_CLIENT_PREFIX = (32, 64)  # a client, for max_tcp_per_client
 INFLIGHT_SHARE = 4  # max_inflight_per_client defaults to max_inflight / 4 ...
 INFLIGHT_SHARE_MIN = 8  # ... but at least this many (or max_inflight if smaller)
-TCP_LOG_INTERVAL = 60.0  # seconds between log lines about one kind of TCP limit
+LIMIT_LOG_INTERVAL = 60.0  # seconds between log lines about one kind of limit hit
 
 Sender = Callable[[bytes | None], Any]
 
@@ -80,6 +77,7 @@ class Stats:
     refused_acl: int = 0
     servfail_overload: int = 0
     step_errors: int = 0
+    step_timeouts: int = 0  # a step's I/O phase outlived its deadline: SERVFAIL
     internal_errors: int = 0
     tcp_connections: int = 0
     tcp_rejected: int = 0
@@ -111,71 +109,6 @@ def prefix_of(v4: int, v6: int) -> Callable[[str], str]:
     return prefix
 
 
-def load(path: Path) -> tuple[Config, Registry, pluggy.PluginManager]:
-    """Read and validate a config, loading the plugins it names. Raises ConfigError."""
-    doc = config_mod.read_toml(path)
-    pm = make_plugin_manager(config_mod.plugin_files(path, doc))
-    registry = build_registry(pm)
-    return config_mod.parse(path, doc, registry), registry, pm
-
-
-def build_chain(
-    cfg: Config,
-    registry: Registry,
-    blocking: Blocking | None = None,
-    shared: Shared | None = None,
-) -> Chain:
-    """Instantiate every step of ``cfg``; ConfigError if any step rejects its options.
-
-    ``blocking``: the server's pause state, handed to every step (a new one if None).
-    ``shared``: the server's long-lived store, handed to every step (a new one if None).
-    """
-    blocking = blocking or Blocking()
-    shared = shared or Shared()
-
-    def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
-        if isinstance(spec, str):
-            spec = UpstreamSpec.parse(spec)
-        factory = registry.schemes.get(spec.scheme)
-        if factory is None:
-            known = ", ".join(sorted(registry.schemes))
-            raise setup.error(
-                "upstreams",
-                f"{spec.url}: no plugin handles {spec.scheme}:// (known: {known};"
-                " is the dot/doh plugin installed?)",
-            )
-        return factory(spec, setup)
-
-    steps = []
-    errors = []
-    for sc in cfg.chain:
-        setup = Setup(
-            where=sc.where,
-            index=sc.index,
-            name=sc.plugin,
-            base_dir=cfg.base_dir,
-            state_dir=cfg.state_dir,
-            server=cfg.server,
-            make_upstream=make_upstream,
-            log=logging.getLogger(f"dnsproxy.plugins.{sc.plugin}"),
-            blocking=blocking,
-            shared=shared,
-        )
-        try:
-            step = registry.steps[sc.plugin](sc.options, setup)
-        except ConfigError as exc:
-            errors.extend(exc.lines)
-            continue
-        step.zones = sc.zones
-        step.clients = sc.clients
-        steps.append((step, scope_test(sc.zones, sc.clients)))
-    if errors:
-        for step, _ in steps:
-            step.close()
-        raise ConfigError(errors)
-    return Chain(steps)
-
-
 def _bind(addr: Address, kind: socket.SocketKind) -> socket.socket:
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, kind)
@@ -202,17 +135,17 @@ class Server:
         *,
         handle_signals: bool = True,
         freeze_gc: bool = False,
-        loaded: tuple[Config, Registry, pluggy.PluginManager] | None = None,
+        loaded: Loaded | None = None,
     ) -> None:
         """``freeze_gc``: exempt long-lived objects from the garbage collector
         (`gc.freeze`), for a process that is nothing but this server (``dnsproxy run``).
 
-        Under load, queries in flight are promoted to the oldest generation, so Python
-        runs a full collection every half second or so, each walking every module,
-        plugin and config object: a 15-45 ms stall of the event loop each time, and
-        5-8 % of the CPU under a load of cache misses. Frozen objects are still freed by
-        reference counting; a frozen *cycle* is freed by the next `_refreeze`: after each
-        reload (the old chain holds cycles) and every `GC_REFREEZE` seconds.
+        Why: under load, queries in flight reach the oldest generation, so full
+        collections come often and each walks every module, plugin and config object,
+        stalling the event loop (figures: bench/RESULTS.md, session 3). Frozen objects
+        are still freed by reference counting; a frozen *cycle* is freed by the next
+        `refreeze_gc`: after each reload (the old chain holds cycles) and every
+        `GC_REFREEZE` seconds.
         """
         self.path = Path(path)
         self.handle_signals = handle_signals
@@ -234,13 +167,19 @@ class Server:
         self._tcp_conns: OrderedDict[TcpConn, None] = OrderedDict()  # least recently active first
         self._tcp_clients: dict[str, int] = {}  # open connections by TCP_CLIENT_PREFIX
         self._tcp_client = prefix_of(*TCP_CLIENT_PREFIX)
-        self._tcp_limit_log: dict[str, tuple[float, int]] = {}  # kind: (next log time, count)
+        self._limit_log: dict[str, tuple[float, int]] = {}  # kind: (next log time, count)
+        self._begun = _Deadlines()  # queries in a step's `begin`, timed out by `_expire`
         self._observers: tuple[Observer, ...] = ()
         self._stop = trio.Event()
         self._failed_once: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
         self._chain_scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+
+    @property
+    def inflight(self) -> int:
+        """Queries waiting on a step's I/O now (each holds one of ``max_inflight``)."""
+        return self._inflight
 
     def _apply_server_config(self) -> None:
         sc = self.config.server
@@ -317,7 +256,15 @@ class Server:
                 self._work.start_soon(self._finish, q, chain, sus, send, who)
             return
 
+        def expired() -> None:
+            failed = self._step_failed(q, StepTimeout(sus.link.step))
+            self._complete(q, chain, failed, send, who)
+
+        waiting = self._begun.add(sus.link.deadline, expired)
+
         def done(reply: Reply | None) -> None:
+            if waiting.pop(expired, None) is None:
+                return  # timed out (answered already), or called twice
             try:
                 result = chain.proceed(q, sus, reply)
             except StepFailed as exc:
@@ -330,8 +277,9 @@ class Server:
         try:
             begin(q, done)
         except Exception as exc:
-            failed = self._step_failed(q, StepFailed(sus.link.step, exc))
-            self._complete(q, chain, failed, send, who)
+            if waiting.pop(expired, None) is not None:
+                failed = self._step_failed(q, StepFailed(sus.link.step, exc))
+                self._complete(q, chain, failed, send, who)
 
     async def _finish(self, q: Query, chain: Chain, sus: Suspended, send: Sender, who: str) -> None:
         reply = None
@@ -374,6 +322,13 @@ class Server:
         self._observers = tuple(f for group in found if group for f in group)
 
     def _step_failed(self, q: Query, exc: StepFailed) -> Reply:
+        if isinstance(exc, StepTimeout):
+            self.stats.step_timeouts += 1
+            where = exc.step.setup.where
+            self._limit_hit(f"timeout {where}", f"{exc}: answered SERVFAIL")
+            q.explain(f"{where}: timed out (deadline = {exc.step.setup.deadline:g} s)")
+            ede = [(EDE_NO_REACHABLE_AUTHORITY, "step timed out")]
+            return respond(q, wire.SERVFAIL, ede=ede, source="timeout")
         self.stats.step_errors += 1
         cause = exc.__cause__
         key = (exc.step.setup.where, type(cause).__name__)
@@ -463,9 +418,9 @@ class Server:
         held = self._tcp_clients.get(client, 0)
         cap = min(sc.max_tcp_per_client, sc.max_tcp_connections)
         if held >= cap:
-            self._tcp_limit_hit(
+            self._limit_hit(
                 "client",
-                f"a client reached max_tcp_per_client ({cap}), its new connection refused;"
+                f"tcp: a client reached max_tcp_per_client ({cap}), its new connection refused;"
                 f" the latest: {client}",
             )
             return None
@@ -474,12 +429,12 @@ class Server:
             idle = next((c for c in conns if not c.outstanding), None)
             full = f"connection table full (max_tcp_connections = {sc.max_tcp_connections})"
             if idle is None:
-                self._tcp_limit_hit("busy", f"{full} and every connection busy: refused one")
+                self._limit_hit("busy", f"tcp: {full} and every connection busy: refused one")
                 return None
             self._tcp_release(idle)
             idle.scope.cancel()
             self.stats.tcp_evicted += 1
-            self._tcp_limit_hit("full", f"{full}: closed the longest-idle one for a new one")
+            self._limit_hit("full", f"tcp: {full}: closed the longest-idle one for a new one")
         conn = TcpConn(peer, client)
         conns[conn] = None
         self._tcp_clients[client] = held + 1
@@ -497,17 +452,17 @@ class Server:
         else:
             del self._tcp_clients[conn.client]
 
-    def _tcp_limit_hit(self, kind: str, what: str) -> None:
-        """Log a TCP limit being hit: at once, then at most every TCP_LOG_INTERVAL per kind,
+    def _limit_hit(self, kind: str, what: str) -> None:
+        """Log a limit being hit: at once, then at most every LIMIT_LOG_INTERVAL per kind,
         with how many times it was hit since the last line (an attacker can trigger it)."""
         now = trio.current_time()
-        next_at, count = self._tcp_limit_log.get(kind, (now, 0))
+        next_at, count = self._limit_log.get(kind, (now, 0))
         count += 1
         if now < next_at:
-            self._tcp_limit_log[kind] = (next_at, count)
+            self._limit_log[kind] = (next_at, count)
             return
-        self._tcp_limit_log[kind] = (now + TCP_LOG_INTERVAL, 0)
-        log.warning("tcp: %s (%d time(s) since the last such line)", what, count)
+        self._limit_log[kind] = (now + LIMIT_LOG_INTERVAL, 0)
+        log.warning("%s (%d time(s) since the last such line)", what, count)
 
     def _tcp_idle(self) -> float:
         """The idle timeout for a connection starting to wait now (RFC 7766 §6.2.3):
@@ -638,6 +593,7 @@ class Server:
             async with trio.open_nursery() as root:
                 self._nursery = root
                 root.start_soon(self.blocking.run)
+                root.start_soon(self._begun.run)
                 self._start_chain(self.chain)
                 async with trio.open_nursery() as work:
                     self._work = work
@@ -655,7 +611,7 @@ class Server:
                         self._collect_observers()
                         self.pm.hook.dnsproxy_startup(server=self)
                         if self.freeze_gc:
-                            _refreeze()
+                            refreeze_gc()
                             accept.start_soon(_refreeze_every, GC_REFREEZE)
                         task_status.started(self.addresses)
                         await self._stop.wait()
@@ -766,7 +722,7 @@ class Server:
         chain.close()
         if self.freeze_gc:
             del chain  # this frame's reference: the collection must be able to free it
-            _refreeze()
+            refreeze_gc()
 
     def flush(self) -> None:
         self.chain.flush()
@@ -788,23 +744,24 @@ class Server:
 
 def _inherit(old_cfg: Config, old: Chain, new_cfg: Config, new: Chain) -> None:
     """Hand each new step the old step it replaces unchanged: the first old step, in
-    chain order, of the same plugin with equal options, zones and clients not yet taken."""
-    free = list(zip(old_cfg.chain, old.steps, strict=True))
+    chain order, of the same plugin with equal options, scope and deadline not yet taken."""
+
+    def same(sc: StepConfig, step: Step) -> tuple[object, ...]:
+        return (sc.plugin, sc.options, step.setup.scope, step.setup.deadline)
+
+    free = [(same(osc, ostep), ostep) for osc, ostep in zip(old_cfg.chain, old.steps, strict=True)]
     for sc, step in zip(new_cfg.chain, new.steps, strict=True):
-        for i, (osc, ostep) in enumerate(free):
-            if (osc.plugin, osc.options, osc.zones, osc.clients) == (
-                sc.plugin,
-                sc.options,
-                sc.zones,
-                sc.clients,
-            ):
+        wanted = same(sc, step)
+        for i, (was, ostep) in enumerate(free):
+            if was == wanted:
                 del free[i]
                 step.inherit(ostep)
                 break
 
 
-def _refreeze() -> None:
-    """Collect everything (frozen objects included), then freeze what is left alive."""
+def refreeze_gc() -> None:
+    """Collect everything (frozen objects included), then freeze what is left alive
+    (`Server` with ``freeze_gc``: after start-up, each reload, every GC_REFREEZE s)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
@@ -813,7 +770,49 @@ def _refreeze() -> None:
 async def _refreeze_every(seconds: float) -> None:
     while True:
         await trio.sleep(seconds)
-        _refreeze()
+        refreeze_gc()
+
+
+class _Deadlines:
+    """Queries waiting in a step's `begin` (no task of their own to time out), each with
+    the moment its deadline expires and what to do then.
+
+    One insertion-ordered table per deadline length, so each table is in expiry order and
+    `run` only looks at the heads; a query's ``done`` removes it with one dict pop.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[float, dict[Callable[[], None], float]] = {}
+        self.wake: trio.CancelScope | None = None  # the sleep of `run`, set to the earliest
+
+    def add(self, length: float, expired: Callable[[], None]) -> dict[Callable[[], None], float]:
+        """Call ``expired`` in ``length`` seconds unless it is popped from the returned
+        table first."""
+        at = trio.current_time() + length
+        table = self.tables.get(length)
+        if table is None:
+            table = self.tables[length] = {}
+        table[expired] = at
+        wake = self.wake
+        if wake is not None and at < wake.deadline:
+            wake.deadline = at
+        return table
+
+    async def run(self) -> None:
+        while True:
+            earliest = min((next(iter(t.values())) for t in self.tables.values() if t),
+                           default=math.inf)  # fmt: skip
+            with trio.CancelScope(deadline=earliest) as self.wake:
+                await trio.sleep_forever()
+            self.wake = None
+            now = trio.current_time()
+            for table in list(self.tables.values()):
+                while table:
+                    expired, at = next(iter(table.items()))
+                    if at > now:
+                        break
+                    del table[expired]
+                    expired()
 
 
 async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | None:

@@ -6,30 +6,33 @@ without sockets, and run them through a chain with a stub "next" step::
     step = build_step("blocklist", {"lists": ["ads.txt"]}, base_dir=tmp_path)
     reply = await run_chain([step, Answer({"example.org": "192.0.2.1"})], make_query("example.org"))
     assert reply.rcode == 0
+
+``build_step`` also takes a plugin file (``build_step(Path("my_policy.py"), {...})``), and
+the generic keys ``zones``, ``clients`` and ``deadline`` in the table, as a config would.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import dns.flags
 import dns.message
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from dnsproxy import options, wire
+from dnsproxy import loader, options, wire
 from dnsproxy.blocking import Blocking
-from dnsproxy.chain import Chain, Setup, Step, Suspended, scope_test
-from dnsproxy.config import ServerConfig
+from dnsproxy.chain import DEADLINE, Chain, Scope, Setup, Step, Suspended
+from dnsproxy.config import GENERIC_STEP_KEYS, ServerConfig
+from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import Reply, respond, response_message
 from dnsproxy.shared import Shared
-from dnsproxy.upstream import Upstream, UpstreamSpec
 from dnsproxy.wire import Query, name_to_key, parse_query
 
 
@@ -60,9 +63,16 @@ def make_query(
     return parse_query(msg.to_wire(), (client, 40000), transport)
 
 
-def registry() -> Registry:
-    """The registry of built-in and installed plugins."""
-    return build_registry(make_plugin_manager())
+def registry(*files: Path) -> Registry:
+    """The registry of built-in and installed plugins, and of the plugin ``files``."""
+    return build_registry(make_plugin_manager(files))
+
+
+def scope(zones: str | Sequence[str] = (), clients: str | Sequence[str] = ()) -> Scope:
+    """A `Scope` from names and networks as a config writes them."""
+    return Scope(
+        tuple(name_to_key(z) for z in options.string_tuple(zones)), options.networks(clients)
+    )
 
 
 def make_setup(
@@ -75,58 +85,88 @@ def make_setup(
     reg: Registry | None = None,
     blocking: Blocking | None = None,
     shared: Shared | None = None,
+    scope: Scope | None = None,
+    deadline: float = DEADLINE,
 ) -> Setup:
-    """A Setup like the server builds, for constructing steps directly.
+    """A Setup like the config loader builds, for constructing steps directly.
 
     ``blocking``: the pause state to share (steps built with one honour its pauses).
     ``shared``: the long-lived store to share, as steps of one server (and its reloads) do.
     """
-    reg = reg or registry()
-
-    def make_upstream(spec: UpstreamSpec | str, setup: Setup) -> Upstream:
-        spec = UpstreamSpec.parse(spec) if isinstance(spec, str) else spec
-        return reg.schemes[spec.scheme](spec, setup)
-
     base = base_dir or Path.cwd()
-    return Setup(
+    return loader.make_setup(
+        reg or registry(),
         where=f"test.toml: chain[{index}] ({name})",
         index=index,
         name=name,
         base_dir=base,
         state_dir=state_dir or base / ".state",
         server=server or ServerConfig(),
-        make_upstream=make_upstream,
         log=logging.getLogger(f"dnsproxy.plugins.{name}"),
         blocking=blocking or Blocking(),
         shared=shared or Shared(),
+        scope=scope or Scope(),
+        deadline=deadline,
     )
 
 
-def build_step(plugin: str, table: Mapping[str, Any], **setup_kw: Any) -> Step:
+def build_step(
+    plugin: str | Path, table: Mapping[str, Any], *, name: str | None = None, **setup_kw: Any
+) -> Step:
     """Validate ``table`` as a ``[[chain]]`` entry for ``plugin`` and build the step.
 
-    Raises ConfigError exactly as the config loader would.
+    ``plugin`` is a registered plugin name, or the path of a plugin file (a `Path`, or a
+    string ending in ``.py``) as ``plugins = [...]`` names it; the file's step is built
+    (``name`` picks one when it registers several). ``zones``, ``clients`` and
+    ``deadline`` in ``table`` are applied as the loader applies them. Raises ConfigError
+    exactly as the config loader would. ``setup_kw`` goes to `make_setup`.
     """
-    reg = setup_kw.pop("reg", None) or registry()
-    cls = reg.steps[plugin]
-    setup = make_setup(plugin, reg=reg, **setup_kw)
-    opts = options.build(cls.Options, table, setup.where)
-    return cls(opts, setup)
+    reg = setup_kw.pop("reg", None)
+    if isinstance(plugin, Path) or plugin.endswith(".py"):
+        path = Path(plugin)
+        reg = reg or registry(path)
+        name = name or _only_step(path, reg, build_registry(make_plugin_manager()))
+    else:
+        reg = reg or registry()
+        name = name or plugin
+    generic = {k: v for k, v in table.items() if k in GENERIC_STEP_KEYS and k != "plugin"}
+    setup_kw.setdefault("scope", scope(generic.get("zones", ()), generic.get("clients", ())))
+    if "deadline" in generic:
+        setup_kw.setdefault("deadline", options.duration(generic["deadline"]))
+    setup = make_setup(name, reg=reg, **setup_kw)
+    rest = {k: v for k, v in table.items() if k not in GENERIC_STEP_KEYS}
+    return loader.make_step(reg, name, rest, setup)
+
+
+def _only_step(path: Path, reg: Registry, builtin: Registry) -> str:
+    """The one step name the plugin file ``path`` adds to the built-in registry."""
+    names = sorted(set(reg.steps) - set(builtin.steps))
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise ConfigError(f"{path}: registers {found}; pass name= to pick one step")
+    return names[0]
 
 
 def chain_of(
     steps: Sequence[Step | tuple[Step, Mapping[str, Any]]],
 ) -> Chain:
-    """A chain from steps; a (step, {"zones": [...], "clients": [...]}) pair scopes one."""
-    compiled = []
+    """A chain from steps; a (step, {"zones": [...], "clients": [...]}) pair scopes one.
+
+    The pair form gives a step built without a scope its `Setup.scope` (a test shortcut;
+    a step that reads its scope when built wants ``build_step(..., {"zones": [...]})``).
+    """
+    built = []
     for item in steps:
-        step, scope = item if isinstance(item, tuple) else (item, {})
-        zones = tuple(name_to_key(z) for z in scope.get("zones", ()))
-        clients = tuple(ipaddress.ip_network(c, strict=False) for c in scope.get("clients", ()))
-        step.zones = zones
-        step.clients = clients
-        compiled.append((step, scope_test(zones, clients)))
-    return Chain(compiled)
+        if isinstance(item, tuple):
+            step, table = item
+            step.setup = attrs.evolve(
+                step.setup, scope=scope(table.get("zones", ()), table.get("clients", ()))
+            )
+            step.log = step.setup.log
+        else:
+            step = item
+        built.append(step)
+    return Chain(built)
 
 
 async def run_chain(

@@ -23,6 +23,8 @@ import dns.name
 import dns.rdataclass
 import dns.rdatatype
 
+from dnsproxy.errors import Drop, Reject  # re-exported: parse_query raises them
+
 HEADER = struct.Struct("!HHHHHH")
 U16 = struct.Struct("!H")
 RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
@@ -61,24 +63,6 @@ EDNS_DO = 0x8000
 EDE_OPTION = 15
 COOKIE_OPTION = 10
 MAX_EDNS_OPTIONS = 64  # bounded parsing of hostile option lists (Unbound CVE-2026-41292)
-
-
-class Drop(Exception):
-    """The message must be dropped silently (too short to answer, or a response)."""
-
-
-class Reject(Exception):
-    """The message gets an error response: FORMERR, NOTIMP or BADVERS.
-
-    ``query`` is set when the question was readable, so the response can echo it.
-    """
-
-    def __init__(self, rcode: int, msg_id: int, flags: int, query: Query | None = None) -> None:
-        super().__init__(rcode)
-        self.rcode = rcode
-        self.msg_id = msg_id
-        self.flags = flags
-        self.query = query
 
 
 class Query:

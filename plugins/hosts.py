@@ -54,6 +54,7 @@ import trio
 
 from dnsproxy import options, wire
 from dnsproxy.chain import Metric, Setup, Step
+from dnsproxy.errors import DnsProxyError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply, respond, rr
@@ -76,7 +77,7 @@ class HostsOptions:
     max_size: int = attrs.field(default=64 << 20, validator=options.in_range(1, 1 << 32))
 
 
-class HostsError(Exception):
+class HostsError(DnsProxyError):
     """The table cannot be built (unreadable file, too many names)."""
 
 

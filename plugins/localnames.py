@@ -75,10 +75,9 @@ import attrs
 import dns.exception
 import dns.name
 import dns.rdatatype
-from dnsproxy.plugins.forward import Forward, ForwardOptions
 
 from dnsproxy import options, wire
-from dnsproxy.chain import AWAIT, Metric, Setup, Step
+from dnsproxy.chain import AWAIT, Chain, Metric, Scope, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_SYNTHESIZED, Reply, respond, rr
@@ -168,24 +167,21 @@ class LocalNames(Step):
         if opts.localhost:
             kinds[LOCALHOST] = "localhost"
         self.local = {key: _Zone(key, kind, opts.ttl) for key, kind in kinds.items()}
-        self.forward: Forward | None = None
+        self.forward: Step | None = None
         if opts.single_label == "forward":
-            try:
-                fwd_opts = ForwardOptions(upstreams=opts.upstreams)
-            except (TypeError, ValueError) as exc:
-                raise setup.error("upstreams", str(exc)) from exc
-            self.forward = Forward(fwd_opts, setup)
-        self._deferred: frozenset[bytes] | None = None
+            if setup.make_step is None:
+                raise setup.error("single_label", "'forward' needs a setup that builds steps")
+            # The helper shares this step's setup, so its errors and logs name this step;
+            # not its scope (forward trims answers to its zones).
+            helper = attrs.evolve(setup, scope=Scope())
+            self.forward = setup.make_step("forward", {"upstreams": list(opts.upstreams)}, helper)
+        self.deferred: frozenset[bytes] = frozenset()
         self.answered = dict.fromkeys(("localhost", "nxdomain", "reverse", "single_label"), 0)
         self.forwarded = 0
 
-    def deferred(self) -> frozenset[bytes]:
-        """The zones of the steps after this one: names under them are theirs to answer."""
-        if self._deferred is None:
-            steps = self.chain.steps if self.chain is not None else []
-            later = steps[steps.index(self) + 1 :] if self in steps else []
-            self._deferred = frozenset(z for s in later for z in s.zones)
-        return self._deferred
+    def attached(self, chain: Chain) -> None:
+        """Learn the zones of the steps after this one: names under them are theirs."""
+        self.deferred = frozenset(z for s in chain.after(self) for z in s.scope.zones)
 
     def query(self, q: Query) -> Any:
         key = q.key
@@ -213,7 +209,7 @@ class LocalNames(Step):
         return None
 
     def _routed(self, key: bytes) -> bool:
-        deferred = self.deferred()
+        deferred = self.deferred
         return bool(deferred) and any(p in deferred for p in wire.parents(key))
 
     def _answer(self, q: Query, key: bytes, zone: _Zone) -> Reply:

@@ -21,6 +21,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from dnsproxy.errors import DnsProxyError
+
 # Kind bits of an entry (the list's index is added above them when lists are merged).
 EXACT = 1  # the name only (adblock |d^, or subdomains = false)
 SUBONLY = 2  # its subdomains only (*.d)
@@ -294,7 +296,7 @@ class Parsed:
         return f"{text}, {self.skipped} skipped, {self.errors} errors"
 
 
-class BadList(ValueError):
+class BadList(DnsProxyError, ValueError):
     """The list is unusable: a bound was exceeded, or nothing in it is a rule."""
 
 

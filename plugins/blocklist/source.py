@@ -16,10 +16,12 @@ from typing import Any
 import attrs
 import trio
 
+from dnsproxy.errors import DnsProxyError
+
 from .parse import Parsed
 
 
-class FetchError(Exception):
+class FetchError(DnsProxyError):
     """A list could not be read or downloaded (one line, names the list)."""
 
 

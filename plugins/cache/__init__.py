@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from dnsproxy import wire
-from dnsproxy.chain import AWAIT, Chain, Metric, Setup, Step
+from dnsproxy.chain import AWAIT, Chain, Metric, Scope, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import EDE_STALE, EDE_STALE_NXDOMAIN, Reply, respond
@@ -37,34 +37,6 @@ class _Refresh:
         self.result: Reply | None = None
 
 
-def client_scopes(chain: Chain, step: Step) -> tuple[Callable[[Query], bool], ...]:
-    """The scope tests of steps after ``step`` whose outcome can depend on the client.
-
-    Zone-only scopes depend only on the name, which the key already holds, so they are
-    left out (they would only cost time per hit). They are recognised by the closure that
-    `dnsproxy.chain.scope_test` builds; anything not recognised is kept, which is safe.
-    """
-    after = chain.links[chain.steps.index(step) + 1 :]
-    return tuple(
-        link.in_scope
-        for link in after
-        if link.in_scope is not None
-        and getattr(link.in_scope, "__code__", None) is not None
-        and link.in_scope.__code__.co_freevars != ("zone_set",)
-    )
-
-
-def view_scopes(chain: Chain, step: Step) -> tuple[tuple[object, ...], ...]:
-    """The configured scope (zones, clients) behind each of ``step``'s views, in order:
-    what a view's value in a cache key means, compared across reloads."""
-    views = client_scopes(chain, step)
-    return tuple(
-        (link.step.zones, link.step.clients)
-        for link in chain.links
-        if link.in_scope is not None and link.in_scope in views
-    )
-
-
 class Cache(Step):
     Options = CacheOptions
     clock: Callable[[], float] = time.monotonic  # tests substitute trio.current_time
@@ -74,18 +46,16 @@ class Cache(Step):
         self.entries: OrderedDict[Key, Entry] = OrderedDict()
         self.refreshing: dict[Key, _Refresh] = {}
         self.nursery: trio.Nursery | None = None
+        # The scopes of later steps that depend on the client: an answer is cached per
+        # client view, i.e. per tuple of their verdicts (`key`). Zone-only scopes depend
+        # only on the name, which the key holds already.
+        self.view_scopes: tuple[Scope, ...] = ()
         self.views: tuple[Callable[[Query], bool], ...] = ()
         self.hits = self.misses = self.stale = self.evictions = self.prefetches = 0
 
-    @property  # type: ignore[override]
-    def chain(self) -> Chain | None:
-        return self._chain
-
-    @chain.setter
-    def chain(self, chain: Chain | None) -> None:
-        """Set by the compiled chain; the client-scoped steps after this one are known now."""
-        self._chain = chain
-        self.views = client_scopes(chain, self) if chain is not None else ()
+    def attached(self, chain: Chain) -> None:
+        self.view_scopes = tuple(s.scope for s in chain.after(self) if s.scope.depends_on_client)
+        self.views = tuple(s.match for s in self.view_scopes if s.match is not None)
 
     def key(self, q: Query) -> Key:
         if self.views:
@@ -283,12 +253,12 @@ class Cache(Step):
         in the scope of a view that no longer exists is dropped, and every entry is dropped
         if a view is new (its value for the entry is unknown).
         """
-        if not isinstance(previous, Cache) or previous.chain is None or self.chain is None:
+        if not isinstance(previous, Cache):
             return
         self.hits, self.misses = previous.hits, previous.misses
         self.stale, self.evictions = previous.stale, previous.evictions
         self.prefetches = previous.prefetches
-        old, new = view_scopes(previous.chain, previous), view_scopes(self.chain, self)
+        old, new = previous.view_scopes, self.view_scopes
         if old == new:
             self.entries = previous.entries
             return

@@ -18,6 +18,8 @@ import dns.zonefile
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.DS import DS
 
+from dnsproxy.errors import DnsProxyError
+
 ROOT_ANCHORS = "root-anchors.xml"  # package data: the IANA root KSKs
 
 
@@ -30,7 +32,7 @@ class Anchor:
     keys: tuple[DNSKEY, ...] = ()
 
 
-class AnchorError(ValueError):
+class AnchorError(DnsProxyError, ValueError):
     """A trust anchor file that cannot be read or holds no DS/DNSKEY record."""
 
 

@@ -33,6 +33,8 @@ from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
 from dnsproxy.plugins.dnssec.anchors import Anchor
 
+from dnsproxy.errors import DnsProxyError
+
 SECURE, INSECURE, BOGUS = "secure", "insecure", "bogus"
 NOT_A_ZONE = "not a zone"  # a DS query's outcome for a name that is no zone cut
 
@@ -83,7 +85,7 @@ def supported_algorithms() -> frozenset[int]:
     return ALGORITHMS | {ED448}
 
 
-class TooManyFetches(Exception):
+class TooManyFetches(DnsProxyError):
     """A validation needed more DS/DNSKEY queries than ``max_fetches`` allows."""
 
 

@@ -87,7 +87,7 @@ class Forward(Step):
     def zone_set(self) -> frozenset[bytes]:
         """The ``zones`` scope as a set (``zones`` is set by the builder after __init__)."""
         if self._zone_set is None:
-            self._zone_set = frozenset(self.zones)
+            self._zone_set = frozenset(self.setup.scope.zones)
         return self._zone_set
 
     def query(self, q: Query) -> Any:

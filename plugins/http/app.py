@@ -31,6 +31,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dnsproxy import options
+from dnsproxy.errors import DnsProxyError
 from dnsproxy.wire import Drop, Reject, parse_query
 
 from .metrics import Collector, Observed
@@ -53,7 +54,7 @@ STATS_TTL = 1.0  # seconds a computed /api/stats answer is served again
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
 
-class HttpError(Exception):
+class HttpError(DnsProxyError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

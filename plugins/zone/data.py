@@ -22,6 +22,7 @@ import dns.zone
 import dns.zonefile
 
 from dnsproxy import wire
+from dnsproxy.errors import DnsProxyError
 
 NS, SOA, CNAME, MX, SRV, A, AAAA, DS, ANY = 2, 6, 5, 15, 33, 1, 28, 43, 255
 MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: in-zone CNAME hops per query
@@ -29,7 +30,7 @@ WILD = b"\x01*"
 SYNTH_SOA = "{apex} hostmaster.{apex} 1 3600 600 86400 60"  # rdata of an inline zone's SOA
 
 
-class ZoneError(Exception):
+class ZoneError(DnsProxyError):
     """A zone cannot be loaded; the message names the file (and line) or the record."""
 
     def __init__(self, key: str, message: str) -> None:

@@ -81,6 +81,26 @@ class Boom(Step):
         return None
 
 
+class Hang(Step):
+    """I/O that never ends: ``resolve`` waits for ever (only the step deadline stops it)."""
+
+    def query(self, q):
+        return AWAIT
+
+    async def resolve(self, q):
+        await trio.sleep_forever()
+
+
+class Stuck(Step):
+    """A ``begin`` that starts nothing and never calls ``done``."""
+
+    def query(self, q):
+        return AWAIT
+
+    def begin(self, q, done):
+        pass
+
+
 @hookimpl
 def dnsproxy_add_steps(registry):
     registry.add_step("static", Static)
@@ -88,6 +108,8 @@ def dnsproxy_add_steps(registry):
     registry.add_step("later", Later)
     registry.add_step("boom", Boom)
     registry.add_step("crashy", Crashy)
+    registry.add_step("hang", Hang)
+    registry.add_step("stuck", Stuck)
 
 
 class Crashy(Step):
