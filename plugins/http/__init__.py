@@ -90,6 +90,7 @@ Examples
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import logging
 import re
 import socket
@@ -110,7 +111,8 @@ if TYPE_CHECKING:
     from dnsproxy.server import Server
 
 log = logging.getLogger("dnsproxy.plugins.http")
-NEEDS = ("hypercorn", "prometheus_client")
+NEEDS = ("hypercorn", "prometheus_client", "starlette", "jinja2")
+MIN_TOKEN = 16  # characters of an API token
 DAY = 86400.0
 
 
@@ -136,6 +138,36 @@ def _hosts(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _password_hash(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string from `dnsproxy hash-password`")
+    if value:
+        from .auth import parse_hash
+
+        parse_hash(value)
+    return value
+
+
+def _tokens(value: object) -> tuple[str, ...]:
+    out = options.string_tuple(value)
+    for token in out:
+        if len(token) < MIN_TOKEN or not token.isprintable() or " " in token:
+            raise ValueError(
+                f"each token needs at least {MIN_TOKEN} printable characters without spaces"
+                " (make one with: python3 -c 'import secrets; print(secrets.token_urlsafe())')"
+            )
+    return out
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @attrs.frozen
 class HttpOptions:
     listen: Address = attrs.field(default="127.0.0.1:9153", converter=_address)
@@ -145,12 +177,25 @@ class HttpOptions:
     hosts: tuple[str, ...] = attrs.field(default=(), converter=_hosts)
     api_concurrency: int = attrs.field(default=4, validator=options.in_range(1, 256))
     api_queue: int = attrs.field(default=64, validator=options.in_range(0, 100_000))
+    password_hash: str = attrs.field(default="", converter=_password_hash)
+    api_tokens: tuple[str, ...] = attrs.field(default=(), converter=_tokens)
+    session_ttl: float = options.seconds("7d", 60, 365 * 86400)
+    login_max_failures: int = attrs.field(default=5, validator=options.in_range(1, 1000))
+    login_window: float = options.seconds("5m", 1, 86400)
+    log_page_size: int = attrs.field(default=50, validator=options.in_range(10, 1000))
 
     def __attrs_post_init__(self) -> None:
         missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
         if missing:
             raise ValueError(
                 f"needs the http extra (pip install 'dnsproxy[http]'); missing {', '.join(missing)}"
+            )
+        if not self.password_hash and not _loopback(self.listen.host):
+            raise ValueError(
+                f"listen: {self.listen} is not a loopback address, and without password_hash"
+                " the dashboard would let anyone on the network change the policy: set"
+                " password_hash (print one with `dnsproxy hash-password`) or listen on"
+                " 127.0.0.1 / [::1]"
             )
 
 
