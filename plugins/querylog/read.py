@@ -24,7 +24,7 @@ ERRORS = ("SERVFAIL", "DROPPED")  # rcodes counted as errors
 RESULTS = ("blocked", "cached", "forwarded", "local", "error")
 _NOT_ERROR = f"rcode NOT IN {ERRORS!r}"
 RESULT_SQL = {
-    "blocked": f"answered_by = '{BLOCKED}'",
+    "blocked": f"answered_by = '{BLOCKED}' AND {_NOT_ERROR}",
     "cached": f"answered_by = '{CACHED}' AND {_NOT_ERROR}",
     "forwarded": f"answered_by = '{FORWARDED}' AND {_NOT_ERROR}",
     "error": f"rcode IN {ERRORS!r}",
@@ -220,4 +220,3 @@ def rcodes(path: Path) -> list[str]:
                 return out
             last = got[0]
             out.append(last)
-
