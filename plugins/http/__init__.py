@@ -1,4 +1,4 @@
-"""http — Prometheus metrics, health and readiness, and a small JSON API.
+"""http — the web dashboard, Prometheus metrics, health and readiness, a JSON API.
 
 Description
     An optional ``[http]`` table starts one HTTP server (hypercorn's Trio worker) inside
@@ -57,6 +57,19 @@ Syntax
         hosts = []                # Host names served besides IP literals and localhost
         api_concurrency = 4       # /metrics, /api/stats, /api/query computed at once
         api_queue = 64            # requests waiting for a slot; beyond: 503
+        password_hash = ""        # `dnsproxy hash-password`; required off loopback
+        api_tokens = []           # Authorization: Bearer <token>, 16+ characters each
+        session_ttl = "7d"        # login lifetime (the signing key is per process)
+        login_max_failures = 5    # failed logins per client address per login_window,
+        login_window = "5m"       # beyond: 429
+        log_page_size = 50        # rows per query-log page
+
+Dashboard
+    ``GET /`` and the pages linked from it (README.md, "Dashboard"; `dashboard`). With
+    ``password_hash`` every route but /metrics, /health, /ready, /login and /static needs
+    a session or a token, and a POST from a session its CSRF token. Without it the
+    listener must be loopback; /api/* then stays open as before, and the dashboard's
+    buttons need the CSRF token of the session cookie the pages hand out.
 
 Metrics
     ``dnsproxy_requests_total{transport, qtype, rcode}`` (rcode ``DROPPED`` when no
@@ -213,6 +226,7 @@ class HttpService:
         self.observed = Observed(opts.stats_interval, buckets, opts.stats_max_keys, time.time())
         self.collector = Collector(server, self.observed)
         self.sock: socket.socket | None = None
+        self.app: Any = None  # the ASGI app (`app.App`) while serving
 
     def bind(self) -> socket.socket:
         """Bind the listening socket; the server calls this before it announces any
@@ -248,7 +262,7 @@ class HttpService:
         cfg.keep_alive_timeout = 5
         cfg.read_timeout = 10
         cfg.graceful_timeout = 1
-        app = App(self.server, self.options, self.observed, self.collector)
+        app = self.app = App(self.server, self.options, self.observed, self.collector)
         try:
             async with trio.open_nursery() as nursery:
                 serve = partial(

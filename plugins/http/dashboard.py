@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).parent
 DAY, CHART_STEP = 86400.0, 600.0  # the overview chart: 24 h in 10 min bars
-OVERVIEW_TTL = 5.0  # seconds an overview computation is reused
+OVERVIEW_TTL = 30.0  # seconds an overview is reused: on a big log it reads every row of 24 h
 TOP = 10
 PAUSES = {"5m": 300.0, "1h": 3600.0, "forever": None}
 Endpoint = Callable[[Request], Awaitable[Response]]
