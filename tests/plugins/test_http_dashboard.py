@@ -274,3 +274,19 @@ async def test_query_log_page_renders_live_rows(tmp_path):
                 for path in ("/", "/log", "/lists", "/cache", "/blocking", "/managed"):
                     assert (await c.get(path)).status_code == 200, path
             server.stop()
+
+
+def test_hash_password_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dnsproxy", "hash-password"],
+        input=PASSWORD + "\n", capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert verify_password(PASSWORD, out.stdout.strip())
+    empty = subprocess.run(
+        [sys.executable, "-m", "dnsproxy", "hash-password"],
+        input="\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert empty.returncode == 1 and "empty password" in empty.stderr
