@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("type", nargs="?", help="record type (default A; PTR for an address)")
     sp.add_argument("-x", dest="reverse", metavar="ADDR", help="reverse lookup, as dig -x")
     sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
+    sub.add_parser(
+        "hash-password", help="print a [http] password_hash (reads the password from stdin)"
+    )
     return p
 
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config)
         if args.command == "check":
             return trio.run(_check, args.config)
+        if args.command == "hash-password":
+            return _hash_password()
         name, type_text = _question(args.name, args.type, args.reverse)
         return trio.run(_query, args.config, name, type_text)
     except ConfigError as exc:
@@ -104,6 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _hash_password() -> int:
+    """Print the scrypt hash of a password typed at the prompt (or piped in)."""
+    import getpass
+
+    from dnsproxy.plugins.http.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise ConfigError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("empty password")
+    print(hash_password(password))
+    return 0
 
 
 def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dnsproxy.registry import Registry
     from dnsproxy.reply import Reply
     from dnsproxy.server import Server
@@ -36,6 +38,10 @@ class QueryLogReader(Protocol):
         ``queries``, ``blocked``, ``blocked_share``, ``top_blocked`` and ``top_clients``
         (``top`` of each). None when it has nothing to read yet. May block on I/O: the
         caller runs it in a worker thread."""
+        ...
+
+    def db(self) -> Path | None:
+        """The SQLite file behind it, for the dashboard's paged reads; None without one."""
         ...
 
 

@@ -69,6 +69,7 @@ from dnsproxy.wire import HEADER, Query
 from dnsproxy.wire import A as TYPE_A
 
 from .domainset import NO_MATCH, DomainSet, cname_rdata, merge
+from .managed import KINDS, Managed
 from .parse import ALLOW, EXACT, IMPORTANT, KIND_BITS, SUBONLY, BadList, Parsed, parse_list
 from .source import FetchError, Source
 
@@ -77,6 +78,7 @@ MAX_LISTS = (1 << (16 - KIND_BITS)) - 1
 CNAME_IN = b"\x00\x05\x00\x01"  # type CNAME, class IN, as in every CNAME record's header
 MAX_CNAMES = 16  # CNAME records inspected per answer (CONFORMANCE A8: chains of 10-16)
 PARSED_TABLE = "blocklist.parsed"  # the `Shared.weak` table of parsed lists
+MANAGED_TABLE = "blocklist.managed"  # the `Shared.weak` table of `Managed`, by state_dir
 
 
 def _mode(value: object) -> str | tuple[str, ...]:
@@ -142,13 +144,22 @@ class Blocklist(Step):
 
     def __init__(self, opts: BlocklistOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
-        if len(opts.lists) + len(opts.allow) > MAX_LISTS:
-            raise setup.error("lists", f"at most {MAX_LISTS} lists and allow lists together")
+        if len(opts.lists) + len(opts.allow) > MAX_LISTS - len(KINDS):
+            raise setup.error(
+                "lists", f"at most {MAX_LISTS - len(KINDS)} lists and allow lists together"
+            )
+        # The server's managed allow/block lists (the dashboard's buttons) come last.
+        managed = setup.shared.weak(MANAGED_TABLE)
+        self.managed: Managed = managed.get(setup.state_dir) or Managed(setup.state_dir)
+        managed[setup.state_dir] = self.managed
         specs = [(s, False) for s in opts.lists] + [(s, True) for s in opts.allow]
+        specs += [(str(self.managed.paths[k]), k == "allow") for k in KINDS]
         self.sources = [
             Source.make(i, spec, allow, setup.base_dir, setup.state_dir)
             for i, (spec, allow) in enumerate(specs)
         ]
+        self.lists = self.sources[: -len(KINDS)]  # the configured ones
+        self.managed_sources = self.sources[-len(KINDS) :]
         self.set = DomainSet(np.empty(0, np.int64), np.empty(0, np.uint16))
         # Parsed lists by source, file stamp and parse options, while some step of this
         # server holds them: never another server's (`Shared`).
@@ -317,7 +328,7 @@ class Blocklist(Step):
             out.append(Metric("blocked", self.blocked[src.index], labels=labels))
             names = src.parsed.names if src.parsed is not None else 0
             out.append(Metric("entries", names, "gauge", labels))
-        ready = sum(src.parsed is not None for src in self.sources)
+        ready = sum(src.parsed is not None for src in self.lists)
         out.append(Metric("lists_ready", ready, "gauge"))
         out.append(Metric("load_failures", self.load_failures))
         return out
@@ -325,7 +336,7 @@ class Blocklist(Step):
     # --- loading ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.log.info("%s: loading %d lists", self.setup.where, len(self.sources))
+        self.log.info("%s: loading %d lists", self.setup.where, len(self.lists))
         try:
             async with trio.open_nursery() as nursery:
                 for src in self.sources:
@@ -376,6 +387,43 @@ class Blocklist(Step):
                     await self._load(src, data, origin)
         finally:
             await self._close_client()
+
+    async def apply_managed(self) -> None:
+        """Re-read the managed allow/block files now (after the dashboard changed them), so
+        the change applies to the next query without waiting for ``watch``."""
+        for src in self.managed_sources:
+            try:
+                data = src.read_file(self.options.max_size, if_changed=True)
+            except FetchError as exc:
+                self._file_failed(src, exc)
+                continue
+            if data is not None:
+                await self._load(src, data, "")
+
+    async def refresh_now(self, index: int) -> str | None:
+        """Read or download list ``index`` now (the dashboard's "refresh now"), in the
+        caller's task (the HTTP client stays for `run` to close); returns the problem, or
+        None when the list is current."""
+        src = self.sources[index]
+        try:
+            data, origin = await self._fetch(src)
+        except FetchError as exc:
+            self.load_failures += 1
+            self.problems[src.index] = str(exc)
+            return str(exc)
+        self.problems.pop(src.index, None)
+        if data is not None:
+            await self._load(src, data, origin)
+        return None
+
+    def next_refresh(self, src: Source) -> float | None:
+        """Unix time the list is next read or downloaded (None: not yet tried)."""
+        if src.checked_at is None:
+            return None
+        if src.path is not None:
+            return src.checked_at + self.options.watch
+        wait = self.options.retry if src.index in self.problems else self.options.refresh
+        return src.checked_at + wait
 
     async def _keep_loaded(self, src: Source) -> None:
         if src.url is not None and src.parsed is None:
@@ -429,6 +477,8 @@ class Blocklist(Step):
     async def _fetch(self, src: Source, check: bool = False) -> tuple[bytes | None, str]:
         """The list's new bytes (None: unchanged) and where they came from, for the log."""
         opts = self.options
+        if not check:
+            src.checked_at = time.time()
         if src.path is not None:
             return src.read_file(opts.max_size, if_changed=not check), ""
         client = await self._http()
@@ -503,9 +553,10 @@ class Blocklist(Step):
             ]
             self.set = await trio.to_thread.run_sync(merge, loaded)
             src.parsed = parsed  # after the swap, so ready() means "answering with it"
+            src.loaded_at = time.time()
         del loaded
         _release_memory()
-        ready = sum(s.parsed is not None for s in self.sources)
+        ready = sum(s.parsed is not None for s in self.lists)
         self.log.info(
             "%s: list %s%s: %s in %.2f s; %d/%d lists ready, %d names",
             self.setup.where,
@@ -514,7 +565,7 @@ class Blocklist(Step):
             parsed.summary(),
             time.monotonic() - start,
             ready,
-            len(self.sources),
+            len(self.lists),
             self.set.size,
         )
 

@@ -39,6 +39,8 @@ class Source:
     parsed: Parsed | None = None
     seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last parsed
     failures: int = 0
+    loaded_at: float | None = None  # Unix time the list in use was parsed (for the dashboard)
+    checked_at: float | None = None  # Unix time of the last read or download attempt
     pending_meta: dict[str, Any] | None = None  # validators of the body being parsed
 
     @classmethod

@@ -1,4 +1,4 @@
-"""http — Prometheus metrics, health and readiness, and a small JSON API.
+"""http — the web dashboard, Prometheus metrics, health and readiness, a JSON API.
 
 Description
     An optional ``[http]`` table starts one HTTP server (hypercorn's Trio worker) inside
@@ -57,6 +57,19 @@ Syntax
         hosts = []                # Host names served besides IP literals and localhost
         api_concurrency = 4       # /metrics, /api/stats, /api/query computed at once
         api_queue = 64            # requests waiting for a slot; beyond: 503
+        password_hash = ""        # `dnsproxy hash-password`; required off loopback
+        api_tokens = []           # Authorization: Bearer <token>, 16+ characters each
+        session_ttl = "7d"        # login lifetime (the signing key is per process)
+        login_max_failures = 5    # failed logins per client address per login_window,
+        login_window = "5m"       # beyond: 429
+        log_page_size = 50        # rows per query-log page
+
+Dashboard
+    ``GET /`` and the pages linked from it (README.md, "Dashboard"; `dashboard`). With
+    ``password_hash`` every route but /metrics, /health, /ready, /login and /static needs
+    a session or a token, and a POST from a session its CSRF token. Without it the
+    listener must be loopback; /api/* then stays open as before, and the dashboard's
+    buttons need the CSRF token of the session cookie the pages hand out.
 
 Metrics
     ``dnsproxy_requests_total{transport, qtype, rcode}`` (rcode ``DROPPED`` when no
@@ -90,6 +103,7 @@ Examples
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import logging
 import re
 import socket
@@ -111,7 +125,8 @@ if TYPE_CHECKING:
     from dnsproxy.server import Server
 
 log = logging.getLogger("dnsproxy.plugins.http")
-NEEDS = ("hypercorn", "prometheus_client")
+NEEDS = ("hypercorn", "prometheus_client", "starlette", "jinja2")
+MIN_TOKEN = 16  # characters of an API token
 DAY = 86400.0
 
 
@@ -137,6 +152,36 @@ def _hosts(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _password_hash(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string from `dnsproxy hash-password`")
+    if value:
+        from .auth import parse_hash
+
+        parse_hash(value)
+    return value
+
+
+def _tokens(value: object) -> tuple[str, ...]:
+    out = options.string_tuple(value)
+    for token in out:
+        if len(token) < MIN_TOKEN or not token.isprintable() or " " in token:
+            raise ValueError(
+                f"each token needs at least {MIN_TOKEN} printable characters without spaces"
+                " (make one with: python3 -c 'import secrets; print(secrets.token_urlsafe())')"
+            )
+    return out
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @attrs.frozen
 class HttpOptions:
     listen: Address = attrs.field(default="127.0.0.1:9153", converter=_address)
@@ -146,12 +191,25 @@ class HttpOptions:
     hosts: tuple[str, ...] = attrs.field(default=(), converter=_hosts)
     api_concurrency: int = attrs.field(default=4, validator=options.in_range(1, 256))
     api_queue: int = attrs.field(default=64, validator=options.in_range(0, 100_000))
+    password_hash: str = attrs.field(default="", converter=_password_hash)
+    api_tokens: tuple[str, ...] = attrs.field(default=(), converter=_tokens)
+    session_ttl: float = options.seconds("7d", 60, 365 * 86400)
+    login_max_failures: int = attrs.field(default=5, validator=options.in_range(1, 1000))
+    login_window: float = options.seconds("5m", 1, 86400)
+    log_page_size: int = attrs.field(default=50, validator=options.in_range(10, 1000))
 
     def __attrs_post_init__(self) -> None:
         missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
         if missing:
             raise ValueError(
                 f"needs the http extra (pip install 'dnsproxy[http]'); missing {', '.join(missing)}"
+            )
+        if not self.password_hash and not _loopback(self.listen.host):
+            raise ValueError(
+                f"listen: {self.listen} is not a loopback address, and without password_hash"
+                " the dashboard would let anyone on the network change the policy: set"
+                " password_hash (print one with `dnsproxy hash-password`) or listen on"
+                " 127.0.0.1 / [::1]"
             )
 
 
@@ -169,6 +227,7 @@ class HttpService:
         self.observed = Observed(opts.stats_interval, buckets, opts.stats_max_keys, time.time())
         self.collector = Collector(server, self.observed)
         self.sock: socket.socket | None = None
+        self.app: Any = None  # the ASGI app (`app.App`) while serving
 
     def bind(self) -> socket.socket:
         """Bind the listening socket; the server calls this before it announces any
@@ -204,7 +263,7 @@ class HttpService:
         cfg.keep_alive_timeout = 5
         cfg.read_timeout = 10
         cfg.graceful_timeout = 1
-        app = App(self.server, self.options, self.observed, self.collector)
+        app = self.app = App(self.server, self.options, self.observed, self.collector)
         try:
             async with trio.open_nursery() as nursery:
                 serve = partial(

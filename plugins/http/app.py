@@ -1,26 +1,32 @@
-"""The ASGI application behind ``[http]``: /metrics, /health, /ready and the JSON API.
+"""The ASGI application behind ``[http]``: /metrics, /health, /ready, the JSON API and the
+dashboard (`dashboard`), routed by Starlette on Trio (through anyio).
 
-Plain ASGI (no framework): a handful of routes, each a small coroutine. Every request
-must carry a ``Host`` that names this listener (`host_allowed`), else 421 before routing:
-a DNS-rebinding page can make a browser send both Host and Origin of its own DNS name, so
-checking Origin against Host alone would let it read and drive the API. Requests that
-change state are POST, and a POST carrying a browser ``Origin`` that is not this server
-is refused, so a web page cannot toggle blocking or flush caches behind a user's back.
-Heavy routes share a bounded number of slots (`App.limited`) and do their work off the
-event loop.
+Every request must carry a ``Host`` that names this listener (`host_allowed`), else 421
+before routing: a DNS-rebinding page can make a browser send both Host and Origin of its
+own DNS name, so checking Origin against Host alone would let it read and drive the API.
+Requests that change state are POST, and a POST carrying a browser ``Origin`` that is not
+this server is refused. With ``password_hash`` set, everything but /metrics, /health,
+/ready, /login and /static needs a session (`auth.Sessions`) or an API token, and a POST
+from a session needs its CSRF token; without one (loopback only) the API is open as
+before, and the dashboard's own POSTs still need the CSRF token of the session cookie it
+hands out. Heavy routes share a bounded number of slots (`App.limited`) and do their work
+off the event loop.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
+import attrs
 import dns.exception
 import dns.message
 import dns.name
@@ -29,11 +35,18 @@ import dns.rdataclass
 import dns.rdatatype
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from dnsproxy import options
 from dnsproxy.errors import DnsProxyError
 from dnsproxy.wire import Drop, Reject, parse_query
 
+from .auth import LoginLimiter, Sessions
 from .metrics import Collector, Observed
 
 if TYPE_CHECKING:
@@ -45,19 +58,39 @@ if TYPE_CHECKING:
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, str]], Awaitable[Any]]
 
 T = TypeVar("T")
 
+HERE = Path(__file__).parent
 WINDOWS = {"hour": 3600.0, "day": 86400.0}
 MAX_DISABLE = 7 * 86400.0  # longest blocking pause the API accepts
 STATS_TTL = 1.0  # seconds a computed /api/stats answer is served again
+MAX_FORM = 16_384  # bytes of a form body (login, buttons)
+COOKIE = "dnsproxy_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf"
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 class HttpError(DnsProxyError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
+
+
+class LoginRequired(DnsProxyError):
+    """A page asked for without a session: the answer is a redirect to /login."""
+
+
+@attrs.frozen
+class Principal:
+    """Who sent a request: ``token`` (API token), ``session`` (cookie, with its nonce) or
+    ``open`` (no password configured, no session yet)."""
+
+    kind: str
+    nonce: str | None = None
 
 
 class SharedResult:
@@ -69,12 +102,20 @@ class SharedResult:
         self.result: dict[str, Any] | None = None  # None after done: the computation failed
 
 
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    data = json.dumps(body, indent=1).encode() + b"\n"
+    return Response(data, status, {"cache-control": "no-store", **(headers or {})},
+                    "application/json")  # fmt: skip
+
+
 class App:
-    """Routes by (method, path); each handler returns (status, body, content type)."""
+    """The Starlette routes, the checks before them, and the JSON API's handlers."""
 
     def __init__(
         self, server: Server, opts: HttpOptions, observed: Observed, collector: Collector
     ) -> None:
+        from .dashboard import Dashboard
+
         self.server = server
         self.opts = opts
         self.observed = observed
@@ -82,58 +123,59 @@ class App:
         self.limiter = trio.CapacityLimiter(opts.api_concurrency)
         self.hosts = frozenset(opts.hosts)
         self.stats_cache: dict[int, SharedResult] = {}  # by ``top``
-        self.routes: dict[tuple[str, str], Callable[[dict[str, str]], Awaitable[Any]]] = {
-            ("GET", "/metrics"): self.metrics,
-            ("GET", "/health"): self.health,
-            ("GET", "/ready"): self.ready,
-            ("GET", "/api/stats"): self.stats,
-            ("GET", "/api/query"): self.query,
-            ("GET", "/api/blocking/status"): self.blocking_status,
-            ("POST", "/api/blocking/enable"): self.blocking_enable,
-            ("POST", "/api/blocking/disable"): self.blocking_disable,
-            ("POST", "/api/cache/flush"): self.flush,
-        }
+        self.sessions = Sessions(opts.session_ttl)
+        self.logins = LoginLimiter(opts.login_max_failures, opts.login_window)
+        self.tokens = tuple(t.encode() for t in opts.api_tokens)
+        api: list[tuple[str, str, Handler]] = [
+            ("GET", "/api/stats", self.stats),
+            ("GET", "/api/query", self.query),
+            ("GET", "/api/blocking/status", self.blocking_status),
+            ("POST", "/api/blocking/enable", self.blocking_enable),
+            ("POST", "/api/blocking/disable", self.blocking_disable),
+            ("POST", "/api/cache/flush", self.flush),
+        ]
+        self.dashboard = Dashboard(self)
+        routes = [
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            *(Route(path, self._api(fn, method), methods=[method]) for method, path, fn in api),
+            *self.dashboard.routes(),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+        self.starlette = Starlette(
+            routes=routes,
+            exception_handlers={
+                HttpError: self._error,
+                HTTPException: self._error,
+                LoginRequired: self._to_login,
+            },
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        head = scope["method"] == "HEAD"
-        method, path = "GET" if head else scope["method"], scope["path"]
-        handler = self.routes.get((method, path))
-        try:
-            self._check_host(scope)
-            if handler is None:
-                known = {p for _, p in self.routes}
-                raise HttpError(405 if path in known else 404, f"no route {scope['method']} {path}")
-            if method == "POST":
-                self._check_origin(scope)
-            raw = parse_qs(scope.get("query_string", b"").decode("latin-1"), max_num_fields=20)
-            params = {k: v[-1] for k, v in raw.items()}
-            result = await handler(params)
-            if isinstance(result, tuple):
-                status, body, ctype = result
-            else:
-                status, body, ctype = 200, result, "application/json"
-        except HttpError as exc:
-            status, body, ctype = exc.status, {"error": str(exc)}, "application/json"
-        except ValueError as exc:  # bad parameters (parse_qs limits, conversions)
-            status, body, ctype = 400, {"error": str(exc)}, "application/json"
-        data = body if isinstance(body, bytes) else json.dumps(body, indent=1).encode() + b"\n"
-        headers = [
-            (b"content-type", ctype.encode()),
-            (b"content-length", str(len(data)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head else data})
+        if scope["type"] == "http":
+            try:
+                self._check_host(scope)
+                if scope["method"] == "POST":
+                    self._check_origin(scope)
+            except HttpError as exc:
+                await json_response(exc.status, {"error": str(exc)})(scope, receive, send)
+                return
+            if scope["method"] == "HEAD":
+                send = _without_body(send)
+        await self.starlette(scope, receive, send)
+
+    @staticmethod
+    async def _error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HttpError):
+            return json_response(exc.status, {"error": str(exc)}, exc.headers)
+        assert isinstance(exc, HTTPException)
+        return json_response(exc.status_code, {"error": exc.detail}, dict(exc.headers or {}))
+
+    @staticmethod
+    async def _to_login(request: Request, exc: Exception) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", 303)
 
     def _check_host(self, scope: Scope) -> None:
         hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
@@ -146,14 +188,6 @@ class App:
                 " (an IP address, localhost or a name in [http] hosts)",
             )
 
-    async def limited(self, work: Callable[[], Awaitable[T]]) -> T:
-        """Run ``work`` in one of ``api_concurrency`` slots; 503 when ``api_queue``
-        requests already wait for one."""
-        if self.limiter.statistics().tasks_waiting >= self.opts.api_queue:
-            raise HttpError(503, "busy: too many API requests at once, retry shortly")
-        async with self.limiter:
-            return await work()
-
     @staticmethod
     def _check_origin(scope: Scope) -> None:
         headers = dict(scope.get("headers", ()))
@@ -164,19 +198,81 @@ class App:
         if urlsplit(origin.decode("latin-1")).netloc != host:
             raise HttpError(403, "cross-origin request refused")
 
-    # --- endpoints ----------------------------------------------------------------------
+    # --- access ---------------------------------------------------------------------------
 
-    async def metrics(self, params: dict[str, str]) -> tuple[int, bytes, str]:
+    def principal(self, request: Request) -> Principal | None:
+        """Who sent ``request``; None when a password is set and it brings no credential.
+        A wrong token is refused outright (401), not treated as no token."""
+        auth = request.headers.get("authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(" ")
+            given = token.strip().encode()
+            if scheme.lower() == "bearer" and any(
+                hmac.compare_digest(given, t) for t in self.tokens
+            ):
+                return Principal("token")
+            raise HttpError(401, "invalid API token", {"www-authenticate": "Bearer"})
+        nonce = self.sessions.check(request.cookies.get(COOKIE))
+        if nonce is not None:
+            return Principal("session", nonce)
+        return None if self.opts.password_hash else Principal("open")
+
+    async def authorize(self, request: Request, write: bool, api: bool) -> dict[str, str]:
+        """Check access (and, for a write from a session, its CSRF token); returns the form
+        fields of a POST. ``api``: the JSON API, open without a password as it always was."""
+        who = self.principal(request)
+        if who is None:
+            if api:
+                raise HttpError(
+                    401, "log in at /login or send Authorization: Bearer <token>",
+                    {"www-authenticate": "Bearer"},
+                )  # fmt: skip
+            raise LoginRequired
+        form = await read_form(request) if request.method == "POST" else {}
+        if write and who.kind != "token" and not (who.kind == "open" and api):
+            token = request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)
+            if who.nonce is None or not self.sessions.csrf_ok(who.nonce, token):
+                raise HttpError(403, "missing or wrong CSRF token (reload the page)")
+        return form
+
+    def _api(self, fn: Handler, method: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            await self.authorize(request, write=method == "POST", api=True)
+            try:
+                raw = parse_qs(request.url.query, max_num_fields=20)
+                params = {k: v[-1] for k, v in raw.items()}
+                result = await fn(params)
+            except ValueError as exc:  # bad parameters (parse_qs limits, conversions)
+                raise HttpError(400, str(exc)) from exc
+            if isinstance(result, tuple):
+                status, body, _ = result
+                return json_response(status, body)
+            return json_response(200, result)
+
+        return endpoint
+
+    async def limited(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` in one of ``api_concurrency`` slots; 503 when ``api_queue``
+        requests already wait for one."""
+        if self.limiter.statistics().tasks_waiting >= self.opts.api_queue:
+            raise HttpError(503, "busy: too many API requests at once, retry shortly")
+        async with self.limiter:
+            return await work()
+
+    # --- open endpoints -------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
         async def render() -> bytes:
             snapshot = self.collector.snapshot()
             return await trio.to_thread.run_sync(generate_latest, snapshot)  # type: ignore[arg-type]
 
-        return 200, await self.limited(render), CONTENT_TYPE_LATEST
+        body = await self.limited(render)
+        return Response(body, 200, {"cache-control": "no-store"}, CONTENT_TYPE_LATEST)
 
-    async def health(self, params: dict[str, str]) -> dict[str, Any]:
-        return {"status": "up"}
+    async def health(self, request: Request) -> Response:
+        return json_response(200, {"status": "up"})
 
-    async def ready(self, params: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    async def ready(self, request: Request) -> Response:
         steps = []
         for s in self.server.chain.steps:
             entry: dict[str, Any] = {"step": s.setup.where, "plugin": s.setup.name}
@@ -185,7 +281,9 @@ class App:
                 entry["reason"] = reason
             steps.append(entry)
         ok = all(s["ready"] for s in steps)
-        return (200 if ok else 503), {"ready": ok, "steps": steps}, "application/json"
+        return json_response(200 if ok else 503, {"ready": ok, "steps": steps})
+
+    # --- the JSON API ---------------------------------------------------------------------
 
     async def stats(self, params: dict[str, str]) -> dict[str, Any]:
         """Computed at most once per `STATS_TTL` per ``top``: concurrent requests share it."""
@@ -355,3 +453,30 @@ def _int(text: str, key: str, low: int, high: int) -> int:
 
 def _jsonable(value: object) -> object:
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The url-encoded form of a POST (last value per field), at most `MAX_FORM` bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise HttpError(413, f"form over {MAX_FORM} bytes")
+    if not body:
+        return {}
+    try:
+        raw = parse_qs(body.decode("utf-8"), max_num_fields=50)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(400, f"bad form: {exc}") from exc
+    return {k: v[-1] for k, v in raw.items()}
+
+
+def _without_body(send: Send) -> Send:
+    """HEAD: the GET's headers (content-length included), no body."""
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return wrapped

@@ -145,6 +145,11 @@ class QueryLog(Step):
             return None
         return db_stats(path, now, windows, top)
 
+    def db(self) -> Path | None:
+        """The SQLite file the dashboard reads (`read`), None without one (yet)."""
+        path = self.store.db_path
+        return path if path is not None and path.exists() else None
+
     def metrics(self) -> list[Metric]:
         return [
             Metric("records", self.written, help="Query log records written."),

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS queries (
     duration_ms REAL, notes TEXT
 );
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
+CREATE INDEX IF NOT EXISTS queries_client ON queries (client);
+CREATE INDEX IF NOT EXISTS queries_rcode ON queries (rcode);
+CREATE INDEX IF NOT EXISTS queries_answered_by ON queries (answered_by);
 """
 
 Entry = tuple[float, Query, Reply | None, float]  # (time, query, reply or None, elapsed)

@@ -172,7 +172,11 @@ def test_address_parse(text, host, port):
 
 # --- listen mistakes `run` cannot bind (issue 21 item 6) ------------------------------
 
-HTTP_ON = '[http]\nlisten = "{addr}"\n'
+# with a password, so that a wildcard listen is allowed and only the clash is reported
+HTTP_ON = (
+    '[http]\nlisten = "{addr}"\npassword_hash = "scrypt$15$8$1$PQAGWDHUARXEWJA9mutGyw$AF_Wf7-aX'
+    'MrykDowKvA2D8L6AbBdOgYh7mZhFhs7km0-K6OYQde-g04mCJZ3Wz2Ybfe-Tg-q2rnQBe4wonLNsA"\n'
+)
 
 
 @pytest.mark.parametrize(

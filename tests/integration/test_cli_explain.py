@@ -77,7 +77,8 @@ def check(tmp_path, text: str) -> subprocess.CompletedProcess[str]:
             "config.toml: server: option 'listen': 127.0.0.1:{p} is listed twice",
         ),
         (
-            '[server]\nlisten = ["127.0.0.1:{p}"]\n[http]\nlisten = "0.0.0.0:{p}"\n',
+            '[server]\nlisten = ["127.0.0.1:{p}"]\n[http]\nlisten = "0.0.0.0:{p}"\n'
+            'password_hash = "scrypt$15$8$1$PQAGWDHUARXEWJA9mutGyw$AF_Wf7-aXMrykDowKvA2D8L6AbBdOgYh7mZhFhs7km0-K6OYQde-g04mCJZ3Wz2Ybfe-Tg-q2rnQBe4wonLNsA"\n',  # off loopback
             "config.toml: http: option 'listen': 0.0.0.0:{p} clashes with the DNS listener",
         ),
     ],
