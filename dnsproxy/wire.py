@@ -77,6 +77,7 @@ class Query:
         "_name",
         "cd",
         "client",
+        "client_id",
         "data",
         "do",
         "edns",
@@ -116,6 +117,7 @@ class Query:
         self.qclass = qclass
         self.qend = qend
         self.client = client
+        self.client_id: str | None = None  # a DoT/DoH client identifier, set by the listener
         self.transport = transport
         self.cd = bool(flags & CD)
         self.edns = False
@@ -175,6 +177,7 @@ class Query:
             derived.notes = self.notes
             derived.trace = self.trace
             derived.received = self.received
+        derived.client_id = self.client_id  # the same client, for scopes by client name
         return derived
 
     def note(self, key: str, value: object) -> None:
