@@ -1,103 +1,12 @@
-"""http — the web dashboard, Prometheus metrics, health and readiness, a JSON API.
+"""http: the ``[http]`` service — web dashboard, Prometheus ``/metrics``, ``/health``,
+``/ready`` and a JSON API in the proxy's own process (README.md beside this file documents
+the routes, access rules, options, metrics and examples).
 
-Description
-    An optional ``[http]`` table starts one HTTP server (hypercorn's Trio worker) inside
-    the proxy process. Off when the table is absent; loopback by default when present.
-    Needs the ``http`` extra: ``pip install 'dnsproxy[http]'``.
-
-    ``GET /metrics``
-        Prometheus text format (prometheus-client).
-    ``GET /health``
-        200 ``{"status": "up"}`` while the process serves.
-    ``GET /ready``
-        200 when every step is ready (lists loaded, an upstream healthy), else 503; the
-        body lists each step, with a ``reason`` for one that is not ready (a missing list).
-    ``GET /api/stats[?top=10]``
-        For the last hour and day: queries, blocked and blocked share, top blocked names,
-        top clients. From the querylog's SQLite database when a querylog step writes
-        one, otherwise from bounded in-memory counters (``stats_interval`` buckets,
-        ``stats_max_keys`` names/clients per bucket; ``untracked`` counts what arrived
-        after a bucket was full, so a top list that leaves much out says so).
-    ``GET /api/query?name=example.org&type=A[&client=192.0.2.7][&transport=tcp]``
-        Runs the query through the chain (as ``dnsproxy query`` does) and returns the
-        trace: which step answered, the notes (list/rule/upstream/cache), the response.
-    ``GET /api/blocking/status``, ``POST /api/blocking/enable``,
-    ``POST /api/blocking/disable[?duration=5m]``
-        Blocky-style switch for every step that supports it (blocklist). The pause is
-        the server's and survives reloads until it ends or is lifted; the status gives
-        ``enabled``, ``disabled_until`` (Unix time), ``seconds_left`` and
-        ``disabled_until_iso`` (UTC, ``...Z``), all null for a pause without end.
-    ``POST /api/cache/flush``
-        Flushes every step (as SIGUSR1 does).
-
-    Every request must name this listener in its ``Host`` header: an IP literal (any
-    address, bracketed for IPv6, with or without a port), ``localhost``, or a name listed
-    in ``hosts``. Anything else gets 421 Misdirected Request before routing, on every route
-    (``/metrics`` and ``/health`` included): a DNS-rebinding page reaches the listener only
-    under a DNS name of its own, so this keeps web pages from reading or driving the API.
-    A request without ``Host`` (HTTP/1.0) is served: browsers always send one.
-    State-changing requests are POST only, and refused (403) when a browser sends an
-    ``Origin`` other than this server. HEAD is answered like GET, without a body.
-
-    Per query the service only bumps counters; everything else is computed at scrape or
-    request time. ``/metrics``, ``/api/stats`` and ``/api/query`` share ``api_concurrency``
-    slots; up to ``api_queue`` more requests wait for one, beyond that the answer is 503.
-    ``/metrics`` is rendered in a worker thread from a snapshot, ``/api/stats`` is computed
-    in a worker thread and kept for one second (concurrent requests share one computation),
-    so neither stalls DNS.
-
-Syntax
-    ::
-
-        [http]
-        listen = "127.0.0.1:9153"
-        query_timeout = 5.0       # seconds, for GET /api/query
-        stats_interval = "10m"    # in-memory stats bucket length
-        stats_max_keys = 1000     # distinct clients / blocked names kept per bucket
-        hosts = []                # Host names served besides IP literals and localhost
-        api_concurrency = 4       # /metrics, /api/stats, /api/query computed at once
-        api_queue = 64            # requests waiting for a slot; beyond: 503
-        password_hash = ""        # `dnsproxy hash-password`; required off loopback
-        api_tokens = []           # Authorization: Bearer <token>, 16+ characters each
-        session_ttl = "7d"        # login lifetime (the signing key is per process)
-        login_max_failures = 5    # failed logins per client address per login_window,
-        login_window = "5m"       # beyond: 429
-        log_page_size = 50        # rows per query-log page
-
-Dashboard
-    ``GET /`` and the pages linked from it (README.md, "Dashboard"; `dashboard`). With
-    ``password_hash`` every route but /metrics, /health, /ready, /login and /static needs
-    a session or a token, and a POST from a session its CSRF token. Without it the
-    listener must be loopback; /api/* then stays open as before, and the dashboard's
-    buttons need the CSRF token of the session cookie the pages hand out.
-
-Metrics
-    ``dnsproxy_requests_total{transport, qtype, rcode}`` (rcode ``DROPPED`` when no
-    response was sent), ``dnsproxy_request_duration_seconds`` (histogram),
-    ``dnsproxy_queries_total``, ``dnsproxy_dropped_total``, ``dnsproxy_formerr_total``,
-    ``dnsproxy_refused_acl_total``, ``dnsproxy_servfail_overload_total``,
-    ``dnsproxy_step_errors_total``, ``dnsproxy_tcp_rejected_total``,
-    ``dnsproxy_tcp_evicted_total`` (idle connections closed to make room),
-    ``dnsproxy_tcp_connections``, ``dnsproxy_ready``; and for every step's ``metrics()``
-    sample ``dnsproxy_<plugin>_<name>`` (``_total`` for counters) with a ``step`` label
-    (its index in the chain) plus the sample's own labels.
-
-    Label values come from bounded sets: ``qtype`` is a type dnspython knows by name, else
-    ``other``; ``rcode`` a known rcode (or ``DROPPED``), else ``other``. Step counters never
-    go backwards: when a reload replaces a step and its counter restarts lower, the
-    service adds the last value it exported for that series (plugin, chain index, name,
-    labels) as an offset. Increments a replaced step made after the last scrape before the
-    reload are not seen.
-
-Examples
-    Scrape with Prometheus and check a name::
-
-        [http]
-        listen = "127.0.0.1:9153"
-
-    ``curl 127.0.0.1:9153/metrics``,
-    ``curl '127.0.0.1:9153/api/query?name=ads.example.org&type=AAAA'``,
-    ``curl -X POST '127.0.0.1:9153/api/blocking/disable?duration=5m'``.
+This module holds the options and the service's life (bind before any listener is
+announced, then serve with hypercorn's Trio worker); the ASGI app is `app`, the pages
+`dashboard`, logins `auth`, the per-query counters and their rendering `metrics`. Per
+query the service only bumps counters through its observer; the rest is computed at
+request time, off the event loop where it is heavy, so serving HTTP never stalls DNS.
 """
 
 from __future__ import annotations

@@ -1,43 +1,9 @@
-"""hosts — answer names from hosts files and inline entries.
+"""hosts: answer names from /etc/hosts-style files and inline entries (README.md beside
+this file documents the behaviour, options, metrics and examples).
 
-Description
-    Answers A and AAAA queries for the names in /etc/hosts-style files and in ``entries``,
-    authoritatively (AA set), and PTR queries for the reverse name of every address. A
-    name the step knows gets NODATA for any other type rather than being passed upstream
-    (so ``printer.lan`` never leaks to a public resolver); names it does not know pass on.
-
-    * Lines are ``ADDRESS NAME [NAME...]`` with ``#`` comments; IPv4 and IPv6 addresses
-      (a ``%zone`` suffix is ignored). A broken line is logged with file:line and skipped.
-    * ``*.app.test`` is a wildcard: every name under app.test (not app.test itself; list
-      it too for dnsmasq's ``address=/app.test/…`` behaviour). Exact names win over
-      wildcards, and the longest wildcard wins.
-    * Several lines for one name add up; PTR answers list every name of the address.
-    * Files are polled every ``watch`` and re-read when their mtime or size changes; a
-      file that cannot be read keeps the previous table.
-
-Syntax
-    ::
-
-        [[chain]]
-        plugin = "hosts"
-        files = ["/etc/hosts"]          # re-read when they change
-        entries = ["10.0.0.5 api.dev.test", "127.0.0.1 *.app.dev.test"]
-        ttl = 3600                      # seconds, on every answer
-        watch = "5s"                    # how often files are checked for changes
-        max_names = 1000000             # names and wildcards together
-        max_size = 67108864             # bytes per file
-
-Metrics
-    ``dnsproxy_hosts_entries`` (gauge: names and wildcards), ``dnsproxy_hosts_answers``
-    (counter), ``dnsproxy_hosts_reloads`` (counter).
-
-Examples
-    Serve a development domain on loopback, the machine's hosts file first::
-
-        [[chain]]
-        plugin = "hosts"
-        files = ["/etc/hosts"]
-        entries = ["127.0.0.1 app.test *.app.test", "::1 app.test *.app.test"]
+Known names are answered authoritatively (NODATA for other types) so local names never
+leak upstream. The table is rendered once into wire-form records per name and type, so an
+answer is a dictionary hit; files are polled in `run` and a new table is swapped in whole.
 """
 
 from __future__ import annotations

@@ -1,44 +1,9 @@
-"""loadbalance — rotate the addresses of multi-address answers across queries.
+"""loadbalance: rotate the A/AAAA records of an answer across queries, on the way back
+(README.md beside this file documents the options, metrics and examples).
 
-Name
-    loadbalance
-
-Description
-    Clients mostly use the first address of an answer, so a name with several A or AAAA
-    records gets its load spread only if the order changes from one answer to the next
-    (CoreDNS's ``loadbalance``, dnsmasq's default). This step reorders the answer's
-    records of the query type on the way back; CNAMEs stay first, so a chain still reads
-    in order. ``round_robin`` moves the list by one position per answer; ``random``
-    shuffles it.
-
-    The reorder works on the wire bytes (no dnspython parse) when the records are
-    compressed to an earlier name, which is what every server sends; anything else is
-    reordered through dnspython.
-
-    Place it *before* the ``cache`` so cached answers are rotated too.
-
-Syntax
-    ::
-
-        [[chain]]
-        plugin = "loadbalance"
-        policy = "round_robin"      # or "random"
-
-Metrics
-    ``dnsproxy_loadbalance_rotated``: answers reordered.
-
-Examples
-    ::
-
-        [[chain]]
-        plugin = "loadbalance"
-
-        [[chain]]
-        plugin = "cache"
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = ["192.0.2.53"]
+The reorder moves wire slices when every record to move is a compression pointer to an
+earlier name (nothing can point into such a record), and falls back to dnspython
+otherwise; either way the result is a new `Reply`, never a change to a shared one.
 """
 
 from __future__ import annotations

@@ -1,67 +1,9 @@
-"""localnames — answer special-use names locally instead of leaking them upstream.
+"""localnames: answer RFC 6761/6303 special-use names and single-label names locally,
+so they never leak to the internet's resolvers (README.md beside this file documents the
+behaviour, options, metrics and examples).
 
-Name
-    localnames
-
-Description
-    Some names must never reach the internet's resolvers: they either have a fixed
-    meaning or only make sense on this network. This step answers them itself, with
-    Extended DNS Error 29 (Synthesized):
-
-    * ``localhost`` and names under it (RFC 6761 §6.3): A ``127.0.0.1``, AAAA ``::1``,
-      NODATA for other types.
-    * ``invalid``, ``test``, ``local`` and ``onion`` (RFC 6761 §6.2 and §6.4, RFC 6762,
-      RFC 7686) and names under them: NXDOMAIN. Configurable with ``nxdomain_zones``.
-    * The locally served reverse zones of RFC 6303 and RFC 7793 (``10.in-addr.arpa``,
-      ``16.172.in-addr.arpa``…``31.172.in-addr.arpa``, ``168.192.in-addr.arpa``,
-      ``64.100.in-addr.arpa``…``127.100.in-addr.arpa``, ``127.in-addr.arpa``, ``fd00::/8``,
-      ``fe80::/10``, documentation prefixes, …): NXDOMAIN below the apex and NODATA at it,
-      each with the zone's SOA (``localhost. nobody.invalid.``, as RFC 6303 §3 gives) so
-      downstream caches keep the negative answer; ``1.0.0.127.in-addr.arpa`` and the
-      reverse of ``::1`` answer PTR ``localhost.``.
-    * Single-label names (``printer``), which a browser or a misconfigured search list
-      sends: NXDOMAIN (``single_label = "nxdomain"``), sent to the LAN's router
-      (``single_label = "forward"`` with ``upstreams``), or passed on (``"pass"``). Zone
-      queries (SOA, NS, DS, DNSKEY) for a single label are TLD lookups and pass on.
-
-    **A zone you route yourself wins.** A name covered by a ``zones`` scope of any step
-    *after* this one is passed on: a ``forward`` with ``zones = ["168.192.in-addr.arpa"]``
-    sends your LAN's reverse lookups to the router, and one with ``zones = ["test"]`` lets
-    a development server answer ``*.test``. Put ``hosts`` steps before this one.
-
-Syntax
-    ::
-
-        [[chain]]
-        plugin = "localnames"
-        localhost = true                      # answer localhost names
-        nxdomain_zones = ["invalid", "test", "local", "onion"]
-        reverse = true                        # RFC 6303 reverse zones
-        single_label = "nxdomain"             # nxdomain | forward | pass
-        upstreams = ["192.168.1.1"]           # for single_label = "forward"
-        ttl = 10800                           # of answers and of the SOA (negative TTL)
-
-Metrics
-    ``dnsproxy_localnames_answered``: queries answered here, labelled ``kind``
-    (``localhost``, ``nxdomain``, ``reverse``, ``single_label``);
-    ``dnsproxy_localnames_forwarded``: single-label names sent to ``upstreams``.
-
-Examples
-    A LAN where the router knows the printers and the reverse zone::
-
-        [[chain]]
-        plugin = "forward"
-        zones = ["168.192.in-addr.arpa"]
-        upstreams = ["192.168.1.1"]
-
-        [[chain]]
-        plugin = "localnames"
-        single_label = "forward"
-        upstreams = ["192.168.1.1"]
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = ["192.0.2.53"]
+Every answer is prepared when the step is built; a name covered by a later step's
+``zones`` is left to that step (learned in `attached` through `Chain.after`).
 """
 
 from __future__ import annotations
