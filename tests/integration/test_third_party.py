@@ -15,17 +15,21 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "quiet-hours"
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The example package installed into a directory of its own, as pip would for a user."""
-    target = tmp_path_factory.mktemp("site")
+def install(example: Path, target: Path) -> Path:
+    """``example`` installed into ``target``, a directory of its own, as pip would for a user;
+    asserts the entry point made it."""
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-         "--target", str(target), str(EXAMPLE)],
+         "--target", str(target), str(example)],
         check=True, timeout=180, capture_output=True,
     )  # fmt: skip
-    assert list(target.glob("dnsproxy_quiet_hours-*.dist-info/entry_points.txt"))
+    assert list(target.glob("*.dist-info/entry_points.txt"))
     return target
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    return install(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 def test_entry_point_plugin_runs_in_a_chain(site, nsd, make_proxy):

@@ -5,8 +5,6 @@ policy service on loopback, through the real step (`dnsproxy.testing`) and a rea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from functools import partial
@@ -22,6 +20,7 @@ from dnsproxy.errors import ConfigError
 from dnsproxy.reply import BLOCKING_SOURCES, EDE_BLOCKED
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
 from tests.conftest import ROOT
+from tests.integration.test_third_party import install
 
 EXAMPLE = ROOT / "examples" / "http-policy"
 PLUGIN = EXAMPLE / "src" / "dnsproxy_http_policy" / "__init__.py"
@@ -150,15 +149,7 @@ def test_timeout_must_stay_below_the_deadline():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The example installed into a directory of its own, as pip would for a user."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-         "--target", str(target), str(EXAMPLE)],
-        check=True, timeout=180, capture_output=True,
-    )  # fmt: skip
-    assert list(target.glob("dnsproxy_http_policy-*.dist-info/entry_points.txt"))
-    return target
+    return install(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 async def test_installed_plugin_in_a_real_process(site, nsd, make_proxy):
