@@ -28,12 +28,12 @@ run: $(RUNTIME)
 	$(BIN)/dnsproxy run -c config.toml
 
 test: $(STAMP)
-	$(BIN)/ruff check dnsproxy plugins tests bench examples
+	$(BIN)/ruff check dnsproxy plugins tests bench examples docs
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check dnsproxy plugins tests bench examples
-	$(BIN)/ruff format --check dnsproxy plugins tests bench examples
+	$(BIN)/ruff check dnsproxy plugins tests bench examples docs
+	$(BIN)/ruff format --check dnsproxy plugins tests bench examples docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

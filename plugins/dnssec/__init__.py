@@ -5,8 +5,6 @@ See README.md beside this file for the options, metrics and examples.
 
 from __future__ import annotations
 
-import struct
-
 import attrs
 import dns.exception
 import dns.message
@@ -161,11 +159,13 @@ class Dnssec(Step):
 
 def derive(q: Query, qname: bytes, qtype: int) -> Query:
     """A query this step asks on ``q``'s behalf (same client and transport, so scoped steps
-    route it as they route ``q``), with DO and CD set: the answer comes with its RRSIGs and
-    unfiltered by a validating upstream. The one place this step builds queries."""
+        route it as they route ``q``), with DO and CD set: the answer comes with its RRSIGs and
+        unfiltered by a validating upstream, and without the client's EDNS options or notes
+    (unlike `Query.derive`, which asks the client's own question again). The one place this
+    step builds queries."""
     header = wire.HEADER.pack(q.id, wire.RD | wire.CD, 1, 0, 0, 1)
-    opt = b"\x00" + wire.RR_FIXED.pack(wire.OPT, FETCH_UDP_SIZE, wire.EDNS_DO, 0)
-    data = header + qname + struct.pack("!HH", qtype, q.qclass) + opt
+    opt = wire.opt_record(FETCH_UDP_SIZE, do=True)
+    data = header + qname + wire.QTYPE_CLASS.pack(qtype, q.qclass) + opt
     sub = wire.parse_query(data, q.client, q.transport)
     sub.received = q.received
     return sub
