@@ -665,8 +665,8 @@ class Server:
                             log.info("listening on %s %s", kind, wire.hostport(host, port))
                         for service in services:
                             await root.start(service.run)
-                        if self.handle_signals:
-                            accept.start_soon(self._signals)
+                        if self.handle_signals:  # before READY=1: a reload may follow
+                            await accept.start(self._signals)
                         self._collect_observers()
                         self.pm.hook.dnsproxy_startup(server=self)
                         if self.freeze_gc:
@@ -795,10 +795,11 @@ class Server:
         self.chain.flush()
         log.info("caches flushed")
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(
             signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
         ) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.notifier.reloading()
