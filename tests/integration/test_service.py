@@ -387,3 +387,18 @@ def test_journal_stderr_gets_priorities_and_no_timestamps(tmp_path):
         assert any(ln.startswith("<6>dnsproxy: listening on udp 127.0.0.1:") for ln in lines)
     finally:
         journal.stop()
+
+
+def test_container_files_are_consistent():
+    """The Containerfile cannot be built here (no registry): its config must load, and it
+    must keep its promises (non-root, the DNS ports, a /health check)."""
+    from dnsproxy.loader import load
+
+    cfg, _, _ = load(ROOT / "contrib" / "container" / "config.toml")
+    assert [str(a) for a in cfg.server.listen] == ["0.0.0.0:53"]
+    assert [s.table for s in cfg.services] == ["http"]
+    port = cfg.services[0].options.listen.port
+    text = (ROOT / "Containerfile").read_text()
+    assert "FROM python:3.12-slim-bookworm" in text
+    assert "\nUSER dnsproxy\n" in text and "EXPOSE 53/udp 53/tcp" in text
+    assert f"http://127.0.0.1:{port}/health" in text
