@@ -18,10 +18,21 @@ import dns.reversename
 import trio
 
 from dnsproxy import __version__
+from dnsproxy.config import read_toml, server_table, state_path
 from dnsproxy.errors import ConfigError
 from dnsproxy.lint import lint
 from dnsproxy.loader import build_chain, load
-from dnsproxy.server import Server
+from dnsproxy.server import Server, prebind
+from dnsproxy.service import (
+    JournalFormatter,
+    Notifier,
+    Sockets,
+    check_state_dir,
+    drop_privileges,
+    journal_stderr,
+    prepare_state_dir,
+    service_user,
+)
 from dnsproxy.wire import parse_query
 
 QUERY_READY_WAIT = 10.0  # seconds `dnsproxy query` waits for lists to load
@@ -59,8 +70,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr: JSON lines for ``fmt = "json"``; else text, in the journal's form
+    (no timestamp, ``<N>`` priority prefix) when stderr is the systemd journal."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter = TextFormatter()
+    if fmt == "json":
+        formatter = JsonFormatter()
+    elif journal_stderr():
+        formatter = JournalFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -160,9 +178,27 @@ def _question(name: str | None, type_text: str | None, reverse: str | None) -> t
 
 
 def _run(path: Path) -> int:
-    loaded = load(path)
-    setup_logging(loaded[0].server.log_level, loaded[0].server.log_format)
-    server = Server(path, freeze_gc=True, loaded=loaded)
+    """Serve: adopt systemd's sockets; with ``[server] user``, bind the rest as root and
+    drop privileges before any plugin file is imported or any query served; then load."""
+    doc = read_toml(path)
+    sc = server_table(path, doc)
+    setup_logging(sc.log_level, sc.log_format)
+    notifier = Notifier.from_environment()
+    sockets = Sockets.from_environment()
+    try:
+        if sc.user:
+            where = f"{path.name}: server"
+            uid, gid = service_user(sc.user, sc.group, where)
+            prebind(path, doc, sc, sockets)
+            state = state_path(path, sc)
+            prepare_state_dir(state, uid, gid, where)
+            drop_privileges(uid, gid, where)
+            check_state_dir(state, sc.user, where)
+        loaded = load(path)
+    except BaseException:
+        sockets.close_all()
+        raise
+    server = Server(path, freeze_gc=True, loaded=loaded, sockets=sockets, notifier=notifier)
     trio.run(server.run)
     return 0
 

@@ -150,6 +150,8 @@ class ServerConfig:
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    user: str = ""  # run as this user after binding the listeners as root ("" = stay)
+    group: str = ""  # and this group ("" = the user's primary group)
 
 
 @attrs.frozen
@@ -190,8 +192,13 @@ class Config:
 
     @property
     def state_dir(self) -> Path:
-        p = Path(self.server.state_dir).expanduser()
-        return p if p.is_absolute() else self.base_dir / p
+        return state_path(self.path, self.server)
+
+
+def state_path(path: Path, server: ServerConfig) -> Path:
+    """``state_dir`` of the config at ``path``: relative to the config's directory."""
+    p = Path(server.state_dir).expanduser()
+    return p if p.is_absolute() else path.parent / p
 
 
 GENERIC_STEP_KEYS = ("plugin", "zones", "clients", "deadline")
@@ -208,6 +215,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def server_table(path: Path, doc: Mapping[str, Any]) -> ServerConfig:
+    """The ``[server]`` table alone, validated: what `dnsproxy run` needs before it binds
+    the listeners and drops privileges, without importing any plugin."""
+    raw = doc.get("server", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: server must be a table")
+    return options.build(ServerConfig, raw, f"{path.name}: server")
 
 
 def plugin_files(path: Path, doc: Mapping[str, Any]) -> tuple[Path, ...]:
@@ -230,14 +246,10 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
             errors.append(f"{name}: unknown table {key!r}{options.suggest(key, known)}")
 
     server = ServerConfig()
-    raw_server = doc.get("server", {})
-    if not isinstance(raw_server, dict):
-        errors.append(f"{name}: server must be a table")
-    else:
-        try:
-            server = options.build(ServerConfig, raw_server, f"{name}: server")
-        except ConfigError as exc:
-            errors.extend(exc.lines)
+    try:
+        server = server_table(path, doc)
+    except ConfigError as exc:
+        errors.extend(exc.lines)
 
     steps = []
     raw_chain = doc.get("chain", [])

@@ -33,13 +33,14 @@ from typing import Any
 import attrs
 import trio
 
-from dnsproxy import wire
+from dnsproxy import options, wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import Chain, Step, Suspended, client_address, client_matcher
-from dnsproxy.config import Address, Config, StepConfig
+from dnsproxy.config import Address, Config, ServerConfig, StepConfig
 from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.loader import Loaded, build_chain, load
+from dnsproxy.registry import build_registry, make_plugin_manager
 from dnsproxy.reply import (
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_PROHIBITED,
@@ -48,6 +49,7 @@ from dnsproxy.reply import (
     finalize,
     respond,
 )
+from dnsproxy.service import Notifier, Sockets
 from dnsproxy.shared import Shared
 from dnsproxy.upstream import read_frame
 from dnsproxy.wire import Query, parse_query
@@ -126,6 +128,47 @@ def _bind(addr: Address, kind: socket.SocketKind) -> socket.socket:
     return sock
 
 
+def _listen(addr: Address, backlog: int = 512) -> socket.socket:
+    tcp = _bind(addr, socket.SOCK_STREAM)
+    tcp.listen(backlog)
+    return tcp
+
+
+def prebind(path: Path, doc: dict[str, Any], sc: ServerConfig, sockets: Sockets) -> None:
+    """Bind every listener not passed by systemd into ``sockets``: the DNS listeners and
+    the ``listen`` address of each service table (``[http]``), for `dnsproxy run` to do
+    as root before it drops privileges (so ports below 1024 work).
+
+    Only built-in and installed (entry-point) plugins are imported to read the service
+    tables; the plugin files a config names are imported after the drop. A table that
+    does not validate is skipped here: loading the config reports it.
+    """
+    name = path.name
+    todo: list[tuple[str, Address, int]] = []
+    for addr in sc.listen:
+        todo += [("udp", addr, 0), ("tcp", addr, 512)]
+    registry = build_registry(make_plugin_manager())
+    for table, cls in registry.services.items():
+        raw = doc.get(table)
+        if not isinstance(raw, dict):
+            continue
+        try:
+            listen = getattr(options.build(cls.Options, raw, f"{name}: {table}"), "listen", None)
+        except ConfigError:
+            continue
+        if isinstance(listen, Address):
+            todo.append(("tcp", listen, 128))
+    for kind, addr, backlog in todo:
+        if (kind, addr) in sockets:
+            continue
+        try:
+            sock = _bind(addr, socket.SOCK_DGRAM) if kind == "udp" else _listen(addr, backlog)
+        except OSError as exc:
+            sockets.close_all()
+            raise ConfigError(f"{name}: cannot bind {kind} {addr}: {exc.strerror}") from exc
+        sockets.add(kind, sock, addr)
+
+
 class Server:
     """One dnsproxy process: listeners plus the current chain."""
 
@@ -136,8 +179,14 @@ class Server:
         handle_signals: bool = True,
         freeze_gc: bool = False,
         loaded: Loaded | None = None,
+        sockets: Sockets | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
-        """``freeze_gc``: exempt long-lived objects from the garbage collector
+        """``sockets``: listeners opened before (socket activation, or bound as root
+        before the privilege drop: `prebind`); ``run`` binds the others itself.
+        ``notifier``: where to report READY/RELOADING/STOPPING (systemd ``Type=notify``).
+
+        ``freeze_gc``: exempt long-lived objects from the garbage collector
         (`gc.freeze`), for a process that is nothing but this server (``dnsproxy run``).
 
         Why: under load, queries in flight reach the oldest generation, so full
@@ -150,6 +199,8 @@ class Server:
         self.path = Path(path)
         self.handle_signals = handle_signals
         self.freeze_gc = freeze_gc
+        self.sockets = sockets or Sockets()
+        self.notifier = notifier or Notifier(None)
         self.config, self.registry, self.pm = loaded or load(self.path)
         self.blocking = Blocking()  # user intent, not config: survives reloads
         self.shared = Shared()  # this server's long-lived objects (parsed lists): survive reloads
@@ -564,11 +615,12 @@ class Server:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, serve until stopped, then drain in-flight queries for up to 5 s."""
         socks = []
+        opened = self.sockets
         try:
             for addr in self.config.server.listen:
-                socks.append(("udp", addr, _bind(addr, socket.SOCK_DGRAM)))
-                tcp = _bind(addr, socket.SOCK_STREAM)
-                tcp.listen(512)
+                udp = opened.take("udp", addr) or _bind(addr, socket.SOCK_DGRAM)
+                socks.append(("udp", addr, udp))
+                tcp = opened.take("tcp", addr) or _listen(addr)
                 socks.append(("tcp", addr, tcp))
         except OSError as exc:
             for _, _, s in socks:
@@ -581,19 +633,26 @@ class Server:
             for svc in self.config.services:
                 service = self.registry.services[svc.table](svc.options, self)
                 if callable(getattr(service, "bind", None)):
-                    service.bind()
+                    listen = getattr(svc.options, "listen", None)
+                    passed = opened.take("tcp", listen) if isinstance(listen, Address) else None
+                    if passed is None:
+                        service.bind()
+                    else:
+                        service.bind(passed)
                 services.append(service)
         except ConfigError:
             for _, _, s in socks:
                 s.close()
             services.clear()
             raise
+        opened.close_unused()
         self.bound = tuple(self.config.server.listen)
         try:
             async with trio.open_nursery() as root:
                 self._nursery = root
                 root.start_soon(self.blocking.run)
                 root.start_soon(self._begun.run)
+                root.start_soon(self.notifier.run_watchdog)
                 self._start_chain(self.chain)
                 async with trio.open_nursery() as work:
                     self._work = work
@@ -606,15 +665,17 @@ class Server:
                             log.info("listening on %s %s", kind, wire.hostport(host, port))
                         for service in services:
                             await root.start(service.run)
-                        if self.handle_signals:
-                            accept.start_soon(self._signals)
+                        if self.handle_signals:  # before READY=1: a reload may follow
+                            await accept.start(self._signals)
                         self._collect_observers()
                         self.pm.hook.dnsproxy_startup(server=self)
                         if self.freeze_gc:
                             refreeze_gc()
                             accept.start_soon(_refreeze_every, GC_REFREEZE)
                         task_status.started(self.addresses)
+                        self.notifier.ready(self._status())
                         await self._stop.wait()
+                        self.notifier.stopping()
                         accept.cancel_scope.cancel()
                     log.info("stopping: finishing in-flight queries")
                     for scope in list(self._tcp_scopes):
@@ -629,7 +690,13 @@ class Server:
             for _, _, s in socks:
                 s.close()
             self.chain.close()
+            self.notifier.close()
         log.info("stopped")
+
+    def _status(self) -> str:
+        """The STATUS= line systemd shows: where this server serves, and its chain."""
+        where = ", ".join(sorted({wire.hostport(h, p) for _, h, p in self.addresses}))
+        return f"serving on {where}: {len(self.chain.steps)} steps"
 
     async def run_steps(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the chain's background work (list loading, refreshes) without listeners.
@@ -728,13 +795,16 @@ class Server:
         self.chain.flush()
         log.info("caches flushed")
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(
             signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
         ) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    self.notifier.reloading()
                     await self.reload()
+                    self.notifier.ready(self._status())
                 elif signum == signal.SIGUSR1:
                     self.flush()
                 else:

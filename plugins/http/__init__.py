@@ -138,9 +138,14 @@ class HttpService:
         self.sock: socket.socket | None = None
         self.app: Any = None  # the ASGI app (`app.App`) while serving
 
-    def bind(self) -> socket.socket:
+    def bind(self, sock: socket.socket | None = None) -> socket.socket:
         """Bind the listening socket; the server calls this before it announces any
-        listener, so a busy port stops start-up before anything serves."""
+        listener, so a busy port stops start-up before anything serves. ``sock``: a
+        listening socket opened already for ``listen`` (bound as root before the
+        privilege drop, or passed by systemd), adopted as is."""
+        if sock is not None:
+            self.sock = sock
+            return sock
         addr = self.options.listen
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
