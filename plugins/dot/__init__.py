@@ -60,7 +60,7 @@ from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.streamclient import Connector, StreamClient
-from dnsproxy.upstream import UpstreamSpec
+from dnsproxy.upstream import Addresses, UpstreamSpec
 from dnsproxy.wire import hostport
 
 T = TypeVar("T")
@@ -127,19 +127,23 @@ def tls_context(ca_file: str, setup: Setup, url: str) -> ssl.SSLContext:
     return ctx
 
 
-def targets(spec: UpstreamSpec, opts: TlsOptions, setup: Setup) -> tuple[list[str], str]:
-    """The addresses to connect to and the name the certificate must carry."""
+def targets(spec: UpstreamSpec, opts: TlsOptions, setup: Setup) -> tuple[Addresses, str]:
+    """The addresses to connect to (fixed, or kept current by forward's bootstrap) and
+    the name the certificate must carry."""
+    name = opts.server_name or spec.host
     try:
         ipaddress.ip_address(spec.host)
     except ValueError:
-        if not opts.bootstrap:
+        if opts.bootstrap:
+            return Addresses(spec.host, list(opts.bootstrap)), name
+        if spec.addresses is None:
             raise setup.error(
                 "upstreams",
                 f'{spec.url}: a host name needs bootstrap = ["<IP>", ...] '
                 "(it is never resolved through the proxy)",
             ) from None
-        return list(opts.bootstrap), opts.server_name or spec.host
-    return [spec.host], opts.server_name or spec.host
+        return spec.addresses, name
+    return Addresses(spec.host, [spec.host]), name
 
 
 def spki_digest(cert_der: bytes) -> bytes:
@@ -168,13 +172,15 @@ def spki_digest(cert_der: bytes) -> bytes:
 
 
 def dot_connector(
-    addresses: Sequence[str], port: int, ctx: ssl.SSLContext, name: str, pins: Sequence[bytes]
+    addresses: Addresses, port: int, ctx: ssl.SSLContext, name: str, pins: Sequence[bytes]
 ) -> Connector:
     """Open TCP to the first reachable address, then TLS with the name and pin checked."""
 
     async def connect() -> trio.abc.Stream:
         error: OSError | None = None
-        for host in addresses:
+        if not addresses.current:
+            raise UpstreamError(f"{addresses.host} not resolved yet {addresses.error}".strip())
+        for host in addresses.current:
             try:
                 tcp = await trio.open_tcp_stream(host, port)
             except OSError as exc:

@@ -61,7 +61,7 @@ from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.streamclient import describe, tls_error
-from dnsproxy.upstream import Request, UpstreamSpec, matches
+from dnsproxy.upstream import Addresses, Request, UpstreamSpec, matches
 
 if TYPE_CHECKING:
     import httpx
@@ -109,7 +109,8 @@ class DohUpstream:
         self,
         name: str,
         client: httpx.AsyncClient,
-        urls: list[str],
+        addresses: Addresses,
+        base: tuple[int, str],
         headers: dict[str, str],
         extensions: dict[str, str],
         method: str,
@@ -117,7 +118,8 @@ class DohUpstream:
     ) -> None:
         self.name = name
         self.client = client
-        self.urls = urls  # one per bootstrap address, tried in order from the last good one
+        self.addresses = addresses  # tried in order from the last good one
+        self.port, self.path = base
         self.headers = headers
         self.extensions = extensions
         self.method = method
@@ -125,23 +127,32 @@ class DohUpstream:
         self._current = 0
         self.used = False
 
+    @property
+    def urls(self) -> list[str]:
+        """One URL per current address of the host."""
+        return [wire.hostport(a, self.port, "https") + self.path for a in self.addresses.current]
+
     async def exchange(self, req: Request) -> bytes:
         import httpx
 
         self.used = True
         data = req.to_wire(0, pad_block=PAD_BLOCK)
+        urls = self.urls
+        if not urls:
+            where = self.addresses
+            raise UpstreamError(f"{where.host} not resolved yet {where.error}".strip())
         async with self._slots:
-            for attempt in range(len(self.urls)):
-                index = (self._current + attempt) % len(self.urls)
+            for attempt in range(len(urls)):
+                index = (self._current + attempt) % len(urls)
                 try:
                     try:
-                        reply = await self._request(self.urls[index], data, req)
+                        reply = await self._request(urls[index], data, req)
                     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
                         # The server ended a reused connection (GOAWAY after its request
                         # limit, idle close): one more try on a fresh connection.
-                        reply = await self._request(self.urls[index], data, req)
+                        reply = await self._request(urls[index], data, req)
                 except httpx.ConnectError as exc:
-                    if tls_error(exc) is not None or attempt + 1 == len(self.urls):
+                    if tls_error(exc) is not None or attempt + 1 == len(urls):
                         raise UpstreamError(describe(exc)) from exc
                     continue
                 except httpx.HTTPError as exc:
@@ -218,7 +229,6 @@ def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
     addresses, name = targets(spec, opts, setup)
     port = spec.port or 443
     path = spec.path or "/dns-query"
-    urls = [wire.hostport(a, port, "https") + path for a in addresses]
     host = f"[{spec.host}]" if ":" in spec.host else spec.host
     headers = {"accept": CONTENT_TYPE, "host": host if port == 443 else f"{host}:{port}"}
     client = httpx.AsyncClient(
@@ -228,15 +238,16 @@ def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
         follow_redirects=False,
         timeout=httpx.Timeout(30.0),
         limits=httpx.Limits(
-            max_connections=len(addresses),
-            max_keepalive_connections=len(addresses),
+            max_connections=len(addresses.current) or 2,  # 2: a name, old and new address
+            max_keepalive_connections=len(addresses.current) or 2,
             keepalive_expiry=opts.idle_timeout,
         ),
     )
     return DohUpstream(
         f"https://{host}:{port}{path}",
         client,
-        urls,
+        addresses,
+        (port, path),
         headers,
         {"sni_hostname": name},
         opts.method,
