@@ -100,7 +100,7 @@ def parse_stamp(stamp: str) -> tuple[str, dict[str, Any]]:
     """
     text = stamp.removeprefix("sdns://")
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"{stamp[:40]!r}: a DNS stamp is base64url ({exc})") from None
     pos = 0

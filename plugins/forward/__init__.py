@@ -335,6 +335,7 @@ class Forward(Step):
                 err = f"rcode {rcode}"
         health.backoff = min(health.backoff * 2, self.options.backoff_max)
         health.probe_at = trio.current_time() + health.backoff
+        self._wake.set()
         self.log.debug("probe of %s failed (%s): next in %.1fs", up.name, err, health.backoff)
 
     async def _resolve_loop(self, up: Upstream, addresses: Addresses) -> None:
