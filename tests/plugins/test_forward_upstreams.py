@@ -172,7 +172,7 @@ async def test_host_names_are_resolved_through_bootstrap(nursery, tmp_path):
             "timeout": 0.3,
         },
     )
-    ((up, addresses),) = step.named
+    ((_, addresses),) = step.named
     assert not step.ready()
     assert "tls://dot.bench.test:853: host name not resolved yet" in step.not_ready_reason()
     nursery.start_soon(step.run)
