@@ -1,45 +1,6 @@
-"""doh — DNS over HTTPS upstreams (``https://``) for forward.
+"""doh — DNS over HTTPS upstreams (``https://``) for forward (README.md beside this file).
 
-Description
-    Registers the ``https`` upstream scheme (RFC 8484) over HTTP/2 with httpx, which needs
-    the extra: ``pip install dnsproxy[doh]``.
-
-    * One HTTP/2 connection per upstream carries every query as its own stream; it is
-      closed after ``idle_timeout`` seconds unused. At most ``max_inflight`` requests are
-      outstanding at once.
-    * POST by default; ``method = "get"`` sends ``?dns=`` (base64url without padding).
-      The message ID on the wire is 0 (RFC 8484 §4.1; forward restores the client's) and
-      the query is padded to a multiple of 128 bytes (RFC 8467).
-    * A reply is accepted only with status 200, ``Content-Type: application/dns-message``,
-      a body of at most 65535 bytes, ID 0 and the question asked; anything else is an
-      upstream failure and forward fails over. ``Cache-Control: max-age`` (less ``Age``)
-      caps the TTLs of the answer, so nothing is kept longer than the server allows.
-    * The certificate is always verified (system CAs plus ``ca_file``) for ``server_name``
-      or else the URL's host; a failure is an upstream failure, never a cleartext retry.
-    * A host name in the URL is reached only through the ``bootstrap`` addresses (tried in
-      order), never resolved through the proxy; it is still the SNI and the HTTP authority.
-
-Syntax
-    In forward's ``upstreams``, as a string or a table::
-
-        "https://192.0.2.1/dns-query"
-        { url = "https://dns.example.net/dns-query", bootstrap = ["192.0.2.1"],
-          method = "post",                  # post | get
-          server_name = "dns.example.net",  # the name the certificate must carry
-          ca_file = "ca.pem",               # a CA to trust besides the system ones
-          idle_timeout = "10s",             # close the connection after this long unused
-          max_inflight = 100 }              # requests outstanding at once
-
-Metrics
-    None of its own; forward reports per-upstream health.
-
-Examples
-    Cloudflare over HTTPS::
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = [{ url = "https://cloudflare-dns.com/dns-query",
-                       bootstrap = ["1.1.1.1", "1.0.0.1"] }]
+The scheme's factory (`make_doh`) and `DohUpstream`, one httpx HTTP/2 client per upstream.
 """
 
 from __future__ import annotations

@@ -1,44 +1,7 @@
-"""dot — DNS over TLS upstreams (``tls://``) for forward.
+"""dot — DNS over TLS upstreams (``tls://``) for forward (README.md beside this file).
 
-Description
-    Registers the ``tls`` upstream scheme (RFC 7858) with the Strict privacy profile of
-    RFC 8310: the certificate is always verified (system CAs, plus ``ca_file``), the name
-    checked is ``server_name`` or else the URL's host (sent as SNI when it is a name), and an
-    optional SPKI pin must match as well. A certificate failure is an upstream failure that
-    forward fails over from; there is never a fallback to cleartext.
-
-    * One persistent connection per upstream, with up to ``max_inflight`` queries pipelined
-      on it and replies accepted in any order, matched by ID and question
-      (`dnsproxy.streamclient`). It is closed after ``idle_timeout`` seconds without a query
-      in flight, reopened on demand, and a failed connect backs off (0.1 s doubling to 5 s)
-      while forward uses the other upstreams.
-    * Queries are padded to a multiple of 128 bytes (EDNS padding, RFC 7830 / RFC 8467).
-    * A host name in the URL is resolved only through the ``bootstrap`` addresses, never
-      through the proxy (which may be the system's resolver).
-
-Syntax
-    In forward's ``upstreams``, as a string or a table::
-
-        "tls://192.0.2.1"                   # port 853; the certificate must name the IP
-        { url = "tls://192.0.2.1:853", server_name = "dns.example.net",
-          ca_file = "ca.pem",               # a CA to trust besides the system ones
-          spki_pin = ["base64 SHA-256 of the SubjectPublicKeyInfo", "backup pin"],
-          idle_timeout = "10s",             # close the connection after this long unused
-          max_inflight = 100 }              # queries outstanding on the connection
-        { url = "tls://dns.example.net", bootstrap = ["192.0.2.1", "2001:db8::1"] }
-
-    Relative ``ca_file`` paths are relative to the config file. A pin may be written with
-    or without a ``sha256/`` prefix.
-
-Metrics
-    None of its own; forward reports per-upstream health.
-
-Examples
-    Quad9 over TLS with a bootstrap address::
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = [{ url = "tls://dns.quad9.net", bootstrap = ["9.9.9.9"] }]
+The scheme's factory (`make_dot`), the TLS options and helpers doh shares (`TlsOptions`,
+`targets`, `tls_context`), and the SPKI pin check (`spki_digest`).
 """
 
 from __future__ import annotations
