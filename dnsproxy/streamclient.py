@@ -259,6 +259,13 @@ class StreamClient:
                     pending.done.set()
         conn.kill("idle")
 
+    def drop(self) -> None:
+        """Close the connection (its queries are retried on a new one): the upstream's
+        addresses changed, and the next connection goes to the new ones."""
+        if self._conn is not None:
+            self._conn.kill("addresses changed")
+        self._retry_at = -math.inf
+
     def close(self) -> None:
         self.closed = True
         if self._conn is not None:

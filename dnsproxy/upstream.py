@@ -14,6 +14,9 @@ and ``doh`` plugins register ``tls`` and ``https``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import secrets
 import struct
 from collections.abc import Mapping
@@ -30,6 +33,16 @@ UPSTREAM_UDP_SIZE = 1232
 PADDING_OPTION = 12  # RFC 7830
 
 
+@attrs.define(eq=False)
+class Addresses:
+    """The addresses of an upstream named by host name, kept current by forward's
+    bootstrap (`current` is replaced, never mutated: a connector reads it per connect)."""
+
+    host: str
+    current: list[str] = attrs.field(factory=list)
+    error: str = ""  # why the last resolution failed ("" after a success)
+
+
 @attrs.frozen
 class UpstreamSpec:
     """An upstream as written in the config: a URL string or a table with ``url``."""
@@ -40,10 +53,13 @@ class UpstreamSpec:
     port: int | None
     path: str
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    # Set by forward for a host name without fixed addresses: resolved in the background.
+    addresses: Addresses | None = None
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any]) -> UpstreamSpec:
-        """Parse "192.0.2.1", "192.0.2.1:53", "::1", "[::1]:53", "tcp://h:p", "tls://h", "https://h/p"."""
+        """Parse "192.0.2.1", "192.0.2.1:53", "::1", "[::1]:53", "tcp://h:p", "tls://h",
+        "https://h/p", and DNS stamps ("sdns://...", `parse_stamp`)."""
         extra: dict[str, Any] = {}
         if isinstance(value, Mapping):
             extra = {k: v for k, v in value.items() if k != "url"}
@@ -54,6 +70,9 @@ class UpstreamSpec:
             url = value
         else:
             raise ValueError(f"an upstream is a string or a table, got {value!r}")
+        if url.startswith("sdns://"):
+            url, stamped = parse_stamp(url)
+            extra = {**stamped, **extra}
         if "://" not in url and url.count(":") > 1 and not url.startswith("["):
             url = f"[{url}]"  # a bare IPv6 address: "2001:db8::1"
         text = url if "://" in url else "udp://" + url
@@ -65,6 +84,89 @@ class UpstreamSpec:
         if not parts.hostname:
             raise ValueError(f"{url!r}: no host")
         return cls(url, parts.scheme.lower(), parts.hostname, port, parts.path, extra)
+
+
+STAMP_SCHEMES = {0x00: "udp", 0x02: "https", 0x03: "tls"}
+
+
+def parse_stamp(stamp: str) -> tuple[str, dict[str, Any]]:
+    """A DNS stamp (https://dnscrypt.info/stamps-specifications) as a URL and table keys.
+
+    Plain DNS (0x00), DoH (0x02) and DoT (0x03). The stamp's address, if any, becomes the
+    fixed ``bootstrap`` address of the host name; its certificate hashes are checked for
+    form only (they hash a certificate anywhere in the chain, which the TLS stack here
+    does not expose), so the certificate is verified against the host name as usual.
+    Raises ValueError saying what is wrong.
+    """
+    text = stamp.removeprefix("sdns://")
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{stamp[:40]!r}: a DNS stamp is base64url ({exc})") from None
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise ValueError(f"{stamp[:40]!r}: DNS stamp truncated")
+        pos += n
+        return data[pos - n : pos]
+
+    def lp() -> str:
+        raw = take(take(1)[0])
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{stamp[:40]!r}: DNS stamp has a non-ASCII field") from None
+
+    def vlp() -> list[bytes]:
+        out = []
+        while True:
+            size = take(1)[0]
+            item = take(size & 0x7F)
+            if item:
+                out.append(item)
+            if not size & 0x80:
+                return out
+
+    proto = take(1)[0]
+    scheme = STAMP_SCHEMES.get(proto)
+    if scheme is None:
+        raise ValueError(
+            f"{stamp[:40]!r}: DNS stamp protocol 0x{proto:02x} is not supported"
+            " (plain DNS 0x00, DoH 0x02, DoT 0x03)"
+        )
+    take(8)  # properties: DNSSEC, no-log, no-filter (informational)
+    addr = lp()
+    if scheme == "udp":
+        if not addr:
+            raise ValueError(f"{stamp[:40]!r}: plain DNS stamp without an address")
+        url, extra = f"udp://{addr}", {}
+    else:
+        for digest in vlp():
+            if len(digest) != 32:
+                raise ValueError(f"{stamp[:40]!r}: DNS stamp hash is not SHA-256 (32 bytes)")
+        host = lp()
+        if not host:
+            raise ValueError(f"{stamp[:40]!r}: DNS stamp without a host name")
+        path = lp() if scheme == "https" else ""
+        if scheme == "https" and not path.startswith("/"):
+            raise ValueError(f"{stamp[:40]!r}: DoH stamp path {path!r} must start with /")
+        extra = {}
+        ip = urlsplit(f"//{addr}").hostname if addr else None
+        if ip:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"{stamp[:40]!r}: DNS stamp address {addr!r}") from None
+            port = urlsplit(f"//{addr}").port
+            if ":" not in host.rpartition("]")[2] and port is not None:
+                host = f"{host}:{port}"
+            extra["bootstrap"] = [ip]
+        url = f"{scheme}://{host}{path}"
+    if pos != len(data) and scheme == "udp":
+        raise ValueError(f"{stamp[:40]!r}: DNS stamp has trailing bytes")
+    return url, extra
 
 
 @attrs.define  # not frozen: one is built per forwarded query, and a frozen init is slower

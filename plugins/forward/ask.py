@@ -4,7 +4,9 @@ and the per-upstream health that orders them."""
 from __future__ import annotations
 
 import logging
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,26 +32,84 @@ FAILOVER_RCODES = (wire.SERVFAIL, wire.REFUSED)
 NO_EDNS_RCODES = (wire.FORMERR, wire.NOTIMP)
 
 
-class Health:
-    """Per-upstream latency estimate (for ``fastest``) and recent failures."""
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
-    __slots__ = ("errors", "failures", "no_edns_until", "queries", "srtt")
+
+class Health:
+    """Per-upstream latency estimate (for ``fastest`` and ``parallel``), recent failures,
+    back-off state and a fixed-bucket latency histogram (for /metrics).
+
+    An upstream that failed ``backoff_after`` times in a row is backed off: no client
+    query is sent to it until a probe (`Forward.run`) gets an answer from it; each failed
+    probe doubles the wait, up to the maximum.
+    """
+
+    __slots__ = (
+        "answers",
+        "backoff",
+        "errors",
+        "failures",
+        "histogram",
+        "last",
+        "no_edns_until",
+        "probe_at",
+        "probes",
+        "queries",
+        "srtt",
+    )
 
     def __init__(self) -> None:
         self.srtt = 0.0  # smoothed round-trip time; 0 = unknown, tried first
         self.failures = 0  # consecutive
         self.queries = 0
+        self.answers = 0
         self.errors = 0
         self.no_edns_until = 0.0  # an upstream that rejected EDNS is asked without it
+        self.backoff = 0.0  # seconds of the current back-off; 0 = up
+        self.probe_at = 0.0  # trio time of the next probe while backed off
+        self.probes = 0
+        self.last: Request | None = None  # the last question it answered: the probe's
+        self.histogram = [0] * (len(LATENCY_BUCKETS) + 1)
 
-    def ok(self, rtt: float) -> None:
+    def ok(self, rtt: float, req: Request) -> None:
         self.srtt = rtt if self.srtt == 0 else 0.7 * self.srtt + 0.3 * rtt
         self.failures = 0
+        self.answers += 1
+        self.last = req
+        self.histogram[bisect_left(LATENCY_BUCKETS, rtt)] += 1
 
     def failed(self, timeout: float) -> None:
         self.failures += 1
         self.errors += 1
         self.srtt = max(self.srtt, timeout) * 1.5
+
+    def score(self, timeout: float) -> float:
+        """Lower is better: the latency estimate plus a timeout per recent failure."""
+        return self.srtt + self.failures * timeout
+
+    def quantile(self, fraction: float) -> float:
+        """The upper bound of the bucket holding ``fraction`` of the answers (0: none)."""
+        total = sum(self.histogram)
+        if not total:
+            return 0.0
+        seen = 0
+        for i, count in enumerate(self.histogram):
+            seen += count
+            if seen >= fraction * total:
+                return LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else math.inf
+        return math.inf
+
+
+class Race:
+    """The two `Ask`s of one ``parallel`` query: the first good answer wins; one that
+    runs out of upstreams waits for the other, and the client gets the answer of neither
+    only when both gave up."""
+
+    __slots__ = ("loser", "over")
+
+    def __init__(self) -> None:
+        self.over = False  # an answer went to the client: late outcomes only update health
+        self.loser: Ask | None = None  # the Ask that gave up first
 
 
 Done = Callable[[Reply | None], None]
@@ -99,6 +159,7 @@ class Ask:
         "order",
         "plain",
         "q",
+        "race",
         "req",
         "sent",
         "then",
@@ -108,14 +169,23 @@ class Ask:
     )
     health: Health  # of the upstream being asked; set by `next` before any attempt
 
-    def __init__(self, fwd: Forward, q: Query, key: tuple[Any, ...], hops: bytes) -> None:
+    def __init__(
+        self,
+        fwd: Forward,
+        q: Query,
+        key: tuple[Any, ...],
+        hops: bytes,
+        order: list[Upstream],
+        race: Race | None = None,
+    ) -> None:
         self.fwd = fwd
+        self.race = race
         self.q = q
         self.key = key
         self.req = Request(
             q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
         )
-        self.order = iter(fwd.order())
+        self.order = iter(order)
         self.deadline = trio.current_time() + fwd.options.budget
         self.timeouts = 0
         self.errors: list[str] = []
@@ -130,7 +200,7 @@ class Ask:
         """Ask the next upstream, or give up."""
         up = next(self.order, None)
         if up is None or (self.up is not None and trio.current_time() >= self.deadline):
-            self.fwd.complete(self.key, self.give_up())
+            self.lost()
             return
         self.up = up
         self.health = self.fwd.health[up.name]
@@ -164,14 +234,18 @@ class Ask:
                 reply = Reply(trim(data, q), source=fwd.setup.name)
             except ValueError as exc:
                 err = f"malformed answer ({exc})"
-        assert self.via is not None
+        assert self.via is not None and self.up is not None
         if reply is None:
-            health.failed(fwd.options.timeout if err == "timeout" else 0.0)
+            fwd.failed(self.up.name, health, fwd.options.timeout if err == "timeout" else 0.0)
             q.explain(f"{fwd.setup.where}: {self.via.name}: {err}")
         else:
-            health.ok(time.monotonic() - self.sent)
+            health.ok(time.monotonic() - self.sent, self.req)
+            if health.backoff:  # all were down and this one answered a client's query
+                fwd.recovered(self.up.name, health)
             if q.trace is not None:
                 q.explain(f"{fwd.setup.where}: {self.via.name} answered rcode {reply.rcode}")
+        if self.race is not None and self.race.over:
+            return  # the other upstream of a parallel query answered first
         self.then(self, reply, err)
 
     def answered(self, reply: Reply | None, err: str) -> None:
@@ -198,6 +272,8 @@ class Ask:
         assert self.up is not None
         name = self.up.name
         if reply is not None and reply.rcode not in FAILOVER_RCODES:
+            if self.race is not None:
+                self.race.over = True
             self.q.note("upstream", name)
             fwd = self.fwd
             if fwd.zone_set and reply.ancount:
@@ -216,6 +292,21 @@ class Ask:
         else:
             self.errors.append(f"{name}: {err}")
         self.next()
+
+    def lost(self) -> None:
+        """No upstream of this Ask answered: SERVFAIL, unless the other of a race is still
+        trying (its outcome decides, with this one's errors joined to its own)."""
+        race = self.race
+        if race is not None:
+            other = race.loser
+            if other is None:
+                race.loser = self
+                return
+            race.over = True
+            self.errors[:0] = other.errors
+            self.timeouts += other.timeouts
+            self.last_bad = self.last_bad or other.last_bad
+        self.fwd.complete(self.key, self.give_up())
 
     def give_up(self) -> Reply:
         """SERVFAIL with EDE 22/23, or an upstream's REFUSED if that is all there was."""

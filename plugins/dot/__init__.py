@@ -1,44 +1,7 @@
-"""dot — DNS over TLS upstreams (``tls://``) for forward.
+"""dot — DNS over TLS upstreams (``tls://``) for forward (README.md beside this file).
 
-Description
-    Registers the ``tls`` upstream scheme (RFC 7858) with the Strict privacy profile of
-    RFC 8310: the certificate is always verified (system CAs, plus ``ca_file``), the name
-    checked is ``server_name`` or else the URL's host (sent as SNI when it is a name), and an
-    optional SPKI pin must match as well. A certificate failure is an upstream failure that
-    forward fails over from; there is never a fallback to cleartext.
-
-    * One persistent connection per upstream, with up to ``max_inflight`` queries pipelined
-      on it and replies accepted in any order, matched by ID and question
-      (`dnsproxy.streamclient`). It is closed after ``idle_timeout`` seconds without a query
-      in flight, reopened on demand, and a failed connect backs off (0.1 s doubling to 5 s)
-      while forward uses the other upstreams.
-    * Queries are padded to a multiple of 128 bytes (EDNS padding, RFC 7830 / RFC 8467).
-    * A host name in the URL is resolved only through the ``bootstrap`` addresses, never
-      through the proxy (which may be the system's resolver).
-
-Syntax
-    In forward's ``upstreams``, as a string or a table::
-
-        "tls://192.0.2.1"                   # port 853; the certificate must name the IP
-        { url = "tls://192.0.2.1:853", server_name = "dns.example.net",
-          ca_file = "ca.pem",               # a CA to trust besides the system ones
-          spki_pin = ["base64 SHA-256 of the SubjectPublicKeyInfo", "backup pin"],
-          idle_timeout = "10s",             # close the connection after this long unused
-          max_inflight = 100 }              # queries outstanding on the connection
-        { url = "tls://dns.example.net", bootstrap = ["192.0.2.1", "2001:db8::1"] }
-
-    Relative ``ca_file`` paths are relative to the config file. A pin may be written with
-    or without a ``sha256/`` prefix.
-
-Metrics
-    None of its own; forward reports per-upstream health.
-
-Examples
-    Quad9 over TLS with a bootstrap address::
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = [{ url = "tls://dns.quad9.net", bootstrap = ["9.9.9.9"] }]
+The scheme's factory (`make_dot`), the TLS options and helpers doh shares (`TlsOptions`,
+`targets`, `tls_context`), and the SPKI pin check (`spki_digest`).
 """
 
 from __future__ import annotations
@@ -60,7 +23,7 @@ from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.streamclient import Connector, StreamClient
-from dnsproxy.upstream import UpstreamSpec
+from dnsproxy.upstream import Addresses, UpstreamSpec
 from dnsproxy.wire import hostport
 
 T = TypeVar("T")
@@ -127,19 +90,23 @@ def tls_context(ca_file: str, setup: Setup, url: str) -> ssl.SSLContext:
     return ctx
 
 
-def targets(spec: UpstreamSpec, opts: TlsOptions, setup: Setup) -> tuple[list[str], str]:
-    """The addresses to connect to and the name the certificate must carry."""
+def targets(spec: UpstreamSpec, opts: TlsOptions, setup: Setup) -> tuple[Addresses, str]:
+    """The addresses to connect to (fixed, or kept current by forward's bootstrap) and
+    the name the certificate must carry."""
+    name = opts.server_name or spec.host
     try:
         ipaddress.ip_address(spec.host)
     except ValueError:
-        if not opts.bootstrap:
+        if opts.bootstrap:
+            return Addresses(spec.host, list(opts.bootstrap)), name
+        if spec.addresses is None:
             raise setup.error(
                 "upstreams",
                 f'{spec.url}: a host name needs bootstrap = ["<IP>", ...] '
                 "(it is never resolved through the proxy)",
             ) from None
-        return list(opts.bootstrap), opts.server_name or spec.host
-    return [spec.host], opts.server_name or spec.host
+        return spec.addresses, name
+    return Addresses(spec.host, [spec.host]), name
 
 
 def spki_digest(cert_der: bytes) -> bytes:
@@ -168,13 +135,15 @@ def spki_digest(cert_der: bytes) -> bytes:
 
 
 def dot_connector(
-    addresses: Sequence[str], port: int, ctx: ssl.SSLContext, name: str, pins: Sequence[bytes]
+    addresses: Addresses, port: int, ctx: ssl.SSLContext, name: str, pins: Sequence[bytes]
 ) -> Connector:
     """Open TCP to the first reachable address, then TLS with the name and pin checked."""
 
     async def connect() -> trio.abc.Stream:
         error: OSError | None = None
-        for host in addresses:
+        if not addresses.current:
+            raise UpstreamError(f"{addresses.host} not resolved yet {addresses.error}".strip())
+        for host in addresses.current:
             try:
                 tcp = await trio.open_tcp_stream(host, port)
             except OSError as exc:

@@ -1,45 +1,6 @@
-"""doh — DNS over HTTPS upstreams (``https://``) for forward.
+"""doh — DNS over HTTPS upstreams (``https://``) for forward (README.md beside this file).
 
-Description
-    Registers the ``https`` upstream scheme (RFC 8484) over HTTP/2 with httpx, which needs
-    the extra: ``pip install dnsproxy[doh]``.
-
-    * One HTTP/2 connection per upstream carries every query as its own stream; it is
-      closed after ``idle_timeout`` seconds unused. At most ``max_inflight`` requests are
-      outstanding at once.
-    * POST by default; ``method = "get"`` sends ``?dns=`` (base64url without padding).
-      The message ID on the wire is 0 (RFC 8484 §4.1; forward restores the client's) and
-      the query is padded to a multiple of 128 bytes (RFC 8467).
-    * A reply is accepted only with status 200, ``Content-Type: application/dns-message``,
-      a body of at most 65535 bytes, ID 0 and the question asked; anything else is an
-      upstream failure and forward fails over. ``Cache-Control: max-age`` (less ``Age``)
-      caps the TTLs of the answer, so nothing is kept longer than the server allows.
-    * The certificate is always verified (system CAs plus ``ca_file``) for ``server_name``
-      or else the URL's host; a failure is an upstream failure, never a cleartext retry.
-    * A host name in the URL is reached only through the ``bootstrap`` addresses (tried in
-      order), never resolved through the proxy; it is still the SNI and the HTTP authority.
-
-Syntax
-    In forward's ``upstreams``, as a string or a table::
-
-        "https://192.0.2.1/dns-query"
-        { url = "https://dns.example.net/dns-query", bootstrap = ["192.0.2.1"],
-          method = "post",                  # post | get
-          server_name = "dns.example.net",  # the name the certificate must carry
-          ca_file = "ca.pem",               # a CA to trust besides the system ones
-          idle_timeout = "10s",             # close the connection after this long unused
-          max_inflight = 100 }              # requests outstanding at once
-
-Metrics
-    None of its own; forward reports per-upstream health.
-
-Examples
-    Cloudflare over HTTPS::
-
-        [[chain]]
-        plugin = "forward"
-        upstreams = [{ url = "https://cloudflare-dns.com/dns-query",
-                       bootstrap = ["1.1.1.1", "1.0.0.1"] }]
+The scheme's factory (`make_doh`) and `DohUpstream`, one httpx HTTP/2 client per upstream.
 """
 
 from __future__ import annotations
@@ -61,7 +22,7 @@ from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.streamclient import describe, tls_error
-from dnsproxy.upstream import Request, UpstreamSpec, matches
+from dnsproxy.upstream import Addresses, Request, UpstreamSpec, matches
 
 if TYPE_CHECKING:
     import httpx
@@ -109,7 +70,8 @@ class DohUpstream:
         self,
         name: str,
         client: httpx.AsyncClient,
-        urls: list[str],
+        addresses: Addresses,
+        base: tuple[int, str],
         headers: dict[str, str],
         extensions: dict[str, str],
         method: str,
@@ -117,7 +79,8 @@ class DohUpstream:
     ) -> None:
         self.name = name
         self.client = client
-        self.urls = urls  # one per bootstrap address, tried in order from the last good one
+        self.addresses = addresses  # tried in order from the last good one
+        self.port, self.path = base
         self.headers = headers
         self.extensions = extensions
         self.method = method
@@ -125,23 +88,32 @@ class DohUpstream:
         self._current = 0
         self.used = False
 
+    @property
+    def urls(self) -> list[str]:
+        """One URL per current address of the host."""
+        return [wire.hostport(a, self.port, "https") + self.path for a in self.addresses.current]
+
     async def exchange(self, req: Request) -> bytes:
         import httpx
 
         self.used = True
         data = req.to_wire(0, pad_block=PAD_BLOCK)
+        urls = self.urls
+        if not urls:
+            where = self.addresses
+            raise UpstreamError(f"{where.host} not resolved yet {where.error}".strip())
         async with self._slots:
-            for attempt in range(len(self.urls)):
-                index = (self._current + attempt) % len(self.urls)
+            for attempt in range(len(urls)):
+                index = (self._current + attempt) % len(urls)
                 try:
                     try:
-                        reply = await self._request(self.urls[index], data, req)
+                        reply = await self._request(urls[index], data, req)
                     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
                         # The server ended a reused connection (GOAWAY after its request
                         # limit, idle close): one more try on a fresh connection.
-                        reply = await self._request(self.urls[index], data, req)
+                        reply = await self._request(urls[index], data, req)
                 except httpx.ConnectError as exc:
-                    if tls_error(exc) is not None or attempt + 1 == len(self.urls):
+                    if tls_error(exc) is not None or attempt + 1 == len(urls):
                         raise UpstreamError(describe(exc)) from exc
                     continue
                 except httpx.HTTPError as exc:
@@ -218,7 +190,6 @@ def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
     addresses, name = targets(spec, opts, setup)
     port = spec.port or 443
     path = spec.path or "/dns-query"
-    urls = [wire.hostport(a, port, "https") + path for a in addresses]
     host = f"[{spec.host}]" if ":" in spec.host else spec.host
     headers = {"accept": CONTENT_TYPE, "host": host if port == 443 else f"{host}:{port}"}
     client = httpx.AsyncClient(
@@ -228,15 +199,16 @@ def make_doh(spec: UpstreamSpec, setup: Setup) -> DohUpstream:
         follow_redirects=False,
         timeout=httpx.Timeout(30.0),
         limits=httpx.Limits(
-            max_connections=len(addresses),
-            max_keepalive_connections=len(addresses),
+            max_connections=len(addresses.current) or 2,  # 2: a name, old and new address
+            max_keepalive_connections=len(addresses.current) or 2,
             keepalive_expiry=opts.idle_timeout,
         ),
     )
     return DohUpstream(
         f"https://{host}:{port}{path}",
         client,
-        urls,
+        addresses,
+        (port, path),
         headers,
         {"sni_hostname": name},
         opts.method,
