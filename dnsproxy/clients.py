@@ -410,6 +410,25 @@ class Clients:
         key = host if client_id is None else (host, client_id)
         return self.records.get(key) or self._resolve(key, host, client_id)
 
+    def address_of(self, client: str) -> tuple[str, str | None] | None:
+        """(address, client id) to ask as ``client``: an address, or a client name (its
+        first address or id in [clients], else an address the sources name it at)."""
+        if ip(client) is not None:
+            return client, None
+        for ident in self.config.identities:
+            if ident.name == client:
+                for net in ident.networks:
+                    return str(net.network_address), None
+                if ident.ids:
+                    return "127.0.0.1", min(ident.ids)
+        for addr, name in self._hosts.items():
+            if name == client:
+                return addr, None
+        for addr, (name, _) in self._ptr.items():
+            if name == client:
+                return addr, None
+        return None
+
     def _resolve(self, key: object, host: str, client_id: str | None) -> ClientRecord:
         addr = ip(host)
         text = str(addr) if addr is not None else host
