@@ -22,11 +22,13 @@ Description
         Runs the query through the chain (as ``dnsproxy query`` does) and returns the
         trace: which step answered, the notes (list/rule/upstream/cache), the response.
     ``GET /api/blocking/status``, ``POST /api/blocking/enable``,
-    ``POST /api/blocking/disable[?duration=5m]``
+    ``POST /api/blocking/disable[?duration=5m][&group=kids]``
         Blocky-style switch for every step that supports it (blocklist). The pause is
         the server's and survives reloads until it ends or is lifted; the status gives
         ``enabled``, ``disabled_until`` (Unix time), ``seconds_left`` and
-        ``disabled_until_iso`` (UTC, ``...Z``), all null for a pause without end.
+        ``disabled_until_iso`` (UTC, ``...Z``), all null for a pause without end, and
+        ``groups``: the paused [groups] (``disabled_until``, ``seconds_left``). With
+        ``group`` (a [groups] name; 400 otherwise) enable/disable act on that group only.
     ``POST /api/cache/flush``
         Flushes every step (as SIGUSR1 does).
 

@@ -22,6 +22,7 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import BLOCKING_SOURCES, Reply
 from dnsproxy.wire import Query
 
+from .read import top_client
 from .store import Entry, QueryLogOptions, Store
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def db_stats(path: Path, now: float, windows: Mapping[str, float], top: int) -> 
                 "blocked": nblocked,
                 "blocked_share": round(nblocked / total, 4) if total else 0.0,
                 "top_blocked": [{"name": n, "count": c} for n, c in names],
-                "top_clients": [{"client": a, "name": n, "count": c} for a, n, c in clients],
+                "top_clients": [top_client(a, n, c) for a, n, c in clients],
             }
         return out
     finally:

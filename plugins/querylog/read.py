@@ -36,6 +36,14 @@ ROW_COLUMNS = ("rowid", "ts", "client", "transport", "name", "qtype", "rcode", "
 LATENCY_ROWS = 100_000  # newest upstream answers read for the latency percentiles
 
 
+def top_client(address: str, name: str | None, count: int) -> dict[str, Any]:
+    """A ``top_clients`` entry: its ``name`` is there only for a named client."""
+    entry: dict[str, Any] = {"client": address, "count": count}
+    if name:
+        entry["name"] = name
+    return entry
+
+
 def result_of(answered_by: str | None, rcode: str | None) -> str:
     """The dashboard's result class of a row (one of `RESULTS`)."""
     if rcode in ERRORS:
@@ -203,7 +211,7 @@ def overview(path: Path, now: float, span: float, step: float, top: int) -> dict
         "totals": totals,
         "top_names": [{"name": n, "count": c} for n, c in names],
         "top_blocked": [{"name": n, "count": c} for n, c in blocked],
-        "top_clients": [{"client": a, "name": n, "count": c} for a, n, c in clients],
+        "top_clients": [top_client(a, n, c) for a, n, c in clients],
         "upstreams": upstreams,
     }
 
