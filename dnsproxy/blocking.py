@@ -25,7 +25,52 @@ class Blocking:
 
     paused_until: float | None = None
     wall_until: float | None = None  # the same end as a Unix time, for the API (None: no end)
+    # Pauses of one group of clients ([groups]): name -> (Trio clock end, Unix end or None).
+    groups: dict[str, tuple[float, float | None]] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def pause_group(self, group: str, duration: float | None = None) -> None:
+        """Stop blocking for the clients of ``group`` for ``duration`` seconds (or until
+        `resume_group`)."""
+        if duration is None:
+            self.groups[group] = (math.inf, None)
+            log.info("blocking paused for group %s until resumed", group)
+        else:
+            self.groups[group] = (trio.current_time() + duration, time.time() + duration)
+            log.info("blocking paused for group %s for %g s", group, duration)
+        self._changed.set()
+
+    def resume_group(self, group: str) -> None:
+        """Block the clients of ``group`` again now."""
+        if self.groups.pop(group, None) is not None:
+            log.info("blocking resumed for group %s", group)
+            self._changed.set()
+
+    def paused_for(self, groups: frozenset[str]) -> bool:
+        """Whether a pause of one of ``groups`` holds now (pauses that ran out end here).
+        Callers check ``self.groups`` first, so with no group paused this is never called."""
+        now = trio.current_time()
+        paused = False
+        for group in groups & self.groups.keys():
+            if now < self.groups[group][0]:
+                paused = True
+            else:
+                self.resume_group(group)
+        return paused
+
+    def group_status(self) -> dict[str, dict[str, object]]:
+        """The API's view of group pauses: group -> ``disabled_until``, ``seconds_left``."""
+        now = trio.current_time()
+        out = {}
+        for group, (end, wall) in list(self.groups.items()):
+            if now >= end:
+                self.resume_group(group)
+                continue
+            out[group] = {
+                "disabled_until": wall,
+                "seconds_left": None if end == math.inf else round(end - now, 1),
+            }
+        return out
 
     def pause(self, duration: float | None = None) -> None:
         """Stop blocking for ``duration`` seconds, or until `resume`."""
@@ -81,10 +126,14 @@ class Blocking:
         """End timed pauses on time, so "blocking resumed" is logged with no query arriving."""
         while True:
             changed = self._changed = trio.Event()
-            end = self.paused_until
-            if end is None or end == math.inf:
+            ends = [e for e, _ in self.groups.values()]
+            if self.paused_until is not None:
+                ends.append(self.paused_until)
+            end = min(ends, default=math.inf)
+            if end == math.inf:
                 await changed.wait()
                 continue
             with trio.move_on_at(end):
                 await changed.wait()
             self.active()
+            self.group_status()

@@ -26,9 +26,9 @@ the ACL). Steps are constructed once per (re)load with their validated options a
 `Setup`, and may run background work for the life of that chain in ``run()``.
 
 Every step's generic keys are applied here, so every plugin gets them: its `Scope`
-(``zones``, ``clients``: which queries it sees) and its ``deadline`` (how long its I/O
-phase may take before the query is answered SERVFAIL, so a hung plugin cannot hold a
-``max_inflight`` slot for ever).
+(``zones``, ``clients``, ``active``: which queries it sees, and when) and its
+``deadline`` (how long its I/O phase may take before the query is answered SERVFAIL,
+so a hung plugin cannot hold a ``max_inflight`` slot for ever).
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.blocking import Blocking
+from dnsproxy.clients import Clients
 from dnsproxy.errors import ConfigError, StepFailed, StepTimeout
 from dnsproxy.reply import Reply, respond
 from dnsproxy.shared import Shared
 from dnsproxy.wire import Query
 
 if TYPE_CHECKING:
+    from dnsproxy.clients import ClientRecord
     from dnsproxy.config import ServerConfig
+    from dnsproxy.schedule import Schedule
     from dnsproxy.upstream import Upstream, UpstreamSpec
 
 __all__ = ["AWAIT", "DROP", "Chain", "Metric", "Scope", "Setup", "Step", "StepFailed"]
@@ -100,31 +103,51 @@ class NoOptions:
     """Options class of a step that takes none."""
 
 
+def _schedule_key(schedule: Schedule | None) -> object:
+    return None if schedule is None else schedule.key()
+
+
 @attrs.frozen
 class Scope:
     """Which queries a step sees: names at or under ``zones`` (wire keys), from clients in
-    ``clients`` (networks); an empty tuple does not restrict. Equal scopes are equal
-    configs (reloads pair steps by it). ``scope(q)`` says whether ``q`` is in scope.
+    ``clients`` (networks) or named in ``names`` (client and group names, resolved by
+    ``lookup``), while its ``active`` schedule is on; an empty value does not restrict.
+    Equal scopes are equal configs (reloads pair steps by it). ``scope(q)`` says whether
+    ``q`` is in scope.
     """
 
     zones: tuple[bytes, ...] = ()
     clients: tuple[Network, ...] = ()
+    names: frozenset[str] = frozenset()
+    active: Schedule | None = attrs.field(default=None, eq=_schedule_key)
+    # The server's client records (`Clients.record`), needed when ``names`` is not empty.
+    lookup: Callable[[Query], ClientRecord] | None = attrs.field(default=None, eq=False, repr=False)
     # The compiled test the chain calls per query; None when the scope is everything.
     match: Callable[[Query], bool] | None = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "match", scope_test(self.zones, self.clients))
+        if self.names and self.lookup is None:
+            raise ValueError("a Scope with client names needs a lookup")
+        test = scope_test(self.zones, self.clients, self.names, self.lookup, self.active)
+        object.__setattr__(self, "match", test)
 
     @property
     def depends_on_client(self) -> bool:
         """Whether two clients asking the same question can be in and out of scope (a
         cache in front of this step must key its answers by it)."""
-        return bool(self.clients)
+        return bool(self.clients or self.names)
 
     def covers(self, key: bytes) -> bool:
         """Whether the name ``key`` (wire form) is in ``zones``, ignoring ``clients``."""
         zones = self.zones
         return not zones or any(p in zones for p in wire.parents(key))
+
+    def why_not(self, q: Query) -> str | None:
+        """Why ``q`` is out of scope when the reason is the schedule (for the trace)."""
+        active = self.active
+        if active is None or active():
+            return None
+        return f"inactive until {active.next_change()}"
 
     def __call__(self, q: Query) -> bool:
         return self.match is None or self.match(q)
@@ -151,7 +174,10 @@ class Setup:
     # Build another step as the config loader would (a helper step a plugin delegates
     # to): ``make_step("forward", {"upstreams": [...]}, setup)``; ConfigError on bad options.
     make_step: Callable[[str, Mapping[str, Any], Setup], Step] | None = None
-    scope: Scope = attrs.field(factory=Scope)  # the ``zones`` and ``clients`` keys
+    scope: Scope = attrs.field(factory=Scope)  # the ``zones``, ``clients``, ``active`` keys
+    # The server's client records (names and groups, `Clients.record`); an empty one for
+    # steps built outside a server.
+    clients: Clients = attrs.field(factory=Clients)
     deadline: float = DEADLINE  # the ``deadline`` key: seconds for `Step.resolve`/`begin`
 
     def error(self, key: str | None, message: str) -> ConfigError:
@@ -288,9 +314,48 @@ class Suspended:
 
 
 def scope_test(
+    zones: Sequence[bytes],
+    clients: Sequence[Network],
+    names: frozenset[str] = frozenset(),
+    lookup: Callable[[Query], ClientRecord] | None = None,
+    active: Schedule | None = None,
+) -> Callable[[Query], bool] | None:
+    """The scope predicate of a step, or None when it applies to every query.
+
+    Scopes of networks and zones only compile as they always did; client names cost one
+    record lookup per query (cached on the query), a schedule one clock read.
+    """
+    if not names and active is None:
+        return _zones_clients(zones, clients)
+    tests = []
+    if active is not None:
+        tests.append(lambda q: active())
+    where = _zones_clients(zones, ())
+    if where is not None:
+        tests.append(where)
+    if names:
+        assert lookup is not None
+        nets = client_matcher(clients) if clients else None
+        if nets is None:
+            tests.append(lambda q: not names.isdisjoint(lookup(q).tags))
+        else:
+            tests.append(lambda q: nets(q.client[0]) or not names.isdisjoint(lookup(q).tags))
+    elif clients:
+        nets = client_matcher(clients)
+        tests.append(lambda q: nets(q.client[0]))
+    if len(tests) == 1:
+        return tests[0]
+    all_of = tuple(tests)
+
+    def match(q: Query) -> bool:
+        return all(test(q) for test in all_of)
+
+    return match
+
+
+def _zones_clients(
     zones: Sequence[bytes], clients: Sequence[Network]
 ) -> Callable[[Query], bool] | None:
-    """The scope predicate of a step, or None when it applies to every query."""
     zone_set = frozenset(zones)
     client_match = client_matcher(clients) if clients else None
 
@@ -400,6 +465,8 @@ class Chain:
                 link = links[i]
                 i += 1
                 if link.in_scope is not None and not link.in_scope(q):
+                    if q.trace is not None and (why := link.step.setup.scope.why_not(q)):
+                        q.explain(f"{link.step.setup.where}: {why}")
                     continue
                 reply = link.on_query(q)
                 if reply is None:

@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?", help="a name, or an IP address (its PTR name)")
     sp.add_argument("type", nargs="?", help="record type (default A; PTR for an address)")
     sp.add_argument("-x", dest="reverse", metavar="ADDR", help="reverse lookup, as dig -x")
+    sp.add_argument(
+        "--client",
+        metavar="NAME|ADDR",
+        default="127.0.0.1",
+        help="ask as this client: an address, or a client name ([clients], hosts, leases)",
+    )
     sp.add_argument("-c", "--config", default="config.toml", type=Path, metavar="PATH")
     sub.add_parser(
         "hash-password", help="print a [http] password_hash (reads the password from stdin)"
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hash-password":
             return _hash_password()
         name, type_text = _question(args.name, args.type, args.reverse)
-        return trio.run(_query, args.config, name, type_text)
+        return trio.run(_query, args.config, name, type_text, args.client)
     except ConfigError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
@@ -229,7 +235,7 @@ async def _check(path: Path) -> int:
     return 0
 
 
-async def _query(path: Path, name: str, type_text: str) -> int:
+async def _query(path: Path, name: str, type_text: str, client: str = "127.0.0.1") -> int:
     """Run one query through the configured chain and explain it.
 
     Prints the chain, every trace line the steps wrote (what matched and why, what each
@@ -245,12 +251,21 @@ async def _query(path: Path, name: str, type_text: str) -> int:
         msg = dns.message.make_query(name, rdtype, dns.rdataclass.IN, use_edns=0)
     except dns.exception.DNSException as exc:
         raise ConfigError(f"bad name {name!r}: {exc}") from exc
-    q = parse_query(msg.to_wire(), ("127.0.0.1", 0), "udp")
-    q.trace = []
     cfg, registry, pm = load(path)
     server = Server(path, handle_signals=False, loaded=(cfg, registry, pm))
+    found = server.clients.address_of(client)
+    if found is None:
+        raise ConfigError(f"--client: {client!r} is neither an address nor a known client name")
+    q = parse_query(msg.to_wire(), (found[0], 0), "udp")
+    q.client_id = found[1]
+    q.trace = []
     chain = server.chain
-    print(f";; query: {q.text} {dns.rdatatype.to_text(rdtype)} from 127.0.0.1 (udp)")
+    who = server.clients.lookup(found[0], found[1])
+    known = f" ({who.name or 'no name'}; groups: {', '.join(sorted(who.groups)) or 'none'})"
+    print(
+        f";; query: {q.text} {dns.rdatatype.to_text(rdtype)} from {found[0]}"
+        f"{known if server.clients.enabled else ''} (udp)"
+    )
     print(";; chain:")
     for step in chain.steps:
         print(f";;   {step.setup.where}")

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 import attrs
 
-from dnsproxy import options
+from dnsproxy import options, schedule
 from dnsproxy.chain import DEADLINE, DEADLINE_RANGE
+from dnsproxy.clients import ClientsConfig, parse_config
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry
 from dnsproxy.wire import hostport, name_to_key
@@ -152,6 +153,8 @@ class ServerConfig:
     log_format: Literal["text", "json"] = "text"
     user: str = ""  # run as this user after binding the listeners as root ("" = stay)
     group: str = ""  # and this group ("" = the user's primary group)
+    # The IANA zone step schedules (``active``) are read in; "" is the system's.
+    timezone: str = attrs.field(default="", validator=lambda _i, _a, v: schedule.timezone(v))
 
 
 @attrs.frozen
@@ -165,6 +168,8 @@ class StepConfig:
     clients: tuple[Network, ...]
     options: Any
     deadline: float = DEADLINE  # seconds for the step's I/O phase (``deadline``)
+    names: frozenset[str] = frozenset()  # client and group names of ``clients``
+    active: tuple[schedule.Window, ...] = ()  # the ``active`` key: when the step applies
 
 
 @attrs.frozen
@@ -185,6 +190,7 @@ class Config:
     chain: tuple[StepConfig, ...]
     services: tuple[ServiceConfig, ...]
     plugin_files: tuple[Path, ...]
+    clients: ClientsConfig = attrs.field(factory=ClientsConfig)  # [clients] and [groups]
 
     @property
     def base_dir(self) -> Path:
@@ -201,7 +207,7 @@ def state_path(path: Path, server: ServerConfig) -> Path:
     return p if p.is_absolute() else path.parent / p
 
 
-GENERIC_STEP_KEYS = ("plugin", "zones", "clients", "deadline")
+GENERIC_STEP_KEYS = ("plugin", "zones", "clients", "deadline", "active")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -240,7 +246,7 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
     """Validate a parsed TOML document against the registered plugins."""
     name = path.name
     errors: list[str] = []
-    known = {"server", "chain", "plugins", *registry.services}
+    known = {"server", "chain", "plugins", "clients", "groups", *registry.services}
     for key in doc:
         if key not in known:
             errors.append(f"{name}: unknown table {key!r}{options.suggest(key, known)}")
@@ -251,6 +257,12 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
     except ConfigError as exc:
         errors.extend(exc.lines)
 
+    clients = ClientsConfig()
+    try:
+        clients = parse_config(name, path.parent, doc)
+    except ConfigError as exc:
+        errors.extend(exc.lines)
+
     steps = []
     raw_chain = doc.get("chain", [])
     if not isinstance(raw_chain, list):
@@ -258,7 +270,7 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
         raw_chain = []
     for i, table in enumerate(raw_chain):
         try:
-            steps.append(_step(name, i, table, registry))
+            steps.append(_step(name, i, table, registry, clients.names))
         except ConfigError as exc:
             errors.extend(exc.lines)
     if not raw_chain:
@@ -281,7 +293,7 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
         errors.extend(_service_clashes(server, services))
     if errors:
         raise ConfigError(errors)
-    return Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc))
+    return Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc), clients)
 
 
 def _service_clashes(server: ServerConfig, services: list[ServiceConfig]) -> list[str]:
@@ -301,7 +313,9 @@ def _service_clashes(server: ServerConfig, services: list[ServiceConfig]) -> lis
     return out
 
 
-def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
+def _step(
+    name: str, i: int, table: object, registry: Registry, known: frozenset[str]
+) -> StepConfig:
     where = f"{name}: chain[{i}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -324,10 +338,17 @@ def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
         zones = tuple(name_to_key(z) for z in options.string_tuple(table.get("zones", [])))
     except (TypeError, ValueError) as exc:
         errors.append(f"{where}: zones: {exc}")
+    names: frozenset[str] = frozenset()
     try:
-        clients = options.networks(table.get("clients", []))
+        clients, names = _clients_key(table.get("clients", []), known)
     except (TypeError, ValueError) as exc:
         errors.append(f"{where}: clients: {exc}")
+    active: tuple[schedule.Window, ...] = ()
+    if "active" in table:
+        try:
+            active = schedule.parse_windows(table["active"])
+        except (TypeError, ValueError) as exc:
+            errors.append(f"{where}: active: {exc}")
     deadline = DEADLINE
     try:
         deadline = options.duration(table.get("deadline", DEADLINE))
@@ -344,4 +365,24 @@ def _step(name: str, i: int, table: object, registry: Registry) -> StepConfig:
         errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
-    return StepConfig(i, plugin, where, zones, clients, opts, deadline)
+    return StepConfig(i, plugin, where, zones, clients, opts, deadline, names, active)
+
+
+def _clients_key(
+    value: object, known: frozenset[str]
+) -> tuple[tuple[Network, ...], frozenset[str]]:
+    """A step's ``clients``: networks, and names of [clients] entries or [groups]."""
+    nets, names = [], set()
+    for item in options.string_tuple(value):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+            continue
+        except ValueError:
+            pass
+        if item not in known:
+            listed = ", ".join(sorted(known)) or "none; declare names in [clients] or [groups]"
+            raise ValueError(
+                f"{item!r} is neither an IP network nor a client or group name (known: {listed})"
+            )
+        names.add(item)
+    return tuple(nets), frozenset(names)

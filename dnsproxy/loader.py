@@ -18,9 +18,11 @@ from dnsproxy import config as config_mod
 from dnsproxy import options
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import Chain, Scope, Setup, Step
+from dnsproxy.clients import Clients
 from dnsproxy.config import Config
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
+from dnsproxy.schedule import Schedule, timezone
 from dnsproxy.shared import Shared
 from dnsproxy.upstream import Upstream, UpstreamSpec
 
@@ -74,14 +76,19 @@ def build_chain(
     registry: Registry,
     blocking: Blocking | None = None,
     shared: Shared | None = None,
+    clients: Clients | None = None,
 ) -> Chain:
     """Instantiate every step of ``cfg``; ConfigError if any step rejects its options.
 
-    ``blocking``: the server's pause state, and ``shared``: its store of long-lived
-    objects, handed to every step (new ones if None: steps built outside a server).
+    ``blocking``: the server's pause state, ``shared``: its store of long-lived objects,
+    and ``clients``: its client records, handed to every step (new ones if None: steps
+    built outside a server; the server applies ``cfg.clients`` to its own once the chain
+    is built).
     """
     blocking = blocking or Blocking()
     shared = shared or Shared()
+    clients = clients or Clients(cfg.clients)
+    tz = timezone(cfg.server.timezone)
     steps = []
     errors = []
     for sc in cfg.chain:
@@ -96,7 +103,14 @@ def build_chain(
             log=logging.getLogger(f"dnsproxy.plugins.{sc.plugin}"),
             blocking=blocking,
             shared=shared,
-            scope=Scope(sc.zones, sc.clients),
+            clients=clients,
+            scope=Scope(
+                sc.zones,
+                sc.clients,
+                sc.names,
+                Schedule(sc.active, tz) if sc.active else None,
+                clients.record if sc.names else None,
+            ),
             deadline=sc.deadline,
         )
         try:

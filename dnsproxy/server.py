@@ -36,6 +36,7 @@ import trio
 from dnsproxy import options, wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import Chain, Step, Suspended, client_address, client_matcher
+from dnsproxy.clients import Clients
 from dnsproxy.config import Address, Config, ServerConfig, StepConfig
 from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
@@ -204,8 +205,11 @@ class Server:
         self.config, self.registry, self.pm = loaded or load(self.path)
         self.blocking = Blocking()  # user intent, not config: survives reloads
         self.shared = Shared()  # this server's long-lived objects (parsed lists): survive reloads
+        self.clients = Clients(self.config.clients)  # names and groups; PTR cache survives reloads
         self.services: list[Any] = []  # the services of [http]-like tables, built by run()
-        self.chain = build_chain(self.config, self.registry, self.blocking, self.shared)
+        self.chain = build_chain(
+            self.config, self.registry, self.blocking, self.shared, self.clients
+        )
         self.bound: tuple[Address, ...] = ()  # the listen addresses run() bound
         self.stats = Stats()
         self.addresses: list[tuple[str, str, int]] = []  # (transport, host, port) as bound
@@ -651,6 +655,7 @@ class Server:
             async with trio.open_nursery() as root:
                 self._nursery = root
                 root.start_soon(self.blocking.run)
+                root.start_soon(self.clients.run)
                 root.start_soon(self._begun.run)
                 root.start_soon(self.notifier.run_watchdog)
                 self._start_chain(self.chain)
@@ -752,7 +757,7 @@ class Server:
         start = time.monotonic()
         try:
             cfg, registry, pm = load(self.path)
-            chain = build_chain(cfg, registry, self.blocking, self.shared)
+            chain = build_chain(cfg, registry, self.blocking, self.shared, self.clients)
         except ConfigError as exc:
             for line in exc.lines:
                 log.error("reload failed, keeping the running config: %s", line)
@@ -762,6 +767,7 @@ class Server:
         old = self.chain
         _inherit(self.config, old, cfg, chain)
         self.config, self.registry, self.pm = cfg, registry, pm
+        self.clients.configure(cfg.clients)
         self._apply_server_config()
         self._start_chain(chain)
         self.chain = chain

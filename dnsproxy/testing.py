@@ -28,10 +28,12 @@ import dns.rrset
 from dnsproxy import loader, options, wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import DEADLINE, Chain, Scope, Setup, Step, Suspended
+from dnsproxy.clients import Clients
 from dnsproxy.config import GENERIC_STEP_KEYS, ServerConfig
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry, build_registry, make_plugin_manager
 from dnsproxy.reply import Reply, respond, response_message
+from dnsproxy.schedule import Schedule, parse_windows, timezone
 from dnsproxy.shared import Shared
 from dnsproxy.wire import Query, name_to_key, parse_query
 
@@ -87,6 +89,7 @@ def make_setup(
     shared: Shared | None = None,
     scope: Scope | None = None,
     deadline: float = DEADLINE,
+    clients: Clients | None = None,
 ) -> Setup:
     """A Setup like the config loader builds, for constructing steps directly.
 
@@ -107,6 +110,7 @@ def make_setup(
         shared=shared or Shared(),
         scope=scope or Scope(),
         deadline=deadline,
+        clients=clients or Clients(),
     )
 
 
@@ -117,9 +121,9 @@ def build_step(
 
     ``plugin`` is a registered plugin name, or the path of a plugin file (a `Path`, or a
     string ending in ``.py``) as ``plugins = [...]`` names it; the file's step is built
-    (``name`` picks one when it registers several). ``zones``, ``clients`` and
-    ``deadline`` in ``table`` are applied as the loader applies them. Raises ConfigError
-    exactly as the config loader would. ``setup_kw`` goes to `make_setup`.
+    (``name`` picks one when it registers several). ``zones``, ``clients`` (networks),
+    ``active`` and ``deadline`` in ``table`` are applied as the loader applies them.
+    Raises ConfigError exactly as the config loader would. ``setup_kw`` goes to `make_setup`.
     """
     reg = setup_kw.pop("reg", None)
     if isinstance(plugin, Path) or plugin.endswith(".py"):
@@ -131,6 +135,10 @@ def build_step(
         name = name or plugin
     generic = {k: v for k, v in table.items() if k in GENERIC_STEP_KEYS and k != "plugin"}
     setup_kw.setdefault("scope", scope(generic.get("zones", ()), generic.get("clients", ())))
+    if "active" in generic:
+        tz = timezone((setup_kw.get("server") or ServerConfig()).timezone)
+        active = Schedule(parse_windows(generic["active"]), tz)
+        setup_kw["scope"] = attrs.evolve(setup_kw["scope"], active=active)
     if "deadline" in generic:
         setup_kw.setdefault("deadline", options.duration(generic["deadline"]))
     setup = make_setup(name, reg=reg, **setup_kw)

@@ -94,6 +94,7 @@ class Query:
         "trace",
         "transport",
         "udp_size",
+        "who",
     )
 
     def __init__(
@@ -128,6 +129,7 @@ class Query:
         self.trace: list[str] | None = None
         self.received = 0.0
         self._name: dns.name.Name | None = None
+        self.who: Any = None  # the client's record (dnsproxy.clients), looked up on first use
 
     @property
     def question(self) -> bytes:
@@ -178,6 +180,7 @@ class Query:
             derived.trace = self.trace
             derived.received = self.received
         derived.client_id = self.client_id  # the same client, for scopes by client name
+        derived.who = self.who
         return derived
 
     def note(self, key: str, value: object) -> None:

@@ -209,6 +209,8 @@ class Blocklist(Step):
         blocking = self.blocking
         if blocking.paused_until is not None and not blocking.active():
             return None
+        if blocking.groups and blocking.paused_for(self.setup.clients.record(q).groups):
+            return None
         if q.qclass != 1:
             return None
         tag = self.set.decide(q.key)
@@ -229,6 +231,8 @@ class Blocklist(Step):
             return reply
         blocking = self.blocking
         if blocking.paused_until is not None and not blocking.active():
+            return reply
+        if blocking.groups and blocking.paused_for(self.setup.clients.record(q).groups):
             return reply
         try:
             for rdata in cname_rdata(reply.wire, MAX_CNAMES):

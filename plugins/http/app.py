@@ -390,15 +390,31 @@ class App:
             "disabled_until": status["disabled_until"],
             "seconds_left": status["seconds_left"],
             "disabled_until_iso": status["disabled_until_iso"],
+            "groups": self.server.blocking.group_status(),
         }
+
+    def _group(self, params: dict[str, str]) -> str | None:
+        """The ``group`` parameter: a [groups] name (400 otherwise), or None."""
+        group = params.get("group")
+        if group is None:
+            return None
+        known = sorted(g.name for g in self.server.config.clients.groups)
+        if group not in known:
+            raise HttpError(400, f"group: unknown group {group!r} (known: {', '.join(known)})")
+        return group
 
     async def blocking_enable(self, params: dict[str, str]) -> dict[str, Any]:
         self._blocking_steps()
-        self.server.blocking.resume()
+        group = self._group(params)
+        if group is None:
+            self.server.blocking.resume()
+        else:
+            self.server.blocking.resume_group(group)
         return await self.blocking_status(params)
 
     async def blocking_disable(self, params: dict[str, str]) -> dict[str, Any]:
         self._blocking_steps()
+        group = self._group(params)
         duration = None
         if params.get("duration"):
             try:
@@ -407,7 +423,10 @@ class App:
                 raise HttpError(400, f"duration: {exc}") from exc
             if not 0 < duration <= MAX_DISABLE:
                 raise HttpError(400, f"duration must be > 0 and at most {MAX_DISABLE:g} s")
-        self.server.blocking.pause(duration)
+        if group is None:
+            self.server.blocking.pause(duration)
+        else:
+            self.server.blocking.pause_group(group, duration)
         return await self.blocking_status(params)
 
     async def flush(self, params: dict[str, str]) -> dict[str, Any]:

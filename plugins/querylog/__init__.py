@@ -22,6 +22,7 @@ from dnsproxy.registry import Registry
 from dnsproxy.reply import BLOCKING_SOURCES, Reply
 from dnsproxy.wire import Query
 
+from .read import top_client
 from .store import Entry, QueryLogOptions, Store
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ class QueryLog(Step):
         jsonl = setup.path(opts.jsonl) if opts.jsonl else None
         if db_path is None and jsonl is None:
             raise setup.error("sqlite", "with sqlite = false, set jsonl (or nothing is logged)")
-        self.store = Store(opts, db_path, jsonl, self.log, setup.where)
+        names = setup.clients.name if setup.clients.enabled else None
+        self.store = Store(opts, db_path, jsonl, self.log, setup.where, names)
         self.buffer: list[Entry] = []
         self.limit = opts.buffer
         self.written = 0
@@ -179,8 +181,8 @@ def db_stats(path: Path, now: float, windows: Mapping[str, float], top: int) -> 
                 (since, *BLOCKING_SOURCES, top),
             ).fetchall()
             clients = db.execute(
-                "SELECT client, count(*) FROM queries WHERE ts >= ?"
-                " GROUP BY client ORDER BY 2 DESC, 1 LIMIT ?",
+                "SELECT client, max(client_name), count(*) FROM queries WHERE ts >= ?"
+                " GROUP BY client ORDER BY 3 DESC, 1 LIMIT ?",
                 (since, top),
             ).fetchall()
             out[label] = {
@@ -188,7 +190,7 @@ def db_stats(path: Path, now: float, windows: Mapping[str, float], top: int) -> 
                 "blocked": nblocked,
                 "blocked_share": round(nblocked / total, 4) if total else 0.0,
                 "top_blocked": [{"name": n, "count": c} for n, c in names],
-                "top_clients": [{"client": n, "count": c} for n, c in clients],
+                "top_clients": [top_client(a, n, c) for a, n, c in clients],
             }
         return out
     finally:

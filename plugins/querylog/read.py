@@ -31,8 +31,17 @@ RESULT_SQL = {
     "local": f"answered_by NOT IN ('{BLOCKED}', '{CACHED}', '{FORWARDED}') AND {_NOT_ERROR}",
 }
 ROW_COLUMNS = ("rowid", "ts", "client", "transport", "name", "qtype", "rcode", "answered_by",
-               "list", "rule", "upstream", "cache", "duration_ms", "notes")  # fmt: skip
+               "list", "rule", "upstream", "cache", "duration_ms", "notes",
+               "client_name")  # fmt: skip
 LATENCY_ROWS = 100_000  # newest upstream answers read for the latency percentiles
+
+
+def top_client(address: str, name: str | None, count: int) -> dict[str, Any]:
+    """A ``top_clients`` entry: its ``name`` is there only for a named client."""
+    entry: dict[str, Any] = {"client": address, "count": count}
+    if name:
+        entry["name"] = name
+    return entry
 
 
 def result_of(answered_by: str | None, rcode: str | None) -> str:
@@ -158,7 +167,11 @@ def overview(path: Path, now: float, span: float, step: float, top: int) -> dict
 
         names = top_of("name")
         blocked = top_of("name", f"AND {RESULT_SQL['blocked']}")
-        clients = top_of("client")
+        clients = db.execute(
+            "SELECT client, max(client_name), count(*) FROM queries WHERE rowid >= ?"
+            " GROUP BY client ORDER BY 3 DESC, 1 LIMIT ?",
+            (low, top),
+        ).fetchall()
         hour = _rowid_bound(db, now - 3600, True)
         latency = (
             []
@@ -198,7 +211,7 @@ def overview(path: Path, now: float, span: float, step: float, top: int) -> dict
         "totals": totals,
         "top_names": [{"name": n, "count": c} for n, c in names],
         "top_blocked": [{"name": n, "count": c} for n, c in blocked],
-        "top_clients": [{"client": n, "count": c} for n, c in clients],
+        "top_clients": [top_client(a, n, c) for a, n, c in clients],
         "upstreams": upstreams,
     }
 

@@ -41,7 +41,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
     ts REAL NOT NULL, client TEXT, transport TEXT, name TEXT, qtype TEXT, rcode TEXT,
     answered_by TEXT, list TEXT, rule TEXT, upstream TEXT, cache TEXT,
-    duration_ms REAL, notes TEXT
+    duration_ms REAL, notes TEXT, client_name TEXT
 );
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
 CREATE INDEX IF NOT EXISTS queries_client ON queries (client);
@@ -122,8 +122,14 @@ class Texts:
         return text
 
 
-def row(entry: Entry, client: Callable[[str], str], texts: Texts) -> tuple[Any, ...]:
-    """One buffered entry as a table row (in the writer thread, never on the hot path)."""
+def row(
+    entry: Entry,
+    client: Callable[[str], str],
+    texts: Texts,
+    name: Callable[[Query], str | None] | None = None,
+) -> tuple[Any, ...]:
+    """One buffered entry as a table row (in the writer thread, never on the hot path);
+    ``name`` gives the client's name ([clients], leases, PTR), None to log none."""
     ts, q, reply, elapsed = entry
     notes = q.notes
     picked: list[Any] = [None, None, None, None]
@@ -151,6 +157,7 @@ def row(entry: Entry, client: Callable[[str], str], texts: Texts) -> tuple[Any, 
         *picked,
         round(elapsed * 1000, 3),
         json.dumps(rest, default=str) if rest else None,
+        None if name is None else name(q),
     )
 
 
@@ -165,6 +172,7 @@ COLUMNS = (
     *NOTE_COLUMNS,
     "duration_ms",
     "notes",
+    "client_name",
 )
 INSERT = f"INSERT INTO queries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -179,8 +187,11 @@ class Store:
         jsonl: Path | None,
         log: logging.Logger,
         where: str,
+        names: Callable[[Query], str | None] | None = None,
     ) -> None:
         self.opts = opts
+        # client names are not logged when addresses are anonymised
+        self.names = None if opts.anonymize else names
         self.db_path = db_path
         self.wal_path = None if db_path is None else db_path.with_name(db_path.name + "-wal")
         self.jsonl = jsonl
@@ -206,6 +217,9 @@ class Store:
             db.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
             db.execute(f"PRAGMA journal_size_limit = {wal_pages * self.page_size}")
             db.executescript(SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(queries)")}
+            if "client_name" not in columns:  # a file from before client names
+                db.execute("ALTER TABLE queries ADD COLUMN client_name TEXT")
             self.db = db
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +251,7 @@ class Store:
     def write(self, batch: list[Entry]) -> tuple[int, int]:
         """Append a batch; keep the size cap. Returns (rows written, rows removed)."""
         client, texts = self.client, self.texts
-        rows = [row(e, client, texts) for e in batch]
+        rows = [row(e, client, texts, self.names) for e in batch]
         removed = 0
         if self.db is not None and rows:
             self.db.execute("BEGIN")

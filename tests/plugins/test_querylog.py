@@ -133,6 +133,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
         "cache": None,
         "duration_ms": 0.1,
         "notes": '{"coalesced": true}',
+        "client_name": None,  # no [clients]: no names
     }
     assert (got[1]["cache"], got[1]["upstream"], got[1]["transport"]) == (
         "miss",
