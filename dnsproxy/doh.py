@@ -129,10 +129,8 @@ class DohListener:
             if isinstance(data, tuple):
                 return data
         elif method == "POST":
-            headers = dict(scope["headers"])
-            ctype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-            if ctype != CONTENT_TYPE:
-                return _error(415, "POST needs Content-Type: application/dns-message")
+            # the body is read before any answer: hypercorn's HTTP/2 drops the connection
+            # when DATA arrives for a stream it has already answered
             body = bytearray()
             more = True
             while more:
@@ -141,6 +139,10 @@ class DohListener:
                 more = message.get("more_body", False)
                 if len(body) > MAX_MESSAGE:
                     return _error(413, "a DNS message is at most 65535 octets")
+            headers = dict(scope["headers"])
+            ctype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+            if ctype != CONTENT_TYPE:
+                return _error(415, "POST needs Content-Type: application/dns-message")
             data = bytes(body)
         else:
             return _error(405, "GET or POST", [(b"allow", b"GET, POST")])
