@@ -42,6 +42,7 @@ log = logging.getLogger("dnsproxy.doh")
 
 CONTENT_TYPE = b"application/dns-message"
 MAX_MESSAGE = 65535
+RESTART_PAUSE = 0.1  # seconds before serving again after hypercorn failed
 CLIENT_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)', re.IGNORECASE)
 
@@ -93,9 +94,15 @@ class DohListener:
             cfg,
             sockets=Sockets([self.sock], [], []),
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve)
-            task_status.started()
+        while True:  # a connection's failure inside hypercorn ends its server: start again
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve)
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+            except Exception as exc:
+                self.server._internal_error("doh listener", exc)
+                await trio.sleep(RESTART_PAUSE)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application."""
@@ -123,22 +130,23 @@ class DohListener:
             if head != self.path or not CLIENT_ID.fullmatch(tail):
                 return _error(404, "not found")
             client_id = tail.lower()
+        # The whole body is read (what passes MAX_MESSAGE is discarded) before any answer:
+        # hypercorn's HTTP/2 fails the connection when DATA arrives for an answered stream.
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if len(body) <= MAX_MESSAGE:
+                body += message.get("body", b"")
+            more = message.get("more_body", False)
         method = scope["method"]
         if method == "GET":
             data = _get_message(scope.get("query_string", b""))
             if isinstance(data, tuple):
                 return data
         elif method == "POST":
-            # the body is read before any answer: hypercorn's HTTP/2 drops the connection
-            # when DATA arrives for a stream it has already answered
-            body = bytearray()
-            more = True
-            while more:
-                message = await receive()
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > MAX_MESSAGE:
-                    return _error(413, "a DNS message is at most 65535 octets")
+            if len(body) > MAX_MESSAGE:
+                return _error(413, "a DNS message is at most 65535 octets")
             headers = dict(scope["headers"])
             ctype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
             if ctype != CONTENT_TYPE:
