@@ -34,12 +34,19 @@ DEFAULT_ALLOW = (
 )
 
 
+SCHEMES = {"tls": 853, "https": 443}  # encrypted listeners: scheme and default port
+DOH_PATH = "/dns-query"
+
+
 @attrs.frozen
 class Address:
-    """A listen or upstream address: host and port."""
+    """A listen or upstream address: host and port; an encrypted listener (``tls://``,
+    ``https://``) also has its scheme and, for DoH, its path."""
 
     host: str
     port: int
+    scheme: str = ""  # "" (plain UDP and TCP), "tls" (DoT) or "https" (DoH)
+    path: str = ""  # the DoH path ("/dns-query")
 
     @classmethod
     def parse(cls, text: str, default_port: int = 53) -> Address:
@@ -58,8 +65,30 @@ class Address:
             raise ValueError(f"bad address {text!r}")
         return cls(host, port)
 
+    @classmethod
+    def parse_listen(cls, text: str) -> Address:
+        """A ``[server] listen`` entry: an `Address`, ``tls://ADDR[:853]`` or
+        ``https://ADDR[:443][/dns-query]``."""
+        scheme, sep, rest = text.partition("://")
+        if not sep:
+            return cls.parse(text)
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r} (tls:// or https://)")
+        rest, slash, path = rest.partition("/")
+        if slash and scheme != "https":
+            raise ValueError("only https:// listeners take a path")
+        path = "/" + path.rstrip("/") if slash else DOH_PATH
+        if scheme == "https" and (path == "/" or not path.isprintable() or "?" in path):
+            raise ValueError(f"bad DoH path {path!r}")
+        plain = cls.parse(rest, SCHEMES[scheme])
+        return cls(plain.host, plain.port, scheme, path if scheme == "https" else "")
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.scheme)
+
     def __str__(self) -> str:
-        return hostport(self.host, self.port)
+        return hostport(self.host, self.port, self.scheme) + self.path
 
 
 def _addresses(value: object) -> tuple[Address, ...]:
@@ -67,11 +96,11 @@ def _addresses(value: object) -> tuple[Address, ...]:
         return value
     out = []
     for item in options.string_tuple(value):
-        fix = _bracket_fix(item)
+        fix = _bracket_fix(item.partition("://")[2] or item)
         if fix:
             raise ValueError(f"{item!r}: an IPv6 address with a port needs brackets: {fix}")
         try:
-            out.append(Address.parse(item))
+            out.append(Address.parse_listen(item))
         except ValueError as exc:
             raise ValueError(f"{item!r} is not host:port ({exc})") from exc
     if not out:
@@ -148,6 +177,13 @@ class ServerConfig:
         default=None, validator=attrs.validators.optional(options.in_range(1, 1_000_000))
     )
     edns_udp_size: int = attrs.field(default=1232, validator=options.in_range(512, 4096))
+    tls_cert: str = ""  # PEM certificate chain for tls:// and https:// listeners
+    tls_key: str = ""  # its PEM private key
+    tls_server_name: str = ""  # DoT SNI "<client id>.<tls_server_name>" names the client
+    tls_reload_interval: float = options.seconds("5s", 0.5, 3600)  # cert files' mtime poll
+    tls_handshake_timeout: float = options.seconds("5s", 0.1, 60)
+    trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=options.networks)
+    ddr: bool = True  # answer _dns.resolver.arpa SVCB for the encrypted listeners (RFC 9462)
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -195,6 +231,19 @@ class Config:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def encrypted(self) -> tuple[Address, ...]:
+        """The ``tls://`` and ``https://`` listeners."""
+        return tuple(a for a in self.server.listen if a.encrypted)
+
+    def tls_files(self) -> tuple[Path, Path]:
+        """``[server] tls_cert`` and ``tls_key``, relative to the config file."""
+        sc = self.server
+        return tuple(  # type: ignore[return-value]
+            p if p.is_absolute() else self.base_dir / p
+            for p in (Path(sc.tls_cert).expanduser(), Path(sc.tls_key).expanduser())
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -291,9 +340,29 @@ def parse(path: Path, doc: Mapping[str, Any], registry: Registry) -> Config:
 
     if not any(e.startswith(f"{name}: server") for e in errors):  # else listen is a default
         errors.extend(_service_clashes(server, services))
+    cfg = Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc), clients)
+    if not errors and cfg.encrypted:
+        errors.extend(_tls_errors(cfg))
     if errors:
         raise ConfigError(errors)
-    return Config(path, server, tuple(steps), tuple(services), plugin_files(path, doc), clients)
+    return cfg
+
+
+def _tls_errors(cfg: Config) -> list[str]:
+    """Errors for encrypted listeners without a usable certificate and key."""
+    from dnsproxy.tls import TlsError, load_context
+
+    where = f"{cfg.path.name}: server"
+    sc = cfg.server
+    missing = [k for k in ("tls_cert", "tls_key") if not getattr(sc, k)]
+    if missing:
+        first = next(str(a) for a in cfg.encrypted)
+        return [f"{where}: {k}: required by the listener {first}" for k in missing]
+    try:
+        load_context(*cfg.tls_files(), ())
+    except TlsError as exc:
+        return [f"{where}: {exc}"]
+    return []
 
 
 def _service_clashes(server: ServerConfig, services: list[ServiceConfig]) -> list[str]:

@@ -11,6 +11,10 @@ most `max_inflight_per_client` of the `max_inflight` slots (/24, /56) and
 `max_tcp_per_client` of the TCP connections (/32, /64); idle timeouts shrink as the
 connection table fills (RFC 7766 §6.2.3), and a full table closes its longest-idle
 connection (no query outstanding) to admit a new one.
+
+DNS over TLS (``tls://`` listeners, RFC 7858) runs the same connection handler over a
+`trio.SSLStream`, under the same bounds; DNS over HTTPS (``https://``) is `dnsproxy.doh`.
+Both share the query path, the chain and its caches with the plain listeners.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import math
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections import OrderedDict
@@ -33,7 +38,7 @@ from typing import Any
 import attrs
 import trio
 
-from dnsproxy import options, wire
+from dnsproxy import ddr, options, tls, wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import Chain, Step, Suspended, client_address, client_matcher
 from dnsproxy.clients import Clients
@@ -60,6 +65,7 @@ log = logging.getLogger("dnsproxy")
 UDP_BATCH = 64  # datagrams handled per wake-up before other tasks get a turn
 UDP_RCVBUF = 4 << 20
 SHUTDOWN_GRACE = 5.0
+CLOSE_GRACE = 1.0  # seconds a closing TLS connection may take to send its close_notify
 GC_REFREEZE = 600.0  # seconds between full collections when start-up objects are frozen
 INFLIGHT_PREFIX = (24, 56)  # a client, for its share of max_inflight (IPv4, IPv6)
 TCP_CLIENT_PREFIX = (32, 64)  # a client, for max_tcp_per_client
@@ -85,18 +91,24 @@ class Stats:
     tcp_connections: int = 0
     tcp_rejected: int = 0
     tcp_evicted: int = 0  # idle connections closed to admit a new one (table full)
+    tls_handshake_failures: int = 0  # DoT handshakes that failed or timed out
 
 
 class TcpConn:
     """A client TCP connection as the accept loop sees it: whose, and whether it is busy."""
 
-    __slots__ = ("client", "outstanding", "peer", "scope")
+    __slots__ = ("client", "handshake", "outstanding", "peer", "scope")
 
     def __init__(self, peer: tuple[str, int], client: str) -> None:
         self.peer = peer
         self.client = client  # its /32 or /64: the key of max_tcp_per_client
         self.scope = trio.CancelScope()  # cancelled to close it (shutdown, eviction)
+        self.handshake = trio.CancelScope()  # a DoT handshake in progress (same reasons)
         self.outstanding = 0  # queries read and not answered yet; 0 = idle
+
+    def close(self) -> None:
+        self.scope.cancel()
+        self.handshake.cancel()
 
 
 def prefix_of(v4: int, v6: int) -> Callable[[str], str]:
@@ -147,7 +159,9 @@ def prebind(path: Path, doc: dict[str, Any], sc: ServerConfig, sockets: Sockets)
     name = path.name
     todo: list[tuple[str, Address, int]] = []
     for addr in sc.listen:
-        todo += [("udp", addr, 0), ("tcp", addr, 512)]
+        if not addr.encrypted:  # DoT and DoH listen on TCP only
+            todo.append(("udp", addr, 0))
+        todo.append(("tcp", addr, 512))
     registry = build_registry(make_plugin_manager())
     for table, cls in registry.services.items():
         raw = doc.get(table)
@@ -222,6 +236,9 @@ class Server:
         self._tcp_conns: OrderedDict[TcpConn, None] = OrderedDict()  # least recently active first
         self._tcp_clients: dict[str, int] = {}  # open connections by TCP_CLIENT_PREFIX
         self._tcp_client = prefix_of(*TCP_CLIENT_PREFIX)
+        self.certs: tls.Certs | None = None  # the encrypted listeners' certificate, if any
+        self._ddr: ddr.Answer | None = None  # _dns.resolver.arpa SVCB, once listeners are bound
+        self._encrypted_bound: list[tuple[str, str, int, str]] = []  # (scheme, host, port, path)
         self._limit_log: dict[str, tuple[float, int]] = {}  # kind: (next log time, count)
         self._begun = _Deadlines()  # queries in a step's `begin`, timed out by `_expire`
         self._observers: tuple[Observer, ...] = ()
@@ -245,14 +262,23 @@ class Server:
             share = max(sc.max_inflight // INFLIGHT_SHARE, INFLIGHT_SHARE_MIN)
         self.max_inflight_per_client = min(share, sc.max_inflight)
         self.allowed = client_matcher(sc.allow)
+        self.trusted_proxy = client_matcher(sc.trusted_proxies)
 
     # --- the query path -----------------------------------------------------------------
 
-    def handle(self, data: bytes, client: tuple[str, int], transport: str, send: Sender) -> None:
+    def handle(
+        self,
+        data: bytes,
+        client: tuple[str, int],
+        transport: str,
+        send: Sender,
+        client_id: str | None = None,
+    ) -> None:
         """Handle one query message.
 
         ``send`` is called exactly once per message, synchronously or later from a task:
-        with the response bytes, or with None when nothing is to be sent.
+        with the response bytes, or with None when nothing is to be sent. ``client_id``
+        is the DoT/DoH client identifier (`Query.client_id`).
         """
         try:
             q = parse_query(data, client, transport)
@@ -265,11 +291,15 @@ class Server:
             send(error_wire(rej, self.edns_udp_size))
             return
         self.stats.queries += 1
+        q.client_id = client_id
         if self._observers:
             q.received = time.monotonic()
         if not self.allowed(client[0]):
             self.stats.refused_acl += 1
             self._send(q, self._acl_refusal(q), send)
+            return
+        if self._ddr is not None and q.key == ddr.KEY:
+            self._send(q, self._ddr.reply(q), send)
             return
         chain = self.chain
         try:
@@ -366,7 +396,13 @@ class Server:
                 self._chain_inflight[cid] = left - 1
 
     def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
-        send(None if reply is None else finalize(reply, q, self.edns_udp_size))
+        if reply is None:
+            send(None)
+        else:
+            out = finalize(reply, q, self.edns_udp_size)
+            if q.edns_options and q.transport in tls.ENCRYPTED:
+                out = tls.stream_options(out, q, self._tcp_idle())
+            send(out)
         if self._observers:
             elapsed = time.monotonic() - q.received
             for observe in self._observers:
@@ -438,7 +474,8 @@ class Server:
                 except Exception as exc:  # a bug must cost one query, not the listener
                     self._internal_error("udp", exc)
 
-    async def _tcp_accept(self, sock: socket.socket) -> None:
+    async def _tcp_accept(self, sock: socket.socket, ctx: ssl.SSLContext | None = None) -> None:
+        """Accept TCP connections (DoT ones when ``ctx`` is given) into the one table."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         while True:
             try:
@@ -455,7 +492,7 @@ class Server:
                 stream.socket.close()
                 continue
             assert self._work is not None
-            self._work.start_soon(self._tcp_guarded, stream, conn)
+            self._work.start_soon(self._tcp_guarded, stream, conn, ctx)
 
     def _tcp_admit(self, stream: trio.SocketStream) -> TcpConn | None:
         """Enter a new connection in the table, or None to refuse it.
@@ -487,7 +524,7 @@ class Server:
                 self._limit_hit("busy", f"tcp: {full} and every connection busy: refused one")
                 return None
             self._tcp_release(idle)
-            idle.scope.cancel()
+            idle.close()
             self.stats.tcp_evicted += 1
             self._limit_hit("full", f"tcp: {full}: closed the longest-idle one for a new one")
         conn = TcpConn(peer, client)
@@ -531,14 +568,50 @@ class Server:
         floor = min(sc.tcp_idle_timeout_min, idle)
         return floor + (idle - floor) * 2 * (1 - min(fill, 1.0))
 
-    async def _tcp_guarded(self, stream: trio.SocketStream, conn: TcpConn) -> None:
+    async def _tcp_guarded(
+        self, stream: trio.SocketStream, conn: TcpConn, ctx: ssl.SSLContext | None
+    ) -> None:
         """A connection handler's bug must not take the server down (trio serve_listeners)."""
         try:
-            await self._tcp_conn(stream, conn)
+            if ctx is None:
+                await self._tcp_conn(stream, conn, "tcp")
+            else:
+                await self._tls_conn(stream, conn, ctx)
         except Exception as exc:
             self._internal_error("tcp connection", exc)
         finally:
             self._tcp_release(conn)
+
+    async def _tls_conn(self, raw: trio.SocketStream, conn: TcpConn, ctx: ssl.SSLContext) -> None:
+        """A DoT connection: the handshake (bounded by ``tls_handshake_timeout``; the
+        connection counts as idle meanwhile, so a handshake flood is evicted first), then
+        the TCP handler over the TLS stream."""
+        stream = trio.SSLStream(raw, ctx, server_side=True)
+        ok = False
+        self._tcp_scopes.add(conn.handshake)
+        try:
+            with conn.handshake, trio.move_on_after(self.config.server.tls_handshake_timeout):
+                await stream.do_handshake()
+                ok = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._tcp_scopes.discard(conn.handshake)
+        if not ok:
+            self.stats.tls_handshake_failures += 1
+            with trio.CancelScope(shield=True):
+                await raw.aclose()
+            return
+        sni = tls.server_name(stream._ssl_object)  # trio forwards no attribute of ours
+        await self._tcp_conn(stream, conn, "tls", self._sni_client_id(sni))
+
+    def _sni_client_id(self, sni: str | None) -> str | None:
+        """The first label of ``<id>.<tls_server_name>``, else None (AdGuard Home's rule)."""
+        suffix = self.config.server.tls_server_name
+        if not sni or not suffix:
+            return None
+        head, dot, rest = sni.lower().partition(".")
+        return head if dot and head and rest == suffix.lower().rstrip(".") else None
 
     def _internal_error(self, where: str, exc: Exception) -> None:
         self.stats.internal_errors += 1
@@ -547,7 +620,10 @@ class Server:
             self._failed_once.add(key)
             log.error("internal error in %s (reported once): %r", where, exc, exc_info=exc)
 
-    async def _tcp_conn(self, stream: trio.SocketStream, conn: TcpConn) -> None:
+    async def _tcp_conn(
+        self, stream: trio.abc.Stream, conn: TcpConn, transport: str, client_id: str | None = None
+    ) -> None:
+        """RFC 7766 over any stream: plain TCP, or DoT over a `trio.SSLStream`."""
         sc = self.config.server
         stall = sc.tcp_idle_timeout
         peer = conn.peer
@@ -603,7 +679,7 @@ class Server:
                             conn.outstanding += 1
                             if conn in conns:
                                 conns.move_to_end(conn)
-                            self.handle(frame, peer, "tcp", send)
+                            self.handle(frame, peer, transport, send, client_id)
                     state["reading"] = False
                     if conn.outstanding:
                         await all_done.wait()
@@ -611,8 +687,8 @@ class Server:
                     state["closed"] = True
         finally:
             self._tcp_scopes.discard(read_scope)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+                await stream.aclose()  # TLS: close_notify, not waiting on a peer that never reads
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -622,10 +698,11 @@ class Server:
         opened = self.sockets
         try:
             for addr in self.config.server.listen:
-                udp = opened.take("udp", addr) or _bind(addr, socket.SOCK_DGRAM)
-                socks.append(("udp", addr, udp))
+                if not addr.encrypted:
+                    udp = opened.take("udp", addr) or _bind(addr, socket.SOCK_DGRAM)
+                    socks.append(("udp", addr, udp))
                 tcp = opened.take("tcp", addr) or _listen(addr)
-                socks.append(("tcp", addr, tcp))
+                socks.append((addr.scheme or "tcp", addr, tcp))
         except OSError as exc:
             for _, _, s in socks:
                 s.close()
@@ -651,6 +728,8 @@ class Server:
             raise
         opened.close_unused()
         self.bound = tuple(self.config.server.listen)
+        if self.config.encrypted:
+            self.certs = tls.Certs(*self.config.tls_files())
         try:
             async with trio.open_nursery() as root:
                 self._nursery = root
@@ -662,12 +741,25 @@ class Server:
                 async with trio.open_nursery() as work:
                     self._work = work
                     async with trio.open_nursery() as accept:
-                        for kind, _addr, s in socks:
+                        for kind, addr, s in socks:
                             host, port = s.getsockname()[:2]
                             self.addresses.append((kind, host, port))
-                            loop = self._udp_loop if kind == "udp" else self._tcp_accept
-                            accept.start_soon(loop, s)
+                            if addr.encrypted:
+                                self._encrypted_bound.append((kind, host, port, addr.path))
+                            if kind == "https":
+                                await accept.start(self._doh(addr, s).run)
+                            elif kind == "tls":
+                                assert self.certs is not None
+                                ctx = self.certs.context(tls.ALPN_DOT)
+                                accept.start_soon(self._tcp_accept, s, ctx)
+                            else:
+                                loop = self._udp_loop if kind == "udp" else self._tcp_accept
+                                accept.start_soon(loop, s)
                             log.info("listening on %s %s", kind, wire.hostport(host, port))
+                        if self.certs is not None:
+                            interval = self.config.server.tls_reload_interval
+                            accept.start_soon(self.certs.watch, interval)
+                        self._ddr = self._ddr_answer()
                         for service in services:
                             await root.start(service.run)
                         if self.handle_signals:  # before READY=1: a reload may follow
@@ -702,6 +794,20 @@ class Server:
         """The STATUS= line systemd shows: where this server serves, and its chain."""
         where = ", ".join(sorted({wire.hostport(h, p) for _, h, p in self.addresses}))
         return f"serving on {where}: {len(self.chain.steps)} steps"
+
+    def _doh(self, addr: Address, sock: socket.socket) -> Any:
+        from dnsproxy.doh import DohListener  # hypercorn is imported only when DoH is used
+
+        assert self.certs is not None
+        return DohListener(self, sock, self.certs.context(tls.ALPN_DOH), addr.path)
+
+    def _ddr_answer(self) -> ddr.Answer | None:
+        """The DDR answer for the bound encrypted listeners, or None (none, or ddr off)."""
+        sc = self.config.server
+        if not sc.ddr:
+            return None
+        endpoints = self._encrypted_bound
+        return ddr.Answer(endpoints, sc.tls_server_name) if endpoints else None
 
     async def run_steps(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the chain's background work (list loading, refreshes) without listeners.
@@ -764,11 +870,14 @@ class Server:
             return False
         if self.bound and tuple(cfg.server.listen) != self.bound:
             log.warning("reload: listen addresses changed; restart to apply them")
+        if self.certs is not None:
+            self.certs.reload(*cfg.tls_files())
         old = self.chain
         _inherit(self.config, old, cfg, chain)
         self.config, self.registry, self.pm = cfg, registry, pm
         self.clients.configure(cfg.clients)
         self._apply_server_config()
+        self._ddr = self._ddr_answer()
         self._start_chain(chain)
         self.chain = chain
         self._collect_observers()
@@ -891,7 +1000,7 @@ class _Deadlines:
                     expired()
 
 
-async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+async def _read_frame(stream: trio.abc.Stream, buf: bytearray) -> bytes | None:
     """One length-prefixed message, or None at EOF (also EOF inside a message) or error."""
     try:
         return await read_frame(stream, buf)

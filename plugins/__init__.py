@@ -12,6 +12,7 @@ BUILTIN: tuple[str, ...] = (
     "dnsproxy.plugins.rewrite",
     "dnsproxy.plugins.loadbalance",
     "dnsproxy.plugins.localnames",
+    "dnsproxy.plugins.guards",
     "dnsproxy.plugins.ratelimit",
     "dnsproxy.plugins.cache",
     "dnsproxy.plugins.dnssec",

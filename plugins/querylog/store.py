@@ -146,6 +146,8 @@ def row(
             rule_for = getattr(notes["list"], "rule_for", None)
             if rule_for is not None:
                 picked[1] = rule_for(q)
+    if q.client_id is not None:  # the DoT/DoH client identifier, beside the notes
+        rest = {**(rest or {}), "client_id": q.client_id}
     return (
         ts,
         client(q.client[0]),
