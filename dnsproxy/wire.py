@@ -22,6 +22,7 @@ import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 
 from dnsproxy.errors import Drop, Reject  # re-exported: parse_query raises them
 
@@ -212,9 +213,9 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
         raise Drop("response")
     if (flags >> 11) & 0xF != 0:
         raise Reject(NOTIMP, msg_id, flags, _readable(data, client, transport))
-    if qd != 1 or an or ns:
+    if qd != 1 or an or ns > 1:
         raise Reject(FORMERR, msg_id, flags)  # RFC 9619: decided before decoding any name
-    if ar > 1:
+    if ar > 1 or ns:  # an authority record: only the SOA of an IXFR query (RFC 1995 §3)
         return _parse_slow(data, client, transport, msg_id, flags)
     end = len(data)
     off = 12
@@ -309,6 +310,15 @@ def _cookie_length_ok(length: int) -> bool:
     return length == 8 or 16 <= length <= 40
 
 
+def _ixfr_soa(question: dns.rrset.RRset, authority: list[dns.rrset.RRset]) -> bool:
+    """Whether ``authority`` is what an IXFR query carries: the client's SOA of the zone
+    asked for, one record (RFC 1995 §3)."""
+    if question.rdtype != dns.rdatatype.IXFR or len(authority) != 1:
+        return False
+    soa = authority[0]
+    return soa.rdtype == dns.rdatatype.SOA and soa.name == question.name and len(soa) == 1
+
+
 def _parse_slow(
     data: bytes, client: tuple[str, int], transport: str, msg_id: int, flags: int
 ) -> Query:
@@ -318,9 +328,11 @@ def _parse_slow(
         raise Reject(FORMERR, msg_id, flags) from exc
     except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
         raise Reject(FORMERR, msg_id, flags) from exc
-    if len(msg.question) != 1 or msg.answer or msg.authority:
+    if len(msg.question) != 1 or msg.answer:
         raise Reject(FORMERR, msg_id, flags)
     rrset = msg.question[0]
+    if msg.authority and not _ixfr_soa(rrset, msg.authority):
+        raise Reject(FORMERR, msg_id, flags)
     qname = rrset.name.to_wire()
     query = Query(data, msg_id, flags, qname, rrset.rdtype, rrset.rdclass, 0, client, transport)
     if msg.edns >= 0:

@@ -284,3 +284,29 @@ def test_derive_own_is_the_proxys_query():
     assert own.id == 0 and own.flags == wire.RD | wire.CD and own.transport == "internal"
     assert own.qname == q.key and own.qtype == q.qtype and own.do and own.edns_options == ()
     assert own.notes is None and own.trace is None
+
+
+def _with_authority(qtype: str, records: list[str]) -> bytes:
+    msg = dns.message.make_query("example.org.", qtype)
+    for text in records:
+        msg.authority.append(dns.rrset.from_text("example.org.", 0, "IN", "SOA", text))
+    return msg.to_wire()
+
+
+SOA = "ns.example.org. admin.example.org. 1 3600 600 86400 300"
+
+
+def test_ixfr_query_carries_its_soa():
+    """RFC 1995 §3: an IXFR query has the client's SOA in the authority section."""
+    q = parse_query(_with_authority("IXFR", [SOA]), CLIENT, "tcp")
+    assert q.qtype == dns.rdatatype.IXFR and q.text == "example.org."
+
+
+@pytest.mark.parametrize(
+    ("qtype", "records"),
+    [("A", [SOA]), ("AXFR", [SOA]), ("IXFR", [SOA, SOA.replace(" 1 ", " 2 ")])],
+)
+def test_other_authority_records_are_formerr(qtype, records):
+    with pytest.raises(Reject) as exc:
+        parse_query(_with_authority(qtype, records), CLIENT, "tcp")
+    assert exc.value.rcode == wire.FORMERR

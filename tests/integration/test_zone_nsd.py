@@ -181,9 +181,9 @@ def test_delegated_names_are_answered_by_the_chain(servers, name):
         assert rows(got.answer) == rows(want.answer)
 
 
-def kdig_axfr(addr: tuple[str, int], source: str = "127.0.0.1") -> str:
+def kdig_axfr(addr: tuple[str, int], source: str = "127.0.0.1", qtype: str = "AXFR") -> str:
     out = subprocess.run(
-        [need("kdig"), "-b", source, "-p", str(addr[1]), f"@{addr[0]}", "dev.test", "AXFR"],
+        [need("kdig"), "-b", source, "-p", str(addr[1]), f"@{addr[0]}", "dev.test", qtype],
         capture_output=True,
         text=True,
         timeout=20,
@@ -204,6 +204,18 @@ def test_kdig_axfr_is_refused_and_allowed_for_the_acl(servers):
     zone = dns.zone.from_text(DEV_ZONE, relativize=False)
     records = sum(len(rds) for _, node in zone.nodes.items() for rds in node)
     assert len(lines) == records + 1  # SOA first and last
+    assert lines[0].split()[3] == lines[-1].split()[3] == "SOA"
+
+
+def test_kdig_ixfr_with_its_soa_is_refused_and_allowed_for_the_acl(servers):
+    """kdig's IXFR query carries the client's SOA in the authority section (RFC 1995 §3):
+    it reaches the zone (REFUSED, or the whole zone for the ACL), not FORMERR."""
+    _, _, proxy = servers
+    refused = kdig_axfr(proxy, qtype="IXFR=1")
+    assert "REFUSED" in refused and "FORMERR" not in refused
+    allowed = kdig_axfr(proxy, source="127.0.0.2", qtype="IXFR=1")
+    lines = [ln for ln in allowed.splitlines() if ln and not ln.startswith(";")]
+    assert "FORMERR" not in allowed and "REFUSED" not in allowed
     assert lines[0].split()[3] == lines[-1].split()[3] == "SOA"
 
 
