@@ -25,6 +25,7 @@ class Blocking:
 
     paused_until: float | None = None
     wall_until: float | None = None  # the same end as a Unix time, for the API (None: no end)
+    generation: int = 0  # bumped by every pause and resume (the packet cache's answers go)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def pause(self, duration: float | None = None) -> None:
@@ -36,6 +37,7 @@ class Blocking:
             self.paused_until = trio.current_time() + duration
             self.wall_until = time.time() + duration
             log.info("blocking paused for %g s", duration)
+        self.generation += 1
         self._changed.set()
 
     def resume(self) -> None:
@@ -44,6 +46,7 @@ class Blocking:
             return
         self.paused_until = self.wall_until = None
         log.info("blocking resumed")
+        self.generation += 1
         self._changed.set()
 
     def active(self) -> bool:

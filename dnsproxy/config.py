@@ -147,6 +147,7 @@ class ServerConfig:
         default=None, validator=attrs.validators.optional(options.in_range(1, 1_000_000))
     )
     edns_udp_size: int = attrs.field(default=1232, validator=options.in_range(512, 4096))
+    packet_cache_size: int = attrs.field(default=10_000, validator=options.in_range(0, 10_000_000))
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

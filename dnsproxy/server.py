@@ -40,6 +40,7 @@ from dnsproxy.config import Address, Config, StepConfig
 from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.loader import Loaded, build_chain, load
+from dnsproxy.packetcache import packet_cache
 from dnsproxy.reply import (
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_PROHIBITED,
@@ -175,6 +176,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
         self._chain_scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+        self.packets = packet_cache(self)  # replies replayed before the chain (packetcache.py)
 
     @property
     def inflight(self) -> int:
@@ -199,6 +201,11 @@ class Server:
         ``send`` is called exactly once per message, synchronously or later from a task:
         with the response bytes, or with None when nothing is to be sent.
         """
+        # --- packet cache: a reply the chain gave before, replayed from the bytes ---
+        packets = self.packets
+        if packets is not None and packets.answer(data, client, transport, send):
+            return
+        # --- end packet cache ---
         try:
             q = parse_query(data, client, transport)
         except Drop:
@@ -238,7 +245,9 @@ class Server:
             self._chain_inflight[cid] = self._chain_inflight.get(cid, 0) + 1
             self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
             return
-        self._send(q, result, send)  # type: ignore[arg-type]
+        out = self._send(q, result, send)  # type: ignore[arg-type]
+        if packets is not None and out is not None:  # packet cache: keep it to replay
+            packets.store(q, result, out)  # type: ignore[arg-type]
 
     def _acl_refusal(self, q: Query) -> Reply:
         """The answer to a client outside ``[server] allow``: REFUSED with EDE 18."""
@@ -310,12 +319,15 @@ class Server:
             if left is not None:  # None: the chain was retired after its grace period
                 self._chain_inflight[cid] = left - 1
 
-    def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
-        send(None if reply is None else finalize(reply, q, self.edns_udp_size))
+    def _send(self, q: Query, reply: Reply | None, send: Sender) -> bytes | None:
+        """Send ``reply`` fitted to ``q``, tell the observers; the bytes sent."""
+        out = None if reply is None else finalize(reply, q, self.edns_udp_size)
+        send(out)
         if self._observers:
             elapsed = time.monotonic() - q.received
             for observe in self._observers:
                 observe(q, reply, elapsed)
+        return out
 
     def _collect_observers(self) -> None:
         found = self.pm.hook.dnsproxy_observers(server=self)
@@ -698,6 +710,7 @@ class Server:
         self._apply_server_config()
         self._start_chain(chain)
         self.chain = chain
+        self.packets = packet_cache(self)
         self._collect_observers()
         log.info(
             "reloaded %s: %d steps serving in %.2f s",
@@ -726,6 +739,8 @@ class Server:
 
     def flush(self) -> None:
         self.chain.flush()
+        if self.packets is not None:
+            self.packets.clear()
         log.info("caches flushed")
 
     async def _signals(self) -> None:

@@ -141,6 +141,7 @@ class BlocklistOptions:
 class Blocklist(Step):
     Options = BlocklistOptions
     pausable = True
+    pure = True  # a new merged set says so (`changed`); pauses bump `Blocking.generation`
 
     def __init__(self, opts: BlocklistOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -552,6 +553,7 @@ class Blocklist(Step):
                 if (p := parsed if s is src else s.parsed) is not None
             ]
             self.set = await trio.to_thread.run_sync(merge, loaded)
+            self.changed()
             src.parsed = parsed  # after the swap, so ready() means "answering with it"
             src.loaded_at = time.time()
         del loaded

@@ -129,6 +129,7 @@ class _Builder:
 
 class Hosts(Step):
     Options = HostsOptions
+    pure = True  # answers from its table; a reload says so (`changed`)
 
     def __init__(self, opts: HostsOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -220,6 +221,7 @@ class Hosts(Step):
             for warning in table.warnings:
                 self.log.warning("%s: %s", self.setup.where, warning)
             self.table = table
+            self.changed()
             self.reloads += 1
             self.log.info(
                 "%s: reloaded %d names and wildcards (%d bad lines)",

@@ -97,6 +97,7 @@ class _Zone:
 
 class LocalNames(Step):
     Options = LocalNamesOptions
+    pure = True
 
     def __init__(self, opts: LocalNamesOptions, setup: Setup) -> None:
         super().__init__(opts, setup)

@@ -70,6 +70,7 @@ class Zones:
 
 class ZoneStep(Step):
     Options = ZoneOptions
+    pure = True  # answers from its zones; a reload says so (`changed`)
 
     def __init__(self, opts: ZoneOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -273,6 +274,7 @@ class ZoneStep(Step):
                 self.stamps = self._stat()  # report once per change, not every poll
                 continue
             self.table = table
+            self.changed()
             self.reloads += 1
             self.log.info(
                 "%s: reloaded %d zones, %d records",
