@@ -3,6 +3,7 @@
     taskset -c 0 python bench/inprocess.py hit [--steps ratelimit,hosts,blocklist,cache]
     taskset -c 0 python bench/inprocess.py blocked [--steps ...]
     taskset -c 0 python bench/inprocess.py miss
+    taskset -c 0 python bench/inprocess.py hit --packet-cache-size 0   # the chain path alone
 
 dnsperf figures on this machine move by ±20 % from run to run; this harness does not
 involve a load generator, so it shows changes of a few per cent. It builds the real
@@ -117,6 +118,9 @@ def main() -> None:
     ap.add_argument("kind", choices=["hit", "blocked", "miss"])
     ap.add_argument("--steps", default="ratelimit,hosts,blocklist,cache")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument(
+        "--packet-cache-size", type=int, help="[server] packet_cache_size (default: its default)"
+    )
     args = ap.parse_args()
     steps = [] if args.kind == "miss" else [s for s in args.steps.split(",") if s]
     if args.kind == "blocked":
@@ -130,6 +134,9 @@ def main() -> None:
         try:
             config = d / "dnsproxy.toml"
             text = chain_config(f"127.0.0.1:{nsd.port}", [*steps, "forward"])
+            if args.packet_cache_size is not None:
+                size = f"packet_cache_size = {args.packet_cache_size}\n"
+                text = text.replace("[server]\n", "[server]\n" + size)
             config.write_text(text.replace("{port}", "0"))
             result = trio.run(measure, args, config, names)
         finally:

@@ -27,6 +27,8 @@ class Blocking:
     wall_until: float | None = None  # the same end as a Unix time, for the API (None: no end)
     # Pauses of one group of clients ([groups]): name -> (Trio clock end, Unix end or None).
     groups: dict[str, tuple[float, float | None]] = attrs.field(factory=dict)
+    generation: int = 0  # bumped by every pause and resume, of all or of a group (the
+    # packet cache forgets its answers)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def pause_group(self, group: str, duration: float | None = None) -> None:
@@ -38,12 +40,14 @@ class Blocking:
         else:
             self.groups[group] = (trio.current_time() + duration, time.time() + duration)
             log.info("blocking paused for group %s for %g s", group, duration)
+        self.generation += 1
         self._changed.set()
 
     def resume_group(self, group: str) -> None:
         """Block the clients of ``group`` again now."""
         if self.groups.pop(group, None) is not None:
             log.info("blocking resumed for group %s", group)
+            self.generation += 1
             self._changed.set()
 
     def paused_for(self, groups: frozenset[str]) -> bool:
@@ -81,6 +85,7 @@ class Blocking:
             self.paused_until = trio.current_time() + duration
             self.wall_until = time.time() + duration
             log.info("blocking paused for %g s", duration)
+        self.generation += 1
         self._changed.set()
 
     def resume(self) -> None:
@@ -89,6 +94,7 @@ class Blocking:
             return
         self.paused_until = self.wall_until = None
         log.info("blocking resumed")
+        self.generation += 1
         self._changed.set()
 
     def active(self) -> bool:

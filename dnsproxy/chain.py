@@ -197,7 +197,10 @@ class Step:
     config keys besides the generic ``plugin``, ``zones``, ``clients`` and ``deadline``,
     which the chain applies and which ``setup.scope`` and ``setup.deadline`` hold); ``pausable``
     (True for a step that stops blocking while ``setup.blocking`` is paused: the HTTP
-    API's /api/blocking routes answer 409 when no step is).
+    API's /api/blocking routes answer 409 when no step is); ``pure`` (True for a step
+    whose answers, and whether it passes a query on, depend only on the question and the
+    client's view (its scope), and change only when it calls `changed`: the server's packet
+    cache may then replay the chain's reply without calling it; see dnsproxy/packetcache.py).
 
     On a reload (SIGHUP) a step that replaces one of the same plugin with equal options
     and scope is handed the old step through `inherit` before the new chain
@@ -206,6 +209,7 @@ class Step:
 
     Options: ClassVar[type] = NoOptions
     pausable: ClassVar[bool] = False
+    pure: ClassVar[bool] = False
 
     def __init__(self, options: Any, setup: Setup) -> None:
         self.options = options
@@ -263,6 +267,42 @@ class Step:
     def metrics(self) -> list[Metric]:
         """Samples for /metrics, read at scrape time (so counting costs only an increment)."""
         return []
+
+    def changed(self) -> None:
+        """Say that this step's answers changed (a list or file reloaded): the packet cache
+        in front of its chain forgets what it holds before the next query."""
+        if self.chain is not None:
+            self.chain.generation += 1
+
+    # --- the packet cache's questions (dnsproxy/packetcache.py); override only if needed ---
+
+    def packet_lifetime(self, q: Query) -> tuple[float, float, int] | None:
+        """For a step that keeps answers for the steps after it (the cache): how long the
+        answer it just gave ``q`` holds, as (seconds it stays as it is, seconds until its
+        TTLs run out, the TTL it shows now), or None when it must not be replayed. A step
+        overriding this stands for the steps after it in the packet cache."""
+        return None
+
+    def packet_account(self, q: Query, reply: Reply) -> Any:
+        """For a step that must see every response (ratelimit): what a packet-cache replay
+        of ``reply`` to ``q`` is charged to (see `packet_charge`), or None when the reply
+        must not be replayed. A step overriding this may be impure."""
+        return None
+
+    def packet_charge(
+        self, host: str, account: Any
+    ) -> Callable[[Query, Reply], Reply | None] | None:
+        """Account one packet-cache replay to client ``host`` (``account`` from
+        `packet_account`). None: send the stored reply; else a function that, given the
+        parsed query and the stored reply, returns the reply to send (None: drop)."""
+        return None
+
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None] | None:
+        """For the step whose answer ``reply`` to ``q`` the packet cache keeps (the one
+        that answered, or the cache that kept it): a function that counts one more of it
+        in the step's own metrics, called per replay, as `query` counted the first.
+        None: the step counts nothing per answer."""
+        return None
 
     def close(self) -> None:
         """Release resources when the chain is retired (sockets, files)."""
@@ -402,6 +442,7 @@ class Chain:
         self.links = [Link(step) for step in steps]
         self.steps = [link.step for link in self.links]
         self._position = {id(step): i for i, step in enumerate(self.steps)}
+        self.generation = 0  # bumped by `Step.changed`: the packet cache's entries are void
         for step in self.steps:
             step.chain = self
         for step in self.steps:

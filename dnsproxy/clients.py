@@ -353,6 +353,9 @@ class Clients:
     def __init__(self, config: ClientsConfig | None = None) -> None:
         self.config = ClientsConfig()
         self.records: dict[object, ClientRecord] = {}
+        # Bumped whenever a client's record may have changed (the packet cache's views,
+        # worked out from records, are then forgotten).
+        self.generation = 0
         self._files: dict[Path, tuple[float, str]] = {}  # path: (mtime, text), by `_read`
         self._hosts: dict[str, str] = {}  # address: name, from files and leases
         self._lease_macs: dict[str, str] = {}  # MAC: name, from leases
@@ -385,7 +388,12 @@ class Clients:
         self._by_net = [(n, ident.name) for ident in c.identities for n in ident.networks]
         self._by_net.sort(key=lambda item: -item[0].prefixlen)  # the most specific first
         self._groups = c.groups
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop every record (they are worked out again as queries arrive)."""
         self.records = {}
+        self.generation += 1
 
     # --- per query ---
 
@@ -494,7 +502,7 @@ class Clients:
             self._hosts = dict(list(hosts.items())[:limit])
             self._lease_macs = dict(list(macs.items())[:limit])
             self._neighbours = dict(list(neighbours.items())[:limit])
-            self.records = {}
+            self._forget()
         return changed
 
     def _read(self, path: Path, always: bool = False) -> tuple[str, bool]:
@@ -542,7 +550,7 @@ class Clients:
                 self._ptr[addr] = (name, time.monotonic() + self.config.ptr_ttl)
                 learnt |= old is None or old[0] != name
             if learnt:
-                self.records = {}
+                self._forget()
 
 
 async def ptr_lookup(addr: str, resolver: tuple[str, int]) -> str | None:

@@ -184,6 +184,7 @@ class ServerConfig:
     tls_handshake_timeout: float = options.seconds("5s", 0.1, 60)
     trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=options.networks)
     ddr: bool = True  # answer _dns.resolver.arpa SVCB for the encrypted listeners (RFC 9462)
+    packet_cache_size: int = attrs.field(default=10_000, validator=options.in_range(0, 10_000_000))
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

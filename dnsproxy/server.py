@@ -46,6 +46,7 @@ from dnsproxy.config import Address, Config, ServerConfig, StepConfig
 from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.loader import Loaded, build_chain, load
+from dnsproxy.packetcache import packet_cache
 from dnsproxy.registry import build_registry, make_plugin_manager
 from dnsproxy.reply import (
     EDE_NO_REACHABLE_AUTHORITY,
@@ -92,6 +93,7 @@ class Stats:
     tcp_rejected: int = 0
     tcp_evicted: int = 0  # idle connections closed to admit a new one (table full)
     tls_handshake_failures: int = 0  # DoT handshakes that failed or timed out
+    packet_hits: int = 0  # queries answered by the packet cache (packetcache.py)
 
 
 class TcpConn:
@@ -247,6 +249,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
         self._chain_scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+        self.packets = packet_cache(self)  # replies replayed before the chain (packetcache.py)
 
     @property
     def inflight(self) -> int:
@@ -280,6 +283,11 @@ class Server:
         with the response bytes, or with None when nothing is to be sent. ``client_id``
         is the DoT/DoH client identifier (`Query.client_id`).
         """
+        # --- packet cache: a reply the chain gave before, replayed from the bytes ---
+        packets = self.packets
+        if packets is not None and packets.answer(data, client, transport, send):
+            return
+        # --- end packet cache ---
         try:
             q = parse_query(data, client, transport)
         except Drop:
@@ -323,7 +331,9 @@ class Server:
             self._chain_inflight[cid] = self._chain_inflight.get(cid, 0) + 1
             self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
             return
-        self._send(q, result, send)  # type: ignore[arg-type]
+        out = self._send(q, result, send)  # type: ignore[arg-type]
+        if packets is not None and out is not None:  # packet cache: keep it to replay
+            packets.store(q, result, out)  # type: ignore[arg-type]
 
     def _acl_refusal(self, q: Query) -> Reply:
         """The answer to a client outside ``[server] allow``: REFUSED with EDE 18."""
@@ -395,18 +405,19 @@ class Server:
             if left is not None:  # None: the chain was retired after its grace period
                 self._chain_inflight[cid] = left - 1
 
-    def _send(self, q: Query, reply: Reply | None, send: Sender) -> None:
-        if reply is None:
-            send(None)
-        else:
+    def _send(self, q: Query, reply: Reply | None, send: Sender) -> bytes | None:
+        """Send ``reply`` fitted to ``q``, tell the observers; the bytes sent."""
+        out = None
+        if reply is not None:
             out = finalize(reply, q, self.edns_udp_size)
             if q.edns_options and q.transport in tls.ENCRYPTED:
                 out = tls.stream_options(out, q, self._tcp_idle())
-            send(out)
+        send(out)
         if self._observers:
             elapsed = time.monotonic() - q.received
             for observe in self._observers:
                 observe(q, reply, elapsed)
+        return out
 
     def _collect_observers(self) -> None:
         found = self.pm.hook.dnsproxy_observers(server=self)
@@ -880,6 +891,7 @@ class Server:
         self._ddr = self._ddr_answer()
         self._start_chain(chain)
         self.chain = chain
+        self.packets = packet_cache(self)
         self._collect_observers()
         log.info(
             "reloaded %s: %d steps serving in %.2f s",
@@ -908,6 +920,8 @@ class Server:
 
     def flush(self) -> None:
         self.chain.flush()
+        if self.packets is not None:
+            self.packets.clear()
         log.info("caches flushed")
 
     async def _signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

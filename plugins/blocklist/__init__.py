@@ -50,6 +50,7 @@ Examples
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -141,6 +142,7 @@ class BlocklistOptions:
 class Blocklist(Step):
     Options = BlocklistOptions
     pausable = True
+    pure = True  # a new merged set says so (`changed`); pauses bump `Blocking.generation`
 
     def __init__(self, opts: BlocklistOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -243,6 +245,17 @@ class Blocklist(Step):
         except ValueError:
             pass  # malformed: not ours to judge (forward already stripped what it could)
         return reply
+
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None] | None:
+        """A replay of a blocked answer is one more block of the list that matched."""
+        note = (q.notes or {}).get("list")
+        for index, listed in enumerate(self._list_notes):
+            if listed is note:
+                return functools.partial(self._count_block, index)
+        return None
+
+    def _count_block(self, index: int) -> None:
+        self.blocked[index] += 1
 
     def _block(self, q: Query, tag: int, via: bytes | None) -> Reply:
         index = tag >> KIND_BITS
@@ -556,6 +569,7 @@ class Blocklist(Step):
                 if (p := parsed if s is src else s.parsed) is not None
             ]
             self.set = await trio.to_thread.run_sync(merge, loaded)
+            self.changed()
             src.parsed = parsed  # after the swap, so ready() means "answering with it"
             src.loaded_at = time.time()
         del loaded

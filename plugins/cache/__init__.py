@@ -39,6 +39,7 @@ class _Refresh:
 
 class Cache(Step):
     Options = CacheOptions
+    pure = True
     clock: Callable[[], float] = time.monotonic  # tests substitute trio.current_time
 
     def __init__(self, opts: CacheOptions, setup: Setup) -> None:
@@ -119,6 +120,23 @@ class Cache(Step):
 
     def response(self, q: Query, reply: Reply) -> Reply:
         return self.store(self.key(q), reply)
+
+    def packet_lifetime(self, q: Query) -> tuple[float, float, int] | None:
+        """The hit just served to ``q`` holds until its prefetch point (or expiry): then
+        queries must reach this step again, to prefetch, refresh or serve stale."""
+        e = self.entries.get(self.key(q))
+        if e is None or e.shown < 0:
+            return None
+        left = e.expires - self.clock()
+        hold = left - e.prefetch_at if e.prefetch_at > 0 else left
+        return (hold, left, e.shown) if hold > 0 else None
+
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None]:
+        """A replay of a hit this step served is one more hit."""
+        return self._count_hit
+
+    def _count_hit(self) -> None:
+        self.hits += 1
 
     # --- storing ------------------------------------------------------------------------
 

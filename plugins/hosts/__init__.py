@@ -9,7 +9,7 @@ answer is a dictionary hit; files are polled in `run` and a new table is swapped
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 
 import attrs
@@ -129,6 +129,7 @@ class _Builder:
 
 class Hosts(Step):
     Options = HostsOptions
+    pure = True  # answers from its table; a reload says so (`changed`)
 
     def __init__(self, opts: HostsOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -179,6 +180,13 @@ class Hosts(Step):
         self.stamps = stamps
         return table
 
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None]:
+        """A replay of an answer from the table is one more answer."""
+        return self._count_answer
+
+    def _count_answer(self) -> None:
+        self.answers += 1
+
     def query(self, q: Query) -> Reply | None:
         if q.qclass != 1:
             return None
@@ -220,6 +228,7 @@ class Hosts(Step):
             for warning in table.warnings:
                 self.log.warning("%s: %s", self.setup.where, warning)
             self.table = table
+            self.changed()
             self.reloads += 1
             self.log.info(
                 "%s: reloaded %d names and wildcards (%d bad lines)",

@@ -39,7 +39,8 @@ OTHER = -2  # qtype key of a type outside QTYPES
 QTYPES = frozenset(int(t) for t in dns.rdatatype.RdataType if t)  # types known by name
 RCODES = frozenset(int(r) for r in dns.rcode.Rcode)
 CORE_COUNTERS = ("queries", "dropped", "formerr", "refused_acl", "servfail_overload",
-                 "step_errors", "step_timeouts", "tcp_rejected", "tcp_evicted")  # fmt: skip
+                 "step_errors", "step_timeouts", "tcp_rejected", "tcp_evicted",
+                 "tls_handshake_failures", "packet_hits")  # fmt: skip
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 

@@ -8,6 +8,7 @@ Every answer is prepared when the step is built; a name covered by a later step'
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class _Zone:
 
 class LocalNames(Step):
     Options = LocalNamesOptions
+    pure = True
 
     def __init__(self, opts: LocalNamesOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -124,6 +126,19 @@ class LocalNames(Step):
     def attached(self, chain: Chain) -> None:
         """Learn the zones of the steps after this one: names under them are theirs."""
         self.deferred = frozenset(z for s in chain.after(self) for z in s.scope.zones)
+
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None]:
+        """A replay counts as the kind of local name it answered, as `query` counted it."""
+        kind = "single_label"
+        for parent in wire.parents(q.key):
+            zone = self.local.get(parent)
+            if zone is not None:
+                kind = zone.kind
+                break
+        return functools.partial(self._count, kind)
+
+    def _count(self, kind: str) -> None:
+        self.answered[kind] += 1
 
     def query(self, q: Query) -> Any:
         key = q.key

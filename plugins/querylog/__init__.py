@@ -36,6 +36,7 @@ class QueryLog(Step):
     """A chain step only so that it is configured per chain and gets `run()`."""
 
     Options = QueryLogOptions
+    pure = True  # it never answers: its observer sees every query, replayed ones too
 
     def __init__(self, opts: QueryLogOptions, setup: Setup) -> None:
         super().__init__(opts, setup)

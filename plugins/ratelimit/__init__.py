@@ -145,6 +145,12 @@ class RateLimit(Step):
         acct = self.queries.take(prefixes[1], self.qps, self.burst, now)
         if acct is None:
             return None
+        return self._over_query_limit(q, prefixes, acct, now)
+
+    def _over_query_limit(
+        self, q: Query, prefixes: tuple[str, str], acct: Account, now: float
+    ) -> Reply | None:
+        """What `query` does for a client with no token left (DROP, REFUSED or None)."""
         if not acct.logged:
             acct.logged = True
             self._log(now, f"limiting queries from {prefixes[1]} to {self.qps}/s")
@@ -174,20 +180,30 @@ class RateLimit(Step):
         if prefixes is None:
             self.counts["exempt"] += 1
             return reply
-        prefix = prefixes[0]
+        name, kind, rate = self._account_of(q, reply)
+        over = self._debit(prefixes[0], name, kind, rate)
+        if over is None:
+            self.counts["pass"] += 1
+            return reply
+        return self._limited(q, reply, *over)
+
+    def _account_of(self, q: Query, reply: Reply) -> tuple[bytes, int, int]:
+        """The (name, kind, rate) of the account ``reply`` is debited to."""
         data = reply.wire
         rcode = data[3] & 0x0F
         if rcode == wire.NOERROR:
             if data[6] or data[7]:
-                key: tuple[str, bytes, int] = (prefix, q.key, q.qtype)
-                rate = self.answer_rate
-            else:
-                key, rate = (prefix, q.key, NODATA), self.nodata_rate
-        elif rcode == wire.NXDOMAIN:
-            zone = soa_zone(data, parent(q.key))
-            key, rate = (prefix, zone, NXDOMAIN_ZONE), self.nxdomain_rate
-        else:
-            key, rate = (prefix, b"", ERRORS), self.error_rate
+                return q.key, q.qtype, self.answer_rate
+            return q.key, NODATA, self.nodata_rate
+        if rcode == wire.NXDOMAIN:
+            return soa_zone(data, parent(q.key)), NXDOMAIN_ZONE, self.nxdomain_rate
+        return b"", ERRORS, self.error_rate
+
+    def _debit(
+        self, prefix: str, name: bytes, kind: int, rate: int
+    ) -> tuple[Account, tuple[str, bytes, int], int, float] | None:
+        """Debit one response to ``prefix``; the account over its limit, if any."""
+        key = (prefix, name, kind)
         now = self.clock()
         acct = None
         if rate:
@@ -200,10 +216,57 @@ class RateLimit(Step):
             total = self.responses.debit(all_key, all_rate, -self.window * all_rate, now)
             if total.balance < 0:
                 acct, key, rate = total, all_key, all_rate
-        if acct is None:
+        return None if acct is None else (acct, key, rate, now)
+
+    # --- replays from the server's packet cache ------------------------------------------
+
+    def packet_account(self, q: Query, reply: Reply) -> Any:
+        """A replay of ``reply`` to ``q`` is debited as `response` debited it: to the
+        account (name, kind, rate) without the client's prefix (``"tcp"`` off UDP). None
+        for a reply this step made or limited: those are never replayed."""
+        if q.notes is not None and "ratelimit" in q.notes:
+            return None
+        if q.qtype == ANY and self.options.minimal_any:
+            return None
+        if q.transport != "udp":
+            return "tcp"
+        return self._account_of(q, reply)
+
+    def packet_charge(
+        self, host: str, account: Any
+    ) -> Callable[[Query, Reply], Reply | None] | None:
+        """`query` and `response` for one replay: the query limit, then RRL. None: send
+        the reply; else the function that limits it (slip, drop) on the parsed query."""
+        if account == "tcp":
+            self.counts["tcp"] += 1
+            return None
+        if self.qps:
+            prefixes = self.prefixes(host)
+            if prefixes is not None:
+                now = self.clock()
+                acct = self.queries.take(prefixes[1], self.qps, self.burst, now)
+                if acct is not None:
+                    return functools.partial(self._replay_over_query_limit, prefixes, acct, now)
+        if not self.rrl:
             self.counts["pass"] += 1
-            return reply
-        return self._limited(q, reply, acct, key, rate, now)
+            return None
+        prefixes = self.prefixes(host)
+        if prefixes is None:
+            self.counts["exempt"] += 1
+            return None
+        over = self._debit(prefixes[0], *account)
+        if over is None:
+            self.counts["pass"] += 1
+            return None
+        return lambda q, reply: self._limited(q, reply, *over)
+
+    def _replay_over_query_limit(
+        self, prefixes: tuple[str, str], acct: Account, now: float, q: Query, reply: Reply
+    ) -> Reply | None:
+        out = self._over_query_limit(q, prefixes, acct, now)
+        if out is DROP:
+            return None
+        return self.response(q, reply) if out is None else out
 
     def _limited(
         self,

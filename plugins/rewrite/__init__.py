@@ -27,6 +27,7 @@ U32 = struct.Struct("!I")
 
 class Rewrite(Step):
     Options = RewriteOptions
+    pure = True
 
     def __init__(self, opts: RewriteOptions, setup: Setup) -> None:
         super().__init__(opts, setup)

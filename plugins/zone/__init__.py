@@ -5,7 +5,9 @@ See README.md beside this file for the behaviour, syntax and metrics.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -70,6 +72,7 @@ class Zones:
 
 class ZoneStep(Step):
     Options = ZoneOptions
+    pure = True  # answers from its zones; a reload says so (`changed`)
 
     def __init__(self, opts: ZoneOptions, setup: Setup) -> None:
         super().__init__(opts, setup)
@@ -139,6 +142,17 @@ class ZoneStep(Step):
             if zone is not None:
                 return zone
         return None
+
+    def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None]:
+        """A replay counts as the kind of answer it is (transfers are never replayed)."""
+        if reply.rcode == wire.NXDOMAIN:
+            kind = "nxdomain"
+        else:
+            kind = "answer" if reply.wire[6:8] != b"\x00\x00" else "nodata"
+        return functools.partial(self._count, kind)
+
+    def _count(self, kind: str) -> None:
+        self.counts[kind] += 1
 
     def query(self, q: Query) -> Any:
         if q.qclass != 1:
@@ -273,6 +287,7 @@ class ZoneStep(Step):
                 self.stamps = self._stat()  # report once per change, not every poll
                 continue
             self.table = table
+            self.changed()
             self.reloads += 1
             self.log.info(
                 "%s: reloaded %d zones, %d records",

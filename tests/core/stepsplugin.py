@@ -32,6 +32,25 @@ class Static(Step):
 
 
 @attrs.frozen
+class PureStaticOptions:
+    address: str = "192.0.2.1"
+    ttl: int = 60
+    cacheable: bool = True
+
+
+class PureStatic(Step):
+    """`Static`'s A answer from a step declared pure; ``cacheable`` marks its replies."""
+
+    Options = PureStaticOptions
+    pure = True
+
+    def query(self, q):
+        octets = bytes(int(x) for x in self.options.address.split("."))
+        answers = [rr(1, self.options.ttl, octets)]
+        return respond(q, answers=answers, source="purestatic", cacheable=self.options.cacheable)
+
+
+@attrs.frozen
 class SlowOptions:
     delay: float = 0.5
     only: str = ""
@@ -110,6 +129,7 @@ def dnsproxy_add_steps(registry):
     registry.add_step("crashy", Crashy)
     registry.add_step("hang", Hang)
     registry.add_step("stuck", Stuck)
+    registry.add_step("purestatic", PureStatic)
 
 
 class Crashy(Step):

@@ -143,6 +143,7 @@ async def test_metrics_after_known_traffic(tmp_path):
             assert sample(text, "dnsproxy_request_duration_seconds_bucket", le="+Inf") == 5
             assert sample(text, "dnsproxy_queries_total") == 5
             assert sample(text, "dnsproxy_tcp_evicted_total") == 0
+            assert sample(text, "dnsproxy_packet_hits_total") == 0  # the policy step is not pure
             assert sample(text, "dnsproxy_policy_hits_total", step="0", kind="answer") == 4
             assert sample(text, "dnsproxy_policy_size", step="0") == 7
             assert "# TYPE dnsproxy_policy_size gauge" in text

@@ -1,0 +1,356 @@
+"""The packet cache in front of the chain (dnsproxy/packetcache.py), in-process: what is
+replayed, to whom, how, and when it is forgotten."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+import trio
+
+import dnsproxy.server
+from dnsproxy.errors import ConfigError
+from dnsproxy.server import Server
+
+PLUGIN = Path(__file__).with_name("stepsplugin.py")
+KID, PARENT = "127.0.0.2", "127.0.0.3"
+
+
+def make_server(tmp_path: Path, chain: str, server: str = "") -> Server:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'plugins = ["{PLUGIN}"]\n[server]\nlisten = ["127.0.0.1:0"]\n'
+        f'allow = ["127.0.0.0/8"]\nlog_level = "warning"\n{server}\n{chain}'
+    )
+    return Server(path, handle_signals=False)
+
+
+async def running(nursery: trio.Nursery, server: Server) -> Server:
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        while not server.chain.ready():
+            await trio.sleep(0.01)
+    return server
+
+
+def ask(
+    server: Server,
+    name: str,
+    rdtype: str = "A",
+    *,
+    client: str = "127.0.0.1",
+    transport: str = "udp",
+    msg_id: int | None = None,
+) -> dns.message.Message | None:
+    """One query through `Server.handle`, answered at once (no I/O in these chains)."""
+    q = dns.message.make_query(name, rdtype, use_edns=0, payload=1232)
+    if msg_id is not None:
+        q.id = msg_id
+    out: list[bytes | None] = []
+    server.handle(q.to_wire(), (client, 40000), transport, out.append)
+    assert len(out) == 1
+    return None if out[0] is None else dns.message.from_wire(out[0])
+
+
+def address(msg: dns.message.Message | None) -> str:
+    assert msg is not None
+    return msg.answer[0][0].address if msg.answer else dns.rcode.to_text(msg.rcode())
+
+
+def hits(server: Server) -> int:
+    assert server.packets is not None
+    return server.packets.hits
+
+
+HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.7 printer.lan"]\n'
+
+
+def blocklist(tmp_path: Path, names: str, clients: str = "") -> str:
+    (tmp_path / "ads.txt").write_text(names)
+    scope = f'clients = ["{clients}"]\n' if clients else ""
+    return f'[[chain]]\nplugin = "blocklist"\nlists = ["{tmp_path / "ads.txt"}"]\n{scope}'
+
+
+async def test_a_hit_is_replayed_from_the_bytes_with_the_clients_id_and_case(tmp_path, monkeypatch):
+    server = make_server(tmp_path, HOSTS)
+    first = ask(server, "printer.lan", msg_id=1)
+    assert address(first) == "192.0.2.7" and hits(server) == 0
+
+    def no_parse(*args):
+        raise AssertionError("a replay must not parse the query")
+
+    monkeypatch.setattr(dnsproxy.server, "parse_query", no_parse)
+    r = ask(server, "PrInTeR.LaN", msg_id=4242)
+    assert hits(server) == 1 and server.stats.queries == 2
+    assert r is not None and r.id == 4242 and address(r) == "192.0.2.7"
+    assert r.question[0].name.to_text() == "PrInTeR.LaN."
+    assert r.answer[0].name.to_text() == "PrInTeR.LaN."  # compressed onto the question
+    assert r.edns == 0 and r.flags & dns.flags.RD and r.flags & dns.flags.AA
+
+
+async def test_a_kids_blocked_answer_never_reaches_a_parent(tmp_path, nursery):
+    chain = blocklist(tmp_path, "ads.example\n", clients=f"{KID}/32")
+    chain += '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.9 ads.example"]\n'
+    server = await running(nursery, make_server(tmp_path, chain))
+    for _ in range(3):
+        assert address(ask(server, "ads.example", client=KID)) == "0.0.0.0"
+    for _ in range(3):
+        assert address(ask(server, "ads.example", client=PARENT)) == "192.0.2.9"
+    assert address(ask(server, "ads.example", client=KID)) == "0.0.0.0"
+    assert hits(server) == 5  # both views replayed, each its own answer
+    server.stop()
+
+
+async def test_ratelimit_accounts_and_limits_replays_as_the_chain_does(tmp_path, nursery):
+    chain = '[[chain]]\nplugin = "ratelimit"\nresponses_per_second = 3\nslip = 2\n' + HOSTS
+    outcomes = []
+    for size in (0, 100):
+        path = tmp_path / str(size)
+        path.mkdir()
+        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        seen = []
+        for _ in range(12):
+            r = ask(server, "printer.lan")
+            seen.append("dropped" if r is None else "TC" if r.flags & dns.flags.TC else address(r))
+        step = server.chain.steps[0]
+        outcomes.append((seen, dict(step.counts)))
+        if size:
+            assert hits(server) >= 2
+        server.stop()
+    assert outcomes[0] == outcomes[1]
+    seen, counts = outcomes[1]
+    assert seen[:3] == ["192.0.2.7"] * 3 and "TC" in seen and "dropped" in seen
+    assert counts["pass"] == 3 and counts["slip"] + counts["drop"] == 9
+
+
+async def test_observers_see_every_replayed_query_with_its_source(tmp_path):
+    server = make_server(
+        tmp_path, HOSTS + '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n'
+    )
+    seen: list[tuple[str, str, str]] = []
+
+    def observe(q, reply, elapsed):
+        seen.append((q.text, reply.source, q.client[0]))
+
+    server._observers = (observe,)
+    for _ in range(3):
+        ask(server, "printer.lan")
+    for _ in range(4):
+        ask(server, "www.example.org")
+    assert hits(server) == 2 + 2
+    assert (
+        seen
+        == [("printer.lan.", "hosts", "127.0.0.1")] * 3
+        + [
+            ("www.example.org.", "static", "127.0.0.1"),
+        ]
+        + [("www.example.org.", "cache", "127.0.0.1")] * 3
+    )
+
+
+async def test_ttls_age_as_the_cache_ages_them_and_the_entry_expires(tmp_path):
+    now = [1000.0]
+    chain = '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\nttl = 10\n'
+    server = make_server(tmp_path, chain)
+    server.chain.steps[0].clock = server.packets.clock = lambda: now[0]
+    assert ask(server, "a.example").answer[0].ttl == 10  # stored by the cache
+    assert ask(server, "a.example").answer[0].ttl == 10  # a cache hit: stored here
+    assert hits(server) == 0
+    now[0] += 3.5
+    assert ask(server, "a.example").answer[0].ttl == 6
+    assert hits(server) == 1
+    now[0] += 5.8  # 0.7 s left: the cache's prefetch point is past, the chain answers
+    r = ask(server, "a.example")
+    assert hits(server) == 1 and r.answer[0].ttl == 0
+    now[0] += 1.0  # expired: serve-stale and refreshes are the cache step's (it awaits one)
+    assert ask(server, "a.example").rcode() == dns.rcode.SERVFAIL  # no server running here
+    assert hits(server) == 1
+
+
+async def test_a_step_not_declared_pure_is_never_replayed(tmp_path):
+    server = make_server(tmp_path, HOSTS + '[[chain]]\nplugin = "static"\n')
+    for _ in range(3):
+        assert address(ask(server, "www.example.org")) == "192.0.2.1"
+    assert hits(server) == 0 and not server.packets.entries
+    for _ in range(2):  # hosts answers before the impure step is reached: replayed
+        assert address(ask(server, "printer.lan")) == "192.0.2.7"
+    assert hits(server) == 1
+
+
+@pytest.mark.parametrize("cacheable", [True, False])
+async def test_a_reply_marked_uncacheable_is_never_replayed(tmp_path, cacheable):
+    flag = str(cacheable).lower()
+    server = make_server(tmp_path, f'[[chain]]\nplugin = "purestatic"\ncacheable = {flag}\n')
+    for _ in range(3):
+        assert address(ask(server, "www.example.org")) == "192.0.2.1"
+    assert hits(server) == (2 if cacheable else 0)
+
+
+async def test_reload_replaces_the_packet_cache(tmp_path, nursery):
+    server = await running(nursery, make_server(tmp_path, HOSTS))
+    ask(server, "printer.lan")
+    ask(server, "printer.lan")
+    assert hits(server) == 1
+    path = server.path
+    path.write_text(path.read_text().replace("192.0.2.7", "192.0.2.8"))
+    assert await server.reload()
+    assert address(ask(server, "printer.lan")) == "192.0.2.8"
+    server.stop()
+
+
+async def test_pause_and_resume_forget_replies_at_once(tmp_path, nursery):
+    chain = blocklist(tmp_path, "ads.example\n") + '[[chain]]\nplugin = "static"\n'
+    server = await running(nursery, make_server(tmp_path, chain))
+    for _ in range(2):
+        assert address(ask(server, "ads.example")) == "0.0.0.0"
+    assert hits(server) == 1
+    server.blocking.pause()
+    assert address(ask(server, "ads.example")) == "192.0.2.1"
+    server.blocking.resume()
+    assert address(ask(server, "ads.example")) == "0.0.0.0"
+    assert hits(server) == 1
+    server.stop()
+
+
+async def test_a_list_refresh_forgets_replies_at_once(tmp_path, nursery):
+    chain = blocklist(tmp_path, "ads.example\n") + HOSTS.replace("printer.lan", "more.example")
+    server = await running(nursery, make_server(tmp_path, chain))
+    for _ in range(2):
+        assert address(ask(server, "more.example")) == "192.0.2.7"
+    assert hits(server) == 1
+    (tmp_path / "ads.txt").write_text("ads.example\nmore.example\n")
+    step = server.chain.steps[0]
+    assert await step.refresh_now(0) is None  # as the dashboard's "refresh now" or `watch`
+    assert address(ask(server, "more.example")) == "0.0.0.0"
+    server.stop()
+
+
+async def test_flush_forgets_replies(tmp_path):
+    server = make_server(tmp_path, '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n')
+    for _ in range(3):
+        ask(server, "www.example.org")
+    assert hits(server) == 1 and server.packets.entries
+    server.flush()  # SIGUSR1, /api/cache/flush, the dashboard after allow/block
+    assert not server.packets.entries
+    ask(server, "www.example.org")
+    assert hits(server) == 1
+
+
+async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
+    server = make_server(tmp_path, HOSTS.replace("printer.lan", "a.lan b.lan c.lan"),
+                         "packet_cache_size = 2")  # fmt: skip
+    for name in ("a.lan", "b.lan", "c.lan"):
+        ask(server, name)
+    assert len(server.packets.entries) == 2
+    off = make_server(tmp_path, HOSTS, "packet_cache_size = 0")
+    assert off.packets is None and address(ask(off, "printer.lan")) == "192.0.2.7"
+    with pytest.raises(ConfigError, match="packet_cache_size"):
+        make_server(tmp_path, HOSTS, "packet_cache_size = -1")
+
+
+async def test_tcp_and_udp_and_unusual_queries_are_kept_apart(tmp_path):
+    server = make_server(tmp_path, '[[chain]]\nplugin = "purestatic"\n')
+    ask(server, "x.example", transport="tcp")
+    ask(server, "x.example")
+    assert hits(server) == 0  # one entry per transport
+    ask(server, "x.example", transport="tcp")
+    assert hits(server) == 1
+    ecs = [dns.edns.ECSOption("192.0.2.0", 24)]
+    q = dns.message.make_query("x.example", "A", use_edns=0, options=ecs)
+    out: list[bytes | None] = []
+    for _ in range(2):
+        server.handle(q.to_wire(), ("127.0.0.1", 1), "udp", out.append)
+    assert hits(server) == 1 and len(out) == 2  # an EDNS option besides padding/cookie
+
+
+async def test_no_reply_outlives_a_schedule_change(tmp_path, nursery):
+    """A blocklist active 21:00-07:00: the answer replayed at 20:59 is not the one at 21:00."""
+    chain = blocklist(tmp_path, "ads.example\n") + 'active = ["21:00-07:00"]\n'
+    chain += '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.9 ads.example"]\n'
+    server = await running(nursery, make_server(tmp_path, chain, 'timezone = "UTC"'))
+    wall, mono = [1_796_072_340.0], [500.0]  # 2026-11-30 20:59:00 UTC
+    server.chain.steps[0].setup.scope.active.clock = lambda: wall[0]
+    server.packets.clock = lambda: mono[0]
+    for _ in range(3):
+        assert address(ask(server, "ads.example")) == "192.0.2.9"
+    assert hits(server) == 2
+    wall[0] += 61.0
+    mono[0] += 61.0
+    assert address(ask(server, "ads.example")) == "0.0.0.0"
+    assert address(ask(server, "ads.example")) == "0.0.0.0"  # replayed again, blocked
+    assert hits(server) == 3
+    server.stop()
+
+
+async def test_a_changed_client_table_forgets_views(tmp_path, nursery):
+    """A lease names 127.0.0.2 "kid" only after the first answers were stored."""
+    leases = tmp_path / "dnsmasq.leases"
+    leases.write_text("")
+    chain = blocklist(tmp_path, "ads.example\n") + 'clients = ["kids"]\n'
+    chain += '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.9 ads.example"]\n'
+    clients = f'[clients]\nleases = ["{leases}"]\nkid = []\n[groups]\nkids = ["kid"]\n'
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'plugins = ["{PLUGIN}"]\n[server]\nlisten = ["127.0.0.1:0"]\n'
+        f'allow = ["127.0.0.0/8"]\nlog_level = "warning"\n{clients}{chain}'
+    )
+    server = await running(nursery, Server(path, handle_signals=False))
+    for _ in range(2):
+        assert address(ask(server, "ads.example", client=KID)) == "192.0.2.9"
+    assert hits(server) == 1
+    leases.write_text(f"1718000000 aa:bb:cc:dd:ee:01 {KID} kid *\n")
+    server.clients.refresh()
+    assert address(ask(server, "ads.example", client=KID)) == "0.0.0.0"
+    assert address(ask(server, "ads.example", client=PARENT)) == "192.0.2.9"
+    server.stop()
+
+
+async def test_a_group_pause_forgets_replies_at_once(tmp_path, nursery):
+    chain = blocklist(tmp_path, "ads.example\n") + 'clients = ["kids"]\n'
+    chain += '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.9 ads.example"]\n'
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'plugins = ["{PLUGIN}"]\n[server]\nlisten = ["127.0.0.1:0"]\n'
+        f'allow = ["127.0.0.0/8"]\nlog_level = "warning"\n'
+        f'[clients]\nkid = ["{KID}"]\n[groups]\nkids = ["kid"]\n{chain}'
+    )
+    server = await running(nursery, Server(path, handle_signals=False))
+    for _ in range(2):
+        assert address(ask(server, "ads.example", client=KID)) == "0.0.0.0"
+    server.blocking.pause_group("kids", 60)
+    assert address(ask(server, "ads.example", client=KID)) == "192.0.2.9"
+    server.blocking.resume_group("kids")
+    assert address(ask(server, "ads.example", client=KID)) == "0.0.0.0"
+    server.stop()
+
+
+def counters(server: Server) -> dict[str, float]:
+    return {
+        f"{step.setup.name}.{m.name}{dict(m.labels)}": m.value
+        for step in server.chain.steps
+        for m in step.metrics()
+        if m.kind == "counter"
+    }
+
+
+async def test_replays_count_in_the_answering_steps_metrics(tmp_path, nursery):
+    """Step counters count every answer, replayed or not: hosts, blocklist, cache."""
+    chain = blocklist(tmp_path, "ads.example\n") + HOSTS
+    chain += '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n'
+    seen = []
+    for size in (0, 100):
+        path = tmp_path / str(size)
+        path.mkdir()
+        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        for name in ("ads.example", "printer.lan", "www.example.org"):
+            for _ in range(4):
+                ask(server, name)
+        seen.append(counters(server))
+        server.stop()
+    assert seen[0] == seen[1]
+    assert seen[1]["cache.hits{}"] == 3
+    assert sum(v for k, v in seen[1].items() if k.startswith("blocklist.blocked")) == 4
