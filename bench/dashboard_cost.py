@@ -10,13 +10,15 @@ front (querylog, ratelimit, hosts, blocklist, cache, forward) in front of nsd:
 * ``open``: the same while a client plays a browser with the overview and the live query
   log open: it loads ``/``, ``/log`` and the chart data once, then every ``--poll``
   seconds GETs the fragments those pages poll (``/ui/log/rows``, ``/ui/overview``,
-  ``/ui/blocking``), more often than the pages do (every 1 s, 15 s and 5 s).
+  ``/ui/blocking``), as often as the log page polls its rows (the overview: 15 s and 5 s).
 
 dnsperf sends cache hits (1000 names cycled after a warm-up) for ``--seconds``; the
 configurations alternate within each repetition (off, on, open; then open, on, off; ...),
-each on a fresh process. Reported: queries/s per run, the ratio of each to ``off`` in the
-same repetition, and the HTTP requests the browser made (all must be 200) with their mean
-time. The servers run on CPU 0; dnsperf, nsd and the polling client on CPU 1.
+each on a fresh process, then at a fixed ``--rate`` (dnsperf -Q) for the mean latency at
+a load the server keeps up with. Reported: queries/s and the mean latency per run, their
+ratio to ``off`` in the same repetition, and the HTTP requests the browser made (all must
+be 200) with their mean time. The servers run on CPU 0; dnsperf, nsd and the polling
+client on CPU 1.
 """
 
 from __future__ import annotations
@@ -95,10 +97,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--poll", type=float, default=1.0, help="seconds between polls")
+    ap.add_argument("--rate", type=int, default=10_000, help="fixed rate for the latency run")
     args = ap.parse_args()
     os.sched_setaffinity(0, {CLIENT_CPU})  # the polling client shares dnsperf's CPU
     queries = [f"h{i}.bench.test A" for i in range(args.names)]
     qps: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    paced_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     http_times: list[float] = []
     failures: list[str] = []
     with workdir() as d:
@@ -121,6 +125,7 @@ def main() -> None:
                             browser = Browser(f"http://{listen}", args.poll)
                             browser.start()
                         perf = dnsperf(proxy.port, queries, args.seconds)
+                        paced = dnsperf(proxy.port, queries, args.seconds, max_qps=args.rate)
                     finally:
                         if browser is not None:
                             browser.done.set()
@@ -128,12 +133,12 @@ def main() -> None:
                             http_times += browser.times
                             failures += browser.failures
                         proxy.stop()
-                    if perf.lost:
-                        failures.append(
-                            f"{variant}, repetition {rep + 1}: DNS lost {perf.lost:.2%}"
-                        )
+                    if perf.lost or paced.lost:
+                        lost = max(perf.lost, paced.lost)
+                        failures.append(f"{variant}, repetition {rep + 1}: DNS lost {lost:.2%}")
                     qps[variant].append(perf.qps)
-                    print(f"repetition {rep + 1}, {variant}: {perf}", file=sys.stderr)
+                    paced_ms[variant].append(paced.avg_ms)
+                    print(f"repetition {rep + 1}, {variant}: {perf}; {paced}", file=sys.stderr)
         finally:
             nsd.stop()
     rows = [
@@ -141,10 +146,21 @@ def main() -> None:
             variant,
             " / ".join(f"{q:,.0f}" for q in qps[variant]),
             " / ".join(f"{q / o:.2f}" for q, o in zip(qps[variant], qps["off"], strict=True)),
+            " / ".join(f"{m:.3f}" for m in paced_ms[variant]),
+            " / ".join(
+                f"{m / o:.2f}" for m, o in zip(paced_ms[variant], paced_ms["off"], strict=True)
+            ),
         ]
         for variant in VARIANTS
     ]
-    print(table(rows, ["[http]", "queries/s per repetition", "/ off, same repetition"]))
+    header = [
+        "[http]",
+        "queries/s per repetition",
+        "/ off",
+        f"mean ms at {args.rate:,} q/s",
+        "/ off",
+    ]
+    print(table(rows, header))
     if http_times:
         print(
             f"\nbrowser: {len(http_times)} requests answered, mean "
