@@ -257,9 +257,15 @@ def dnsperf(
     max_qps: int | None = None,
     clients: int = 1,
     outstanding: int = 200,
-    tcp: bool = False,
+    mode: str = "udp",
+    doh_path: str = "/dns-query",
+    doh_method: str = "POST",
 ) -> Perf:
-    """Run dnsperf against 127.0.0.1:port with ``queries`` ("name TYPE" lines), cycled."""
+    """Run dnsperf against 127.0.0.1:port with ``queries`` ("name TYPE" lines), cycled.
+
+    ``mode`` is dnsperf's transport: udp, tcp, dot or doh (dnsperf does not verify the
+    server's certificate); for doh, ``doh_path`` and ``doh_method`` (GET or POST).
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(queries) + "\n")
         qfile = f.name
@@ -275,8 +281,14 @@ def dnsperf(
     ]  # fmt: skip
     if max_qps:
         cmd += ["-Q", str(max_qps)]
-    if tcp:
-        cmd += ["-m", "tcp"]
+    cmd += ["-m", mode]
+    if mode == "doh":
+        cmd += [
+            "-O",
+            f"doh-uri=https://127.0.0.1:{port}{doh_path}",
+            "-O",
+            f"doh-method={doh_method}",
+        ]
     try:
         out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, check=True).stdout
     finally:
