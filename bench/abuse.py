@@ -393,7 +393,8 @@ def attack(
     try:
         for i, (name, run) in enumerate(phases):
             phase.value = i
-            what = run()
+            began = time.monotonic()
+            what = f"{run()} ({time.monotonic() - began:.1f} s)"
             time.sleep(1.0)  # let the probes see the aftermath
             done.append((name, what, rss_mb(proxy.pid)))
             print(f"{name}: {what}", flush=True)
