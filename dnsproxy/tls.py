@@ -19,6 +19,7 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.errors import DnsProxyError
+from dnsproxy.files import Stamp, stamps
 from dnsproxy.wire import Query
 
 log = logging.getLogger("dnsproxy.tls")
@@ -87,15 +88,8 @@ class Certs:
             ctx = self.contexts[alpn] = load_context(self.cert, self.key, alpn)
         return ctx
 
-    def _stamp(self) -> tuple[tuple[int, int], ...]:
-        out = []
-        for path in (self.cert, self.key):
-            try:
-                st = path.stat()
-                out.append((st.st_mtime_ns, st.st_size))
-            except OSError:
-                out.append((0, 0))
-        return tuple(out)
+    def _stamp(self) -> tuple[Stamp, ...]:
+        return stamps((self.cert, self.key))
 
     def reload(self, cert: Path | None = None, key: Path | None = None) -> bool:
         """Load the files (new paths if given) into every live context; on error log it

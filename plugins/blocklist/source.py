@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from dnsproxy.errors import DnsProxyError
+from dnsproxy.files import stamp
 
 from .parse import Parsed
 
@@ -54,11 +55,7 @@ class Source:
 
     def stamp(self) -> tuple[int, int] | None:
         """(mtime_ns, size) of the file the list is read from (for a URL, the kept copy)."""
-        try:
-            st = (self.path if self.path is not None else self.cache_path).stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
+        return stamp(self.path if self.path is not None else self.cache_path)
 
     # --- files --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import trio
 from dnsproxy import options, wire
 from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.errors import DnsProxyError
+from dnsproxy.files import Stamp, stamps
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply, respond, rr
@@ -149,16 +150,8 @@ class Hosts(Step):
         self.answers = 0
         self.reloads = 0
 
-    def _stat(self) -> list[tuple[int, int] | None]:
-        out: list[tuple[int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = path.stat()
-            except OSError:
-                out.append(None)
-            else:
-                out.append((st.st_mtime_ns, st.st_size))
-        return out
+    def _stat(self) -> tuple[Stamp, ...]:
+        return stamps(self.paths)
 
     def _load(self) -> Table:
         """Read every file and the entries into a new table. Raises HostsError."""

@@ -20,6 +20,7 @@ from dnsproxy.plugins.zone.data import Limits, Lookup, Zone, ZoneError
 
 from dnsproxy import options, wire
 from dnsproxy.chain import AWAIT, Metric, Setup, Step, Suspended, client_matcher
+from dnsproxy.files import Stamp, stamps
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import (
@@ -94,16 +95,8 @@ class ZoneStep(Step):
 
     # --- loading ------------------------------------------------------------------------
 
-    def _stat(self) -> list[tuple[int, int] | None]:
-        out: list[tuple[int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = path.stat()
-            except OSError:
-                out.append(None)
-            else:
-                out.append((st.st_mtime_ns, st.st_size))
-        return out
+    def _stat(self) -> tuple[Stamp, ...]:
+        return stamps(self.paths)
 
     def _load(self) -> Zones:
         """Parse every file and the inline records into new zones. Raises ZoneError."""
