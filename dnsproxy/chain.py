@@ -457,6 +457,29 @@ class Chain:
         """Run the synchronous part: a final reply, None (drop), or where to resume."""
         return self._walk(q, 0, [])
 
+    async def follow(
+        self, q: Query, target: bytes, *, max_follow: int, where: str, why: str
+    ) -> Reply | None:
+        """Resolve the CNAME target ``target`` (wire name) through the whole chain, on
+        ``q``'s behalf: for a step whose answer's chain leaves what it may answer for.
+
+        The names followed for ``q`` are shared through its notes by every step that
+        follows: a chain that comes back to one of them would wait on itself
+        (coalescing), so it ends here (None), as does one longer than ``max_follow``.
+        """
+        followed = list((q.notes or {}).get("followed", ())) or [q.text]
+        text = wire.key_to_text(target.lower(), final_dot=True)
+        if len(followed) > max_follow or text in followed:
+            q.explain(f"{where}: CNAME chain too long or looping at {text}")
+            return None
+        q.explain(f"{where}: CNAME target {text} is outside {why}")
+        q.note("followed", [*followed, text])
+        sub = q.derive(target)
+        result = self.start(sub)
+        if isinstance(result, Suspended):
+            result = await self.resume(sub, result)
+        return result
+
     async def resume(self, q: Query, sus: Suspended) -> Reply | None:
         """Finish a suspended query in this task: do the I/O, walk on, until answered."""
         while True:

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from dnsproxy import options, wire
-from dnsproxy.chain import AWAIT, Metric, Setup, Step, Suspended
+from dnsproxy.chain import AWAIT, Metric, Setup, Step
 from dnsproxy.errors import UpstreamError
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
@@ -208,21 +208,15 @@ class Forward(Step):
         self.complete(key, result)
 
     async def _follow(self, q: Query, reply: Reply, kept: list[Any], target: Any) -> Reply | None:
-        # The names of this query's chain so far, shared with its subqueries (notes are):
-        # a target among them would wait on itself (coalescing) until the budget ran out.
-        followed = list((q.notes or {}).get("followed", ())) or [q.text]
-        text = target.to_text().lower()
-        if len(followed) > self.options.max_follow or text in followed:
-            q.explain(f"{self.setup.where}: CNAME chain too long or looping at {text}")
-            return None
-        q.explain(f"{self.setup.where}: CNAME target {text} is outside this step's zones")
-        q.note("followed", [*followed, text])
         chain = self.chain
         assert chain is not None
-        sub = q.derive(target.to_wire())
-        result = chain.start(sub)
-        if isinstance(result, Suspended):
-            result = await chain.resume(sub, result)
+        result = await chain.follow(
+            q,
+            target.to_wire(),
+            max_follow=self.options.max_follow,
+            where=self.setup.where,
+            why="this step's zones",
+        )
         if result is None:
             return None
         if result.rcode not in (wire.NOERROR, wire.NXDOMAIN):

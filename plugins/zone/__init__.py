@@ -19,7 +19,7 @@ from dnsproxy.plugins.zone import data
 from dnsproxy.plugins.zone.data import Limits, Lookup, Zone, ZoneError
 
 from dnsproxy import options, wire
-from dnsproxy.chain import AWAIT, Metric, Setup, Step, Suspended, client_matcher
+from dnsproxy.chain import AWAIT, Metric, Setup, Step, client_matcher
 from dnsproxy.files import Stamp, stamps
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
@@ -207,22 +207,15 @@ class ZoneStep(Step):
         return Reply.from_message(msg, ede=result.ede, source=self.setup.name)
 
     async def _follow(self, q: Query, target: dns.name.Name) -> Reply | None:
-        # The names followed for this query so far, shared with `forward` through the
-        # notes: a chain that comes back to one of them would wait on itself.
-        followed = list((q.notes or {}).get("followed", ())) or [q.text]
-        text = target.to_text().lower()
-        if len(followed) > self.options.max_follow or text in followed:
-            q.explain(f"{self.setup.where}: CNAME chain too long or looping at {text}")
-            return None
-        q.explain(f"{self.setup.where}: CNAME target {text} is outside the zone")
-        q.note("followed", [*followed, text])
         chain = self.chain
         assert chain is not None
-        sub = q.derive(target.to_wire())  # the one place a derived query is made
-        result = chain.start(sub)
-        if isinstance(result, Suspended):
-            result = await chain.resume(sub, result)
-        return result
+        return await chain.follow(
+            q,
+            target.to_wire(),
+            max_follow=self.options.max_follow,
+            where=self.setup.where,
+            why="the zone",
+        )
 
     def _transfer(self, q: Query, zone: Zone) -> Reply:
         """AXFR (and IXFR, answered with the whole zone as RFC 1995 §4 allows) over a stream
