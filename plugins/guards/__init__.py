@@ -1,45 +1,6 @@
-"""guards — keep clients on this resolver and its filtering: bypass canaries and rebinding.
-
-Description
-    Three guards, each an option, with Pi-hole's defaults:
-
-    * ``canary`` (on): ``use-application-dns.net`` answers NXDOMAIN, which tells Firefox
-      not to turn on its own DNS over HTTPS and so keeps it on this resolver.
-    * ``icloud_private_relay`` (off): ``mask.icloud.com`` and ``mask-h2.icloud.com`` answer
-      NXDOMAIN, which makes Apple devices turn iCloud Private Relay off on this network.
-    * ``rebinding`` (on): an answer passed back by the steps after this one whose A/AAAA
-      records carry a private, loopback or link-local address (10/8, 172.16/12,
-      192.168/16, 127/8, 169.254/16, ::1, fc00::/7, fe80::/10, and IPv4-mapped forms) is
-      replaced by NXDOMAIN with Extended DNS Error 15 (Blocked) "rebinding", so a public
-      name cannot point a browser at the LAN (DNS rebinding). Names at or under
-      ``rebinding_allow`` zones pass (the LAN's own domain, zones routed to a LAN server):
-      only this explicit list counts, nothing is guessed from upstream addresses.
-
-    Put the step right before ``forward`` (after ``cache``, ``hosts`` and ``zone``): it then
-    checks each upstream answer once, the cache keeps the checked answer, and the names
-    local steps answer never reach it.
-
-Syntax
-    ::
-
-        [[chain]]
-        plugin = "guards"
-        canary = true
-        icloud_private_relay = false
-        rebinding = true
-        rebinding_allow = ["lan", "home.arpa"]
-
-Metrics
-    ``dnsproxy_guards_canary`` (counter), ``dnsproxy_guards_private_relay`` (counter),
-    ``dnsproxy_guards_rebinding`` (counter: answers dropped).
-
-Examples
-    Keep Firefox and iCloud Private Relay on this resolver; the LAN's names resolve::
-
-        [[chain]]
-        plugin = "guards"
-        icloud_private_relay = true
-        rebinding_allow = ["example.org"]
+"""guards: keep clients on this resolver and its filtering (the Firefox canary, iCloud
+Private Relay, DNS-rebinding protection). README.md beside this file documents the
+options, metrics and examples.
 """
 
 from __future__ import annotations
