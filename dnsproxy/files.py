@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+import trio
 
 Stamp = tuple[int, int] | None
 
@@ -21,3 +23,18 @@ def stamp(path: Path) -> Stamp:
 def stamps(paths: Iterable[Path]) -> tuple[Stamp, ...]:
     """The stamp of each of ``paths``, in order."""
     return tuple(stamp(p) for p in paths)
+
+
+async def watch(
+    paths: Sequence[Path], every: float, seen: tuple[Stamp, ...], changed: Callable[[], None]
+) -> None:
+    """Call ``changed`` whenever the stamps of ``paths`` differ from ``seen`` (those of the
+    files as last read), polling every ``every`` seconds. The stamps are taken before
+    ``changed`` reads the files, so a write during the read is seen at the next poll; a
+    file that fails to load is reported once per change, not at every poll."""
+    while True:
+        await trio.sleep(every)
+        now = stamps(paths)
+        if now != seen:
+            seen = now
+            changed()

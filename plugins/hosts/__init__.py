@@ -16,12 +16,11 @@ import attrs
 import dns.exception
 import dns.name
 import dns.reversename
-import trio
 
 from dnsproxy import options, wire
 from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.errors import DnsProxyError
-from dnsproxy.files import Stamp, stamps
+from dnsproxy.files import stamps, watch
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import Reply, respond, rr
@@ -137,7 +136,7 @@ class Hosts(Step):
         if not opts.files and not opts.entries:
             raise setup.error(None, "needs 'files' or 'entries'")
         self.paths = [setup.path(f) for f in opts.files]
-        self.stamps: list[tuple[int, int] | None] = []
+        self.stamps = stamps(self.paths)  # taken before the files are read
         try:
             self.table = self._load()
         except HostsError as exc:
@@ -150,12 +149,8 @@ class Hosts(Step):
         self.answers = 0
         self.reloads = 0
 
-    def _stat(self) -> tuple[Stamp, ...]:
-        return stamps(self.paths)
-
     def _load(self) -> Table:
         """Read every file and the entries into a new table. Raises HostsError."""
-        stamps = self._stat()
         builder = _Builder(self.options.ttl, self.options.max_names)
         for path in self.paths:
             try:
@@ -169,9 +164,7 @@ class Hosts(Step):
                 raise HostsError(f"{path}: {exc.strerror or exc}") from exc
             builder.add_lines(text.splitlines(), str(path))
         builder.add_lines(self.options.entries, "entries")
-        table = builder.build()
-        self.stamps = stamps
-        return table
+        return builder.build()
 
     def packet_recount(self, q: Query, reply: Reply) -> Callable[[], None]:
         """A replay of an answer from the table is one more answer."""
@@ -208,27 +201,25 @@ class Hosts(Step):
         return respond(q, wire.NOERROR, answers, aa=True, source="hosts")
 
     async def run(self) -> None:
-        while True:
-            await trio.sleep(self.options.watch)
-            if self._stat() == self.stamps:
-                continue
-            try:
-                table = self._load()
-            except HostsError as exc:
-                self.log.error("%s: %s; keeping the previous table", self.setup.where, exc)
-                self.stamps = self._stat()  # report once per change, not every poll
-                continue
-            for warning in table.warnings:
-                self.log.warning("%s: %s", self.setup.where, warning)
-            self.table = table
-            self.changed()
-            self.reloads += 1
-            self.log.info(
-                "%s: reloaded %d names and wildcards (%d bad lines)",
-                self.setup.where,
-                table.size,
-                table.bad_lines,
-            )
+        await watch(self.paths, self.options.watch, self.stamps, self._reload)
+
+    def _reload(self) -> None:
+        try:
+            table = self._load()
+        except HostsError as exc:
+            self.log.error("%s: %s; keeping the previous table", self.setup.where, exc)
+            return
+        for warning in table.warnings:
+            self.log.warning("%s: %s", self.setup.where, warning)
+        self.table = table
+        self.changed()
+        self.reloads += 1
+        self.log.info(
+            "%s: reloaded %d names and wildcards (%d bad lines)",
+            self.setup.where,
+            table.size,
+            table.bad_lines,
+        )
 
     async def check(self) -> list[str]:
         try:

@@ -20,7 +20,7 @@ from dnsproxy.plugins.zone.data import Limits, Lookup, Zone, ZoneError
 
 from dnsproxy import options, wire
 from dnsproxy.chain import AWAIT, Metric, Setup, Step, client_matcher
-from dnsproxy.files import Stamp, stamps
+from dnsproxy.files import stamps, watch
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
 from dnsproxy.reply import (
@@ -82,7 +82,7 @@ class ZoneStep(Step):
         self.paths = [setup.path(f) for f in opts.files]
         self.origin = dns.name.from_text(opts.origin) if opts.origin else None
         self.limits = Limits(opts.max_size, opts.max_records)
-        self.stamps: list[tuple[int, int] | None] = []
+        self.stamps = stamps(self.paths)  # taken before the files are read
         try:
             self.table = self._load()
         except ZoneError as exc:
@@ -95,12 +95,8 @@ class ZoneStep(Step):
 
     # --- loading ------------------------------------------------------------------------
 
-    def _stat(self) -> tuple[Stamp, ...]:
-        return stamps(self.paths)
-
     def _load(self) -> Zones:
         """Parse every file and the inline records into new zones. Raises ZoneError."""
-        stamps = self._stat()
         opts = self.options
         parsed: dict[dns.name.Name, tuple[dns.zone.Zone, str]] = {}
         for path in self.paths:
@@ -123,7 +119,6 @@ class ZoneStep(Step):
             built = data.check_zone(zone, source, self.limits, total)
             zones[built.key] = built
             total += built.records
-        self.stamps = stamps
         return Zones(zones, total)
 
     # --- queries --------------------------------------------------------------------------
@@ -261,26 +256,24 @@ class ZoneStep(Step):
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            await trio.sleep(self.options.watch)
-            if self._stat() == self.stamps:
-                continue
-            try:
-                table = self._load()
-            except ZoneError as exc:
-                self.failed_reloads += 1
-                self.log.error("%s: %s; keeping the zones loaded before", self.setup.where, exc)
-                self.stamps = self._stat()  # report once per change, not every poll
-                continue
-            self.table = table
-            self.changed()
-            self.reloads += 1
-            self.log.info(
-                "%s: reloaded %d zones, %d records",
-                self.setup.where,
-                len(table.by_key),
-                table.records,
-            )
+        await watch(self.paths, self.options.watch, self.stamps, self._reload)
+
+    def _reload(self) -> None:
+        try:
+            table = self._load()
+        except ZoneError as exc:
+            self.failed_reloads += 1
+            self.log.error("%s: %s; keeping the zones loaded before", self.setup.where, exc)
+            return
+        self.table = table
+        self.changed()
+        self.reloads += 1
+        self.log.info(
+            "%s: reloaded %d zones, %d records",
+            self.setup.where,
+            len(table.by_key),
+            table.records,
+        )
 
     async def check(self) -> list[str]:
         try:
