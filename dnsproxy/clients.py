@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
 
@@ -230,22 +230,34 @@ def _identity(key: str, value: object) -> Identity:
     return Identity(name, tuple(nets), frozenset(macs), frozenset(ids))
 
 
-def _group(key: str, value: object, declared: set[str]) -> Group:
-    name = _name(key)
-    names, nets = set(), []
-    for item in _members(value):
+def networks_and_names(
+    items: Iterable[str], known: Set[str], *, what: str, none: str
+) -> tuple[tuple[Network, ...], frozenset[str]]:
+    """Split ``items`` into networks and names in ``known`` (a group's members, a step's
+    ``clients``); ValueError naming ``what`` the other items may be, or ``none`` when no
+    name is declared."""
+    nets, names = [], set()
+    for item in items:
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
             continue
         except ValueError:
             pass
-        if item not in declared:
-            known = ", ".join(sorted(declared)) or "none declared"
-            raise ValueError(
-                f"{item!r} is neither a network nor a client name of [clients] (known: {known})"
-            )
+        if item not in known:
+            listed = ", ".join(sorted(known)) or none
+            raise ValueError(f"{item!r} is neither {what} (known: {listed})")
         names.add(item)
-    return Group(name, frozenset(names), tuple(nets))
+    return tuple(nets), frozenset(names)
+
+
+def _group(key: str, value: object, declared: set[str]) -> Group:
+    nets, names = networks_and_names(
+        _members(value),
+        declared,
+        what="a network nor a client name of [clients]",
+        none="none declared",
+    )
+    return Group(_name(key), names, nets)
 
 
 # --- the sources ----------------------------------------------------------------------

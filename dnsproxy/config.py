@@ -16,7 +16,7 @@ import attrs
 
 from dnsproxy import options, schedule
 from dnsproxy.chain import DEADLINE, DEADLINE_RANGE
-from dnsproxy.clients import ClientsConfig, parse_config
+from dnsproxy.clients import ClientsConfig, networks_and_names, parse_config
 from dnsproxy.errors import ConfigError
 from dnsproxy.registry import Registry
 from dnsproxy.wire import hostport, name_to_key
@@ -442,17 +442,9 @@ def _clients_key(
     value: object, known: frozenset[str]
 ) -> tuple[tuple[Network, ...], frozenset[str]]:
     """A step's ``clients``: networks, and names of [clients] entries or [groups]."""
-    nets, names = [], set()
-    for item in options.string_tuple(value):
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-            continue
-        except ValueError:
-            pass
-        if item not in known:
-            listed = ", ".join(sorted(known)) or "none; declare names in [clients] or [groups]"
-            raise ValueError(
-                f"{item!r} is neither an IP network nor a client or group name (known: {listed})"
-            )
-        names.add(item)
-    return tuple(nets), frozenset(names)
+    return networks_and_names(
+        options.string_tuple(value),
+        known,
+        what="an IP network nor a client or group name",
+        none="none; declare names in [clients] or [groups]",
+    )
