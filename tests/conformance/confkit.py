@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -69,6 +70,21 @@ def _recv_exact(s: socket.socket, n: int) -> bytes | None:
             return None
         buf += chunk
     return buf
+
+
+def closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Seconds until the peer closed ``s`` (EOF or reset; TLS too), or None if it stayed open."""
+    start = time.monotonic()
+    s.settimeout(0.1)
+    while time.monotonic() - start < seconds:
+        try:
+            if s.recv(65535) == b"":
+                return time.monotonic() - start
+        except (TimeoutError, ssl.SSLWantReadError):
+            continue
+        except (ConnectionResetError, ssl.SSLError):
+            return time.monotonic() - start
+    return None
 
 
 def frame(data: bytes) -> bytes:

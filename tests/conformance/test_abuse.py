@@ -27,6 +27,7 @@ from tests.conformance.confkit import (
     alive,
     ask,
     blast,
+    closed_within,
     forward_config,
     frame,
     free_port,
@@ -67,21 +68,6 @@ def tproxy(tight, shared_upstream):
     return tight
 
 
-def _closed_within(s: socket.socket, seconds: float) -> float | None:
-    """Seconds until the peer closed ``s`` (EOF or reset), or None if it stayed open."""
-    start = time.monotonic()
-    s.settimeout(0.1)
-    while time.monotonic() - start < seconds:
-        try:
-            if s.recv(65535) == b"":
-                return time.monotonic() - start
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return time.monotonic() - start
-    return None
-
-
 def _query(name: str = "www.example.test", msg_id: int = 0x1234) -> bytes:
     return message(qname_wire(name) + struct.pack("!HH", 1, 1), msg_id=msg_id)
 
@@ -89,7 +75,7 @@ def _query(name: str = "www.example.test", msg_id: int = 0x1234) -> bytes:
 def test_idle_connection_closed(tproxy):
     """C5: connect and never send: closed at the idle timeout."""
     with socket.create_connection(tproxy.addr) as s:
-        took = _closed_within(s, 4 * IDLE)
+        took = closed_within(s, 4 * IDLE)
     assert took is not None and took < 3 * IDLE
 
 
@@ -106,7 +92,7 @@ def test_slowloris_closed_despite_trickle(tproxy):
             except (BrokenPipeError, ConnectionResetError):
                 closed = True
                 break
-            if _closed_within(s, 0.2) is not None:
+            if closed_within(s, 0.2) is not None:
                 closed = True
                 break
         took = time.monotonic() - start
@@ -150,7 +136,7 @@ def test_prefix_longer_than_data_closed_at_timeout(tproxy, claim):
     """C5: a prefix promising more than is sent: closed at the idle timeout, no hang."""
     with socket.create_connection(tproxy.addr) as s:
         s.sendall(struct.pack("!H", claim) + _query())
-        took = _closed_within(s, 4 * IDLE)
+        took = closed_within(s, 4 * IDLE)
     assert took is not None and took < 3 * IDLE
     assert alive(tproxy.addr)
 
@@ -221,7 +207,7 @@ def test_connection_limit(tproxy):
     try:
         time.sleep(0.2)
         with socket.create_connection(tproxy.addr) as extra:
-            assert _closed_within(extra, 0.5) is not None
+            assert closed_within(extra, 0.5) is not None
         assert ask(tproxy.addr, "udp.example.test").rcode() == 0
     finally:
         for c in conns:
@@ -428,9 +414,9 @@ def test_idle_connections_lock_no_client_out(tmp_path, upstream):
     others: list[socket.socket] = []
     try:
         with _connect(proxy.addr, "127.0.1.1") as over:  # the hog's 4th: refused at once
-            assert _closed_within(over, 1.0) is not None
+            assert closed_within(over, 1.0) is not None
         with _connect(proxy.addr, "127.0.1.1") as over:
-            assert _closed_within(over, 1.0) is not None
+            assert closed_within(over, 1.0) is not None
         active = _connect(proxy.addr, "127.0.1.2")  # another client gets in and is answered
         others.append(active)
         assert _tcp_answer(active, "other.example.test") == 0
@@ -441,8 +427,8 @@ def test_idle_connections_lock_no_client_out(tmp_path, upstream):
             others.append(late)
             assert _tcp_answer(late, f"late{i}.example.test") == 0  # served, not refused
             # The hog's connections were idle the longest: closed in connection order.
-            assert _closed_within(hog[i], 1.0) is not None
-        assert _closed_within(hog[2], 0.2) is None  # only as many as needed
+            assert closed_within(hog[i], 1.0) is not None
+        assert closed_within(hog[2], 0.2) is None  # only as many as needed
         assert _tcp_answer(active, "still.example.test") == 0  # recently active: kept
         log = proxy.log()
         assert log.count("reached max_tcp_per_client (3)") == 1
@@ -463,9 +449,9 @@ def test_idle_timeout_shrinks_as_the_table_fills(tmp_path, upstream):
         for _ in range(4):
             conns.append(_connect(proxy.addr, "127.0.0.1"))
             time.sleep(0.1)  # admitted in this order
-        took = _closed_within(conns[3], 3.0)  # the 4th waits at a full table: 0.5 s
+        took = closed_within(conns[3], 3.0)  # the 4th waits at a full table: 0.5 s
         assert took is not None and took < 2.0
-        assert _closed_within(conns[0], 0.1) is None  # the 1st waited at a quarter: 10 s
+        assert closed_within(conns[0], 0.1) is None  # the 1st waited at a quarter: 10 s
     finally:
         for s in conns:
             s.close()

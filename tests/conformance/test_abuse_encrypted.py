@@ -17,7 +17,15 @@ import httpx
 import pytest
 import trustme
 
-from tests.conformance.confkit import Proxy, alive, frame, free_port, wait_until
+from tests.conformance.confkit import (
+    Proxy,
+    alive,
+    closed_within,
+    frame,
+    free_port,
+    read_frame,
+    wait_until,
+)
 
 IDLE = 1.0
 MAX_CONNS = 20
@@ -54,8 +62,8 @@ class Listeners:
         q = dns.message.make_query("dot.example.test", "A")
         with self.tls() as s:
             s.sendall(frame(q.to_wire()))
-            head = _recv(s, 2)
-            return bool(head) and dns.message.from_wire(_recv(s, head[0] << 8 | head[1])).answer
+            answer = read_frame(s)
+            return answer is not None and bool(dns.message.from_wire(answer).answer)
 
     def doh_answers(self) -> bool:
         q = dns.message.make_query("doh.example.test", "A")
@@ -63,30 +71,6 @@ class Listeners:
             r = c.post(f"https://127.0.0.1:{self.doh[1]}/dns-query", content=q.to_wire(),
                        headers={"content-type": "application/dns-message"})  # fmt: skip
             return r.status_code == 200 and bool(dns.message.from_wire(r.content).answer)
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            return buf
-        buf += chunk
-    return buf
-
-
-def _closed_within(s: socket.socket, seconds: float) -> float | None:
-    start = time.monotonic()
-    s.settimeout(0.1)
-    while time.monotonic() - start < seconds:
-        try:
-            if s.recv(65535) == b"":
-                return time.monotonic() - start
-        except (TimeoutError, ssl.SSLWantReadError):
-            continue
-        except (ConnectionResetError, ssl.SSLError):
-            return time.monotonic() - start
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +91,7 @@ def test_dot_slowloris_closed_despite_trickle(lst: Listeners):
             except OSError:
                 closed = True
                 break
-            if _closed_within(s, 0.2) is not None:
+            if closed_within(s, 0.2) is not None:
                 closed = True
                 break
         took = time.monotonic() - start
@@ -128,10 +112,10 @@ def test_dot_pipeline_flood_and_oversize_garbage_frames(lst: Listeners):
         s.sendall(frame(random.Random(7).randbytes(65533)) + frame(good.to_wire()))
         seen = []
         for _ in range(2):
-            head = _recv(s, 2)
-            if len(head) < 2:
+            m = read_frame(s)
+            if m is None:
                 break
-            seen.append(_recv(s, head[0] << 8 | head[1]))
+            seen.append(m)
         assert any(len(m) >= 12 and m[:2] == b"\x10\x92" for m in seen)
     assert alive(lst.proxy.addr) and lst.dot_answers()
 
@@ -162,7 +146,7 @@ def test_doh_slowloris_closed_and_oversize_refused(lst: Listeners):
         took = None
         for _ in range(20):
             s.send(b"X: y\r\n")
-            took = _closed_within(s, 0.5)
+            took = closed_within(s, 0.5)
             if took is not None:
                 break
     assert took is not None
