@@ -18,12 +18,16 @@ aged as that step ages them. What is stored, and what still happens on a replay:
   `Step.packet_charge`, which may slip or drop it as the step would.
 - A client's view is the ACL's verdict and whether each client-dependent scope of the chain
   takes it: worked out once per client address (`view`), it is part of the key, so a reply
-  made for a client in a step's scope is never replayed to one outside it. A step whose
-  answers depend on anything else (the time of day) must not be pure, or must call
-  `Step.changed` when they change.
+  made for a client in a step's scope is never replayed to one outside it. A step's
+  ``active`` schedule is left out of views: no entry outlives the next change of any
+  schedule in the chain. A step whose answers depend on anything else must not be pure,
+  or must call `Step.changed` when they change.
 - Entries go at once when the chain is replaced (a reload builds a new packet cache), when
-  a step calls `Step.changed` (a list or file reloaded), when blocking is paused or resumed,
-  and on `clear` (`Server.flush`: SIGUSR1, the HTTP API, the dashboard's allow/block).
+  a step calls `Step.changed` (a list or file reloaded), when blocking is paused or resumed
+  (for all or for a group), when the client records change (leases, PTR answers: views are
+  worked out again), and on `clear` (`Server.flush`: SIGUSR1, the HTTP API, the
+  dashboard's allow/block).
+- A replay counts in the metrics of the step whose answer it is (`Step.packet_recount`).
 - At most ``[server] packet_cache_size`` entries, the oldest dropped first; 0 turns it off.
 - Observers see every replayed query, with the source of the step that made the reply.
 """
@@ -144,7 +148,12 @@ class PacketCache:
         end = data.find(0, 12)
         if end < 0:
             return False
-        if self._generations() != self.generation:
+        gen = self.generation  # compared one by one: no tuple per query
+        if (
+            self.chain.generation != gen[0]
+            or self.blocking.generation != gen[1]
+            or self.clients.generation != gen[2]
+        ):
             self.clear()
             return False
         key = prefix + data[2:end].lower() + data[end:]
@@ -240,11 +249,6 @@ class PacketCache:
         self.views[(host, transport)] = prefix
         return prefix
 
-    def forget_views(self) -> None:
-        """Work clients' views out again (the client table changed)."""
-        self.views.clear()
-        self.entries.clear()
-
     # --- storing ------------------------------------------------------------------------
 
     def store(self, q: Query, reply: Reply, out: bytes) -> None:
@@ -271,8 +275,10 @@ class PacketCache:
             return
         if self._generations() != self.generation:
             self.clear()
-        e = Entry(out, qend, q, reply)
+        # Walk the steps first: most refusals (a step not declared pure) come before any
+        # entry is made.
         accounts = []
+        life = recount = None
         source = reply.source
         for in_scope, step, role in self.walk:
             if in_scope is not None and not in_scope(q):
@@ -281,8 +287,7 @@ class PacketCache:
                 life = step.packet_lifetime(q)
                 if life is None:
                     return
-                self._age(e, out, life)
-                e.recount = step.packet_recount(q, reply)
+                recount = step.packet_recount(q, reply)
                 break
             if role == ACCOUNTANT:
                 account = step.packet_account(q, reply)
@@ -293,8 +298,12 @@ class PacketCache:
             if role == OPAQUE:
                 return
             if source == step.setup.name:
-                e.recount = step.packet_recount(q, reply)
+                recount = step.packet_recount(q, reply)
                 break  # the step that answered: the ones after it did not see the query
+        e = Entry(out, qend, q, reply)
+        if life is not None:
+            self._age(e, out, life)
+        e.recount = recount
         e.accounts = tuple(accounts)
         if self.schedules:
             for active in self.schedules:

@@ -299,7 +299,8 @@ class Server:
             send(error_wire(rej, self.edns_udp_size))
             return
         self.stats.queries += 1
-        q.client_id = client_id
+        if client_id is not None:  # DoT/DoH only: Query starts with None
+            q.client_id = client_id
         if self._observers:
             q.received = time.monotonic()
         if not self.allowed(client[0]):
