@@ -16,6 +16,7 @@ from pathlib import Path
 import dns.edns
 import dns.message
 import dns.query
+import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.svcbbase
 import httpx
@@ -344,3 +345,26 @@ def test_check_names_a_missing_key_and_a_key_that_does_not_match(tmp_path: Path)
     assert wrong.returncode != 0
     assert (f"config.toml: server: tls_key: {tmp_path / 'other.pem'} does not match the "
             f"certificate {tmp_path / 'cert.pem'}") in wrong.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_client_addresses_count_only_from_trusted_proxies(tmp_path, make_proxy, trusted):
+    """The ACL judges the forwarded address only when the connection is from a proxy in
+    ``trusted_proxies``; otherwise the connection's own address (here allowed) counts."""
+    server = 'allow = ["127.0.0.0/8"]\n'
+    if trusted:
+        server += 'trusted_proxies = ["127.0.0.0/8"]\n'
+    enc = Encrypted(tmp_path, make_proxy, server=server)
+    q = dns.message.make_query("www.example.test", "A")
+    cases = [
+        ({"x-forwarded-for": "203.0.113.9"}, "REFUSED" if trusted else "NOERROR"),
+        ({"forwarded": 'for="[2001:db8::1]:4711"'}, "REFUSED" if trusted else "NOERROR"),
+        ({"x-forwarded-for": "203.0.113.9, 127.0.0.5"}, "REFUSED" if trusted else "NOERROR"),
+        ({"x-forwarded-for": "127.0.0.7"}, "NOERROR"),
+        ({"x-forwarded-for": "not-an-address"}, "NOERROR"),  # garbage: the connection's
+    ]
+    with httpx.Client(http2=True, verify=enc.context()) as client:
+        for headers, rcode in cases:
+            r = client.post(enc.url(), content=q.to_wire(), headers={**CT, **headers})
+            assert r.status_code == 200, headers
+            assert dns.rcode.to_text(dns.message.from_wire(r.content).rcode()) == rcode, headers
