@@ -557,7 +557,13 @@ async def test_api_work_bounded(tmp_path, monkeypatch):
                     assert (await http.get("/metrics")).status_code == 503
             assert status == {1: 200, 2: 200, 3: 503}
             server.stop()
-    for bad in ("api_concurrency = 0", "api_queue = -1"):
+    for bad in (
+        "api_concurrency = 0",
+        "api_queue = -1",
+        'session_ttl = "10s"',
+        'login_window = "2d"',
+        "log_page_size = 5",
+    ):
         path = write_config(tmp_path, config_text(free_port(), free_port(), http=bad + "\n"))
         with pytest.raises(ConfigError, match=rf"http: option '{bad.split()[0]}'"):
             load(path)

@@ -40,6 +40,8 @@ def rows(path, sql="SELECT * FROM queries ORDER BY rowid"):
         ({"buffer": 0}, r"option 'buffer'"),
         ({"max_size_mb": "big"}, r"option 'max_size_mb' must be an integer"),
         ({"ipv6_prefix": 129}, r"option 'ipv6_prefix'"),
+        ({"prune_interval": "10ms"}, r"option 'prune_interval': must be between"),
+        ({"prune_interval": "2h"}, r"option 'prune_interval': must be between"),
         ({"jsnol": "q.jsonl"}, r"unknown option 'jsnol' \(did you mean 'jsonl'\?\)"),
     ],
 )
