@@ -45,7 +45,7 @@ import trio
 
 from dnsproxy import wire
 from dnsproxy.blocking import Blocking
-from dnsproxy.clients import Clients
+from dnsproxy.clients import Clients, client_address
 from dnsproxy.errors import ConfigError, StepFailed, StepTimeout
 from dnsproxy.reply import Reply, respond
 from dnsproxy.shared import Shared
@@ -408,17 +408,6 @@ def _zones_clients(
     if client_match:
         return lambda q: client_match(q.client[0])
     return None
-
-
-def client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A client's address as the ACL and scopes see it: zone id dropped, v4-mapped as v4."""
-    try:
-        addr = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def client_matcher(

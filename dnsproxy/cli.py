@@ -29,6 +29,7 @@ from dnsproxy.service import (
     Sockets,
     check_state_dir,
     drop_privileges,
+    event_text,
     journal_stderr,
     prepare_state_dir,
     service_user,
@@ -44,13 +45,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{ts} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
-        fields = getattr(record, "fields", None)
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        return f"{ts} {record.levelname.lower():7} {event_text(self, record)}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -55,10 +55,10 @@ def mac(text: str) -> str | None:
     return t.replace("-", ":") if _MAC.match(t) else None
 
 
-def ip(text: str) -> IP | None:
-    """An address as scopes see it (zone id dropped, v4-mapped as v4), or None."""
+def client_address(host: str) -> IP | None:
+    """A client's address as the ACL and scopes see it: zone id dropped, v4-mapped as v4."""
     try:
-        addr = ipaddress.ip_address(text.partition("%")[0])
+        addr = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -199,7 +199,7 @@ def _resolver(text: str) -> tuple[str, int]:
     from dnsproxy.config import Address  # config imports this module
 
     addr = Address.parse(text)
-    if ip(addr.host) is None:
+    if client_address(addr.host) is None:
         raise ValueError(f"{text!r}: the resolver must be an IP address (host:port)")
     return addr.host, addr.port
 
@@ -268,7 +268,7 @@ def parse_hosts(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         fields = line.partition("#")[0].split()
-        if len(fields) >= 2 and (addr := ip(fields[0])) is not None:
+        if len(fields) >= 2 and (addr := client_address(fields[0])) is not None:
             out.setdefault(str(addr), fields[1])
     return out
 
@@ -286,7 +286,7 @@ def parse_leases(text: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def _add(names: dict[str, str], macs: dict[str, str], addr: str, hw: str, host: str) -> None:
     host = host.strip().strip('"').rstrip(".")
-    a = ip(addr)
+    a = client_address(addr)
     if a is None or not host or host == "*":
         return
     names[str(a)] = host
@@ -320,7 +320,7 @@ def _isc(text: str) -> tuple[dict[str, str], dict[str, str]]:
         state = _ISC_STATE.search(body)
         host = _ISC_HOST.search(body)
         if state is not None and state.group(1) != "active":
-            names.pop(str(ip(addr)), None)
+            names.pop(str(client_address(addr)), None)
             continue
         if host is not None:
             hw = _ISC_HW.search(body)
@@ -351,7 +351,7 @@ def parse_neighbours(text: str) -> dict[str, str]:
         f = line.split()
         if len(f) < 4 or f[2] == "0x0" or (m := mac(f[3])) in (None, "00:00:00:00:00:00"):
             continue
-        if (a := ip(f[0])) is not None:
+        if (a := client_address(f[0])) is not None:
             out[str(a)] = m
     return out
 
@@ -433,7 +433,7 @@ class Clients:
     def address_of(self, client: str) -> tuple[str, str | None] | None:
         """(address, client id) to ask as ``client``: an address, or a client name (its
         first address or id in [clients], else an address the sources name it at)."""
-        if ip(client) is not None:
+        if client_address(client) is not None:
             return client, None
         for ident in self.config.identities:
             if ident.name == client:
@@ -450,7 +450,7 @@ class Clients:
         return None
 
     def _resolve(self, key: object, host: str, client_id: str | None) -> ClientRecord:
-        addr = ip(host)
+        addr = client_address(host)
         text = str(addr) if addr is not None else host
         name = self._by_id.get(client_id) if client_id is not None else None
         if name is None and addr is not None:

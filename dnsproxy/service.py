@@ -243,10 +243,16 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>"
-        line = f"{record.name}: {record.getMessage()}"
-        fields = getattr(record, "fields", None)
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return "\n".join(prefix + part for part in line.split("\n"))
+        return "\n".join(prefix + part for part in event_text(self, record).split("\n"))
+
+
+def event_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """``logger: message key=value ...``, then the traceback if there is one: what every
+    text log line says after its time and level (or journal priority)."""
+    line = f"{record.name}: {record.getMessage()}"
+    fields = getattr(record, "fields", None)
+    if fields:
+        line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+    if record.exc_info:
+        line += "\n" + formatter.formatException(record.exc_info)
+    return line
