@@ -76,6 +76,8 @@ class RateLimit(Step):
 
     ``clock`` is injectable because `query`/`response` are synchronous and unit tests may
     call them outside a Trio run; inside one, ``trio.current_time`` follows autojump_clock.
+    Without one, `run` binds the run's clock itself: it reads the same time, and
+    ``trio.current_time`` costs more than the rest of a packet-cache replay's charge.
     """
 
     Options = RateLimitOptions
@@ -85,6 +87,7 @@ class RateLimit(Step):
     ) -> None:
         super().__init__(opts, setup)
         self.clock = clock or trio.current_time
+        self.own_clock = clock is None  # `run` may bind the run's clock
         r = opts.responses_per_second
         self.answer_rate = r
         self.nodata_rate = r if opts.nodata_per_second is None else opts.nodata_per_second
@@ -181,7 +184,7 @@ class RateLimit(Step):
             self.counts["exempt"] += 1
             return reply
         name, kind, rate = self._account_of(q, reply)
-        over = self._debit(prefixes[0], name, kind, rate)
+        over = self._debit((prefixes[0], name, kind), rate)
         if over is None:
             self.counts["pass"] += 1
             return reply
@@ -200,10 +203,10 @@ class RateLimit(Step):
         return b"", ERRORS, self.error_rate
 
     def _debit(
-        self, prefix: str, name: bytes, kind: int, rate: int
+        self, key: tuple[str, bytes, int], rate: int
     ) -> tuple[Account, tuple[str, bytes, int], int, float] | None:
-        """Debit one response to ``prefix``; the account over its limit, if any."""
-        key = (prefix, name, kind)
+        """Debit one response to account ``key`` (prefix, name, kind); the account over
+        its limit, if any."""
         now = self.clock()
         acct = None
         if rate:
@@ -212,7 +215,7 @@ class RateLimit(Step):
                 acct = None
         all_rate = self.all_rate
         if all_rate:
-            all_key = (prefix, b"", ALL)
+            all_key = (key[0], b"", ALL)
             total = self.responses.debit(all_key, all_rate, -self.window * all_rate, now)
             if total.balance < 0:
                 acct, key, rate = total, all_key, all_rate
@@ -220,45 +223,64 @@ class RateLimit(Step):
 
     # --- replays from the server's packet cache ------------------------------------------
 
-    def packet_account(self, q: Query, reply: Reply) -> Any:
+    def packet_account(self, q: Query, reply: Reply) -> Replay | None:
         """A replay of ``reply`` to ``q`` is debited as `response` debited it: to the
-        account (name, kind, rate) without the client's prefix (``"tcp"`` off UDP). None
-        for a reply this step made or limited: those are never replayed."""
+        account (name, kind, rate) of the replaying client's prefix (counted ``"tcp"`` off
+        UDP). None for a reply this step made or limited: those are never replayed."""
         if q.notes is not None and "ratelimit" in q.notes:
             return None
         if q.qtype == ANY and self.options.minimal_any:
             return None
         if q.transport != "udp":
-            return "tcp"
-        return self._account_of(q, reply)
+            return Replay(b"", 0, 0, 0.0, udp=False)
+        name, kind, rate = self._account_of(q, reply)
+        return Replay(name, kind, rate, -self.window * rate)
 
     def packet_charge(
-        self, host: str, account: Any
+        self, host: str, account: Replay
     ) -> Callable[[Query, Reply], Reply | None] | None:
         """`query` and `response` for one replay: the query limit, then RRL. None: send
-        the reply; else the function that limits it (slip, drop) on the parsed query."""
-        if account == "tcp":
+        the reply; else the function that limits it (slip, drop) on the parsed query.
+
+        The client's prefixes and account key are kept in ``account`` for the next replay
+        from the same client (clients repeat their questions), so the common replay costs
+        a string compare, a clock read and `Table.debit`."""
+        if not account.udp:
             self.counts["tcp"] += 1
             return None
-        if self.qps:
-            prefixes = self.prefixes(host)
-            if prefixes is not None:
-                now = self.clock()
-                acct = self.queries.take(prefixes[1], self.qps, self.burst, now)
-                if acct is not None:
-                    return functools.partial(self._replay_over_query_limit, prefixes, acct, now)
-        if not self.rrl:
-            self.counts["pass"] += 1
+        if host != account.host:
+            prefixes = account.prefixes = self.prefixes(host)
+            account.key = None if prefixes is None else (prefixes[0], account.name, account.kind)
+            account.host = host
+        prefixes = account.prefixes
+        if self.qps and prefixes is not None:
+            now = self.clock()
+            acct = self.queries.take(prefixes[1], self.qps, self.burst, now)
+            if acct is not None:
+                return functools.partial(self._replay_over_query_limit, prefixes, acct, now)
+        key = account.key
+        rate = account.rate
+        if key is None or not self.rrl:
+            self.counts["exempt" if self.rrl else "pass"] += 1
             return None
-        prefixes = self.prefixes(host)
-        if prefixes is None:
-            self.counts["exempt"] += 1
-            return None
-        over = self._debit(prefixes[0], *account)
+        if rate and not self.all_rate:  # `_debit` inlined: this runs per replay
+            now = self.clock()
+            acct = self.responses.debit(key, rate, account.floor, now)
+            over = None if acct.balance >= 0 else (acct, key, rate, now)
+        else:
+            over = self._debit(key, rate)
         if over is None:
             self.counts["pass"] += 1
             return None
-        return lambda q, reply: self._limited(q, reply, *over)
+        return functools.partial(self._replay_limited, over)
+
+    def _replay_limited(
+        self,
+        over: tuple[Account, tuple[str, bytes, int], int, float],
+        q: Query,
+        reply: Reply,
+    ) -> Reply | None:
+        return self._limited(q, reply, *over)
 
     def _replay_over_query_limit(
         self, prefixes: tuple[str, str], acct: Account, now: float, q: Query, reply: Reply
@@ -315,6 +337,10 @@ class RateLimit(Step):
             self._log_suppressed = 0
         self.log.warning("%s: %s", self.setup.where, line)
 
+    async def run(self) -> None:
+        if self.own_clock:
+            self.clock = trio.lowlevel.current_clock().current_time
+
     def inherit(self, previous: Step) -> None:
         """Take over the accounts and counters of the step this one replaces on reload."""
         if not isinstance(previous, RateLimit):
@@ -344,6 +370,26 @@ class RateLimit(Step):
             Metric("evictions", evictions, help="accounts forgotten because a table was full"),
             Metric("entries", entries, kind="gauge", help="accounts held"),
         ]
+
+
+class Replay:
+    """What packet-cache replays of one reply are charged to (`RateLimit.packet_account`):
+    the RRL account's name, kind and rate, and the last replaying client's prefixes and
+    account key."""
+
+    __slots__ = ("floor", "host", "key", "kind", "name", "prefixes", "rate", "udp")
+
+    def __init__(
+        self, name: bytes, kind: int, rate: int, floor: float, *, udp: bool = True
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.rate = rate
+        self.floor = floor  # the most the account may owe (`Table.debit`)
+        self.udp = udp  # off UDP a replay is only counted
+        self.host: str | None = None  # the client ``prefixes`` and ``key`` are of
+        self.prefixes: tuple[str, str] | None = None  # None: an exempt client
+        self.key: tuple[str, bytes, int] | None = None
 
 
 def describe(key: tuple[str, bytes, int]) -> str:

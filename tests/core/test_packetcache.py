@@ -127,6 +127,44 @@ async def test_ratelimit_accounts_and_limits_replays_as_the_chain_does(tmp_path,
     assert counts["pass"] == 3 and counts["slip"] + counts["drop"] == 9
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [
+        "responses_per_second = 3\nslip = 2\n",
+        "all_per_second = 4\n",
+        'responses_per_second = 5\nqueries_per_second = 3\nqueries_action = "drop"\n',
+    ],
+)
+async def test_replays_to_clients_sharing_an_entry_are_charged_to_each_ones_account(
+    tmp_path, nursery, limits
+):
+    # One view, so one entry for all: a replay must not be charged to the prefix of the
+    # client the entry last served (it keeps that client's account key).
+    chain = f'[[chain]]\nplugin = "ratelimit"\n{limits}exempt = ["127.0.2.0/24"]\n' + HOSTS
+    clients = ["127.0.0.1", "127.0.1.1", "127.0.2.1", "127.0.0.1", "127.0.0.9", "127.0.1.1"]
+    outcomes = []
+    for size in (0, 100):
+        path = tmp_path / str(size)
+        path.mkdir()
+        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        seen = []
+        for _ in range(6):
+            for client in clients:
+                r = ask(server, "printer.lan", client=client)
+                seen.append(
+                    "dropped" if r is None else "TC" if r.flags & dns.flags.TC else address(r)
+                )
+        step = server.chain.steps[0]
+        outcomes.append((seen, dict(step.counts), dict(step.query_counts)))
+        if size:
+            assert hits(server) >= 10
+        server.stop()
+    assert outcomes[0] == outcomes[1]
+    seen, counts, _ = outcomes[1]
+    assert "dropped" in seen and counts["exempt"] == 6
+    assert all(s == "192.0.2.7" for s in seen[2::6])  # the exempt client
+
+
 async def test_observers_see_every_replayed_query_with_its_source(tmp_path):
     server = make_server(
         tmp_path, HOSTS + '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n'

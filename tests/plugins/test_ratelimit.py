@@ -337,6 +337,18 @@ def test_injected_clock_outside_trio():
     assert step.response(q, reply) is reply
 
 
+async def test_run_binds_the_runs_clock_unless_one_is_injected(autojump_clock):
+    step = rl(responses_per_second=1)
+    await step.run()
+    start = step.clock()
+    assert start == trio.current_time()
+    await trio.sleep(7)
+    assert step.clock() - start == 7  # the autojump clock's time, read more cheaply
+    injected = RateLimit(step.options, make_setup("ratelimit"), clock=lambda: 1.5)
+    await injected.run()
+    assert injected.clock() == 1.5
+
+
 def test_metrics_and_flush():
     now = [0.0]
     step = RateLimit(
