@@ -69,6 +69,7 @@ class Entry:
     __slots__ = (
         "accounts",
         "base",
+        "due",
         "expires",
         "head",
         "notes",
@@ -93,6 +94,7 @@ class Entry:
         self.accounts: tuple[tuple[Charge, Any], ...] = ()
         self.recount: Callable[[], None] | None = None  # the answering step's counter
         self.expires: float | None = None  # None: holds until invalidated
+        self.due: float | None = None  # when a replay must first see `PacketCache._tick`
         self.base = 0.0  # when the aged TTLs reach 0 (packet cache clock)
         self.offsets: tuple[int, ...] = ()  # TTLs to age, as offsets into ``tail``
         self.shown = -1
@@ -121,7 +123,8 @@ class PacketCache:
         self.views: dict[tuple[str, str], bytes] = {}  # (address, transport): key prefix
         self.view_ids: dict[tuple[bool, ...], int] = {}
         self.generation = self._generations()
-        self.hits = 0
+        self.stats = server.stats
+        self.hits_before = server.stats.packet_hits
         # The client-only part of each client-dependent scope: a client's view. Schedules
         # are left out here: they change with time, not with the client (see `schedules`).
         self.view_tests = tuple(
@@ -136,17 +139,24 @@ class PacketCache:
         )
         self.walk = tuple((link.in_scope, link.step, _role(link.step)) for link in self.chain.links)
 
+    @property
+    def hits(self) -> int:
+        """Queries this packet cache answered (limited replays are not counted)."""
+        return self.stats.packet_hits - self.hits_before
+
     # --- the hot path -------------------------------------------------------------------
 
     def answer(self, data: bytes, client: tuple[str, int], transport: str, send: Sender) -> bool:
-        """Answer ``data`` if its reply is here (True), else leave it to the chain."""
-        prefix = self.views.get((client[0], transport))
+        """Answer ``data`` if its reply is here (True), else leave it to the chain.
+
+        ``send`` is called before this returns, if at all (the UDP listener relies on it).
+        """
+        host = client[0]
+        prefix = self.views.get((host, transport))
         if prefix is None:
-            prefix = self._view(client[0], transport)
-        if not prefix:
-            return False
+            prefix = self._view(host, transport)
         end = data.find(0, 12)
-        if end < 0:
+        if not prefix or end < 0:
             return False
         gen = self.generation  # compared one by one: no tuple per query
         if (
@@ -160,31 +170,23 @@ class PacketCache:
         e = self.entries.get(key)
         if e is None:
             return False
-        expires = e.expires
-        if expires is not None:
+        if e.due is not None:
             now = self.clock()
-            if now >= expires:
-                del self.entries[key]
+            if now >= e.due and not self._tick(e, key, now):
                 return False
-            if e.offsets:
-                ttl = int(e.base - now)
-                if ttl != e.shown:
-                    e.retime(ttl)
         qend = e.qend
         out = b"".join((data[:2], e.head, data[12:qend], e.tail))
-        server = self.server
-        observers = server._observers
+        observers = self.server._observers
         start = time.monotonic() if observers else 0.0
         if e.accounts:
             for charge, account in e.accounts:
-                finish = charge(client[0], account)
+                finish = charge(host, account)
                 if finish is not None:
                     self._limited(e, finish, data, client, transport, send, out, start)
                     return True
-        stats = server.stats
+        stats = self.stats
         stats.queries += 1
         stats.packet_hits += 1
-        self.hits += 1
         if e.recount is not None:
             e.recount()
         send(out)
@@ -196,6 +198,23 @@ class PacketCache:
             elapsed = time.monotonic() - start
             for observe in observers:
                 observe(q, e.reply, elapsed)
+        return True
+
+    def _tick(self, e: Entry, key: bytes, now: float) -> bool:
+        """At ``e.due``: forget ``e`` if it expired (False), else age its TTLs to ``now``
+        and note when to look again."""
+        expires = e.expires
+        assert expires is not None  # ``due`` is set only with ``expires``
+        if now >= expires:
+            del self.entries[key]
+            return False
+        if e.offsets:
+            ttl = int(e.base - now)
+            if ttl != e.shown:
+                e.retime(ttl)
+            e.due = min(expires, e.base - e.shown)  # when int(base - now) changes
+        else:
+            e.due = expires
         return True
 
     def _limited(
@@ -311,6 +330,8 @@ class PacketCache:
             left = min(active.until - active.clock() for active in self.schedules)
             change = self.clock() + left
             e.expires = change if e.expires is None else min(e.expires, change)
+        if e.expires is not None:  # the first replay ages its TTLs, if any (`_tick`)
+            e.due = self.clock() if e.offsets else e.expires
         entries = self.entries
         if len(entries) >= self.size:
             del entries[next(iter(entries))]

@@ -283,11 +283,19 @@ class Server:
         with the response bytes, or with None when nothing is to be sent. ``client_id``
         is the DoT/DoH client identifier (`Query.client_id`).
         """
-        # --- packet cache: a reply the chain gave before, replayed from the bytes ---
-        packets = self.packets
-        if packets is not None and packets.answer(data, client, transport, send):
-            return
-        # --- end packet cache ---
+        packets = self.packets  # a reply the chain gave before, replayed from the bytes
+        if packets is None or not packets.answer(data, client, transport, send):
+            self.handle_chain(data, client, transport, send, client_id)
+
+    def handle_chain(
+        self,
+        data: bytes,
+        client: tuple[str, int],
+        transport: str,
+        send: Sender,
+        client_id: str | None = None,
+    ) -> None:
+        """`handle` past the packet cache: parse ``data`` and run it through the chain."""
         try:
             q = parse_query(data, client, transport)
         except Drop:
@@ -333,6 +341,7 @@ class Server:
             self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
             return
         out = self._send(q, result, send)  # type: ignore[arg-type]
+        packets = self.packets
         if packets is not None and out is not None:  # packet cache: keep it to replay
             packets.store(q, result, out)  # type: ignore[arg-type]
 
@@ -460,9 +469,24 @@ class Server:
     # --- listeners ----------------------------------------------------------------------
 
     async def _udp_loop(self, sock: socket.socket) -> None:
+        """Read datagrams while there are any (``UDP_BATCH`` at most, then other tasks get
+        a turn) and answer each: from the packet cache at once, else through the chain."""
         recvfrom = sock.recvfrom
         sendto = sock.sendto
-        handle = self.handle
+        stats = self.stats
+        chain = self.handle_chain
+        v6 = sock.family == socket.AF_INET6  # (host, port, flowinfo, scope): the client is [:2]
+        addr: Any = None
+
+        def send_now(out: bytes | None) -> None:
+            """`Sender` of the datagram being handled: the packet cache sends before
+            `PacketCache.answer` returns, so no function per datagram is made for it."""
+            if out is not None:
+                try:
+                    sendto(out, addr)
+                except OSError:
+                    stats.dropped += 1  # send buffer full: UDP may drop
+
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(UDP_BATCH):
@@ -472,19 +496,28 @@ class Server:
                     break
                 except OSError:
                     continue
-
-                def send(out: bytes | None, addr: Any = addr) -> None:
-                    if out is None:
-                        return
-                    try:
-                        sendto(out, addr)
-                    except OSError:
-                        self.stats.dropped += 1  # send buffer full: UDP may drop
-
+                client = addr[:2] if v6 else addr
                 try:
-                    handle(data, addr[:2], "udp", send)
+                    # No local for the packet cache: it would keep a retired chain alive.
+                    if self.packets is None or not self.packets.answer(
+                        data, client, "udp", send_now
+                    ):
+                        chain(data, client, "udp", self._udp_sender(sendto, addr))
                 except Exception as exc:  # a bug must cost one query, not the listener
                     self._internal_error("udp", exc)
+
+    def _udp_sender(self, sendto: Callable[[bytes, Any], int], addr: Any) -> Sender:
+        """The `Sender` of a datagram the chain answers, maybe after I/O: bound to its
+        client address."""
+
+        def send(out: bytes | None) -> None:
+            if out is not None:
+                try:
+                    sendto(out, addr)
+                except OSError:
+                    self.stats.dropped += 1  # send buffer full: UDP may drop
+
+        return send
 
     async def _tcp_accept(self, sock: socket.socket, ctx: ssl.SSLContext | None = None) -> None:
         """Accept TCP connections (DoT ones when ``ctx`` is given) into the one table."""

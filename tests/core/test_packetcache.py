@@ -209,6 +209,28 @@ async def test_ttls_age_as_the_cache_ages_them_and_the_entry_expires(tmp_path):
     assert hits(server) == 1
 
 
+async def test_replayed_ttls_count_down_as_the_caches_between_and_across_seconds(tmp_path):
+    chain = '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\nttl = 100\n'
+    shown = []
+    for size in (0, 100):
+        now = [1000.0]
+        path = tmp_path / str(size)
+        path.mkdir()
+        server = make_server(path, chain, f"packet_cache_size = {size}")
+        server.chain.steps[0].clock = lambda now=now: now[0]
+        if server.packets is not None:
+            server.packets.clock = lambda now=now: now[0]
+        ttls = []
+        for step in (0, 0, 0.25, 0.5, 0.125, 0.125, 1.0, 0.75, 0.125, 0.5, 2.0, 0.0625):
+            now[0] += step
+            ttls.append(ask(server, "a.example").answer[0].ttl)
+        shown.append(ttls)
+        if size:
+            assert hits(server) == 10
+    assert shown[0] == shown[1], shown
+    assert shown[1][:2] == [100, 100] and shown[1][-1] < 97
+
+
 async def test_a_step_not_declared_pure_is_never_replayed(tmp_path):
     server = make_server(tmp_path, HOSTS + '[[chain]]\nplugin = "static"\n')
     for _ in range(3):
@@ -392,3 +414,50 @@ async def test_replays_count_in_the_answering_steps_metrics(tmp_path, nursery):
     assert seen[0] == seen[1]
     assert seen[1]["cache.hits{}"] == 3
     assert sum(v for k, v in seen[1].items() if k.startswith("blocklist.blocked")) == 4
+
+
+async def test_udp_replays_and_chain_answers_reach_each_client_and_every_observer(
+    tmp_path, nursery
+):
+    # Replays are sent before the next datagram is read, chain answers later (after I/O):
+    # both must go to the client that asked, over IPv4 and IPv6, and be observed.
+    chain = HOSTS + '[[chain]]\nplugin = "later"\ndelay = 0.05\n'
+    make_server(tmp_path, chain)  # writes the config, then a listener on [::1] is added
+    path = tmp_path / "config.toml"
+    text = path.read_text().replace('"127.0.0.1:0"', '"127.0.0.1:0", "[::1]:0"')
+    path.write_text(text.replace('"127.0.0.0/8"', '"127.0.0.0/8", "::1"'))
+    server = Server(path, handle_signals=False)
+    bound = await nursery.start(server.run)
+    seen: list[tuple[str, str]] = []
+    server._observers = (lambda q, reply, elapsed: seen.append((q.client[0], reply.source)),)
+    udp = {":" in host: (host, port) for kind, host, port in bound if kind == "udp"}
+    clients = [("127.0.0.1", False), ("127.0.0.2", False), ("::1", True)]
+    socks = []
+    for host, v6 in clients:
+        sock = trio.socket.socket(
+            trio.socket.AF_INET6 if v6 else trio.socket.AF_INET, trio.socket.SOCK_DGRAM
+        )
+        await sock.bind((host, 0))
+        await sock.connect(udp[v6])
+        socks.append(sock)
+    sent: list[dict[int, str]] = [{} for _ in socks]
+    with trio.fail_after(10):
+        for i in range(30):  # interleaved, without waiting for answers
+            for n, sock in enumerate(socks):
+                name = "printer.lan" if i % 2 else f"n{i}.example"
+                q = dns.message.make_query(name, "A")
+                q.id = 1000 * n + i
+                sent[n][q.id] = name + "."
+                await sock.send(q.to_wire())
+        for n, sock in enumerate(socks):
+            got = {}
+            while len(got) < len(sent[n]):
+                r = dns.message.from_wire(await sock.recv(4096))
+                got[r.id] = r.question[0].name.to_text()
+            assert got == sent[n]
+    assert hits(server) >= 3 * 14
+    for host, _ in clients:
+        assert seen.count((host, "hosts")) == 15 and seen.count((host, "later")) == 15
+    for sock in socks:
+        sock.close()
+    server.stop()
