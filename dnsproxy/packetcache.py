@@ -158,11 +158,9 @@ class PacketCache:
         end = data.find(0, 12)
         if not prefix or end < 0:
             return False
-        gen = self.generation  # compared one by one: no tuple per query
         if (
-            self.chain.generation != gen[0]
-            or self.blocking.generation != gen[1]
-            or self.clients.generation != gen[2]
+            self.chain.generation + self.blocking.generation + self.clients.generation
+            != self.generation
         ):
             self.clear()
             return False
@@ -356,9 +354,10 @@ class PacketCache:
             if r.rtype != wire.OPT and U32.unpack_from(out, r.ttl_off)[0] == shown
         )
 
-    def _generations(self) -> tuple[int, int, int]:
-        """What invalidates entries: list changes, blocking pauses, client records."""
-        return self.chain.generation, self.blocking.generation, self.clients.generation
+    def _generations(self) -> int:
+        """What invalidates entries: list changes, blocking pauses, client records. Each
+        count only grows, so their sum changes whenever one does."""
+        return self.chain.generation + self.blocking.generation + self.clients.generation
 
     def clear(self) -> None:
         """Forget every entry and view (and note the generations now current)."""

@@ -242,9 +242,18 @@ class RateLimit(Step):
         """`query` and `response` for one replay: the query limit, then RRL. None: send
         the reply; else the function that limits it (slip, drop) on the parsed query.
 
-        The client's prefixes and account key are kept in ``account`` for the next replay
-        from the same client (clients repeat their questions), so the common replay costs
-        a string compare, a clock read and `Table.debit`."""
+        ``account`` keeps what it was charged to for the last client that got it: clients
+        repeat their questions, so the common replay (RRL on one account only) debits
+        that `Account` directly while it is still in the table."""
+        acct = account.acct
+        if acct is not None and host == account.host and account.epoch == self.responses.epoch:
+            key = account.key
+            self.responses.accounts.move_to_end(key)  # as `Table.debit` does
+            now = self.clock()
+            if acct.debit(account.rate, account.floor, now) >= 0:
+                self.counts["pass"] += 1
+                return None
+            return functools.partial(self._replay_limited, (acct, key, account.rate, now))
         if not account.udp:
             self.counts["tcp"] += 1
             return None
@@ -252,6 +261,7 @@ class RateLimit(Step):
             prefixes = account.prefixes = self.prefixes(host)
             account.key = None if prefixes is None else (prefixes[0], account.name, account.kind)
             account.host = host
+        account.acct = None
         prefixes = account.prefixes
         if self.qps and prefixes is not None:
             now = self.clock()
@@ -259,16 +269,13 @@ class RateLimit(Step):
             if acct is not None:
                 return functools.partial(self._replay_over_query_limit, prefixes, acct, now)
         key = account.key
-        rate = account.rate
         if key is None or not self.rrl:
             self.counts["exempt" if self.rrl else "pass"] += 1
             return None
-        if rate and not self.all_rate:  # `_debit` inlined: this runs per replay
-            now = self.clock()
-            acct = self.responses.debit(key, rate, account.floor, now)
-            over = None if acct.balance >= 0 else (acct, key, rate, now)
-        else:
-            over = self._debit(key, rate)
+        over = self._debit(key, account.rate)
+        if account.rate and not (self.all_rate or self.qps):  # RRL on one account only
+            account.acct = self.responses.accounts[key]
+            account.epoch = self.responses.epoch
         if over is None:
             self.counts["pass"] += 1
             return None
@@ -350,8 +357,8 @@ class RateLimit(Step):
         self.any_count = previous.any_count
 
     def flush(self) -> None:
-        self.responses.accounts.clear()
-        self.queries.accounts.clear()
+        self.responses.clear()
+        self.queries.clear()
 
     def metrics(self) -> list[Metric]:
         out = [
@@ -377,7 +384,7 @@ class Replay:
     the RRL account's name, kind and rate, and the last replaying client's prefixes and
     account key."""
 
-    __slots__ = ("floor", "host", "key", "kind", "name", "prefixes", "rate", "udp")
+    __slots__ = ("acct", "epoch", "floor", "host", "key", "kind", "name", "prefixes", "rate", "udp")
 
     def __init__(
         self, name: bytes, kind: int, rate: int, floor: float, *, udp: bool = True
@@ -390,6 +397,8 @@ class Replay:
         self.host: str | None = None  # the client ``prefixes`` and ``key`` are of
         self.prefixes: tuple[str, str] | None = None  # None: an exempt client
         self.key: tuple[str, bytes, int] | None = None
+        self.acct: Account | None = None  # ``key``'s, when RRL debits nothing else
+        self.epoch = 0  # the responses table's epoch when ``acct`` was taken
 
 
 def describe(key: tuple[str, bytes, int]) -> str:

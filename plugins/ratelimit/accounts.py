@@ -27,33 +27,44 @@ class Account:
         self.slips = 0  # limited responses since the last slip, modulo ``slip``
         self.logged = False  # "now limiting" was logged; cleared on full recovery
 
+    def debit(self, rate: int, floor: float, now: float) -> float:
+        """RRL: earn ``rate``/s since last use (hold at most ``rate``), pay one, owe ≤
+        ``floor``; the balance left."""
+        balance = self.balance + (now - self.time) * rate
+        self.time = now
+        if balance >= rate:
+            balance = rate
+            self.logged = False  # fully recovered: a new episode gets a new log line
+        balance -= 1
+        self.balance = balance = balance if balance > floor else floor
+        return balance
+
 
 class Table:
     """Accounts in least-recently-used order, never more than ``size`` of them."""
 
-    __slots__ = ("accounts", "evictions", "size")
+    __slots__ = ("accounts", "epoch", "evictions", "size")
 
     def __init__(self, size: int) -> None:
         self.accounts: OrderedDict[Hashable, Account] = OrderedDict()
         self.size = size
         self.evictions = 0
+        self.epoch = 0  # counts removals: an Account held from an older epoch may be gone
 
     def debit(self, key: Hashable, rate: int, floor: float, now: float) -> Account:
-        """RRL: earn ``rate``/s since last use (hold at most ``rate``), pay one, owe ≤ floor."""
+        """`Account.debit` the account of ``key`` (a new one holds ``rate``)."""
         accounts = self.accounts
-        acct = accounts.get(key)  # inlined `_get` and `_earn`: this runs per response
+        acct = accounts.get(key)
         if acct is None:
             acct = self._new(key, rate, now)
         else:
             accounts.move_to_end(key)
-        balance = acct.balance + (now - acct.time) * rate
-        acct.time = now
-        if balance >= rate:
-            balance = rate
-            acct.logged = False  # fully recovered: a new episode gets a new log line
-        balance -= 1
-        acct.balance = balance if balance > floor else floor
+        acct.debit(rate, floor, now)
         return acct
+
+    def clear(self) -> None:
+        self.accounts.clear()
+        self.epoch += 1
 
     def take(self, key: Hashable, rate: int, burst: int, now: float) -> Account | None:
         """Token bucket: take one token, or return the account when there is none."""
@@ -78,6 +89,7 @@ class Table:
         if len(accounts) >= self.size:
             accounts.popitem(last=False)
             self.evictions += 1
+            self.epoch += 1
         acct = accounts[key] = Account(initial, now)
         return acct
 
