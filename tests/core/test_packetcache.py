@@ -461,3 +461,36 @@ async def test_udp_replays_and_chain_answers_reach_each_client_and_every_observe
     for sock in socks:
         sock.close()
     server.stop()
+
+
+@pytest.mark.parametrize("event", ["eviction", "flush"])
+async def test_a_replay_never_debits_an_account_the_table_forgot(tmp_path, nursery, event):
+    # A replay keeps the account it debited last; once the table forgets that account (a
+    # full table evicts it, a flush clears it), the next debit must go to a new one.
+    # Limited replays (drops) show the difference: a new account starts full.
+    size = 1 if event == "eviction" else 100
+    chain = (
+        f'[[chain]]\nplugin = "ratelimit"\nresponses_per_second = 4\nslip = 0\n'
+        f"max_table_size = {size}\n"
+        '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.7 a.lan", "192.0.2.8 b.lan"]\n'
+    )
+    outcomes = []
+    for cache_size in (0, 100):
+        path = tmp_path / str(cache_size)
+        path.mkdir()
+        config = f"packet_cache_size = {cache_size}"
+        server = await running(nursery, make_server(path, chain, config))
+        seen = []
+        for i in range(12):
+            names = ("a.lan", "b.lan") if event == "eviction" else ("a.lan",)
+            for name in names:
+                r = ask(server, name)
+                seen.append("dropped" if r is None else address(r))
+            if event == "flush" and i % 6 == 5:
+                server.chain.steps[0].flush()  # the accounts only: replies stay replayable
+        outcomes.append(seen)
+        if cache_size:
+            assert hits(server) >= 6
+        server.stop()
+    assert outcomes[0] == outcomes[1]
+    assert "dropped" in outcomes[1] if event == "flush" else "dropped" not in outcomes[1]
