@@ -381,8 +381,9 @@ class RateLimit(Step):
 
 class Replay:
     """What packet-cache replays of one reply are charged to (`RateLimit.packet_account`):
-    the RRL account's name, kind and rate, and the last replaying client's prefixes and
-    account key."""
+    the RRL account's name, kind and rate, and for the last client that got the replay
+    its prefixes, account key and (while the table holds it) `Account`, so the next
+    replay to that client is debited without a lookup."""
 
     __slots__ = ("acct", "epoch", "floor", "host", "key", "kind", "name", "prefixes", "rate", "udp")
 
