@@ -11,8 +11,9 @@ changes of a few per cent. It builds the real
 `Server` on a config like the benchmarks' (nsd on loopback as the upstream) and feeds
 query packets to `Server.handle` directly, with a send function that keeps the answers.
 
-- ``hit``: 1000 names, cached after a warm-up; microseconds of Python per answer.
-- ``blocked``: 1000 names of basic.hosts; microseconds of Python per blocked answer.
+- ``hit``: 1000 names, cached after a warm-up; microseconds of Python per answer, and the
+  Python opcodes and calls one answer runs (a count no load on the machine changes).
+- ``blocked``: 1000 names of basic.hosts; the same per blocked answer.
 - ``miss``: forward only, 200 queries kept outstanding like dnsperf; user and system CPU
   per query (upstream sockets included, the client's datagrams not).
 
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import dns.message
 import trio
@@ -85,6 +87,32 @@ def synchronous(server: Server, pkts: list[bytes], rounds: int) -> float:
     return best * 1e6
 
 
+def opcodes(server: Server, pkt: bytes) -> tuple[int, int]:
+    """Python opcodes run and Python functions entered by `Server.handle` for one packet
+    answered without I/O: counts that do not depend on how loaded the machine is (C work,
+    such as dict lookups and byte slicing, is not in them)."""
+    ops = calls = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal ops, calls
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            ops += 1
+        elif event == "call":
+            calls += 1
+        return trace
+
+    out: list[bytes | None] = []
+    sys.settrace(trace)
+    try:
+        server.handle(pkt, CLIENT, "udp", out.append)
+    finally:
+        sys.settrace(None)
+    if not out or out[0] is None:
+        raise SystemExit("the query was not answered at once: not a hit/blocked path")
+    return ops, calls
+
+
 async def measure(args: argparse.Namespace, config: Path, names: list[str]) -> str:
     server = Server(config, handle_signals=False)
     pkts = packets(names)
@@ -102,6 +130,8 @@ async def measure(args: argparse.Namespace, config: Path, names: list[str]) -> s
             raise SystemExit("not blocked: is blocklist in --steps?")
         if args.kind != "miss":
             result = f"{synchronous(server, pkts, args.rounds):.2f} µs of Python per answer"
+            ops, calls = opcodes(server, pkts[0])
+            result += f" ({ops} opcodes, {calls} Python calls)"
         else:
             best = (float("inf"), 0.0)
             for _ in range(args.rounds):
