@@ -216,7 +216,8 @@ def finalize(reply: Reply, query: Query, edns_udp_size: int) -> bytes:
             opt = _PLAIN_OPT.get((edns_udp_size, query.do)) or _PLAIN_OPT.setdefault(
                 (edns_udp_size, query.do), _opt_record(edns_udp_size, query.do, ())
             )
-    if len(w) + len(opt) > limit_for(query, edns_udp_size):
+    size = len(w) + len(opt)
+    if size > 512 and size > limit_for(query, edns_udp_size):  # no limit is below 512
         return _truncated(reply, query, edns_udp_size)
     qname = query.qname
     qend = 12 + len(qname)

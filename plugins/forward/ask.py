@@ -164,6 +164,7 @@ class Ask:
         "sent",
         "then",
         "timeouts",
+        "tried",
         "up",
         "via",
     )
@@ -185,7 +186,8 @@ class Ask:
         self.req = Request(
             q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
         )
-        self.order = iter(order)
+        self.order = order
+        self.tried = 0  # upstreams of ``order`` asked so far
         self.deadline = trio.current_time() + fwd.options.budget
         self.timeouts = 0
         self.errors: list[str] = []
@@ -198,14 +200,16 @@ class Ask:
 
     def next(self) -> None:
         """Ask the next upstream, or give up."""
-        up = next(self.order, None)
-        if up is None or (self.up is not None and trio.current_time() >= self.deadline):
+        tried = self.tried
+        if tried == len(self.order) or (tried and trio.current_time() >= self.deadline):
             self.lost()
             return
-        self.up = up
-        self.health = self.fwd.health[up.name]
-        self.plain = self.health.no_edns_until > time.monotonic()
-        self.attempt(up, attrs.evolve(self.req, edns=False) if self.plain else self.req)
+        self.tried = tried + 1
+        self.up = up = self.order[tried]
+        self.health = health = self.fwd.health[up.name]
+        until = health.no_edns_until
+        self.plain = plain = bool(until) and until > time.monotonic()
+        self.attempt(up, attrs.evolve(self.req, edns=False) if plain else self.req)
 
     def attempt(self, via: Upstream, req: Request, then: Then | None = None) -> None:
         """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
@@ -249,10 +253,16 @@ class Ask:
         self.then(self, reply, err)
 
     def answered(self, reply: Reply | None, err: str) -> None:
-        if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
+        if reply is None:
+            self.judge(reply, err)
+            return
+        w = reply.wire
+        if w[2] & (wire.TC >> 8) and isinstance(self.up, UdpUpstream):
             self.attempt(self.up.tcp, self.req, Ask.whole)  # TC: the whole answer over TCP
-        else:
+        elif w[3] & 0x0F in NO_EDNS_RCODES:
             self.whole(reply, err)
+        else:  # the common case, `whole` would pass it on unchanged
+            self.judge(reply, err)
 
     def whole(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:

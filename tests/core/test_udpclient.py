@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import weakref
 
 import pytest
 import trio
@@ -131,6 +132,43 @@ async def test_a_later_exchange_with_an_earlier_deadline_is_not_held_up(nursery,
         n.start_soon(one, "short", 0.5)
     assert finished["short"] - start < 0.7
     assert finished["long"] - start >= 5.0
+
+
+async def test_a_reused_fd_is_not_timed_out_by_its_previous_exchange(nursery, autojump_clock):
+    """The deadline heap keeps (deadline, fd) pairs: when a finished exchange's fd is
+    reused by a later one, the stale entry's deadline must not time the new one out."""
+    answering, silent = Upstream(), Upstream("silent")
+    await nursery.start(answering.run)
+    await nursery.start(silent.run)
+    table = UdpExchanges()
+    outcomes: list[tuple[bytes | None, str]] = []
+    _, err = await ask(answering.addr, deadline_in=0.5, table=table)  # leaves its entry
+    assert err == ""
+    start = trio.current_time()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # what the next fd would be
+    reused = sock.fileno()
+    sock.close()
+    table.send(silent.addr, socket.AF_INET, request(), start + 3.0, lambda *a: outcomes.append(a))
+    assert reused in table._pending  # the same fd as the finished exchange
+    await trio.sleep(1.0)  # past the stale entry's deadline
+    assert outcomes == [] and table.in_flight == 1
+    await trio.sleep(2.5)
+    assert outcomes == [(None, "timeout")]
+
+
+async def test_a_finished_exchange_is_released_at_once(nursery):
+    """Nothing of a finished exchange lingers in the deadline heap (its request, its
+    callback): memory and garbage-collector work per query stay flat."""
+    up = Upstream()
+    await nursery.start(up.run)
+    table = UdpExchanges()
+    req = request()
+    arrived = trio.Event()
+    table.send(up.addr, socket.AF_INET, req, trio.current_time() + 60, lambda *a: arrived.set())
+    await arrived.wait()
+    gone = weakref.ref(req)
+    del req
+    assert gone() is None and table.deadlines_held == 1
 
 
 async def test_closed_port_is_connection_refused():
