@@ -242,7 +242,11 @@ class UdpUpstream:
 
     def send(self, req: Request, deadline: float, done: Done) -> None:
         """Start an exchange; ``done(reply, "")`` or ``done(None, error)`` follows once."""
-        exchanges().send(self.addr, self.family, req, deadline, done)
+        try:
+            table = _EXCHANGES.get()
+        except LookupError:
+            table = exchanges()
+        table.send(self.addr, self.family, req, deadline, done)
 
     async def exchange(self, req: Request) -> bytes:
         result: list[tuple[bytes | None, str]] = []

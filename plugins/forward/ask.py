@@ -162,6 +162,7 @@ class Ask:
         "race",
         "req",
         "sent",
+        "started",
         "then",
         "timeouts",
         "tried",
@@ -188,7 +189,8 @@ class Ask:
         )
         self.order = order
         self.tried = 0  # upstreams of ``order`` asked so far
-        self.deadline = trio.current_time() + fwd.options.budget
+        self.started = trio.current_time()  # the first attempt's start: `next` follows at once
+        self.deadline = self.started + fwd.options.budget
         self.timeouts = 0
         self.errors: list[str] = []
         self.last_bad: Reply | None = None
@@ -201,7 +203,8 @@ class Ask:
     def next(self) -> None:
         """Ask the next upstream, or give up."""
         tried = self.tried
-        if tried == len(self.order) or (tried and trio.current_time() >= self.deadline):
+        now = trio.current_time() if tried else self.started
+        if tried == len(self.order) or now >= self.deadline:
             self.lost()
             return
         self.tried = tried + 1
@@ -209,10 +212,13 @@ class Ask:
         self.health = health = self.fwd.health[up.name]
         until = health.no_edns_until
         self.plain = plain = bool(until) and until > time.monotonic()
-        self.attempt(up, attrs.evolve(self.req, edns=False) if plain else self.req)
+        self.attempt(up, attrs.evolve(self.req, edns=False) if plain else self.req, now=now)
 
-    def attempt(self, via: Upstream, req: Request, then: Then | None = None) -> None:
+    def attempt(
+        self, via: Upstream, req: Request, then: Then | None = None, now: float | None = None
+    ) -> None:
         """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
+        ``now`` is the Trio clock if the caller just read it.
 
         ``then`` is a plain function, not a bound method: an `Ask` holding its own bound
         method would be a reference cycle, left for the garbage collector instead of
@@ -222,7 +228,9 @@ class Ask:
         self.via = via
         self.then = then or Ask.answered
         self.sent = time.monotonic()
-        deadline = min(self.deadline, trio.current_time() + self.fwd.options.timeout)
+        if now is None:
+            now = trio.current_time()
+        deadline = min(self.deadline, now + self.fwd.options.timeout)
         send = getattr(via, "send", None)
         if send is not None:
             send(req, deadline, self.done)
