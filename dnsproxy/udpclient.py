@@ -13,7 +13,8 @@ synchronously. A forwarded query so costs no task, no cancel scope and no Trio I
 registration of its own: those are most of the CPU a cache miss would otherwise take.
 The same task enforces the deadlines, kept in a heap of (deadline, fd) pairs: an entry holds
 no reference to its exchange, so a finished one is freed at once, and a stale entry (its
-exchange finished, the fd maybe reused by a later one) is told apart by the deadline.
+exchange finished, the fd maybe reused by a later one) is told apart by the deadline and
+dropped as soon as it reaches the top, so the reader never wakes for a finished exchange.
 Sockets are the C-level `_socket.socket`: `socket.socket` adds Python-level constructor
 and close wrappers that buy nothing here.
 The reader exits when nothing is in flight and is started again by the next exchange.
@@ -29,7 +30,7 @@ import selectors
 import socket
 from _socket import socket as raw_socket
 from collections.abc import Callable
-from heapq import heappush
+from heapq import heappop, heappush
 
 import trio
 
@@ -196,18 +197,30 @@ class UdpExchanges:
         heap = self._deadlines
         pending = self._pending
         while heap and heap[0][0] <= now:
-            ex = pending.get(heapq.heappop(heap)[1])
-            # None or a later deadline: the entry's exchange finished (and its fd was reused)
-            if ex is not None and ex.deadline <= now:
-                self._finish(ex, None, "timeout")
+            deadline, fd = heap[0]
+            ex = pending.get(fd)
+            if ex is not None and ex.deadline == deadline:
+                self._finish(ex, None, "timeout")  # which pops its entry
+            else:  # the entry of a finished exchange (its fd maybe reused since)
+                heappop(heap)
         if len(heap) > 2 * len(pending) + 1024:  # drop the finished ones in one go
             self._deadlines = [(ex.deadline, fd) for fd, ex in pending.items()]
             heapq.heapify(self._deadlines)
 
     def _finish(self, ex: _Exchange, data: bytes | None, err: str) -> None:
-        del self._pending[ex.fd]
+        pending = self._pending
+        del pending[ex.fd]
         self._set.discard(ex.fd)
         ex.sock.close()
+        # Entries of finished exchanges leave the top of the heap at once (answers come
+        # mostly in deadline order), so the reader waits for a live deadline, not a stale one.
+        heap = self._deadlines
+        while heap:
+            deadline, fd = heap[0]
+            live = pending.get(fd)
+            if live is not None and live.deadline == deadline:
+                break
+            heappop(heap)
         try:
             ex.done(data, err)
         except Exception as exc:  # a caller's bug must not end the reader (and the run)

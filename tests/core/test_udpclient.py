@@ -141,19 +141,27 @@ async def test_a_reused_fd_is_not_timed_out_by_its_previous_exchange(nursery, au
     await nursery.start(answering.run)
     await nursery.start(silent.run)
     table = UdpExchanges()
-    outcomes: list[tuple[bytes | None, str]] = []
-    _, err = await ask(answering.addr, deadline_in=0.5, table=table)  # leaves its entry
-    assert err == ""
+    outcomes: dict[str, tuple[bytes | None, str]] = {}
+
+    def send(label: str, addr: tuple[str, int], deadline_in: float) -> None:
+        def done(data: bytes | None, err: str) -> None:
+            outcomes[label] = (data, err)
+
+        table.send(addr, socket.AF_INET, request(), start + deadline_in, done)
+
     start = trio.current_time()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # what the next fd would be
-    reused = sock.fileno()
-    sock.close()
-    table.send(silent.addr, socket.AF_INET, request(), start + 3.0, lambda *a: outcomes.append(a))
-    assert reused in table._pending  # the same fd as the finished exchange
-    await trio.sleep(1.0)  # past the stale entry's deadline
-    assert outcomes == [] and table.in_flight == 1
-    await trio.sleep(2.5)
-    assert outcomes == [(None, "timeout")]
+    send("first", silent.addr, 0.5)  # the top of the heap while the next one finishes
+    send("answered", answering.addr, 1.0)
+    (reused,) = set(table._pending) - {min(table._pending)}
+    while "answered" not in outcomes:
+        await trio.sleep(0.01)
+    send("reusing", silent.addr, 3.0)
+    assert reused in table._pending  # the answered one's fd, its entry still in the heap
+    await trio.sleep(1.5 - (trio.current_time() - start))  # past both earlier deadlines
+    assert outcomes["first"] == (None, "timeout") and "reusing" not in outcomes
+    await trio.sleep(2.0)
+    assert outcomes["reusing"] == (None, "timeout")
+    assert table.deadlines_held == 0
 
 
 async def test_a_finished_exchange_is_released_at_once(nursery):
@@ -168,7 +176,7 @@ async def test_a_finished_exchange_is_released_at_once(nursery):
     await arrived.wait()
     gone = weakref.ref(req)
     del req
-    assert gone() is None and table.deadlines_held == 1
+    assert gone() is None and table.deadlines_held == 0
 
 
 async def test_closed_port_is_connection_refused():
