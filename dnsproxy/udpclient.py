@@ -158,15 +158,23 @@ class UdpExchanges:
             self._wait.deadline = deadline
 
     async def _read(self) -> None:
+        pending = self._pending
         try:
-            while self._pending:
-                with trio.CancelScope(deadline=self._deadlines[0][0]) as self._wait:
-                    await trio.lowlevel.wait_readable(self._set.fd)
+            while pending:
+                # One cancel scope until a deadline passes, its deadline kept at the heap's
+                # top: a new scope per wake-up would cost more than the rest of the wake-up.
+                with trio.CancelScope() as wait:
+                    self._wait = wait
+                    while pending:
+                        top = self._deadlines[0][0]
+                        if wait.deadline != top:
+                            wait.deadline = top
+                        await trio.lowlevel.wait_readable(self._set.fd)
+                        for fd in self._set.ready():
+                            ex = pending.get(fd)
+                            if ex is not None:
+                                self._receive(ex)
                 self._wait = None
-                for fd in self._set.ready():
-                    ex = self._pending.get(fd)
-                    if ex is not None:
-                        self._receive(ex)
                 self._expire(trio.current_time())
         except BaseException:
             # Only the end of the run cancels a system task: every caller still hears back.
