@@ -23,14 +23,13 @@ The reader exits when nothing is in flight and is started again by the next exch
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import select
 import selectors
 import socket
 from _socket import socket as raw_socket
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 
 import trio
 
@@ -103,7 +102,8 @@ class UdpExchanges:
     def __init__(self, waiting: EpollSet | SelectorSet | None = None) -> None:
         self._set = waiting or (EpollSet() if hasattr(select, "epoll") else SelectorSet())
         self._pending: dict[int, _Exchange] = {}  # by socket fd
-        self._deadlines: list[tuple[float, int]] = []  # a heap by fd; finished ones linger
+        # (deadline, fd), a heap; entries of finished exchanges may linger below live ones
+        self._deadlines: list[tuple[float, int]] = []
         self._running = False
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
@@ -213,7 +213,7 @@ class UdpExchanges:
                 heappop(heap)
         if len(heap) > 2 * len(pending) + 1024:  # drop the finished ones in one go
             self._deadlines = [(ex.deadline, fd) for fd, ex in pending.items()]
-            heapq.heapify(self._deadlines)
+            heapify(self._deadlines)
 
     def _finish(self, ex: _Exchange, data: bytes | None, err: str) -> None:
         pending = self._pending
