@@ -1,74 +1,98 @@
 """Forwarding path (cache misses): dnsproxy vs dnsmasq, both forwarding to nsd.
 
-    python bench/forward.py [--seconds 10] [--names 200000]
+    python bench/forward.py [--seconds 10] [--names 200000] [--runs 1]
 
 Every query name is unique within the run (h0..hN under bench.test), so neither server can
 answer from cache: dnsmasq runs with --cache-size=0, and dnsproxy's chain is forward only.
 nsd shares CPU 1 with dnsperf; the servers under test get CPU 0 to themselves.
+
+Besides queries/s, each server's own CPU time per query (user and kernel, from /proc over
+the dnsperf run), which moves less than queries/s when the machine is shared. ``--runs N``
+measures dnsmasq and dnsproxy N times in turn, one ratio per pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dnsperf, names_zone, start_dnsmasq, start_nsd, start_proxy, table, workdir
+from common import (
+    Process,
+    cpu_seconds,
+    dnsperf,
+    names_zone,
+    start_dnsmasq,
+    start_nsd,
+    start_proxy,
+    table,
+    workdir,
+)
+
+
+def measure(label: str, server: Process, queries: Sequence[str], seconds: float) -> list[str]:
+    """One dnsperf run against ``server``: its row, queries/s first (as a number)."""
+    user0, sys0 = cpu_seconds(server.pid)
+    r = dnsperf(server.port, queries, seconds)
+    user1, sys1 = cpu_seconds(server.pid)
+    n = max(r.qps * seconds, 1)
+    user, kernel = (user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6
+    return [label, r.qps, f"{r.avg_ms:.3f}", f"{r.lost:.2%}", f"{user:.1f}", f"{kernel:.1f}"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--names", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
     queries = [f"h{i}.bench.test A" for i in range(args.names)]
     rows = []
+    ratios = []
     with workdir() as d:
         (d / "nsd").mkdir()
         nsd = start_nsd(d / "nsd", {"bench.test": names_zone("bench.test", args.names)})
         try:
             upstream = f"127.0.0.1:{nsd.port}"
             direct = dnsperf(nsd.port, queries, args.seconds)
-            rows.append(
-                ("nsd direct (reference)", f"{direct.qps:,.0f}", f"{direct.avg_ms:.3f}", "")
-            )
-            dm = start_dnsmasq(
-                d, ["--cache-size=0", f"--server=127.0.0.1#{nsd.port}", "--dns-forward-max=1000"]
-            )
-            try:
-                r = dnsperf(dm.port, queries, args.seconds)
-                rows.append(
-                    ("dnsmasq --cache-size=0", f"{r.qps:,.0f}", f"{r.avg_ms:.3f}", f"{r.lost:.2%}")
+            rows.append(["nsd direct (reference)", direct.qps, f"{direct.avg_ms:.3f}", "", "", ""])
+            for run in range(args.runs):
+                dm = start_dnsmasq(
+                    d,
+                    ["--cache-size=0", f"--server=127.0.0.1#{nsd.port}", "--dns-forward-max=1000"],
                 )
-                base = r.qps
-            finally:
-                dm.stop()
-            (d / "p").mkdir()
-            proxy = start_proxy(
-                d / "p",
-                f"""
-                [server]
-                listen = ["127.0.0.1:{{port}}"]
-                log_level = "warning"
-                [[chain]]
-                plugin = "forward"
-                upstreams = ["{upstream}"]
-                """,
-            )
-            try:
-                r = dnsperf(proxy.port, queries, args.seconds)
-                rows.append(
-                    ("dnsproxy forward", f"{r.qps:,.0f}", f"{r.avg_ms:.3f}", f"{r.lost:.2%}")
+                try:
+                    base = measure("dnsmasq --cache-size=0", dm, queries, args.seconds)
+                finally:
+                    dm.stop()
+                (d / f"p{run}").mkdir()
+                proxy = start_proxy(
+                    d / f"p{run}",
+                    f"""
+                    [server]
+                    listen = ["127.0.0.1:{{port}}"]
+                    log_level = "warning"
+                    [[chain]]
+                    plugin = "forward"
+                    upstreams = ["{upstream}"]
+                    """,
                 )
-                ratio = r.qps / base if base else 0
-            finally:
-                proxy.stop()
+                try:
+                    ours = measure("dnsproxy forward", proxy, queries, args.seconds)
+                finally:
+                    proxy.stop()
+                rows += [base, ours]
+                ratios.append(ours[1] / base[1] if base[1] else 0.0)
         finally:
             nsd.stop()
-    print(table(rows, ["server (cache misses, forwarded to nsd)", "queries/s", "mean ms", "lost"]))
-    print(f"\ndnsproxy / dnsmasq = {ratio:.2f}")
+    for row in rows:
+        row[1] = f"{row[1]:,.0f}"
+    header = ["server (cache misses, forwarded to nsd)", "queries/s", "mean ms", "lost"]
+    print(table(rows, [*header, "user µs/q", "kernel µs/q"]))
+    print(f"\ndnsproxy / dnsmasq = {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def limit_for(query: Query, edns_udp_size: int) -> int:
 
 
 H2 = struct.Struct("!HH")
-_PLAIN_OPT: dict[tuple[int, bool], bytes] = {}  # OPT records without EDE, by (size, DO)
+_PLAIN_OPT: dict[int, bytes] = {}  # OPT records without EDE, by 2 * size + DO
 
 
 def finalize(reply: Reply, query: Query, edns_udp_size: int) -> bytes:
@@ -213,15 +213,18 @@ def finalize(reply: Reply, query: Query, edns_udp_size: int) -> bytes:
         if reply.ede:
             opt = _opt_record(edns_udp_size, query.do, reply.ede)
         else:
-            opt = _PLAIN_OPT.get((edns_udp_size, query.do)) or _PLAIN_OPT.setdefault(
-                (edns_udp_size, query.do), _opt_record(edns_udp_size, query.do, ())
+            key = 2 * edns_udp_size + query.do
+            opt = _PLAIN_OPT.get(key) or _PLAIN_OPT.setdefault(
+                key, _opt_record(edns_udp_size, query.do, ())
             )
-    if len(w) + len(opt) > limit_for(query, edns_udp_size):
+    size = len(w) + len(opt)
+    if size > 512 and size > limit_for(query, edns_udp_size):  # no limit is below 512
         return _truncated(reply, query, edns_udp_size)
     qname = query.qname
-    qend = 12 + len(qname)
-    if w[12:qend] != qname and w[12:qend].lower() == query.key:
-        w = w[:12] + qname + w[qend:]
+    if not w.startswith(qname, 12):  # another case (0x20, a cached answer): the client's
+        qend = 12 + len(qname)
+        if w[12:qend].lower() == query.key:
+            w = w[:12] + qname + w[qend:]
     if opt:
         ar = ((w[10] << 8) | w[11]) + 1
         return b"".join((H2.pack(query.id, flags), w[4:10], U16.pack(ar), w[12:], opt))

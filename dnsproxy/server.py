@@ -361,28 +361,11 @@ class Server:
                 self._work.start_soon(self._finish, q, chain, sus, send, who)
             return
 
-        def expired() -> None:
-            failed = self._step_failed(q, StepTimeout(sus.link.step))
-            self._complete(q, chain, failed, send, who)
-
-        waiting = self._begun.add(sus.link.deadline, expired)
-
-        def done(reply: Reply | None) -> None:
-            if waiting.pop(expired, None) is None:
-                return  # timed out (answered already), or called twice
-            try:
-                result = chain.proceed(q, sus, reply)
-            except StepFailed as exc:
-                result = self._step_failed(q, exc)
-            if result.__class__ is Suspended:
-                self._dispatch(q, chain, result, send, who)  # type: ignore[arg-type]
-            else:
-                self._complete(q, chain, result, send, who)  # type: ignore[arg-type]
-
+        waiting = _Begun(self, q, chain, sus, send, who)
         try:
-            begin(q, done)
+            begin(q, waiting.done)
         except Exception as exc:
-            if waiting.pop(expired, None) is not None:
+            if waiting.table.pop(waiting, None) is not None:
                 failed = self._step_failed(q, StepFailed(sus.link.step, exc))
                 self._complete(q, chain, failed, send, who)
 
@@ -1031,6 +1014,45 @@ async def _refreeze_every(seconds: float) -> None:
     while True:
         await trio.sleep(seconds)
         refreeze_gc()
+
+
+class _Begun:
+    """A query waiting in a step's `begin`: called, it times out; `done` completes it.
+
+    One object per forwarded query instead of two closures and their cells (fewer
+    allocations per query, so fewer garbage-collector passes).
+    """
+
+    __slots__ = ("chain", "q", "send", "server", "sus", "table", "who")
+
+    def __init__(
+        self, server: Server, q: Query, chain: Chain, sus: Suspended, send: Sender, who: str
+    ) -> None:
+        self.server = server
+        self.q = q
+        self.chain = chain
+        self.sus = sus
+        self.send = send
+        self.who = who
+        self.table = server._begun.add(sus.link.deadline, self)  # where it waits, until popped
+
+    def __call__(self) -> None:
+        server, q = self.server, self.q
+        failed = server._step_failed(q, StepTimeout(self.sus.link.step))
+        server._complete(q, self.chain, failed, self.send, self.who)
+
+    def done(self, reply: Reply | None) -> None:
+        if self.table.pop(self, None) is None:
+            return  # timed out (answered already), or called twice
+        server, q, chain = self.server, self.q, self.chain
+        try:
+            result = chain.proceed(q, self.sus, reply)
+        except StepFailed as exc:
+            result = server._step_failed(q, exc)
+        if result.__class__ is Suspended:
+            server._dispatch(q, chain, result, self.send, self.who)  # type: ignore[arg-type]
+        else:
+            server._complete(q, chain, result, self.send, self.who)  # type: ignore[arg-type]
 
 
 class _Deadlines:

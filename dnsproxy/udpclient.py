@@ -11,20 +11,25 @@ private epoll (kqueue elsewhere) set, and one Trio system task per run waits unt
 set is readable, drains the ready sockets and hands each reply to its exchange's callback,
 synchronously. A forwarded query so costs no task, no cancel scope and no Trio I/O
 registration of its own: those are most of the CPU a cache miss would otherwise take.
-The same task enforces the deadlines, kept in a heap.
+The same task enforces the deadlines, kept in a heap of (deadline, fd) pairs: an entry holds
+no reference to its exchange, so a finished one is freed at once, and a stale entry (its
+exchange finished, the fd maybe reused by a later one) is told apart by the deadline and
+dropped as soon as it reaches the top, so the reader never wakes for a finished exchange.
+Sockets are the C-level `_socket.socket`: `socket.socket` adds Python-level constructor
+and close wrappers that buy nothing here.
 The reader exits when nothing is in flight and is started again by the next exchange.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import logging
 import select
 import selectors
 import socket
+from _socket import socket as raw_socket
 from collections.abc import Callable
+from heapq import heapify, heappop, heappush
 
 import trio
 
@@ -38,6 +43,7 @@ Done = Callable[[bytes | None, str], None]
 """An exchange's callback: the matching reply and "", or None and why it failed."""
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: no separate fcntl per socket
+_DGRAM = socket.SOCK_DGRAM | _NONBLOCK
 BATCH = 256  # ready sockets handled per wake-up
 
 
@@ -48,10 +54,10 @@ class EpollSet:
         self._epoll = select.epoll()
         self.fd = self._epoll.fileno()
 
-    def add(self, sock: socket.socket) -> None:
-        self._epoll.register(sock.fileno(), select.EPOLLIN)
+    def add(self, fd: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
 
-    def discard(self, sock: socket.socket) -> None:
+    def discard(self, fd: int) -> None:
         """Nothing to do: closing the socket removes it from the epoll set."""
 
     def ready(self) -> list[int]:
@@ -66,28 +72,28 @@ class SelectorSet:
         self._sel = selectors.DefaultSelector()
         self.fd = self._sel.fileno()  # type: ignore[attr-defined]
 
-    def add(self, sock: socket.socket) -> None:
-        self._sel.register(sock, selectors.EVENT_READ)
+    def add(self, fd: int) -> None:
+        self._sel.register(fd, selectors.EVENT_READ)
 
-    def discard(self, sock: socket.socket) -> None:
-        self._sel.unregister(sock)
+    def discard(self, fd: int) -> None:
+        self._sel.unregister(fd)
 
     def ready(self) -> list[int]:
         return [key.fd for key, _ in self._sel.select(0)[:BATCH]]
 
 
 class _Exchange:
-    __slots__ = ("deadline", "done", "msg_id", "req", "seq", "sock")
+    __slots__ = ("deadline", "done", "fd", "msg_id", "req", "sock")
 
     def __init__(
-        self, sock: socket.socket, msg_id: int, req: Request, deadline: float, seq: int, done: Done
+        self, sock: raw_socket, fd: int, msg_id: int, req: Request, deadline: float, done: Done
     ) -> None:
         self.sock = sock
+        self.fd = fd
         self.msg_id = msg_id
         self.req = req
         self.deadline = deadline
-        self.seq = seq
-        self.done: Done | None = done  # None once finished
+        self.done = done
 
 
 class UdpExchanges:
@@ -96,8 +102,8 @@ class UdpExchanges:
     def __init__(self, waiting: EpollSet | SelectorSet | None = None) -> None:
         self._set = waiting or (EpollSet() if hasattr(select, "epoll") else SelectorSet())
         self._pending: dict[int, _Exchange] = {}  # by socket fd
-        self._deadlines: list[tuple[float, int, _Exchange]] = []  # a heap; finished ones linger
-        self._seq = itertools.count()
+        # (deadline, fd), a heap; entries of finished exchanges may linger below live ones
+        self._deadlines: list[tuple[float, int]] = []
         self._running = False
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
@@ -128,24 +134,23 @@ class UdpExchanges:
             return
         msg_id = new_id()
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK)
+            sock = raw_socket(family, _DGRAM)
         except OSError as exc:
             done(None, exc.strerror or str(exc))
             return
+        fd = sock.fileno()
         try:
             if not _NONBLOCK:
                 sock.setblocking(False)
             sock.connect(addr)
             sock.send(req.to_wire(msg_id))
-            self._set.add(sock)
+            self._set.add(fd)
         except OSError as exc:
             sock.close()
             done(None, exc.strerror or str(exc))
             return
-        seq = next(self._seq)
-        ex = _Exchange(sock, msg_id, req, deadline, seq, done)
-        self._pending[sock.fileno()] = ex
-        heapq.heappush(self._deadlines, (deadline, seq, ex))
+        self._pending[fd] = _Exchange(sock, fd, msg_id, req, deadline, done)
+        heappush(self._deadlines, (deadline, fd))
         if not self._running:
             self._running = True
             trio.lowlevel.spawn_system_task(self._read, name="dnsproxy udp exchanges")
@@ -153,15 +158,23 @@ class UdpExchanges:
             self._wait.deadline = deadline
 
     async def _read(self) -> None:
+        pending = self._pending
         try:
-            while self._pending:
-                with trio.CancelScope(deadline=self._deadlines[0][0]) as self._wait:
-                    await trio.lowlevel.wait_readable(self._set.fd)
+            while pending:
+                # One cancel scope until a deadline passes, its deadline kept at the heap's
+                # top: a new scope per wake-up would cost more than the rest of the wake-up.
+                with trio.CancelScope() as wait:
+                    self._wait = wait
+                    while pending:
+                        top = self._deadlines[0][0]
+                        if wait.deadline != top:
+                            wait.deadline = top
+                        await trio.lowlevel.wait_readable(self._set.fd)
+                        for fd in self._set.ready():
+                            ex = pending.get(fd)
+                            if ex is not None:
+                                self._receive(ex)
                 self._wait = None
-                for fd in self._set.ready():
-                    ex = self._pending.get(fd)
-                    if ex is not None:
-                        self._receive(ex)
                 self._expire(trio.current_time())
         except BaseException:
             # Only the end of the run cancels a system task: every caller still hears back.
@@ -190,22 +203,34 @@ class UdpExchanges:
 
     def _expire(self, now: float) -> None:
         heap = self._deadlines
+        pending = self._pending
         while heap and heap[0][0] <= now:
-            ex = heapq.heappop(heap)[2]
-            if ex.done is not None:
-                self._finish(ex, None, "timeout")
-        if len(heap) > 2 * len(self._pending) + 1024:  # drop the finished ones in one go
-            self._deadlines = [(ex.deadline, ex.seq, ex) for ex in self._pending.values()]
-            heapq.heapify(self._deadlines)
+            deadline, fd = heap[0]
+            ex = pending.get(fd)
+            if ex is not None and ex.deadline == deadline:
+                self._finish(ex, None, "timeout")  # which pops its entry
+            else:  # the entry of a finished exchange (its fd maybe reused since)
+                heappop(heap)
+        if len(heap) > 2 * len(pending) + 1024:  # drop the finished ones in one go
+            self._deadlines = [(ex.deadline, fd) for fd, ex in pending.items()]
+            heapify(self._deadlines)
 
     def _finish(self, ex: _Exchange, data: bytes | None, err: str) -> None:
-        done, ex.done = ex.done, None
-        del self._pending[ex.sock.fileno()]
-        self._set.discard(ex.sock)
+        pending = self._pending
+        del pending[ex.fd]
+        self._set.discard(ex.fd)
         ex.sock.close()
-        assert done is not None
+        # Entries of finished exchanges leave the top of the heap at once (answers come
+        # mostly in deadline order), so the reader waits for a live deadline, not a stale one.
+        heap = self._deadlines
+        while heap:
+            deadline, fd = heap[0]
+            live = pending.get(fd)
+            if live is not None and live.deadline == deadline:
+                break
+            heappop(heap)
         try:
-            done(data, err)
+            ex.done(data, err)
         except Exception as exc:  # a caller's bug must not end the reader (and the run)
             log.error("udp exchange callback failed: %r", exc, exc_info=exc)
 
@@ -238,7 +263,11 @@ class UdpUpstream:
 
     def send(self, req: Request, deadline: float, done: Done) -> None:
         """Start an exchange; ``done(reply, "")`` or ``done(None, error)`` follows once."""
-        exchanges().send(self.addr, self.family, req, deadline, done)
+        try:
+            table = _EXCHANGES.get()
+        except LookupError:
+            table = exchanges()
+        table.send(self.addr, self.family, req, deadline, done)
 
     async def exchange(self, req: Request) -> bytes:
         result: list[tuple[bytes | None, str]] = []

@@ -30,6 +30,7 @@ from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
 
 UPSTREAM_UDP_SIZE = 1232
+_OPT_HEAD = struct.Struct("!BHHIH")  # an OPT record up to its options (`wire.opt_record`)
 PADDING_OPTION = 12  # RFC 7830
 
 
@@ -187,15 +188,22 @@ class Request:
 
     def to_wire(self, msg_id: int, *, pad_block: int = 0) -> bytes:
         """The query message with ``msg_id``; ``pad_block`` pads it (RFC 7830/8467)."""
-        header = wire.HEADER.pack(msg_id, self.flags & (wire.RD | wire.CD), 1, 0, 0, int(self.edns))
-        msg = header + self.question
+        flags = self.flags & (wire.RD | wire.CD)
         if not self.edns:
-            return msg
+            return wire.HEADER.pack(msg_id, flags, 1, 0, 0, 0) + self.question
         options = self.options
         if pad_block:
-            pad = -(len(msg) + 11 + len(options) + 4) % pad_block
+            pad = -(12 + len(self.question) + 11 + len(options) + 4) % pad_block
             options += wire.edns_option(PADDING_OPTION, b"\x00" * pad)
-        return msg + wire.opt_record(UPSTREAM_UDP_SIZE, self.do, options)
+        ttl = wire.EDNS_DO if self.do else 0
+        return b"".join(
+            (
+                wire.HEADER.pack(msg_id, flags, 1, 0, 0, 1),
+                self.question,
+                _OPT_HEAD.pack(0, wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options)),
+                options,
+            )
+        )
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:

@@ -219,23 +219,23 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
         return _parse_slow(data, client, transport, msg_id, flags)
     end = len(data)
     off = 12
-    while True:
-        if off >= end:
-            raise Reject(FORMERR, msg_id, flags)
-        length = data[off]
-        if length == 0:
-            off += 1
-            break
-        if length > 63:
-            if length & 0xC0 == 0xC0:  # compression in a question: legal, unusual
-                if off + 1 >= end or ((length & 0x3F) << 8 | data[off + 1]) < 12:
-                    raise Reject(FORMERR, msg_id, flags)  # a pointer into the header
-                return _parse_slow(data, client, transport, msg_id, flags)
-            raise Reject(FORMERR, msg_id, flags)
-        off += length + 1
+    try:  # the labels, up to the root or anything else (an IndexError: past the end)
+        length = data[12]
+        while 0 < length < 64:
+            off += length + 1
+            length = data[off]
+    except IndexError:
+        raise Reject(FORMERR, msg_id, flags) from None
+    if length:
+        if length & 0xC0 == 0xC0:  # compression in a question: legal, unusual
+            if off + 1 >= end or ((length & 0x3F) << 8 | data[off + 1]) < 12:
+                raise Reject(FORMERR, msg_id, flags)  # a pointer into the header
+            return _parse_slow(data, client, transport, msg_id, flags)
+        raise Reject(FORMERR, msg_id, flags)
+    off += 1
     if off - 12 > 255 or off + 4 > end:
         raise Reject(FORMERR, msg_id, flags)
-    qtype, qclass = struct.unpack_from("!HH", data, off)
+    qtype, qclass = QTYPE_CLASS.unpack_from(data, off)
     query = Query(data, msg_id, flags, data[12:off], qtype, qclass, off + 4, client, transport)
     if ar:
         off += 4

@@ -162,8 +162,10 @@ class Ask:
         "race",
         "req",
         "sent",
+        "started",
         "then",
         "timeouts",
+        "tried",
         "up",
         "via",
     )
@@ -185,8 +187,10 @@ class Ask:
         self.req = Request(
             q.question, q.key, q.qtype, q.qclass, q.flags & (wire.RD | wire.CD), q.do, True, hops
         )
-        self.order = iter(order)
-        self.deadline = trio.current_time() + fwd.options.budget
+        self.order = order
+        self.tried = 0  # upstreams of ``order`` asked so far
+        self.started = trio.current_time()  # the first attempt's start: `next` follows at once
+        self.deadline = self.started + fwd.options.budget
         self.timeouts = 0
         self.errors: list[str] = []
         self.last_bad: Reply | None = None
@@ -198,17 +202,23 @@ class Ask:
 
     def next(self) -> None:
         """Ask the next upstream, or give up."""
-        up = next(self.order, None)
-        if up is None or (self.up is not None and trio.current_time() >= self.deadline):
+        tried = self.tried
+        now = trio.current_time() if tried else self.started
+        if tried == len(self.order) or now >= self.deadline:
             self.lost()
             return
-        self.up = up
-        self.health = self.fwd.health[up.name]
-        self.plain = self.health.no_edns_until > time.monotonic()
-        self.attempt(up, attrs.evolve(self.req, edns=False) if self.plain else self.req)
+        self.tried = tried + 1
+        self.up = up = self.order[tried]
+        self.health = health = self.fwd.health[up.name]
+        until = health.no_edns_until
+        self.plain = plain = bool(until) and until > time.monotonic()
+        self.attempt(up, attrs.evolve(self.req, edns=False) if plain else self.req, now=now)
 
-    def attempt(self, via: Upstream, req: Request, then: Then | None = None) -> None:
+    def attempt(
+        self, via: Upstream, req: Request, then: Then | None = None, now: float | None = None
+    ) -> None:
         """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
+        ``now`` is the Trio clock if the caller just read it.
 
         ``then`` is a plain function, not a bound method: an `Ask` holding its own bound
         method would be a reference cycle, left for the garbage collector instead of
@@ -218,7 +228,9 @@ class Ask:
         self.via = via
         self.then = then or Ask.answered
         self.sent = time.monotonic()
-        deadline = min(self.deadline, trio.current_time() + self.fwd.options.timeout)
+        if now is None:
+            now = trio.current_time()
+        deadline = min(self.deadline, now + self.fwd.options.timeout)
         send = getattr(via, "send", None)
         if send is not None:
             send(req, deadline, self.done)
@@ -249,10 +261,16 @@ class Ask:
         self.then(self, reply, err)
 
     def answered(self, reply: Reply | None, err: str) -> None:
-        if reply is not None and reply.truncated and isinstance(self.up, UdpUpstream):
+        if reply is None:
+            self.judge(reply, err)
+            return
+        w = reply.wire
+        if w[2] & (wire.TC >> 8) and isinstance(self.up, UdpUpstream):
             self.attempt(self.up.tcp, self.req, Ask.whole)  # TC: the whole answer over TCP
-        else:
+        elif w[3] & 0x0F in NO_EDNS_RCODES:
             self.whole(reply, err)
+        else:  # the common case, `whole` would pass it on unchanged
+            self.judge(reply, err)
 
     def whole(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:

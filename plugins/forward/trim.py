@@ -23,6 +23,8 @@ from dnsproxy.wire import ANY, CLASS_ANY, CNAME, DNAME, NSEC, NSEC3, RRSIG, SOA,
 MAX_CNAME_CHAIN = 16  # CONFORMANCE.md A8: resolvers stop at 10-16 hops
 DROPPED = 65535  # reserved type (RFC 6895): marks records of another class for removal
 NEGATIVE_PROOF = (NSEC, NSEC3)
+_HEAD = struct.Struct("!HHHH")  # ID, flags, QDCOUNT, ANCOUNT
+_OWNED_RR = struct.Struct("!HHHIH")  # a record's owner as a pointer, type, class, TTL, length
 
 
 def trim(data: bytes, q: Query) -> bytes:
@@ -114,22 +116,23 @@ def direct_answer(data: bytes, q: Query) -> bytes | None:
     additional records unread (there is no extended rcode to find: errors have no answers);
     None for anything else, which `minimal` then handles.
     """
-    an = (data[6] << 8) | data[7]
-    if not an or data[3] & 0x0F:
+    msg_id, flags, _, an = _HEAD.unpack_from(data)
+    if not an or flags & 0x0F:
         return None
     off = 12 + len(q.qname) + 4  # `matches` checked the question is exactly the client's
     end = len(data)
+    unpack, qtype, qclass = _OWNED_RR.unpack_from, q.qtype, q.qclass
     for _ in range(an):
-        if off + 12 > end or data[off] != 0xC0 or data[off + 1] != 0x0C:
+        if off + 12 > end:
             return None
-        rtype, rclass, ttl, rdlen = wire.RR_FIXED.unpack_from(data, off + 2)
-        if rtype != q.qtype or rclass != q.qclass or ttl & 0x8000_0000:
-            return None  # another class or a TTL to clear: `scrub` does that
+        pointer, rtype, rclass, ttl, rdlen = unpack(data, off)
+        if pointer != 0xC00C or rtype != qtype or rclass != qclass or ttl & 0x8000_0000:
+            return None  # another owner, type or class, or a TTL to clear: `minimal`, `scrub`
         off += 12 + rdlen
     if off > end:
         return None
-    flags = bytes((data[2] & ~(wire.AA >> 8), data[3] | wire.RA))
-    return data[:2] + flags + data[4:6] + struct.pack("!HHH", an, 0, 0) + data[12:off]
+    flags = (flags & ~wire.AA) | wire.RA
+    return wire.HEADER.pack(msg_id, flags, 1, an, 0, 0) + data[12:off]
 
 
 def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:

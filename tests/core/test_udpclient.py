@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import weakref
 
 import pytest
 import trio
@@ -131,6 +132,51 @@ async def test_a_later_exchange_with_an_earlier_deadline_is_not_held_up(nursery,
         n.start_soon(one, "short", 0.5)
     assert finished["short"] - start < 0.7
     assert finished["long"] - start >= 5.0
+
+
+async def test_a_reused_fd_is_not_timed_out_by_its_previous_exchange(nursery, autojump_clock):
+    """The deadline heap keeps (deadline, fd) pairs: when a finished exchange's fd is
+    reused by a later one, the stale entry's deadline must not time the new one out."""
+    answering, silent = Upstream(), Upstream("silent")
+    await nursery.start(answering.run)
+    await nursery.start(silent.run)
+    table = UdpExchanges()
+    outcomes: dict[str, tuple[bytes | None, str]] = {}
+
+    def send(label: str, addr: tuple[str, int], deadline_in: float) -> None:
+        def done(data: bytes | None, err: str) -> None:
+            outcomes[label] = (data, err)
+
+        table.send(addr, socket.AF_INET, request(), start + deadline_in, done)
+
+    start = trio.current_time()
+    send("first", silent.addr, 0.5)  # the top of the heap while the next one finishes
+    send("answered", answering.addr, 1.0)
+    (reused,) = set(table._pending) - {min(table._pending)}
+    while "answered" not in outcomes:
+        await trio.sleep(0.01)
+    send("reusing", silent.addr, 3.0)
+    assert reused in table._pending  # the answered one's fd, its entry still in the heap
+    await trio.sleep(1.5 - (trio.current_time() - start))  # past both earlier deadlines
+    assert outcomes["first"] == (None, "timeout") and "reusing" not in outcomes
+    await trio.sleep(2.0)
+    assert outcomes["reusing"] == (None, "timeout")
+    assert table.deadlines_held == 0
+
+
+async def test_a_finished_exchange_is_released_at_once(nursery):
+    """Nothing of a finished exchange lingers in the deadline heap (its request, its
+    callback): memory and garbage-collector work per query stay flat."""
+    up = Upstream()
+    await nursery.start(up.run)
+    table = UdpExchanges()
+    req = request()
+    arrived = trio.Event()
+    table.send(up.addr, socket.AF_INET, req, trio.current_time() + 60, lambda *a: arrived.set())
+    await arrived.wait()
+    gone = weakref.ref(req)
+    del req
+    assert gone() is None and table.deadlines_held == 0
 
 
 async def test_closed_port_is_connection_refused():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import dns.edns
+import dns.flags
 import dns.message
 import dns.rrset
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from dnsproxy import wire
 from dnsproxy.errors import ConfigError, UpstreamError
+from dnsproxy.reply import Reply, finalize
 from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
@@ -398,3 +400,89 @@ def test_scrub_and_minimal_raise_only_value_error(body, counts, qclass):
     if any(r.rclass != qclass for r in wire.records(out)[1]) and qclass != 255:
         raise AssertionError("a record of another class survived")
     assert not out[2] & 0x04 and out[3] & 0x80
+
+
+def upstream_answer(q, *, flags: int = 0x8580, records: bytes = b"", ar: bytes = b"") -> bytes:
+    """An upstream's answer to ``q`` as built by hand: ``records`` (wire form, answer
+    section), then an OPT record carrying ``ar`` as its options."""
+    an = 0
+    off = 0
+    while off < len(records):  # count the hand-built records
+        off = wire.skip_name(records, off)
+        off += 10 + struct.unpack_from("!H", records, off + 8)[0]
+        an += 1
+    header = wire.HEADER.pack(q.id, flags, 1, an, 0, 1)
+    return header + q.question + records + wire.opt_record(1232, False, ar)
+
+
+def rr_a(ttl: int = 60, rclass: int = 1, owner: bytes = b"\xc0\x0c", rtype: int = 1) -> bytes:
+    return owner + struct.pack("!HHIH", rtype, rclass, ttl, 4) + bytes([192, 0, 2, 1])
+
+
+NAME_Q = b"\x01q\x07example\x03org\x00"
+# case: (flags, answer records, options in the upstream's OPT, taken by the fast path)
+DIRECT_CASES = {
+    "plain": (0x8580, rr_a(), b"", True),
+    "two records": (0x8580, rr_a() * 2, b"", True),
+    "EDNS options in the answer's OPT": (0x8580, rr_a(), wire.edns_option(10, b"c" * 16), True),
+    "truncated": (0x8780, rr_a(), b"", True),  # TC kept: forward retries over TCP
+    "owner written out": (0x8580, rr_a(owner=NAME_Q), b"", False),
+    "owner pointer elsewhere": (0x8580, rr_a(owner=b"\xc0\x0e"), b"", False),
+    "top-bit TTL": (0x8580, rr_a(ttl=1 << 31), b"", False),
+    "another class": (0x8580, rr_a(rclass=3), b"", False),
+    "another type first": (0x8580, rr_a(rtype=28) + rr_a(), b"", False),
+    "nxdomain": (0x8583, b"", b"", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIRECT_CASES))
+def test_direct_path_falls_back_where_it_must(case):
+    """The wire fast path for plain answers takes only what it can relay unchanged but for
+    the header; everything else goes the general way, and both agree where both apply."""
+    flags, records, ar, direct = DIRECT_CASES[case]
+    q = make_query("q.example.org", "A")
+    data = upstream_answer(q, flags=flags, records=records, ar=ar)
+    fast = trim.direct_answer(data, q)
+    assert (fast is not None) == direct
+    if fast is None:
+        return
+    out = dns.message.from_wire(fast)
+    general = dns.message.from_wire(trim.relayed(trim.minimal(*wire.strip_opt(data)[:2], q)))
+    assert out == general and out.answer == general.answer and out.edns < 0  # no OPT relayed
+    assert fast[2] & 0x04 == 0 and fast[3] & 0x80  # AA cleared, RA set
+    assert bool(fast[2] & 0x02) == (case == "truncated")
+    assert struct.unpack_from("!HHH", fast, 6) == (data[7], 0, 0)  # every answer record kept
+
+
+def test_direct_path_declines_a_record_running_past_the_end():
+    q = make_query("q.example.org", "A")
+    data = upstream_answer(q, records=rr_a())[: -11 - 2]  # OPT gone, rdata cut short
+    assert trim.direct_answer(data, q) is None
+    with pytest.raises(ValueError):
+        trim.trim(data, q)
+
+
+def test_an_upstream_0x20_answer_reaches_the_client_in_its_own_case():
+    """The upstream echoes the question in another case (0x20): the fast path keeps its
+    bytes, and finalize gives the client back its own spelling."""
+    client = make_query("Q.eXample.ORG", "A")
+    upstream_q = make_query("q.EXAMPLE.org", "A")
+    data = upstream_answer(upstream_q, records=rr_a())
+    assert data[12 : 12 + len(client.qname)].lower() == client.key  # what `matches` checks
+    fast = trim.direct_answer(data, client)
+    assert fast is not None
+    out = finalize(Reply(fast), client, 1232)
+    assert out[12 : 12 + len(client.qname)] == client.qname
+    assert dns.message.from_wire(out).answer[0][0].address == "192.0.2.1"
+
+
+def test_a_forwarded_answer_larger_than_the_client_takes_is_truncated():
+    client = make_query("q.example.org", "A", edns=False)  # 512 bytes
+    records = b"".join(
+        b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, i]) for i in range(40)
+    )
+    fast = trim.direct_answer(upstream_answer(client, records=records), client)
+    assert fast is not None and len(fast) > 512
+    out = finalize(Reply(fast), client, 1232)
+    msg = dns.message.from_wire(out)
+    assert msg.flags & dns.flags.TC and not msg.answer and len(out) <= 512
