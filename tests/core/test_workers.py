@@ -1,0 +1,198 @@
+"""``[server] workers``: the config key, the steering program (interpreted here, and run
+by the kernel on a real reuseport group), and the supervisor's pieces that need no
+processes (the `dnsproxy check` line, pause hand-over, counter merging, record replay)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from pathlib import Path
+
+import dns.message
+import pytest
+import trio
+
+from dnsproxy import cli, config, workers
+from dnsproxy.blocking import Blocking
+from dnsproxy.errors import ConfigError
+from dnsproxy.reply import Reply
+from dnsproxy.wire import name_to_key
+from tests.conftest import free_port
+
+HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.1 a.lan"]\n'
+
+
+def server_config(tmp_path: Path, value: str) -> config.ServerConfig:
+    path = tmp_path / "config.toml"
+    path.write_text(f"[server]\nworkers = {value}\n")
+    return config.server_table(path, config.read_toml(path))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", ': must be "auto" or between 1 and 256, got 0'),
+        ("-2", ': must be "auto" or between 1 and 256, got -2'),
+        ("257", ': must be "auto" or between 1 and 256, got 257'),
+        ("1.5", " must be an integer or one of 'auto', got 1.5"),
+        ('"two"', " must be an integer or one of 'auto', got 'two'"),
+        ("true", " must be an integer or one of 'auto', got True"),
+    ],
+)
+def test_bad_workers_values_are_config_errors(tmp_path, value, message):
+    with pytest.raises(ConfigError) as exc:
+        server_config(tmp_path, value)
+    assert exc.value.lines == [f"config.toml: server: option 'workers'{message}"]
+
+
+def test_workers_default_auto_and_count(tmp_path):
+    assert config.ServerConfig().workers == 1
+    assert server_config(tmp_path, "3").workers == 3
+    assert server_config(tmp_path, '"auto"').workers == "auto"
+    assert config.worker_count("auto") == len(os.sched_getaffinity(0))
+    assert config.worker_count(3) == 3
+
+
+def test_workers_need_reuseport_steering(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "reuseport_steering", lambda: False)
+    assert server_config(tmp_path, "1").workers == 1  # one process needs nothing
+    with pytest.raises(ConfigError, match="'workers': 2 needs SO_REUSEPORT"):
+        server_config(tmp_path, "2")
+
+
+def run_cbpf(prog: list[workers.Instruction], network_header: bytes) -> int:
+    """A classic-BPF interpreter for the instructions the program uses; loads at
+    SKF_NET_OFF + k read ``network_header``."""
+    a = x = 0
+    for code, _jt, _jf, k in prog:
+        if code == workers.BPF_LD_W_ABS:
+            offset = (k - (workers.SKF_NET_OFF & 0xFFFFFFFF)) & 0xFFFFFFFF
+            (a,) = struct.unpack_from("!I", network_header, offset)
+        elif code == workers.BPF_TAX:
+            x = a
+        elif code == workers.BPF_XOR_X:
+            a ^= x
+        elif code == workers.BPF_MOD_K:
+            a %= k
+        elif code == workers.BPF_RET_A:
+            return a
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+    raise AssertionError("no return")
+
+
+def ipv4_header(src: str) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 17, 0,
+                       ipaddress.IPv4Address(src).packed, bytes(4))  # fmt: skip
+
+
+def ipv6_header(src: str) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64, ipaddress.IPv6Address(src).packed,
+                       bytes(16))  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_program_is_the_source_address_modulo_n(n):
+    v4 = workers.steering_program(socket.AF_INET, n)
+    for last in range(256):
+        src = f"192.0.2.{last}"
+        assert run_cbpf(v4, ipv4_header(src)) == int(ipaddress.IPv4Address(src)) % n
+    v6 = workers.steering_program(socket.AF_INET6, n)
+    for last in range(256):
+        src = ipaddress.IPv6Address(f"2001:db8::{last:x}:1")
+        words = struct.unpack("!4I", src.packed)
+        expected = (words[0] ^ words[1] ^ words[2] ^ words[3]) % n
+        assert run_cbpf(v6, ipv6_header(str(src))) == expected
+
+
+@pytest.mark.skipif(not config.reuseport_steering(), reason="needs Linux SO_REUSEPORT")
+def test_kernel_steers_each_client_address_to_one_socket():
+    """The program attached to a real group: 127.0.0.i always reaches socket i % 2,
+    whatever its source port (UDP datagrams and TCP connections)."""
+    addr = config.Address("127.0.0.1", free_port())
+    udp = workers.bind_group(addr, "udp", 2)
+    tcp = workers.bind_group(addr, "tcp", 2)
+    try:
+        for sock in udp:
+            sock.settimeout(2)
+        for i in range(1, 21):
+            for _ in range(3):  # three source ports
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                    client.bind((f"127.0.0.{i}", 0))
+                    client.sendto(b"x", (addr.host, addr.port))
+                assert udp[i % 2].recvfrom(10)[1][0] == f"127.0.0.{i}"
+                with socket.create_connection((addr.host, addr.port), 2, (f"127.0.0.{i}", 0)):
+                    tcp[i % 2].setblocking(True)
+                    conn, peer = tcp[i % 2].accept()
+                    conn.close()
+                    assert peer[0] == f"127.0.0.{i}"
+        for sock in udp:  # nothing went to the other socket
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(10)
+    finally:
+        workers.close_groups([("udp", addr, udp), ("tcp", addr, tcp)])
+
+
+def test_check_explains_the_choice(tmp_path, capsys):
+    path = tmp_path / "config.toml"
+    path.write_text("[server]\nworkers = 2\n" + HOSTS)
+    assert cli.main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "workers = 2: 2 worker processes share each DNS listener (SO_REUSEPORT)," in out
+    assert "steered by client address (classic BPF: one client, one worker); a supervisor" in out
+    path.write_text(HOSTS)
+    assert cli.main(["check", "-c", str(path)]) == 0
+    assert "workers = 1: one process serves everything" in capsys.readouterr().out
+
+
+async def test_pauses_move_to_another_process_as_time_left():
+    here, there = Blocking(), Blocking()
+    changes = []
+    here.on_change = lambda: changes.append(here.generation)
+    here.pause(30)
+    here.pause_group("kids", None)
+    assert changes == [1, 2]
+    state = here.export()
+    await trio.sleep(0)
+    there.restore(state)
+    assert not there.active()
+    assert 29 < there.seconds_left() <= 30
+    assert there.paused_for(frozenset({"kids"}))
+    here.resume()
+    here.resume_group("kids")
+    there.restore(here.export())
+    assert there.active() and not there.groups
+
+
+def test_worker_counters_stay_monotonic_across_a_restart():
+    report = workers.Report()
+    assert report.monotonic(("core", "queries"), 5, True) == 5
+    assert report.monotonic(("core", "queries"), 7, True) == 7
+    assert report.monotonic(("core", "queries"), 2, True) == 9  # restarted at 0, counted 2
+    assert report.monotonic(("core", "tcp_connections"), 4, False) == 4
+    assert report.monotonic(("core", "tcp_connections"), 1, False) == 1  # a gauge may drop
+
+
+def test_a_record_replays_as_the_worker_observed_it():
+    q = dns.message.make_query("Printer.LAN", "AAAA")
+    reply = Reply(b"\x00" * 12, ede=((18, "x"),), source="hosts")
+    record = (q.to_wire(), ("127.0.0.9", 5300), "tcp", "kid", {"list": "l"},
+              reply.wire, reply.source, reply.ede, 0.25)  # fmt: skip
+    seen = workers.replay(record)
+    assert seen is not None
+    got, got_reply, elapsed = seen
+    assert (got.client, got.transport, got.client_id, got.notes) == (
+        ("127.0.0.9", 5300),
+        "tcp",
+        "kid",
+        {"list": "l"},
+    )
+    assert (got.qtype, got.key) == (28, name_to_key("printer.lan"))
+    assert got_reply is not None and (got_reply.source, got_reply.ede) == ("hosts", ((18, "x"),))
+    assert elapsed == 0.25
+    dropped = workers.replay((*record[:5], None, "", (), 0.1))
+    assert dropped is not None and dropped[1] is None
+    assert workers.replay((b"\x00", *record[1:])) is None  # not a query: nothing to observe
