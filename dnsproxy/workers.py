@@ -232,6 +232,26 @@ Record = tuple[bytes, tuple[str, int], str, str | None, dict[str, Any] | None,
                bytes | None, str, tuple[Any, ...], float]  # fmt: skip
 
 
+def record(q: Query, reply: Reply | None, elapsed: float) -> Record:
+    """What the supervisor's observers need of one query, in plain values: the notes as
+    the text the query log stores (plain `str`: a note may be a str subclass holding its
+    list; a blocklist's list note names its rule here, where the list is)."""
+    notes = q.notes
+    if notes:
+        lst = notes.get("list")
+        rule_for = getattr(lst, "rule_for", None)
+        plain = {k: None if v is None else str.__str__(str(v)) for k, v in notes.items()}
+        if rule_for is not None and "rule" not in notes:
+            rule = rule_for(q)
+            if rule is not None:
+                plain["rule"] = str.__str__(str(rule))
+        notes = plain
+    if reply is None:
+        return (q.data, q.client, q.transport, q.client_id, notes, None, "", (), elapsed)
+    return (q.data, q.client, q.transport, q.client_id, notes, reply.wire, reply.source,
+            reply.ede, elapsed)  # fmt: skip
+
+
 def replay(record: Record) -> tuple[Query, Reply | None, float] | None:
     """The query, reply and elapsed time a worker's observers would have been given."""
     data, client, transport, client_id, notes, wire_, source, ede, elapsed = record
@@ -271,7 +291,7 @@ class Worker(Server):
         self.worker_index = index
         super().__init__(path, **kw)
         self.link = Link(link_sock)
-        self.records: list[Record] = []
+        self.records: list[tuple[Query, Reply | None, float]] = []
         self.records_dropped = 0
 
     def _service_configs(self) -> tuple[ServiceConfig, ...]:
@@ -281,16 +301,11 @@ class Worker(Server):
         self._observers = (self._record,)
 
     def _record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
-        """The worker's one observer (hot path): keep a record for the supervisor."""
+        """The worker's one observer (hot path): keep the query for the supervisor."""
         if len(self.records) >= RECORD_BUFFER:
             self.records_dropped += 1
             return
-        if reply is None:
-            self.records.append((q.data, q.client, q.transport, q.client_id, q.notes,
-                                 None, "", (), elapsed))  # fmt: skip
-        else:
-            self.records.append((q.data, q.client, q.transport, q.client_id, q.notes,
-                                 reply.wire, reply.source, reply.ede, elapsed))  # fmt: skip
+        self.records.append((q, reply, elapsed))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -315,7 +330,11 @@ class Worker(Server):
             self.records_dropped = 0
         if self.records:
             batch, self.records = self.records, []
-            await self.link.send(("log", batch))
+            records = [record(*seen) for seen in batch]
+            try:
+                await self.link.send(("log", records))
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:  # a plugin's note
+                log.error("%d query records not sent to the supervisor: %s", len(records), exc)
 
     async def _send_records(self) -> None:
         while True:

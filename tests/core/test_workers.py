@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pickle
 import socket
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ from dnsproxy import cli, config, workers
 from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import Reply
-from dnsproxy.wire import name_to_key
+from dnsproxy.wire import name_to_key, parse_query
 from tests.conftest import free_port
 
 HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.1 a.lan"]\n'
@@ -196,3 +197,26 @@ def test_a_record_replays_as_the_worker_observed_it():
     dropped = workers.replay((*record[:5], None, "", (), 0.1))
     assert dropped is not None and dropped[1] is None
     assert workers.replay((b"\x00", *record[1:])) is None  # not a query: nothing to observe
+
+
+def test_a_record_carries_notes_as_the_query_log_text():
+    """Notes may hold objects (a blocklist's list, a lazy rule): the record holds their
+    text, and a list note names its rule, as the query log's writer would."""
+
+    class ListNote(str):  # as the blocklist's: a str that knows its list
+        def rule_for(self, q) -> str:
+            return f"||{q.qname.decode()}^"
+
+    class LazyRule:
+        def __str__(self) -> str:
+            return "rule text"
+
+    wire_q = dns.message.make_query("ads.test", "A").to_wire()
+    q = parse_query(wire_q, ("127.0.0.1", 5300), "udp")
+    q.notes = {"list": ListNote("ads.txt"), "cache": "miss"}
+    rec = workers.record(q, None, 0.5)
+    assert rec[4] == {"list": "ads.txt", "cache": "miss", "rule": f"||{q.qname.decode()}^"}
+    assert rec[5] is None
+    q.notes = {"list": ListNote("ads.txt"), "rule": LazyRule()}
+    assert workers.record(q, None, 0.5)[4] == {"list": "ads.txt", "rule": "rule text"}
+    assert pickle.loads(pickle.dumps(workers.record(q, None, 0.5))) == workers.record(q, None, 0.5)

@@ -235,3 +235,53 @@ def test_a_dead_worker_is_restarted_on_its_sockets(make_proxy, tmp_path: Path) -
     assert "worker 1 exited" in proxy.log()
     assert whoami(proxy, "127.0.0.1") == worker_pids(proxy)[1]  # odd: still worker 1
     assert whoami(proxy, "127.0.0.2") == pids[0]
+
+
+FANOUT = """
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = 2
+
+[http]
+listen = "127.0.0.1:HTTP_PORT"
+
+[[chain]]
+plugin = "blocklist"
+lists = ["ADS"]
+
+[[chain]]
+plugin = "hosts"
+entries = ["192.0.2.1 ads.example.test www.shop.test"]
+"""
+
+
+def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> None:
+    """A blocking pause and resume from the API, and a managed block and allow from the
+    dashboard, change the answers of both workers."""
+    import httpx
+
+    ads = tmp_path / "ads.txt"
+    ads.write_text("ads.example.test\n")
+    http = free_port()
+    proxy = make_proxy(
+        FANOUT.replace("ADS", str(ads)).replace("HTTP_PORT", str(http)), wait_for=READY
+    )
+    sources = ["127.0.0.1", "127.0.0.2"]  # one per worker
+
+    def answers(name: str) -> set[str]:
+        return {proxy.ask(name, source=s).answer[0][0].address for s in sources}
+
+    until(lambda: answers("ads.example.test") == {"0.0.0.0"})
+    with httpx.Client(base_url=f"http://127.0.0.1:{http}") as web:
+        assert web.post("/api/blocking/disable", params={"duration": "5m"}).status_code == 200
+        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
+        assert web.post("/api/blocking/enable").status_code == 200
+        until(lambda: answers("ads.example.test") == {"0.0.0.0"}, 2)
+        assert answers("www.shop.test") == {"192.0.2.1"}
+        page = web.get("/managed")
+        token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert web.post("/ui/block", data={"name": "shop.test", "csrf": token}).status_code == 303
+        until(lambda: answers("www.shop.test") == {"0.0.0.0"}, 2)
+        r = web.post("/ui/allow", data={"name": "ads.example.test", "csrf": token})
+        assert r.status_code == 303
+        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
