@@ -293,12 +293,13 @@ class Worker(Server):
         self.link = Link(link_sock)
         self.records: list[tuple[Query, Reply | None, float]] = []
         self.records_dropped = 0
+        self.observed = True  # whether the supervisor has observers to replay records to
 
     def _service_configs(self) -> tuple[ServiceConfig, ...]:
         return ()  # the supervisor runs the services
 
     def _collect_observers(self) -> None:
-        self._observers = (self._record,)
+        self._observers = (self._record,) if self.observed else ()
 
     def _record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
         """The worker's one observer (hot path): keep the query for the supervisor."""
@@ -360,6 +361,9 @@ class Worker(Server):
                 self.flush()
             elif op == "blocking":
                 self.blocking.restore(message[1])
+            elif op == "observed":
+                self.observed = message[1]
+                self._collect_observers()
             elif op == "metrics":
                 await self._flush_records()  # the records first: /metrics sums both
                 await self.link.send(("metrics", self.metrics_report()))
@@ -454,8 +458,11 @@ class Supervisor(Server):
             nursery.cancel_scope.cancel()
 
     def _collect_observers(self) -> None:
+        """Collect the observers, and tell the workers whether to send records at all."""
         super()._collect_observers()
         self._observing.set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._broadcast, ("observed", bool(self._observers)))
 
     def stop(self) -> None:
         """Stop the workers first (their last records still reach the query log)."""
@@ -523,6 +530,8 @@ class Supervisor(Server):
                 elif op == "ready":
                     log.info("worker %d serving (pid %d)", child.index, message[1])
                     await child.link.send(("blocking", self.blocking.export()))
+                    if self._observing.is_set():
+                        await child.link.send(("observed", bool(self._observers)))
                     if not child.served:
                         child.served = True
                         task_status.started()
@@ -539,6 +548,8 @@ class Supervisor(Server):
 
     def _replay(self, batch: list[Record]) -> None:
         observers = self._observers
+        if not observers:
+            return  # the workers are told to stop sending: these were on their way
         for record in batch:
             seen = replay(record)
             if seen is not None:
