@@ -21,10 +21,12 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
+import httpx
 import pytest
 
 from dnsproxy.config import reuseport_steering
 from tests.conftest import Proxy, free_port
+from tests.integration.test_listeners_encrypted import CT, Encrypted
 
 pytestmark = pytest.mark.skipif(not reuseport_steering(), reason="needs Linux SO_REUSEPORT")
 
@@ -258,8 +260,6 @@ entries = ["192.0.2.1 ads.example.test www.shop.test"]
 def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> None:
     """A blocking pause and resume from the API, and a managed block and allow from the
     dashboard, change the answers of both workers."""
-    import httpx
-
     ads = tmp_path / "ads.txt"
     ads.write_text("ads.example.test\n")
     http = free_port()
@@ -285,3 +285,20 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
         r = web.post("/ui/allow", data={"name": "ads.example.test", "csrf": token})
         assert r.status_code == 303
         until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
+
+
+def test_tls_and_https_listeners_are_served_by_both_workers(make_proxy, tmp_path: Path) -> None:
+    """DoT and DoH from one address per worker are answered, and logged by the supervisor."""
+    enc = Encrypted(tmp_path, make_proxy, server="workers = 2")
+    until(lambda: READY in enc.proxy.log())
+    q = dns.message.make_query("www.example.test", "A")
+    for source in ("127.0.0.1", "127.0.0.2"):
+        dot = dns.query.tls(q, "127.0.0.1", port=enc.dot, source=source, timeout=5,
+                            ssl_context=enc.context(), server_hostname="dns.example")  # fmt: skip
+        assert dot.answer[0][0].address == "192.0.2.10"
+        transport = httpx.HTTPTransport(local_address=source, verify=enc.context())
+        with httpx.Client(transport=transport) as web:
+            r = web.post(enc.url(), content=q.to_wire(), headers=CT)
+        assert dns.message.from_wire(r.content).answer[0][0].address == "192.0.2.10"
+    until(lambda: len(enc.log_rows()) == 4)
+    assert sorted(row["transport"] for row in enc.log_rows()) == ["https", "https", "tls", "tls"]
