@@ -82,6 +82,7 @@ BPF_RET_A = 0x16  # return A
 RECORD_FLUSH = 0.02  # seconds between a worker's batches of query records
 RECORD_BUFFER = 100_000  # records a worker holds for the supervisor before dropping
 METRICS_TIMEOUT = 1.0  # seconds a scrape waits for the workers' counters
+SEND_TIMEOUT = 1.0  # seconds a message to one worker may wait for room in its channel
 STOP_TIMEOUT = 4.0  # seconds workers get to stop before they are killed
 RESTART_DELAY = 1.0  # seconds before a worker that exited is started again
 FRAME = struct.Struct("!I")
@@ -436,6 +437,12 @@ class Supervisor(Server):
         return ()  # the workers serve them
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if not os.access(sys.executable, os.X_OK):
+            raise ConfigError(
+                f"{self.path.name}: server: workers: this user (uid {os.getuid()}) cannot run"
+                f" {sys.executable}, which starts the workers: install dnsproxy with a Python"
+                " the service user can run, or set workers = 1"
+            )
         if self.groups is None:
             self.groups = bind_groups(self.path.name, self.config.server, Sockets())
         try:
@@ -557,12 +564,19 @@ class Supervisor(Server):
                     observe(*seen)
 
     async def _broadcast(self, message: Any) -> None:
+        """Send ``message`` to every serving worker. One that has not taken it within
+        SEND_TIMEOUT is hung (its channel is full): it is killed, and restarted."""
         for child in self.children:
-            if child.link is not None and child.served:
+            if child.link is None or not child.served:
+                continue
+            with trio.move_on_after(SEND_TIMEOUT) as timer:
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
                     await child.link.send(message)  # else it is exiting: a restart starts anew
+            if timer.cancelled_caught and child.process is not None:
+                log.error("worker %d takes no messages: killing it", child.index)
+                child.process.kill()
 
     def _push_blocking(self) -> None:
         if self._nursery is not None:

@@ -9,6 +9,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import dns.message
@@ -220,3 +221,12 @@ def test_a_record_carries_notes_as_the_query_log_text():
     q.notes = {"list": ListNote("ads.txt"), "rule": LazyRule()}
     assert workers.record(q, None, 0.5)[4] == {"list": "ads.txt", "rule": "rule text"}
     assert pickle.loads(pickle.dumps(workers.record(q, None, 0.5))) == workers.record(q, None, 0.5)
+
+
+async def test_a_user_who_cannot_run_the_interpreter_is_a_config_error(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    monkeypatch.setattr(workers.os, "access", lambda p, mode: p != sys.executable)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    with pytest.raises(ConfigError, match=r"server: workers: this user \(uid \d+\) cannot run"):
+        await supervisor.run()
