@@ -230,3 +230,30 @@ async def test_a_user_who_cannot_run_the_interpreter_is_a_config_error(tmp_path,
     supervisor = workers.Supervisor(path, handle_signals=False)
     with pytest.raises(ConfigError, match=r"server: workers: this user \(uid \d+\) cannot run"):
         await supervisor.run()
+
+
+async def test_a_worker_that_takes_no_message_is_killed_not_waited_for(tmp_path, autojump_clock):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    killed, got = [], []
+
+    class Hung:
+        async def send(self, message: object) -> None:
+            await trio.sleep_forever()
+
+    class Taking:
+        async def send(self, message: object) -> None:
+            got.append(message)
+
+    class Process:
+        def kill(self) -> None:
+            killed.append(True)
+
+    hung, taking = supervisor.children
+    hung.link, hung.served, hung.process = Hung(), True, Process()
+    taking.link, taking.served = Taking(), True
+    start = trio.current_time()
+    await supervisor._broadcast(("flush",))
+    assert trio.current_time() - start == pytest.approx(workers.SEND_TIMEOUT)
+    assert killed == [True] and got == [("flush",)]
