@@ -337,6 +337,8 @@ class Worker(Server):
                 await self.link.send(("log", records))
             except (pickle.PicklingError, AttributeError, TypeError) as exc:  # a plugin's note
                 log.error("%d query records not sent to the supervisor: %s", len(records), exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the supervisor went away: `_listen_to_supervisor` stops this worker
 
     async def _send_records(self) -> None:
         while True:

@@ -302,3 +302,21 @@ def test_tls_and_https_listeners_are_served_by_both_workers(make_proxy, tmp_path
         assert dns.message.from_wire(r.content).answer[0][0].address == "192.0.2.10"
     until(lambda: len(enc.log_rows()) == 4)
     assert sorted(row["transport"] for row in enc.log_rows()) == ["https", "https", "tls", "tls"]
+
+
+def test_workers_stop_when_the_supervisor_is_killed(make_proxy, tmp_path: Path) -> None:
+    proxy, _ = start(make_proxy, tmp_path)
+    pids = worker_pids(proxy)
+    assert proxy.proc is not None
+    proxy.proc.kill()
+    proxy.proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    until(lambda: all(gone(pid) for pid in pids.values()), 5)
+    assert "Traceback" not in proxy.log()
