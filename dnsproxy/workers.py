@@ -27,7 +27,7 @@ chain, so it owns what exists once:
   and step metrics and sums them with its own (counters per worker kept monotonic across a
   worker's restart; gauges summed too: each is a per-process quantity);
 - reload: SIGHUP loads the config once here; only if it is valid is every worker told to
-  reload (a bad config changes nothing anywhere);
+  reload (a bad config changes nothing anywhere), and READY=1 follows once they have;
 - dashboard actions: blocking pauses (all and per group) are pushed to every worker as
   they change; a flush (also what follows a managed allow/block change) makes every
   worker re-read its managed lists and flush its caches;
@@ -40,7 +40,11 @@ error) stops the whole service with a non-zero status, as one process would.
 
 The channel is a Unix stream socketpair per worker: length-prefixed pickles (both ends
 are this program). Nothing the supervisor does waits on a worker without a timeout, so a
-hung or dead worker cannot hang it.
+hung or dead worker cannot hang it; one whose channel stays full for `SEND_TIMEOUT` is
+killed (and restarted). A worker holds at most `RECORD_BUFFER` records for a supervisor
+that does not keep up, then drops (and logs) them: DNS never waits on the query log.
+Workers send no records at all when the supervisor has no observer (no query log, no
+``[http]``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ RECORD_FLUSH = 0.02  # seconds between a worker's batches of query records
 RECORD_BUFFER = 100_000  # records a worker holds for the supervisor before dropping
 METRICS_TIMEOUT = 1.0  # seconds a scrape waits for the workers' counters
 SEND_TIMEOUT = 1.0  # seconds a message to one worker may wait for room in its channel
+RELOAD_TIMEOUT = 30.0  # seconds SIGHUP waits for the workers to have reloaded
 STOP_TIMEOUT = 4.0  # seconds workers get to stop before they are killed
 RESTART_DELAY = 1.0  # seconds before a worker that exited is started again
 FRAME = struct.Struct("!I")
@@ -356,6 +361,7 @@ class Worker(Server):
             op = message[0]
             if op == "reload":
                 await self.reload()
+                await self.link.send(("reload",))  # done (a failure is logged here)
             elif op == "flush":
                 for step in self.chain.steps:  # a managed allow/block change, then a flush
                     apply = getattr(step, "apply_managed", None)
@@ -418,7 +424,7 @@ class Child:
     link: Link | None = None
     report: Report = attrs.Factory(Report)
     latest: Any = None  # its last metrics report
-    answered: trio.Event = attrs.Factory(trio.Event)
+    answered: dict[str, trio.Event] = attrs.Factory(dict)  # request -> its answer came
     served: bool = False  # it became ready once: a later exit is a crash, not a start-up error
 
 
@@ -437,6 +443,10 @@ class Supervisor(Server):
 
     def _dns_listeners(self) -> tuple[Address, ...]:
         return ()  # the workers serve them
+
+    def _status(self) -> str:
+        where = ", ".join(sorted({str(addr) for _, addr, _ in self.groups or ()}))
+        return f"{self.workers} workers serving on {where}: {len(self.chain.steps)} steps"
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if not os.access(sys.executable, os.X_OK):
@@ -533,9 +543,10 @@ class Supervisor(Server):
                 if op == "log":
                     await self._observing.wait()
                     self._replay(message[1])
-                elif op == "metrics":
-                    child.latest = message[1]
-                    child.answered.set()
+                elif op in child.answered:  # an answer to `_request`
+                    if op == "metrics":
+                        child.latest = message[1]
+                    child.answered[op].set()
                 elif op == "ready":
                     log.info("worker %d serving (pid %d)", child.index, message[1])
                     await child.link.send(("blocking", self.blocking.export()))
@@ -585,11 +596,23 @@ class Supervisor(Server):
             self._nursery.start_soon(self._broadcast, ("blocking", self.blocking.export()))
 
     async def reload(self) -> bool:
-        """Validate and load the config here; only if it is good, reload every worker."""
+        """Validate and load the config here; only if it is good, reload every worker
+        and wait (at most RELOAD_TIMEOUT) until they have: then the new config serves."""
         if not await super().reload():
             return False
-        await self._broadcast(("reload",))
+        await self._request(("reload",), RELOAD_TIMEOUT)
         return True
+
+    async def _request(self, message: tuple[str], timeout: float) -> None:
+        """Send ``message`` to every worker and wait for their answers (`Child.answered`)."""
+        op = message[0]
+        for child in self.children:
+            child.answered[op] = trio.Event()
+        await self._broadcast(message)
+        with trio.move_on_after(timeout):
+            for child in self.children:
+                if child.link is not None and child.served:
+                    await child.answered[op].wait()
 
     def flush(self) -> None:
         super().flush()
@@ -599,13 +622,7 @@ class Supervisor(Server):
     async def gather_metrics(self) -> None:
         """Ask every worker for its counters (waiting at most METRICS_TIMEOUT), then make
         ``stats`` and `step_metrics` their sums."""
-        for child in self.children:
-            child.answered = trio.Event()
-        await self._broadcast(("metrics",))
-        with trio.move_on_after(METRICS_TIMEOUT):
-            for child in self.children:
-                if child.link is not None and child.served:
-                    await child.answered.wait()
+        await self._request(("metrics",), METRICS_TIMEOUT)
         merged = Stats(**attrs.asdict(self.own_stats))
         for child in self.children:
             if child.latest is None:

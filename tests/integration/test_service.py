@@ -302,10 +302,15 @@ def manager() -> Iterator[Manager]:
     m.sock.close()
 
 
-def test_sd_notify_ready_reload_stop_and_watchdog(make_proxy, manager):
-    proxy = make_proxy(CONFIG, env={"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"})
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sd_notify_ready_reload_stop_and_watchdog(make_proxy, manager, workers):
+    """With workers = 2 the supervisor notifies, READY=1 once both workers serve."""
+    config = CONFIG.replace("[server]\n", f"[server]\nworkers = {workers}\n")
+    env = {"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"}
+    proxy = make_proxy(config, env=env)
     ready = manager.expect("READY=1")
-    assert any(f.startswith("STATUS=serving on 127.0.0.1:") for f in ready), ready
+    status = "STATUS=serving on 127.0.0.1:" if workers == 1 else "STATUS=2 workers serving on"
+    assert any(f.startswith(status) for f in ready), ready
     for _ in range(3):  # every 100 ms: half of WATCHDOG_USEC
         manager.expect("WATCHDOG=1", skip_watchdog=False)
     assert ask(*proxy.addr) == "192.0.2.50"
