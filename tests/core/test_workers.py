@@ -20,6 +20,7 @@ from dnsproxy import cli, config, workers
 from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import Reply
+from dnsproxy.service import Sockets
 from dnsproxy.wire import name_to_key, parse_query
 from tests.conftest import free_port
 
@@ -257,3 +258,34 @@ async def test_a_worker_that_takes_no_message_is_killed_not_waited_for(tmp_path,
     await supervisor._broadcast(("flush",))
     assert trio.current_time() - start == pytest.approx(workers.SEND_TIMEOUT)
     assert killed == [True] and got == [("flush",)]
+
+
+def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
+    port = free_port()
+    sc = config.ServerConfig(listen=[f"127.0.0.1:{port}"], workers=2)
+    passed = Sockets()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    passed.add("udp", sock)
+    try:
+        with pytest.raises(ConfigError, match="is passed by socket activation, but workers > 1"):
+            workers.bind_groups("config.toml", sc, passed)
+    finally:
+        passed.close_all()
+
+
+def test_a_worker_holds_at_most_record_buffer_records(tmp_path, monkeypatch):
+    """A supervisor that does not read: the worker drops (and counts) beyond the bound."""
+    monkeypatch.setattr(workers, "RECORD_BUFFER", 3)
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n' + HOSTS)
+    ours, theirs = socket.socketpair()
+    try:
+        worker = workers.Worker(path, 0, theirs, handle_signals=False)
+        q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
+        for _ in range(5):
+            worker._record(q, None, 0.1)
+        assert len(worker.records) == 3 and worker.records_dropped == 2
+    finally:
+        ours.close()
+        theirs.close()
