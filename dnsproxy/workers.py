@@ -600,6 +600,8 @@ class Supervisor(Server):
         and wait (at most RELOAD_TIMEOUT) until they have: then the new config serves."""
         if not await super().reload():
             return False
+        if worker_count(self.config.server.workers) != self.workers:
+            log.warning("reload: workers changed; restart to apply it (%d serve)", self.workers)
         await self._request(("reload",), RELOAD_TIMEOUT)
         return True
 

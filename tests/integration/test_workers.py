@@ -210,10 +210,13 @@ def test_sighup_reloads_both_workers_and_a_bad_config_neither(make_proxy, tmp_pa
     time.sleep(0.3)
     assert {address(proxy, s) for s in sources} == {"192.0.2.1"}
     assert "worker 0: reloaded" not in proxy.log() and "worker 1: reloaded" not in proxy.log()
-    proxy.config_path.write_text(good.replace("192.0.2.1", "192.0.2.99"))
+    changed = good.replace("192.0.2.1", "192.0.2.99").replace("workers = 2", "workers = 3")
+    proxy.config_path.write_text(changed)
     proxy.signal(signal.SIGHUP)
     until(lambda: all(address(proxy, s) == "192.0.2.99" for s in sources))
     until(lambda: "worker 0: reloaded" in proxy.log() and "worker 1: reloaded" in proxy.log())
+    assert "reload: workers changed; restart to apply it (2 serve)" in proxy.log()
+    assert len(worker_pids(proxy)) == 2
 
 
 def test_sigterm_stops_all_within_five_seconds(make_proxy, tmp_path: Path) -> None:
