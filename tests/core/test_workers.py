@@ -289,3 +289,21 @@ def test_a_worker_holds_at_most_record_buffer_records(tmp_path, monkeypatch):
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_worker_sends_no_records_when_the_supervisor_observes_nothing(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n' + HOSTS)
+    ours, theirs = socket.socketpair()
+    worker = workers.Worker(path, 0, theirs, handle_signals=False)
+    worker._collect_observers()
+    assert worker._observers == (worker._record,)  # until told otherwise
+    supervisor = workers.Link(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker._listen_to_supervisor)
+        await supervisor.send(("observed", False))
+        with trio.fail_after(5):
+            while worker._observers:
+                await trio.sleep(0.01)
+        await supervisor.aclose()  # the supervisor going away stops the worker
+    assert worker._stop.is_set()
