@@ -56,9 +56,11 @@ class Blocking:
         process logged the change)."""
         now = trio.current_time()
         whole = state["all"]
-        self.paused_until, self.wall_until = (None, None) if whole is None else whole
-        if whole is not None:
-            self.paused_until = now + whole[0]
+        if whole is None:
+            self.paused_until = self.wall_until = None
+        else:
+            left, self.wall_until = whole
+            self.paused_until = now + left
         self.groups = {g: (now + left, wall) for g, (left, wall) in state["groups"].items()}
         self.generation += 1
         self._changed.set()
