@@ -307,3 +307,25 @@ async def test_a_worker_sends_no_records_when_the_supervisor_observes_nothing(tm
                 await trio.sleep(0.01)
         await supervisor.aclose()  # the supervisor going away stops the worker
     assert worker._stop.is_set()
+
+
+@pytest.mark.skipif(not config.reuseport_steering(), reason="needs Linux SO_REUSEPORT")
+def test_kernel_runs_the_ipv6_program():
+    """::1 (words 0, 0, 0, 1: XOR 1) always reaches socket 1 of a group of 2."""
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    addr = config.Address("::1", port)
+    udp = workers.bind_group(addr, "udp", 2)
+    try:
+        udp[1].settimeout(2)
+        for _ in range(5):
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as client:
+                client.sendto(b"x", ("::1", port))
+            assert udp[1].recvfrom(10)[1][0] == "::1"
+        udp[0].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            udp[0].recv(10)
+    finally:
+        workers.close_groups([("udp", addr, udp)])
