@@ -250,6 +250,9 @@ workers = 2
 [http]
 listen = "127.0.0.1:HTTP_PORT"
 
+[groups]
+kids = ["127.0.0.2", "127.0.0.3"]
+
 [[chain]]
 plugin = "blocklist"
 lists = ["ADS"]
@@ -261,8 +264,8 @@ entries = ["192.0.2.1 ads.example.test www.shop.test"]
 
 
 def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> None:
-    """A blocking pause and resume from the API, and a managed block and allow from the
-    dashboard, change the answers of both workers."""
+    """A blocking pause and resume from the API (of all, and of one group), and a managed
+    block and allow from the dashboard, change the answers of both workers."""
     ads = tmp_path / "ads.txt"
     ads.write_text("ads.example.test\n")
     http = free_port()
@@ -280,6 +283,17 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
         until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
         assert web.post("/api/blocking/enable").status_code == 200
         until(lambda: answers("ads.example.test") == {"0.0.0.0"}, 2)
+        r = web.post("/api/blocking/disable", params={"group": "kids", "duration": "5m"})
+        assert r.status_code == 200
+        kids = ["127.0.0.2", "127.0.0.3"]  # one per worker; 127.0.0.1 and .4 are not kids
+
+        def ads(source: str) -> str:
+            return proxy.ask("ads.example.test", source=source).answer[0][0].address
+
+        until(lambda: {ads(s) for s in kids} == {"192.0.2.1"}, 2)
+        assert {ads("127.0.0.1"), ads("127.0.0.4")} == {"0.0.0.0"}
+        assert web.post("/api/blocking/enable", params={"group": "kids"}).status_code == 200
+        until(lambda: {ads(s) for s in kids} == {"0.0.0.0"}, 2)
         assert answers("www.shop.test") == {"192.0.2.1"}
         page = web.get("/managed")
         token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
