@@ -497,6 +497,8 @@ class Supervisor(Server):
             for child in self.children:
                 if child.process is not None:
                     await child.process.wait()
+            while any(child.link is not None for child in self.children):
+                await trio.sleep(0.01)  # their last records read and replayed
         for child in self.children:
             if child.process is not None and child.process.returncode is None:
                 log.error("worker %d did not stop in %g s: killed", child.index, STOP_TIMEOUT)
@@ -515,6 +517,8 @@ class Supervisor(Server):
             log.error("worker %d exited (status %s): restarting it in %g s",
                       child.index, status, RESTART_DELAY)  # fmt: skip
             await trio.sleep(RESTART_DELAY)
+            if self._stopping.is_set():
+                return
 
     async def _run_worker(self, child: Child, task_status: Any) -> int:
         assert self.groups is not None

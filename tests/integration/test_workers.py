@@ -14,6 +14,8 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -220,9 +222,11 @@ def test_sighup_reloads_both_workers_and_a_bad_config_neither(make_proxy, tmp_pa
 
 
 def test_sigterm_stops_all_within_five_seconds(make_proxy, tmp_path: Path) -> None:
+    """...and the queries answered just before are all in the query log."""
     proxy, _ = start(make_proxy, tmp_path)
     pids = worker_pids(proxy)
     assert proxy.proc is not None
+    assert blast(proxy, CLIENTS[:4], 50) == 200
     began = time.monotonic()
     proxy.signal(signal.SIGTERM)
     assert proxy.proc.wait(5) == 0
@@ -230,6 +234,35 @@ def test_sigterm_stops_all_within_five_seconds(make_proxy, tmp_path: Path) -> No
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    db = proxy.dir / ".dnsproxy-state" / "querylog.sqlite"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM queries").fetchone()[0] == 200
+
+
+# Fails to load in a worker process only (there, __main__ is dnsproxy.workers).
+FAILING_IN_WORKERS = """
+import sys
+
+if getattr(sys.modules["__main__"].__spec__, "name", "") == "dnsproxy.workers":
+    raise RuntimeError("not in a worker")
+"""
+
+
+def test_a_worker_failing_at_start_up_stops_the_service_with_status_1(tmp_path: Path) -> None:
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(FAILING_IN_WORKERS)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'plugins = ["{plugin}"]\n[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n'
+        '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.1 a.lan"]\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "dnsproxy", "run", "-c", str(config)],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert "not in a worker" in run.stderr
+    assert "failed to start (exit status 1)" in run.stderr
 
 
 def test_a_dead_worker_is_restarted_on_its_sockets(make_proxy, tmp_path: Path) -> None:
