@@ -313,9 +313,9 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
     until(lambda: answers("ads.example.test") == {"0.0.0.0"})
     with httpx.Client(base_url=f"http://127.0.0.1:{http}") as web:
         assert web.post("/api/blocking/disable", params={"duration": "5m"}).status_code == 200
-        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
+        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 5)
         assert web.post("/api/blocking/enable").status_code == 200
-        until(lambda: answers("ads.example.test") == {"0.0.0.0"}, 2)
+        until(lambda: answers("ads.example.test") == {"0.0.0.0"}, 5)
         r = web.post("/api/blocking/disable", params={"group": "kids", "duration": "5m"})
         assert r.status_code == 200
         kids = ["127.0.0.2", "127.0.0.3"]  # one per worker; 127.0.0.1 and .4 are not kids
@@ -323,18 +323,18 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
         def ads(source: str) -> str:
             return proxy.ask("ads.example.test", source=source).answer[0][0].address
 
-        until(lambda: {ads(s) for s in kids} == {"192.0.2.1"}, 2)
+        until(lambda: {ads(s) for s in kids} == {"192.0.2.1"}, 5)
         assert {ads("127.0.0.1"), ads("127.0.0.4")} == {"0.0.0.0"}
         assert web.post("/api/blocking/enable", params={"group": "kids"}).status_code == 200
-        until(lambda: {ads(s) for s in kids} == {"0.0.0.0"}, 2)
+        until(lambda: {ads(s) for s in kids} == {"0.0.0.0"}, 5)
         assert answers("www.shop.test") == {"192.0.2.1"}
         page = web.get("/managed")
         token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
         assert web.post("/ui/block", data={"name": "shop.test", "csrf": token}).status_code == 303
-        until(lambda: answers("www.shop.test") == {"0.0.0.0"}, 2)
+        until(lambda: answers("www.shop.test") == {"0.0.0.0"}, 5)
         r = web.post("/ui/allow", data={"name": "ads.example.test", "csrf": token})
         assert r.status_code == 303
-        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 2)
+        until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 5)
 
 
 def test_tls_and_https_listeners_are_served_by_both_workers(make_proxy, tmp_path: Path) -> None:
