@@ -52,8 +52,9 @@ def which(binary: str) -> str:
     return path
 
 
-def pinned(cmd: Sequence[str], cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd]
+def pinned(cmd: Sequence[str], cpu: int | None) -> list[str]:
+    """``cmd`` run on ``cpu`` (None: wherever the scheduler puts it)."""
+    return list(cmd) if cpu is None else ["taskset", "-c", str(cpu), *cmd]
 
 
 def wait_udp(port: int, timeout: float = 30.0) -> None:
@@ -116,7 +117,7 @@ def launch(
     name: str,
     cmd: Sequence[str],
     port: int,
-    cpu: int = SERVER_CPU,
+    cpu: int | None = SERVER_CPU,
     timeout: float = 30.0,
     **popen: Any,
 ) -> Process:
@@ -222,7 +223,7 @@ def chain_config(upstream: str, steps: Sequence[str]) -> str:
     return f'[server]\nlisten = ["127.0.0.1:{{port}}"]\nlog_level = "warning"\n{body}\n'
 
 
-def start_proxy(d: Path, config: str, cpu: int = SERVER_CPU) -> Process:
+def start_proxy(d: Path, config: str, cpu: int | None = SERVER_CPU) -> Process:
     """dnsproxy on a config text; ``{port}`` is replaced by a free port.
 
     Ready when it answers a query (whatever the rcode), so any log level works.
@@ -253,18 +254,20 @@ def dnsperf(
     queries: Sequence[str],
     seconds: float = 10,
     *,
-    cpu: int = CLIENT_CPU,
+    cpu: int | None = CLIENT_CPU,
     max_qps: int | None = None,
     clients: int = 1,
     outstanding: int = 200,
     mode: str = "udp",
     doh_path: str = "/dns-query",
     doh_method: str = "POST",
+    source: str | None = None,
 ) -> Perf:
     """Run dnsperf against 127.0.0.1:port with ``queries`` ("name TYPE" lines), cycled.
 
     ``mode`` is dnsperf's transport: udp, tcp, dot or doh (dnsperf does not verify the
     server's certificate); for doh, ``doh_path`` and ``doh_method`` (GET or POST).
+    ``cpu`` None: not pinned; ``source``: the address to send from (dnsperf -a).
     """
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(queries) + "\n")
@@ -281,6 +284,8 @@ def dnsperf(
     ]  # fmt: skip
     if max_qps:
         cmd += ["-Q", str(max_qps)]
+    if source:
+        cmd += ["-a", source]
     cmd += ["-m", mode]
     if mode == "doh":
         cmd += [

@@ -12,6 +12,8 @@ import datetime
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -30,6 +32,38 @@ class Blocking:
     generation: int = 0  # bumped by every pause and resume, of all or of a group (the
     # packet cache forgets its answers)
     _changed: trio.Event = attrs.field(factory=trio.Event)
+    # Called after every change (a `workers.Supervisor` pushes the state to its workers).
+    on_change: Callable[[], None] | None = None
+
+    def _bump(self) -> None:
+        self.generation += 1
+        self._changed.set()
+        if self.on_change is not None:
+            self.on_change()
+
+    def export(self) -> dict[str, object]:
+        """The pauses as seconds left (inf: until resumed), for `restore` in another
+        process (another Trio clock)."""
+        now = trio.current_time()
+        until = self.paused_until
+        return {
+            "all": None if until is None else (until - now, self.wall_until),
+            "groups": {g: (end - now, wall) for g, (end, wall) in self.groups.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take the pauses `export` gave, as they are now (no log line: the exporting
+        process logged the change)."""
+        now = trio.current_time()
+        whole = state["all"]
+        if whole is None:
+            self.paused_until = self.wall_until = None
+        else:
+            left, self.wall_until = whole
+            self.paused_until = now + left
+        self.groups = {g: (now + left, wall) for g, (left, wall) in state["groups"].items()}
+        self.generation += 1
+        self._changed.set()
 
     def pause_group(self, group: str, duration: float | None = None) -> None:
         """Stop blocking for the clients of ``group`` for ``duration`` seconds (or until
@@ -40,15 +74,13 @@ class Blocking:
         else:
             self.groups[group] = (trio.current_time() + duration, time.time() + duration)
             log.info("blocking paused for group %s for %g s", group, duration)
-        self.generation += 1
-        self._changed.set()
+        self._bump()
 
     def resume_group(self, group: str) -> None:
         """Block the clients of ``group`` again now."""
         if self.groups.pop(group, None) is not None:
             log.info("blocking resumed for group %s", group)
-            self.generation += 1
-            self._changed.set()
+            self._bump()
 
     def paused_for(self, groups: frozenset[str]) -> bool:
         """Whether a pause of one of ``groups`` holds now (pauses that ran out end here).
@@ -85,8 +117,7 @@ class Blocking:
             self.paused_until = trio.current_time() + duration
             self.wall_until = time.time() + duration
             log.info("blocking paused for %g s", duration)
-        self.generation += 1
-        self._changed.set()
+        self._bump()
 
     def resume(self) -> None:
         """Block again now; logs "blocking resumed" if blocking was paused."""
@@ -94,8 +125,7 @@ class Blocking:
             return
         self.paused_until = self.wall_until = None
         log.info("blocking resumed")
-        self.generation += 1
-        self._changed.set()
+        self._bump()
 
     def active(self) -> bool:
         """Whether blocking applies now (a pause that ran out is ended here)."""

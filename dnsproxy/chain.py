@@ -179,6 +179,10 @@ class Setup:
     # steps built outside a server.
     clients: Clients = attrs.field(factory=Clients)
     deadline: float = DEADLINE  # the ``deadline`` key: seconds for `Step.resolve`/`begin`
+    # With ``[server] workers`` > 1, the index of the worker process this step serves in;
+    # None in the process that runs the observers (one process, or the supervisor): a
+    # worker's queries are observed there, so a step writing what it observes stays idle.
+    worker: int | None = None
 
     def error(self, key: str | None, message: str) -> ConfigError:
         """A config error naming this step and ``key``."""

@@ -18,7 +18,7 @@ import dns.reversename
 import trio
 
 from dnsproxy import __version__
-from dnsproxy.config import read_toml, server_table, state_path
+from dnsproxy.config import read_toml, server_table, state_path, worker_count
 from dnsproxy.errors import ConfigError
 from dnsproxy.lint import lint
 from dnsproxy.loader import build_chain, load
@@ -35,6 +35,7 @@ from dnsproxy.service import (
     service_user,
 )
 from dnsproxy.wire import parse_query
+from dnsproxy.workers import Supervisor, bind_groups, close_groups, explain
 
 QUERY_READY_WAIT = 10.0  # seconds `dnsproxy query` waits for lists to load
 QUERY_TIMEOUT = 10.0  # seconds for the query itself (forward gives up after its budget)
@@ -186,7 +187,10 @@ def _run(path: Path) -> int:
     setup_logging(sc.log_level, sc.log_format)
     notifier = Notifier.from_environment()
     sockets = Sockets.from_environment()
+    groups = None  # with workers > 1: the DNS listeners, N steered sockets each
     try:
+        if worker_count(sc.workers) > 1:
+            groups = bind_groups(path.name, sc, sockets)
         if sc.user:
             where = f"{path.name}: server"
             uid, gid = service_user(sc.user, sc.group, where)
@@ -198,8 +202,10 @@ def _run(path: Path) -> int:
         loaded = load(path)
     except BaseException:
         sockets.close_all()
+        close_groups(groups or ())
         raise
-    server = Server(path, freeze_gc=True, loaded=loaded, sockets=sockets, notifier=notifier)
+    kw = {"freeze_gc": True, "loaded": loaded, "sockets": sockets, "notifier": notifier}
+    server = Server(path, **kw) if groups is None else Supervisor(path, groups=groups, **kw)
     trio.run(server.run)
     return 0
 
@@ -226,6 +232,7 @@ async def _check(path: Path) -> int:
         for line in errors:
             print(line, file=sys.stderr)
         return 1
+    print(f"{path}: {explain(cfg.server)}")
     print(f"{path}: ok ({len(chain.steps)} steps)")
     return 0
 

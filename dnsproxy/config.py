@@ -7,6 +7,9 @@ one line per problem, so a bad reload never leaves half-applied state.
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +37,7 @@ DEFAULT_ALLOW = (
 )
 
 
+MAX_WORKERS = 256  # [server] workers
 SCHEMES = {"tls": 853, "https": 443}  # encrypted listeners: scheme and default port
 DOH_PATH = "/dns-query"
 
@@ -159,6 +163,29 @@ def _distinct(_inst: object, _attr: object, value: tuple[Address, ...]) -> None:
             )
 
 
+def worker_count(value: int | str) -> int:
+    """The number of worker processes ``[server] workers`` asks for ("auto": usable CPUs)."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return int(value)
+
+
+def _workers(_inst: object, _attr: attrs.Attribute, value: int | str) -> None:
+    if value != "auto" and not 1 <= int(value) <= MAX_WORKERS:
+        raise ValueError(f'must be "auto" or between 1 and {MAX_WORKERS}, got {value!r}')
+    if worker_count(value) > 1 and not reuseport_steering():
+        raise ValueError(
+            f"{value!r} needs SO_REUSEPORT and SO_ATTACH_REUSEPORT_CBPF (Linux), which this"
+            " platform lacks: set workers = 1"
+        )
+
+
+def reuseport_steering() -> bool:
+    """Whether this platform can share a listener between processes steered by a
+    classic-BPF program (Linux: SO_REUSEPORT and SO_ATTACH_REUSEPORT_CBPF)."""
+    return sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+
+
 @attrs.frozen
 class ServerConfig:
     """The ``[server]`` table."""
@@ -185,6 +212,8 @@ class ServerConfig:
     trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=options.networks)
     ddr: bool = True  # answer _dns.resolver.arpa SVCB for the encrypted listeners (RFC 9462)
     packet_cache_size: int = attrs.field(default=10_000, validator=options.in_range(0, 10_000_000))
+    # Processes serving the DNS listeners (dnsproxy.workers); "auto": one per usable CPU.
+    workers: int | Literal["auto"] = attrs.field(default=1, validator=_workers)
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

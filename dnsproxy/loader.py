@@ -77,13 +77,14 @@ def build_chain(
     blocking: Blocking | None = None,
     shared: Shared | None = None,
     clients: Clients | None = None,
+    worker: int | None = None,
 ) -> Chain:
     """Instantiate every step of ``cfg``; ConfigError if any step rejects its options.
 
     ``blocking``: the server's pause state, ``shared``: its store of long-lived objects,
     and ``clients``: its client records, handed to every step (new ones if None: steps
     built outside a server; the server applies ``cfg.clients`` to its own once the chain
-    is built).
+    is built). ``worker``: `Setup.worker`.
     """
     blocking = blocking or Blocking()
     shared = shared or Shared()
@@ -104,6 +105,7 @@ def build_chain(
             blocking=blocking,
             shared=shared,
             clients=clients,
+            worker=worker,
             scope=Scope(
                 sc.zones,
                 sc.clients,

@@ -247,9 +247,15 @@ class PacketCache:
     # --- views --------------------------------------------------------------------------
 
     def view(self, host: str, transport: str) -> tuple[bool, ...]:
-        """Whether each client-dependent scope of the chain takes client ``host``."""
+        """Whether each client-dependent scope of the chain takes client ``host``, and
+        whether it is in each group whose blocking is paused (its answers are its own)."""
         probe = Query(b"", 0, 0, b"\x00", wire.A, 1, 0, (host, 0), transport)
-        return tuple(test(probe) for test in self.view_tests)
+        tests = tuple(test(probe) for test in self.view_tests)
+        paused = self.blocking.groups  # a pause or resume clears the views (generation)
+        if not paused:
+            return tests
+        groups = self.clients.record(probe).groups
+        return (*tests, *(group in groups for group in sorted(paused)))
 
     def _view(self, host: str, transport: str) -> bytes:
         """The key prefix of a client: its transport and view; empty: never cached (a

@@ -40,9 +40,17 @@ import trio
 
 from dnsproxy import ddr, options, tls, wire
 from dnsproxy.blocking import Blocking
-from dnsproxy.chain import Chain, Step, Suspended, client_address, client_matcher
+from dnsproxy.chain import (
+    Chain,
+    Metric,
+    Setup,
+    Step,
+    Suspended,
+    client_address,
+    client_matcher,
+)
 from dnsproxy.clients import Clients
-from dnsproxy.config import Address, Config, ServerConfig, StepConfig
+from dnsproxy.config import Address, Config, ServerConfig, ServiceConfig, StepConfig, worker_count
 from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
 from dnsproxy.hookspecs import Observer
 from dnsproxy.loader import Loaded, build_chain, load
@@ -160,7 +168,7 @@ def prebind(path: Path, doc: dict[str, Any], sc: ServerConfig, sockets: Sockets)
     """
     name = path.name
     todo: list[tuple[str, Address, int]] = []
-    for addr in sc.listen:
+    for addr in sc.listen if worker_count(sc.workers) == 1 else ():  # else: workers.bind_groups
         if not addr.encrypted:  # DoT and DoH listen on TCP only
             todo.append(("udp", addr, 0))
         todo.append(("tcp", addr, 512))
@@ -188,6 +196,8 @@ def prebind(path: Path, doc: dict[str, Any], sc: ServerConfig, sockets: Sockets)
 
 class Server:
     """One dnsproxy process: listeners plus the current chain."""
+
+    worker_index: int | None = None  # `Setup.worker` of its steps (`workers.Worker`)
 
     def __init__(
         self,
@@ -224,7 +234,7 @@ class Server:
         self.clients = Clients(self.config.clients)  # names and groups; PTR cache survives reloads
         self.services: list[Any] = []  # the services of [http]-like tables, built by run()
         self.chain = build_chain(
-            self.config, self.registry, self.blocking, self.shared, self.clients
+            self.config, self.registry, self.blocking, self.shared, self.clients, self.worker_index
         )
         self.bound: tuple[Address, ...] = ()  # the listen addresses run() bound
         self.stats = Stats()
@@ -752,7 +762,7 @@ class Server:
         socks = []
         opened = self.sockets
         try:
-            for addr in self.config.server.listen:
+            for addr in self._dns_listeners():
                 if not addr.encrypted:
                     udp = opened.take("udp", addr) or _bind(addr, socket.SOCK_DGRAM)
                     socks.append(("udp", addr, udp))
@@ -766,7 +776,7 @@ class Server:
             ) from exc
         services = self.services
         try:  # services bind too before any listener is announced: all or nothing
-            for svc in self.config.services:
+            for svc in self._service_configs():
                 service = self.registry.services[svc.table](svc.options, self)
                 if callable(getattr(service, "bind", None)):
                     listen = getattr(svc.options, "listen", None)
@@ -845,6 +855,22 @@ class Server:
             self.notifier.close()
         log.info("stopped")
 
+    def _dns_listeners(self) -> tuple[Address, ...]:
+        """The DNS listeners `run` serves (a `workers.Supervisor` leaves them to workers)."""
+        return self.config.server.listen
+
+    def _service_configs(self) -> tuple[ServiceConfig, ...]:
+        """The services `run` starts (a `workers.Worker` leaves them to its supervisor)."""
+        return self.config.services
+
+    async def gather_metrics(self) -> None:
+        """Bring ``stats`` and `step_metrics` up to date before a scrape: nothing to do
+        in one process (`workers.Supervisor` asks its workers)."""
+
+    def step_metrics(self) -> list[tuple[Setup, list[Metric]]]:
+        """Every step's setup and current `Step.metrics` (what /metrics exports)."""
+        return [(s.setup, s.metrics()) for s in self.chain.steps]
+
     def _status(self) -> str:
         """The STATUS= line systemd shows: where this server serves, and its chain."""
         where = ", ".join(sorted({wire.hostport(h, p) for _, h, p in self.addresses}))
@@ -918,7 +944,9 @@ class Server:
         start = time.monotonic()
         try:
             cfg, registry, pm = load(self.path)
-            chain = build_chain(cfg, registry, self.blocking, self.shared, self.clients)
+            chain = build_chain(
+                cfg, registry, self.blocking, self.shared, self.clients, self.worker_index
+            )
         except ConfigError as exc:
             for line in exc.lines:
                 log.error("reload failed, keeping the running config: %s", line)

@@ -150,9 +150,10 @@ class Source:
         return body
 
     def keep(self, body: bytes) -> None:
-        """Store a body that parsed well as the last good copy (atomically)."""
+        """Store a body that parsed well as the last good copy (atomically; through a file
+        of this process's own: with ``[server] workers`` every process keeps its copy)."""
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_suffix(".tmp")
+        tmp = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(body)
         os.replace(tmp, self.cache_path)
         self.meta_path.write_text(json.dumps(self.pending_meta or {"url": self.url}))

@@ -263,6 +263,7 @@ class App:
 
     async def metrics(self, request: Request) -> Response:
         async def render() -> bytes:
+            await self.server.gather_metrics()  # the workers' counters, with workers > 1
             snapshot = self.collector.snapshot()
             return await trio.to_thread.run_sync(generate_latest, snapshot)  # type: ignore[arg-type]
 

@@ -258,19 +258,16 @@ class Collector:
     def snapshot(self) -> Snapshot:
         obs = self.observed
         stats = self.server.stats
-        chain = self.server.chain
         return Snapshot(
             requests=tuple(obs.requests.items()),
             hist=tuple(obs.hist),
             elapsed_sum=obs.elapsed_sum,
             core=tuple((field, getattr(stats, field)) for field in CORE_COUNTERS),
             tcp_connections=stats.tcp_connections,
-            ready=chain.ready(),
+            ready=self.server.chain.ready(),
             steps=tuple(
-                StepSamples(
-                    s.setup.name, s.setup.index, tuple(self._monotonic(s.setup, s.metrics()))
-                )
-                for s in chain.steps
+                StepSamples(setup.name, setup.index, tuple(self._monotonic(setup, samples)))
+                for setup, samples in self.server.step_metrics()
             ),
         )
 

@@ -67,7 +67,10 @@ class QueryLog(Step):
         self.buffer.append((time.time(), q, reply, elapsed))
 
     async def run(self) -> None:
-        """Flush every ``flush_interval``, maintain the database every ``prune_interval``."""
+        """Flush every ``flush_interval``, maintain the database every ``prune_interval``;
+        nothing in a worker process (`Setup.worker`: the supervisor writes its records)."""
+        if self.setup.worker is not None:
+            return
         flush_every, prune_every = self.options.flush_interval, self.options.prune_interval
         try:
             await trio.to_thread.run_sync(self.store.open)

@@ -145,9 +145,12 @@ logging.getLogger("dnsproxy").warning("plugin file imported as uid %d", os.getui
 
 
 @needs_root
-def test_installed_wheel_serves_port_53_as_nobody_and_reloads(wheel, world_dir):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_installed_wheel_serves_port_53_as_nobody_and_reloads(wheel, world_dir, workers):
     """The wheel in a fresh venv (dependencies from this one, no checkout on the path)
-    binds 127.0.0.x:53 as root, then serves, imports its plugin file and reloads as nobody."""
+    binds 127.0.0.x:53 as root, then serves, imports its plugin file and reloads as nobody
+    (with workers = 2: the supervisor binds both workers' sockets as root; all run as
+    nobody and all reload)."""
     venv = world_dir / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -172,6 +175,8 @@ def test_installed_wheel_serves_port_53_as_nobody_and_reloads(wheel, world_dir):
     assert where.startswith(site), where
     assert Path(where).with_name("templates").is_dir()
 
+    if workers > 1 and not IN_CI and in_child_as_nobody(lambda _: os.access(py, os.X_OK)) != 1:
+        pytest.skip(f"nobody cannot run {py} (an interpreter under a private directory)")
     host = free_loopback_53()
     etc = world_dir / "etc"
     etc.mkdir()
@@ -183,6 +188,7 @@ plugins = ["who.py"]
 listen = ["{host}:53"]
 user = "nobody"
 state_dir = "{state}"
+workers = {workers}
 """
     config = etc / "config.toml"
     config.write_text(head + HOSTS.replace("{ip}", "192.0.2.50"))
@@ -190,13 +196,16 @@ state_dir = "{state}"
     proc, log = spawn([str(venv / "bin" / "dnsproxy"), "run", "-c", str(config)], world_dir,
                       env=env)  # fmt: skip
     try:
-        wait_log(proc, log, "listening on tcp")
+        wait_log(proc, log, "listening on tcp" if workers == 1 else "workers: 2 serving")
         nobody = pwd.getpwnam("nobody")
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        fields = dict(line.split(":", 1) for line in status.splitlines())
-        assert fields["Uid"].split() == [str(nobody.pw_uid)] * 4, status
-        assert fields["Gid"].split() == [str(nobody.pw_gid)] * 4, status
-        assert fields["Groups"].split() == [str(nobody.pw_gid)], status
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == (0 if workers == 1 else 2)
+        for pid in (proc.pid, *map(int, children)):
+            status = Path(f"/proc/{pid}/status").read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines())
+            assert fields["Uid"].split() == [str(nobody.pw_uid)] * 4, status
+            assert fields["Gid"].split() == [str(nobody.pw_gid)] * 4, status
+            assert fields["Groups"].split() == [str(nobody.pw_gid)], status
         assert f"plugin file imported as uid {nobody.pw_uid}" in log.read_text()
         assert state.stat().st_uid == nobody.pw_uid
         assert ask(host, 53) == "192.0.2.50"
@@ -204,7 +213,7 @@ state_dir = "{state}"
 
         config.write_text(head + HOSTS.replace("{ip}", "192.0.2.51"))
         proc.send_signal(signal.SIGHUP)
-        wait_log(proc, log, "reloaded ")
+        wait_log(proc, log, "reloaded ", 1 + (workers if workers > 1 else 0))
         assert ask(host, 53) == "192.0.2.51"
         assert terminate(proc, 10) == 0
     finally:
@@ -293,10 +302,15 @@ def manager() -> Iterator[Manager]:
     m.sock.close()
 
 
-def test_sd_notify_ready_reload_stop_and_watchdog(make_proxy, manager):
-    proxy = make_proxy(CONFIG, env={"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"})
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sd_notify_ready_reload_stop_and_watchdog(make_proxy, manager, workers):
+    """With workers = 2 the supervisor notifies, READY=1 once both workers serve."""
+    config = CONFIG.replace("[server]\n", f"[server]\nworkers = {workers}\n")
+    env = {"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"}
+    proxy = make_proxy(config, env=env)
     ready = manager.expect("READY=1")
-    assert any(f.startswith("STATUS=serving on 127.0.0.1:") for f in ready), ready
+    status = "STATUS=serving on 127.0.0.1:" if workers == 1 else "STATUS=2 workers serving on"
+    assert any(f.startswith(status) for f in ready), ready
     for _ in range(3):  # every 100 ms: half of WATCHDOG_USEC
         manager.expect("WATCHDOG=1", skip_watchdog=False)
     assert ask(*proxy.addr) == "192.0.2.50"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import attrs
 import pytest
@@ -165,3 +166,24 @@ async def test_refresh_replaces_the_list_when_it_changed(tmp_path, http, nursery
     assert [r.get("if-none-match") for r in http.requests[:3]] == [None, '"v1"', '"v1"']
     assert "list ads.txt: not modified" in caplog.text
     assert step.sources[0].cache_path.read_bytes() == LIST_V2
+
+
+def test_two_processes_keeping_a_list_at_once_both_succeed(tmp_path, monkeypatch):
+    """With workers, several processes keep the same downloaded list at once: one keeping
+    it between another's write and rename must not take (or truncate) its file."""
+    source = make(tmp_path, "http://127.0.0.1:1/ads.txt").sources[0]
+    pid = [1000]
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if pid[0] == 1000:  # process 1000 is about to rename: 1001 keeps the list first
+            pid[0] = 1001
+            source.keep(LIST_V1)
+            pid[0] = 1000
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "getpid", lambda: pid[0])
+    monkeypatch.setattr(os, "replace", replace)
+    source.keep(LIST_V1)
+    assert source.cache_path.read_bytes() == LIST_V1
+    assert not list(source.cache_path.parent.glob("*.tmp"))
