@@ -214,6 +214,8 @@ class ServerConfig:
     packet_cache_size: int = attrs.field(default=10_000, validator=options.in_range(0, 10_000_000))
     # Processes serving the DNS listeners (dnsproxy.workers); "auto": one per usable CPU.
     workers: int | Literal["auto"] = attrs.field(default=1, validator=_workers)
+    # Query records a worker holds for a supervisor that does not keep up, then drops.
+    worker_records: int = attrs.field(default=100_000, validator=options.in_range(100, 10_000_000))
     state_dir: str = ".dnsproxy-state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -74,13 +74,18 @@ def seconds(default: float | str, low: float, high: float) -> Any:
 
 
 def in_range(low: float, high: float) -> Any:
-    """attrs validator: low <= value <= high."""
+    """attrs validator: low <= value <= high (bounds written out in full: 10000000, not
+    1e+07, so the user can copy them)."""
 
     def check(_inst: object, attribute: attrs.Attribute, value: float) -> None:
         if not low <= value <= high:
-            raise ValueError(f"must be between {low:g} and {high:g}, got {value!r}")
+            raise ValueError(f"must be between {_number(low)} and {_number(high)}, got {value!r}")
 
     return check
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _type_ok(value: object, annotation: object) -> bool:

@@ -990,6 +990,13 @@ class Server:
             del chain  # this frame's reference: the collection must be able to free it
             refreeze_gc()
 
+    async def refresh_list(self, step: Any, index: int) -> str | None:
+        """Read or download list ``index`` of blocklist ``step`` now (the dashboard's
+        "refresh now"): the problem, or None. A `workers.Supervisor` has every worker's
+        copy of the step do the same."""
+        problem: str | None = await step.refresh_now(index)
+        return problem
+
     def flush(self) -> None:
         self.chain.flush()
         if self.packets is not None:

@@ -41,7 +41,7 @@ error) stops the whole service with a non-zero status, as one process would.
 The channel is a Unix stream socketpair per worker: length-prefixed pickles (both ends
 are this program). Nothing the supervisor does waits on a worker without a timeout, so a
 hung or dead worker cannot hang it; one whose channel stays full for `SEND_TIMEOUT` is
-killed (and restarted). A worker holds at most `RECORD_BUFFER` records for a supervisor
+killed (and restarted). A worker holds at most ``worker_records`` records for a supervisor
 that does not keep up, then drops (and logs) them: DNS never waits on the query log.
 Workers send no records at all when the supervisor has no observer (no query log, no
 ``[http]``).
@@ -84,7 +84,6 @@ BPF_XOR_X = 0xAC  # A ^= X
 BPF_MOD_K = 0x94  # A %= k
 BPF_RET_A = 0x16  # return A
 RECORD_FLUSH = 0.02  # seconds between a worker's batches of query records
-RECORD_BUFFER = 100_000  # records a worker holds for the supervisor before dropping
 METRICS_TIMEOUT = 1.0  # seconds a scrape waits for the workers' counters
 SEND_TIMEOUT = 1.0  # seconds a message to one worker may wait for room in its channel
 RELOAD_TIMEOUT = 30.0  # seconds SIGHUP waits for the workers to have reloaded
@@ -309,14 +308,14 @@ class Worker(Server):
 
     def _record(self, q: Query, reply: Reply | None, elapsed: float) -> None:
         """The worker's one observer (hot path): keep the query for the supervisor."""
-        if len(self.records) >= RECORD_BUFFER:
+        if len(self.records) >= self.config.server.worker_records:
             self.records_dropped += 1
             return
         self.records.append((q, reply, elapsed))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen_to_supervisor)
+            nursery.start_soon(self._listen_to_supervisor, nursery)
             await nursery.start(self._serve, nursery)
             await self.link.send(("ready", os.getpid()))
             nursery.start_soon(self._send_records)
@@ -350,7 +349,7 @@ class Worker(Server):
             await trio.sleep(RECORD_FLUSH)
             await self._flush_records()
 
-    async def _listen_to_supervisor(self) -> None:
+    async def _listen_to_supervisor(self, nursery: trio.Nursery) -> None:
         """Carry out the supervisor's requests; its channel closing stops this worker."""
         while True:
             message = await self.link.receive()
@@ -370,6 +369,10 @@ class Worker(Server):
                 self.flush()
             elif op == "blocking":
                 self.blocking.restore(message[1])
+            elif op == "refresh":  # a download must not hold up the next request
+                step = next((s for s in self.chain.steps if s.setup.index == message[1]), None)
+                if step is not None and hasattr(step, "refresh_now"):
+                    nursery.start_soon(step.refresh_now, message[2])
             elif op == "observed":
                 self.observed = message[1]
                 self._collect_observers()
@@ -619,6 +622,11 @@ class Supervisor(Server):
             for child in self.children:
                 if child.link is not None and child.served:
                     await child.answered[op].wait()
+
+    async def refresh_list(self, step: Any, index: int) -> str | None:
+        problem = await super().refresh_list(step, index)
+        await self._broadcast(("refresh", step.setup.index, index))
+        return problem
 
     def flush(self) -> None:
         super().flush()

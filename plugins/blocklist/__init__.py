@@ -508,6 +508,10 @@ class Blocklist(Step):
             return cached, " (last good copy: download failed)"
         if data is None and check:
             return src.cached(), " (last good copy: not modified)"
+        if data is None and src.stamp() != src.seen:
+            # Not modified since the kept copy, which is not the one in use: another
+            # process (a `workers` sibling) downloaded it since.
+            return src.cached(), " (last good copy: kept by another process)"
         return data, ""
 
     async def _http(self) -> Any:
@@ -559,7 +563,9 @@ class Blocklist(Step):
             self.log.info("%s: list %s: %s", self.setup.where, src.name, problem)
         if src.url is not None and not origin:
             src.keep(data)
-        stamp = src.seen if src.path is not None else src.stamp()
+        if src.url is not None:
+            src.seen = src.stamp()  # the kept copy this list now is
+        stamp = src.seen
         if stamp is not None:
             self.parsed_lists[self._key(src, stamp)] = parsed
         async with self._merge_lock:

@@ -38,7 +38,7 @@ class Source:
     url: str | None = None
     state_dir: Path | None = None
     parsed: Parsed | None = None
-    seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last parsed
+    seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file (or kept copy) parsed
     failures: int = 0
     loaded_at: float | None = None  # Unix time the list in use was parsed (for the dashboard)
     checked_at: float | None = None  # Unix time of the last read or download attempt

@@ -31,7 +31,7 @@ from .app import COOKIE, MAX_DISABLE, HttpError, Principal, json_response
 from .auth import verify_password
 
 if TYPE_CHECKING:
-    from dnsproxy.chain import Step
+    from dnsproxy.chain import Metric, Setup, Step
 
     from .app import App
 
@@ -167,27 +167,36 @@ class Dashboard:
         """The running chain's steps that have ``attribute`` (public, duck-typed)."""
         return [s for s in self.server.chain.steps if hasattr(s, attribute)]
 
-    def _cache_stats(self) -> dict[str, Any]:
-        steps = [s for s in self.server.chain.steps if s.setup.name == "cache"]
+    async def _step_metrics(self) -> list[tuple[Setup, list[Metric]]]:
+        """Every step's metrics as /metrics exports them (with workers > 1, summed over
+        the workers: the supervisor's own steps answer no queries)."""
+        await self.server.gather_metrics()
+        return self.server.step_metrics()
+
+    @staticmethod
+    def _cache_stats(metrics: list[tuple[Setup, list[Metric]]]) -> dict[str, Any]:
         out = []
         hits = misses = 0
-        for s in steps:
-            m = {x.name: x.value for x in s.metrics() if not x.labels}
+        for setup, samples in metrics:
+            if setup.name != "cache":
+                continue
+            m = {x.name: x.value for x in samples if not x.labels}
             hits += int(m.get("hits", 0))
             misses += int(m.get("misses", 0))
-            out.append({"where": s.setup.where, **m})
+            out.append({"where": setup.where, **m})
         total = hits + misses
         return {"steps": out, "hit_rate": round(hits / total, 4) if total else None}
 
-    def _upstream_health(self) -> list[dict[str, Any]]:
+    @staticmethod
+    def _upstream_health(metrics: list[tuple[Setup, list[Metric]]]) -> list[dict[str, Any]]:
         out = []
-        for s in self.server.chain.steps:
+        for setup, samples in metrics:
             rows: dict[str, dict[str, Any]] = {}
-            for m in s.metrics():
+            for m in samples:
                 labels = dict(m.labels)
                 if m.name.startswith("upstream_") and "upstream" in labels:
                     rows.setdefault(labels["upstream"], {})[m.name] = m.value
-            out += [{"where": s.setup.where, "upstream": k, **v} for k, v in rows.items()]
+            out += [{"where": setup.where, "upstream": k, **v} for k, v in rows.items()]
         return out
 
     async def _overview_data(self) -> dict[str, Any]:
@@ -209,8 +218,9 @@ class Dashboard:
         else:
             history = self.app.observed.copy()
             data = await trio.to_thread.run_sync(_memory_overview, history, wall)
-        data["cache"] = self._cache_stats()
-        health = {(u["where"], u["upstream"]): u for u in self._upstream_health()}
+        metrics = await self._step_metrics()
+        data["cache"] = self._cache_stats(metrics)
+        health = {(u["where"], u["upstream"]): u for u in self._upstream_health(metrics)}
         data["upstream_health"] = list(health.values())
         data["blocking"] = self._blocking()
         totals = data["totals"]
@@ -435,12 +445,13 @@ class Dashboard:
         step = steps.get(step_index)
         if step is None or not 0 <= list_index < len(step.sources):  # type: ignore[attr-defined]
             raise HttpError(404, "no such list")
-        await step.refresh_now(list_index)  # type: ignore[attr-defined]
+        await self.server.refresh_list(step, list_index)
         return self._back(request, form, "/lists")
 
     async def cache_page(self, request: Request) -> Response:
         who = await self._viewer(request)
-        return self._render(request, who, "cache.html", {"c": self._cache_stats()})
+        stats = self._cache_stats(await self._step_metrics())
+        return self._render(request, who, "cache.html", {"c": stats})
 
     async def flush(self, request: Request) -> Response:
         form = await self.app.authorize(request, write=True, api=False)

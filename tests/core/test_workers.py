@@ -50,6 +50,18 @@ def test_bad_workers_values_are_config_errors(tmp_path, value, message):
     assert exc.value.lines == [f"config.toml: server: option 'workers'{message}"]
 
 
+@pytest.mark.parametrize("value", ["99", "10000001"])
+def test_worker_records_out_of_range_is_a_config_error(tmp_path, value):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[server]\nworker_records = {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.server_table(path, config.read_toml(path))
+    assert exc.value.lines == [
+        f"config.toml: server: option 'worker_records': must be between 100 and 10000000,"
+        f" got {value}"
+    ]
+
+
 def test_workers_default_auto_and_count(tmp_path):
     assert config.ServerConfig().workers == 1
     assert server_config(tmp_path, "3").workers == 3
@@ -274,18 +286,19 @@ def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
         passed.close_all()
 
 
-def test_a_worker_holds_at_most_record_buffer_records(tmp_path, monkeypatch):
+def test_a_worker_holds_at_most_worker_records_records(tmp_path):
     """A supervisor that does not read: the worker drops (and counts) beyond the bound."""
-    monkeypatch.setattr(workers, "RECORD_BUFFER", 3)
     path = tmp_path / "config.toml"
-    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n' + HOSTS)
+    path.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworker_records = 100\n' + HOSTS
+    )
     ours, theirs = socket.socketpair()
     try:
         worker = workers.Worker(path, 0, theirs, handle_signals=False)
         q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
-        for _ in range(5):
+        for _ in range(102):
             worker._record(q, None, 0.1)
-        assert len(worker.records) == 3 and worker.records_dropped == 2
+        assert len(worker.records) == 100 and worker.records_dropped == 2
     finally:
         ours.close()
         theirs.close()
@@ -300,7 +313,7 @@ async def test_a_worker_sends_no_records_when_the_supervisor_observes_nothing(tm
     assert worker._observers == (worker._record,)  # until told otherwise
     supervisor = workers.Link(ours)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker._listen_to_supervisor)
+        nursery.start_soon(worker._listen_to_supervisor, nursery)
         await supervisor.send(("observed", False))
         with trio.fail_after(5):
             while worker._observers:

@@ -9,6 +9,8 @@ dies is restarted on its own sockets.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -370,3 +373,62 @@ def test_workers_stop_when_the_supervisor_is_killed(make_proxy, tmp_path: Path) 
 
     until(lambda: all(gone(pid) for pid in pids.values()), 5)
     assert "Traceback" not in proxy.log()
+
+
+LISTS_AND_CACHE = """
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = 2
+
+[http]
+listen = "127.0.0.1:HTTP_PORT"
+
+[[chain]]
+plugin = "blocklist"
+lists = ["LIST_URL"]
+refresh = "24h"
+
+[[chain]]
+plugin = "cache"
+
+[[chain]]
+plugin = "hosts"
+entries = ["192.0.2.1 ads.example.test tracker.example.test"]
+"""
+
+
+def test_list_refresh_and_cache_page_cover_every_worker(make_proxy, tmp_path: Path) -> None:
+    """The dashboard's "refresh now" re-downloads the list in both workers (not only in
+    the supervisor, which answers no query), and its cache page counts both workers' hits."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "ads.txt").write_text("ads.example.test\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    lists = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=lists.serve_forever, daemon=True).start()
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{lists.server_address[1]}/ads.txt"
+        text = LISTS_AND_CACHE.replace("LIST_URL", url).replace("HTTP_PORT", str(port))
+        proxy = make_proxy(text, wait_for=READY)
+        sources = ["127.0.0.1", "127.0.0.2"]  # one per worker
+
+        def answers(name: str) -> set[str]:
+            return {proxy.ask(name, source=s).answer[0][0].address for s in sources}
+
+        until(lambda: answers("ads.example.test") == {"0.0.0.0"})
+        assert answers("tracker.example.test") == {"192.0.2.1"}
+        assert answers("tracker.example.test") == {"192.0.2.1"}  # a cache hit in each
+        (www / "ads.txt").write_text("ads.example.test\ntracker.example.test\n")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as web:
+            page = web.get("/cache")
+            hits = re.search(
+                r"<td>[^<]*cache[^<]*</td><td[^>]*>\d+</td><td[^>]*>(\d+)</td>", page.text
+            )
+            assert hits is not None and int(hits.group(1)) >= 2, page.text
+            token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            form = {"step": "0", "list": "0", "csrf": token}
+            assert web.post("/ui/lists/refresh", data=form).status_code == 303
+        until(lambda: answers("tracker.example.test") == {"0.0.0.0"}, 5)
+    finally:
+        lists.shutdown()

@@ -108,6 +108,28 @@ async def test_download_keeps_copy_and_refreshes_conditionally(tmp_path, http, n
     assert "list ads.txt (last good copy): 1 rules" in caplog.text
 
 
+async def test_a_not_modified_list_loads_the_copy_another_process_kept(tmp_path, http, nursery):
+    """Two processes with one state_dir (``workers``): when one downloads a new version,
+    the other's next conditional GET says "not modified" (the validators are the new
+    version's), so it must load the kept copy instead of keeping its old list."""
+    http.script = [("ok", LIST_V1, '"v1"')]
+    worker = make(tmp_path, http.url)
+    nursery.start_soon(worker.run)
+    await wait_for(worker.ready)
+    assert not blocked(worker, "tracker.example.net")
+    http.script = [("ok", LIST_V2, '"v2"')]
+    http.requests.clear()
+    sibling = make(tmp_path, http.url)
+    assert await sibling.refresh_now(0) is None
+    assert blocked(sibling, "tracker.example.net")
+    http.script = [("304",)]
+    assert await worker.refresh_now(0) is None
+    assert http.requests[-1]["if-none-match"] == '"v2"'
+    assert blocked(worker, "tracker.example.net")
+    assert await worker.refresh_now(0) is None  # now current: nothing to load
+    assert blocked(worker, "tracker.example.net")
+
+
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
