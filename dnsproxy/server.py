@@ -288,7 +288,7 @@ class Server:
         is the DoT/DoH client identifier (`Query.client_id`).
         """
         # --- packet cache: a reply the chain gave before, replayed from the bytes ---
-        packets = self.packets
+        packets = self.packets if client_id is None else None  # views know no client ids
         if packets is not None and packets.answer(data, client, transport, send):
             return
         # --- end packet cache ---
