@@ -663,8 +663,7 @@ class Server:
 
         The reader (`_tcp_read`) handles every complete message it has read in one go;
         answers go out through `streamconn.Answers`, whose writer task only runs when the
-        socket is full. One idle timer per connection, pushed on by each batch with a
-        complete message; it closes the connection only when no query is outstanding.
+        socket is full.
         """
         sc = self.config.server
         answers = streamconn.Answers(io, conn, sc.max_tcp_pipeline)
@@ -676,14 +675,7 @@ class Server:
                 writers.start_soon(answers.writer, sc.tcp_idle_timeout)
                 try:
                     with read_scope:
-                        buf = bytearray()
-                        while True:
-                            with trio.CancelScope() as timer:
-                                timer.deadline = trio.current_time() + self._tcp_idle()
-                                await self._tcp_read(answers, buf, timer, transport, client_id)
-                                eof = True
-                            if not (timer.cancelled_caught and conn.outstanding):
-                                break  # not idle while answers are pending: wait on
+                        eof = await self._tcp_read(answers, transport, client_id)
                     answers.reading = False
                     if conn.outstanding:
                         await answers.drained.wait()
@@ -697,16 +689,17 @@ class Server:
             io.close(abort=not eof and io.unsent() > 0)
 
     async def _tcp_read(
-        self,
-        answers: streamconn.Answers,
-        buf: bytearray,
-        timer: trio.CancelScope,
-        transport: str,
-        client_id: str | None,
-    ) -> None:
-        """Read and handle queries until EOF (or cancelled): every complete message in
-        ``buf`` at once (up to `STREAM_BATCH` before other tasks get a turn), then one flush
-        of the answers made meanwhile; at ``max_tcp_pipeline`` queries outstanding, wait."""
+        self, answers: streamconn.Answers, transport: str, client_id: str | None
+    ) -> bool:
+        """Read and handle queries: every complete message read at once (up to
+        `STREAM_BATCH` before other tasks get a turn), then one flush of the answers made
+        meanwhile; at ``max_tcp_pipeline`` queries outstanding, read no more. True at EOF,
+        False when the connection was idle too long.
+
+        The idle timer is one deadline, looked at only when it passes: the connection was
+        idle if no complete message came for `_tcp_idle` seconds (partial ones do not
+        count) and no answer is outstanding; else the deadline moves on.
+        """
         io = answers.io
         conn = answers.conn
         peer = conn.peer
@@ -714,41 +707,68 @@ class Server:
         handle = self.handle
         send = answers.send
         pipeline = answers.pipeline
+        data = b""  # read and not handled yet
+        parts: list[bytes] = []  # read after ``data`` while its first message is not whole
+        need = waiting = 0  # the bytes that make it whole; those read of them
+        active = trio.current_time()  # when the last complete message came
+        deadline = active + self._tcp_idle()
         while True:
-            have = len(buf)
-            off = handled = 0
-            answers.batching = True
-            try:
-                while have - off >= 2 and handled < STREAM_BATCH and conn.outstanding < pipeline:
-                    end = off + 2 + (buf[off] << 8 | buf[off + 1])
-                    if end > have:
-                        break
-                    frame = bytes(buf[off + 2 : end])
-                    off = end
-                    conn.outstanding += 1
-                    handled += 1
-                    handle(frame, peer, transport, send, client_id)
-            finally:
-                answers.batching = False
-                del buf[:off]
-            if handled:
-                answers.flush()
-                timer.deadline = trio.current_time() + self._tcp_idle()
-                if conn in conns:
-                    conns.move_to_end(conn)
-                if handled == STREAM_BATCH:
-                    await trio.lowlevel.checkpoint()
-                    continue
-            if conn.outstanding >= pipeline:  # read no more until a query is answered
-                await answers.slot()
-                continue
-            data = io.recv(READ_SIZE)
-            if data is None:
-                await io.readable()
-                continue
-            if not data:
-                return
-            buf += data
+            with trio.CancelScope(deadline=deadline):
+                while True:
+                    have = len(data)
+                    off = handled = 0
+                    answers.batching = True
+                    try:
+                        while have - off >= 2 and handled < STREAM_BATCH:
+                            if conn.outstanding >= pipeline:
+                                break
+                            end = off + 2 + (data[off] << 8 | data[off + 1])
+                            if end > have:
+                                break
+                            frame = data[off + 2 : end]
+                            off = end
+                            conn.outstanding += 1
+                            handled += 1
+                            handle(frame, peer, transport, send, client_id)
+                    finally:
+                        answers.batching = False
+                        if off:
+                            data = data[off:]
+                    if data and not parts:  # a message begun: read on until it is whole
+                        need = 2 + (data[0] << 8 | data[1]) if len(data) >= 2 else 2
+                        waiting = len(data)
+                    if handled:
+                        answers.flush()
+                        active = trio.current_time()
+                        if conn in conns:
+                            conns.move_to_end(conn)
+                        if handled == STREAM_BATCH:
+                            await trio.lowlevel.checkpoint()
+                            continue
+                    if conn.outstanding >= pipeline:  # read no more until one is answered
+                        await answers.slot()
+                        continue
+                    more = io.recv(READ_SIZE)
+                    if more is None:
+                        await io.readable()
+                    elif not more:
+                        return True
+                    elif not data:
+                        data = more
+                    else:  # joined once the message is whole: a trickle costs no copies
+                        parts.append(more)
+                        waiting += len(more)
+                        if waiting >= need:
+                            data = b"".join((data, *parts))
+                            parts.clear()
+            now = trio.current_time()
+            idle = self._tcp_idle()
+            if conn.outstanding:  # not idle while answers are pending
+                deadline = now + idle
+            elif active + idle > now:
+                deadline = active + idle
+            else:
+                return False
 
     # --- lifecycle ----------------------------------------------------------------------
 

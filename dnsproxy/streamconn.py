@@ -82,12 +82,28 @@ class Tls(Plain):
     sock: ssl.SSLSocket
 
     def recv(self, size: int) -> bytes | None:
+        """As `Plain.recv`, reading every TLS record there is (one per query, often)."""
+        sock = self.sock
         try:
-            return self.sock.recv(size)
+            data = sock.recv(size)
         except ssl.SSLWantReadError:
             return None
         except OSError:  # SSLError too; a renegotiation wanting a write included
             return b""
+        if not data:
+            return data
+        parts = [data]
+        left = size - len(data)
+        while left > 0:
+            try:
+                more = sock.recv(left)
+            except OSError:  # no more for now; an error shows again on the next call
+                break
+            if not more:
+                break
+            parts.append(more)
+            left -= len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     def send(self, data: bytes) -> int:
         try:

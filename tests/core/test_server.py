@@ -183,6 +183,27 @@ async def test_many_queries_on_one_connection(tmp_path, nursery):
     server.stop()
 
 
+async def test_tcp_messages_cut_anywhere_are_answered(tmp_path, nursery):
+    """Messages arriving in pieces (a length split from its message, a piece holding the
+    end of one and the start of the next) are put together."""
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    msgs = [query(f"n{i}.example.org") for i in range(4)]
+    data = b"".join(framed(m) for m in msgs)
+    cuts = [1, *range(2, len(data), 3), len(data)]  # 3 bytes at a time after the first
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        at_ = 0
+        for cut in cuts:
+            await stream.send_all(data[at_:cut])
+            at_ = cut
+            await trio.sleep(0.01)  # each piece read on its own
+        buf = bytearray()
+        got = {(await read_message(stream, buf)).id for _ in msgs}
+    assert got == {m.id for m in msgs}
+    await stream.aclose()
+    server.stop()
+
+
 class SpawnCounter(trio.abc.Instrument):
     def __init__(self) -> None:
         self.spawned = 0
