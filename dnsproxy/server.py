@@ -20,6 +20,7 @@ non-blocking `ssl.SSLSocket` (`streamconn`), under the same bounds; DNS over HTT
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -513,7 +514,8 @@ class Server:
                     client.close()
                     continue
                 client.setblocking(False)
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # reset already: its handler finds out
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 assert self._work is not None
                 self._work.start_soon(self._tcp_guarded, client, conn, ctx)
 
