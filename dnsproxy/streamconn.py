@@ -15,6 +15,7 @@ import fcntl
 import socket
 import ssl
 import struct
+import sys
 import termios
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,8 @@ class Plain:
     def unsent(self) -> int:
         """Bytes the kernel holds that the client has not acknowledged yet."""
         try:
-            return int.from_bytes(fcntl.ioctl(self.sock, termios.TIOCOUTQ, bytes(4)), "little")
+            queued = fcntl.ioctl(self.sock, termios.TIOCOUTQ, bytes(4))
+            return int.from_bytes(queued, sys.byteorder)
         except OSError:
             return 0
 
