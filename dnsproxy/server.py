@@ -700,7 +700,10 @@ class Server:
 
         The idle timer is one deadline, looked at only when it passes: the connection was
         idle if no complete message came for `_tcp_idle` seconds (partial ones do not
-        count) and no answer is outstanding; else the deadline moves on.
+        count) and no answer is outstanding; else the deadline moves on. A client that
+        acknowledged none of the bytes waiting for it since the deadline last passed is
+        reset then: it does not read (the kernel may buffer megabytes for it before a
+        write ever stalls).
         """
         io = answers.io
         conn = answers.conn
@@ -713,6 +716,7 @@ class Server:
         parts: list[bytes] = []  # read after ``data`` while its first message is not whole
         need = waiting = 0  # the bytes that make it whole; those read of them
         active = trio.current_time()  # when the last complete message came
+        taken = io.acked()  # the bytes the client had acknowledged when the deadline passed
         deadline = active + self._tcp_idle()
         while True:
             with trio.CancelScope(deadline=deadline):
@@ -763,6 +767,11 @@ class Server:
                         if waiting >= need:
                             data = b"".join((data, *parts))
                             parts.clear()
+            acked = io.acked()
+            if acked == taken >= 0 and io.unsent():
+                answers.broken()  # the client took none of its answers for a whole period
+                return False
+            taken = acked
             now = trio.current_time()
             idle = self._tcp_idle()
             if conn.outstanding:  # not idle while answers are pending

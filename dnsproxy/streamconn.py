@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 U16 = struct.Struct("!H")
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+U64 = struct.Struct("=Q")
+BYTES_ACKED = 120  # the offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1+)
+TCP_INFO_SIZE = BYTES_ACKED + U64.size
 
 
 class Plain:
@@ -65,6 +68,15 @@ class Plain:
             return int.from_bytes(queued, sys.byteorder)
         except OSError:
             return 0
+
+    def acked(self) -> int:
+        """Bytes the client has acknowledged so far (TCP_INFO's tcpi_bytes_acked); -1 if
+        the kernel does not say."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        except OSError:
+            return -1
+        return U64.unpack_from(info, BYTES_ACKED)[0] if len(info) == TCP_INFO_SIZE else -1
 
     def close(self, abort: bool = False) -> None:
         """Close; ``abort``: with a reset, dropping what is unsent."""
