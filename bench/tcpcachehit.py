@@ -19,6 +19,7 @@ limit wait for a free child.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def run(port: int, mode: str, queries: list[str], args: argparse.Namespace) -> t
         clients = outstanding = args.doh_clients
     kw = {"mode": mode, "doh_method": "GET"}
     peak = dnsperf(port, queries, args.seconds, clients=clients, outstanding=outstanding, **kw)
-    one = dnsperf(port, queries, args.seconds, outstanding=1, **kw)
+    try:
+        one = dnsperf(port, queries, args.seconds, outstanding=1, **kw)
+    except subprocess.CalledProcessError:  # dnsmasq: its TCP children still busy, at times
+        print(f"{mode} on port {port}: dnsperf failed one in flight", file=sys.stderr)
+        one = Perf(0.0, 0.0, 1.0)
     return peak, one
 
 
