@@ -176,7 +176,8 @@ class DohListener:
             done.set()
 
         self.server.handle(data, client, "https", send, client_id)
-        await done.wait()
+        if not box:  # answered at once (a cache hit): no scheduler round to wait for it
+            await done.wait()
         return box[0]
 
     def _client(self, scope: Scope) -> tuple[str, int]:

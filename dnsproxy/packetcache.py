@@ -7,9 +7,11 @@ client's ID and question (its case) put back and, when a cache step made it, its
 aged as that step ages them. What is stored, and what still happens on a replay:
 
 - Only a reply the chain gave without I/O (so nothing changed while it ran), with rcode
-  NOERROR or NXDOMAIN, not truncated, `Reply.cacheable`, to a plain query: UDP or TCP,
-  one uncompressed question, no EDNS option but padding and cookie, not traced, not a
-  zone transfer. Equal bytes make equal queries, so a replay needs no other check.
+  NOERROR or NXDOMAIN, not truncated, `Reply.cacheable`, to a plain query: UDP, TCP, DoT
+  or DoH (each its own entries), without a DoT/DoH client identifier (`Server.handle`
+  leaves those to the chain), one uncompressed question, no EDNS option but padding and
+  cookie, not traced, not a zone transfer. Equal bytes make equal queries, so a replay
+  needs no other check.
 - Every step in the query's scope must be `Step.pure` up to the one that answered (the
   reply's ``source``), or up to a step that keeps answers for the steps after it
   (`Step.packet_lifetime`, the cache): then the entry lives until that step would prefetch
@@ -53,7 +55,7 @@ PADDING_OPTION = 12
 PLAIN_OPTIONS = frozenset((PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
 KEPT_RCODES = (wire.NOERROR, wire.NXDOMAIN)
 TRANSFERS = (251, 252)  # IXFR, AXFR
-TRANSPORTS = {"udp": b"u", "tcp": b"t"}  # the first byte of a key
+TRANSPORTS = {"udp": b"u", "tcp": b"t", "tls": b"s", "https": b"h"}  # the first byte of a key
 U32 = struct.Struct("!I")
 H2 = struct.Struct("!HH")
 

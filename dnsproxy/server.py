@@ -13,12 +13,14 @@ connection table fills (RFC 7766 §6.2.3), and a full table closes its longest-i
 connection (no query outstanding) to admit a new one.
 
 DNS over TLS (``tls://`` listeners, RFC 7858) runs the same connection handler over a
-`trio.SSLStream`, under the same bounds; DNS over HTTPS (``https://``) is `dnsproxy.doh`.
-Both share the query path, the chain and its caches with the plain listeners.
+non-blocking `ssl.SSLSocket` (`streamconn`), under the same bounds; DNS over HTTPS
+(``https://``) is `dnsproxy.doh`. Both share the query path, the chain and its caches
+(the packet cache included) with the plain listeners.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -28,7 +30,6 @@ import math
 import signal
 import socket
 import ssl
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from typing import Any
 import attrs
 import trio
 
-from dnsproxy import ddr, options, tls, wire
+from dnsproxy import ddr, options, streamconn, tls, wire
 from dnsproxy.blocking import Blocking
 from dnsproxy.chain import (
     Chain,
@@ -51,7 +52,7 @@ from dnsproxy.chain import (
 )
 from dnsproxy.clients import Clients
 from dnsproxy.config import Address, Config, ServerConfig, ServiceConfig, StepConfig, worker_count
-from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout, UpstreamError
+from dnsproxy.errors import ConfigError, Drop, Reject, StepFailed, StepTimeout
 from dnsproxy.hookspecs import Observer
 from dnsproxy.loader import Loaded, build_chain, load
 from dnsproxy.packetcache import packet_cache
@@ -66,7 +67,6 @@ from dnsproxy.reply import (
 )
 from dnsproxy.service import Notifier, Sockets
 from dnsproxy.shared import Shared
-from dnsproxy.upstream import read_frame
 from dnsproxy.wire import Query, parse_query
 
 log = logging.getLogger("dnsproxy")
@@ -81,6 +81,11 @@ TCP_CLIENT_PREFIX = (32, 64)  # a client, for max_tcp_per_client
 INFLIGHT_SHARE = 4  # max_inflight_per_client defaults to max_inflight / 4 ...
 INFLIGHT_SHARE_MIN = 8  # ... but at least this many (or max_inflight if smaller)
 LIMIT_LOG_INTERVAL = 60.0  # seconds between log lines about one kind of limit hit
+ACCEPT_BATCH = 64  # connections accepted per wake-up
+ACCEPT_PAUSE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))  # one connection's
+READ_SIZE = 65536  # bytes asked of a stream socket per read
+STREAM_BATCH = 64  # queries one connection handles before other tasks get a turn
 
 Sender = Callable[[bytes | None], Any]
 
@@ -293,7 +298,7 @@ class Server:
         with the response bytes, or with None when nothing is to be sent. ``client_id``
         is the DoT/DoH client identifier (`Query.client_id`).
         """
-        packets = self.packets  # a reply the chain gave before, replayed from the bytes
+        packets = self.packets if client_id is None else None  # views know no client ids
         if packets is None or not packets.answer(data, client, transport, send):
             self.handle_chain(data, client, transport, send, client_id)
 
@@ -514,25 +519,33 @@ class Server:
 
     async def _tcp_accept(self, sock: socket.socket, ctx: ssl.SSLContext | None = None) -> None:
         """Accept TCP connections (DoT ones when ``ctx`` is given) into the one table."""
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    log.warning("tcp accept failed: %s; pausing 100 ms", exc.strerror)
-                    await trio.sleep(0.1)
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    client, peer = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in ACCEPT_PAUSE:
+                        log.warning("tcp accept failed: %s; pausing 100 ms", exc.strerror)
+                        await trio.sleep(0.1)
+                        break
+                    if exc.errno in ACCEPT_SKIP:  # that connection failed, not the listener
+                        continue
+                    raise
+                conn = self._tcp_admit(peer[:2])
+                if conn is None:
+                    self.stats.tcp_rejected += 1
+                    client.close()
                     continue
-                raise
-            conn = self._tcp_admit(stream)
-            if conn is None:
-                self.stats.tcp_rejected += 1
-                stream.socket.close()
-                continue
-            assert self._work is not None
-            self._work.start_soon(self._tcp_guarded, stream, conn, ctx)
+                client.setblocking(False)
+                with contextlib.suppress(OSError):  # reset already: its handler finds out
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                assert self._work is not None
+                self._work.start_soon(self._tcp_guarded, client, conn, ctx)
 
-    def _tcp_admit(self, stream: trio.SocketStream) -> TcpConn | None:
+    def _tcp_admit(self, peer: tuple[str, int]) -> TcpConn | None:
         """Enter a new connection in the table, or None to refuse it.
 
         A client at `max_tcp_per_client` is refused. When the table is full, the connection
@@ -540,10 +553,6 @@ class Server:
         connections cannot lock clients out; only a table of busy ones refuses newcomers.
         """
         sc = self.config.server
-        try:
-            peer = stream.socket.getpeername()[:2]
-        except OSError:  # reset before we got to it
-            return None
         client = self._tcp_client(peer[0])
         held = self._tcp_clients.get(client, 0)
         cap = min(sc.max_tcp_per_client, sc.max_tcp_connections)
@@ -607,41 +616,54 @@ class Server:
         return floor + (idle - floor) * 2 * (1 - min(fill, 1.0))
 
     async def _tcp_guarded(
-        self, stream: trio.SocketStream, conn: TcpConn, ctx: ssl.SSLContext | None
+        self, sock: socket.socket, conn: TcpConn, ctx: ssl.SSLContext | None
     ) -> None:
         """A connection handler's bug must not take the server down (trio serve_listeners)."""
         try:
             if ctx is None:
-                await self._tcp_conn(stream, conn, "tcp")
+                await self._tcp_conn(streamconn.Plain(sock), conn, "tcp")
             else:
-                await self._tls_conn(stream, conn, ctx)
+                await self._tls_conn(sock, conn, ctx)
         except Exception as exc:
             self._internal_error("tcp connection", exc)
         finally:
             self._tcp_release(conn)
+            if sock.fileno() != -1:  # not closed by the handler (or wrapped by TLS)
+                sock.close()
 
-    async def _tls_conn(self, raw: trio.SocketStream, conn: TcpConn, ctx: ssl.SSLContext) -> None:
+    async def _tls_conn(self, raw: socket.socket, conn: TcpConn, ctx: ssl.SSLContext) -> None:
         """A DoT connection: the handshake (bounded by ``tls_handshake_timeout``; the
         connection counts as idle meanwhile, so a handshake flood is evicted first), then
-        the TCP handler over the TLS stream."""
-        stream = trio.SSLStream(raw, ctx, server_side=True)
+        the TCP handler over the TLS socket."""
         ok = False
+        try:
+            sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError:  # reset before we got to it
+            self.stats.tls_handshake_failures += 1
+            return
         self._tcp_scopes.add(conn.handshake)
         try:
             with conn.handshake, trio.move_on_after(self.config.server.tls_handshake_timeout):
-                await stream.do_handshake()
+                while True:
+                    try:
+                        sock.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        await trio.lowlevel.wait_readable(sock)
+                    except ssl.SSLWantWriteError:
+                        await trio.lowlevel.wait_writable(sock)
                 ok = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except OSError:  # SSLError included
             pass
         finally:
             self._tcp_scopes.discard(conn.handshake)
         if not ok:
             self.stats.tls_handshake_failures += 1
-            with trio.CancelScope(shield=True):
-                await raw.aclose()
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
             return
-        sni = tls.server_name(stream._ssl_object)  # trio forwards no attribute of ours
-        await self._tcp_conn(stream, conn, "tls", self._sni_client_id(sni))
+        client_id = self._sni_client_id(tls.server_name(sock))
+        await self._tcp_conn(streamconn.Tls(sock), conn, "tls", client_id)
 
     def _sni_client_id(self, sni: str | None) -> str | None:
         """The first label of ``<id>.<tls_server_name>``, else None (AdGuard Home's rule)."""
@@ -659,101 +681,131 @@ class Server:
             log.error("internal error in %s (reported once): %r", where, exc, exc_info=exc)
 
     async def _tcp_conn(
-        self, stream: trio.abc.Stream, conn: TcpConn, transport: str, client_id: str | None = None
+        self,
+        io: streamconn.Plain,
+        conn: TcpConn,
+        transport: str,
+        client_id: str | None = None,
     ) -> None:
-        """RFC 7766 over any stream: plain TCP, or DoT over a `trio.SSLStream`.
+        """RFC 7766 over a connected socket: plain TCP, or DoT (`streamconn.Tls`).
 
-        One reader (the loop below) and one writer task per connection. Answers, in the
-        order they are ready, are appended to an outgoing buffer that the writer flushes in
-        one ``send_all``: answers produced at once (cache hits) cost no task and no lock of
-        their own, and all those ready together leave in one segment. A query's pipeline
-        slot is freed once its answer is sent, so the buffer holds at most
-        ``max_tcp_pipeline`` answers.
+        The reader (`_tcp_read`) handles every complete message it has read in one go;
+        answers go out through `streamconn.Answers`, whose writer task only runs when the
+        socket is full.
         """
         sc = self.config.server
-        stall = sc.tcp_idle_timeout
-        peer = conn.peer
-        conns = self._tcp_conns
-        slots = trio.Semaphore(sc.max_tcp_pipeline)  # bounds queries outstanding per connection
-        all_done = trio.Event()
-        pending = bytearray()  # framed answers not yet handed to the stream
-        unsent = 0  # answers in `pending`
-        ready = trio.Event()  # set when `pending` has something for the writer
-        reading = True
-        closed = False
+        answers = streamconn.Answers(io, conn, sc.max_tcp_pipeline)
+        eof = False  # the client closed first (else: timeout, stall, eviction, shutdown)
         read_scope = conn.scope
         self._tcp_scopes.add(read_scope)
-
-        def finished(n: int = 1) -> None:
-            conn.outstanding -= n
-            for _ in range(n):
-                slots.release()
-            if not conn.outstanding and not reading:
-                all_done.set()
-
-        def send(out: bytes | None) -> None:
-            nonlocal unsent
-            if out is None or closed:
-                finished()  # a closed connection's answers go nowhere, quietly
-                return
-            pending.extend(struct.pack("!H", len(out)))
-            pending.extend(out)
-            unsent += 1
-            ready.set()
-
         try:
             async with trio.open_nursery() as writers:
-
-                async def writer() -> None:
-                    nonlocal ready, unsent
-                    while True:
-                        await ready.wait()
-                        ready = trio.Event()
-                        data, n = bytes(pending), unsent
-                        pending.clear()
-                        unsent = 0
-                        try:
-                            with trio.move_on_after(stall) as cs:
-                                await stream.send_all(data)
-                            if cs.cancelled_caught:  # the client does not read: give up on it
-                                writers.cancel_scope.cancel()
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            writers.cancel_scope.cancel()
-                        finally:
-                            finished(n)
-
-                writers.start_soon(writer)
+                writers.start_soon(answers.writer, sc.tcp_idle_timeout)
                 try:
                     with read_scope:
-                        buf = bytearray()
-                        while True:
-                            try:  # a checkpoint only when the pipeline is full
-                                slots.acquire_nowait()
-                            except trio.WouldBlock:
-                                await slots.acquire()
-                            frame = None
-                            with trio.move_on_after(self._tcp_idle()) as idle_cs:
-                                frame = await _read_frame(stream, buf)
-                            if idle_cs.cancelled_caught and conn.outstanding:
-                                slots.release()  # not idle while answers are pending
-                                continue
-                            if frame is None or idle_cs.cancelled_caught:
-                                slots.release()
-                                break
-                            conn.outstanding += 1
-                            if conn in conns:
-                                conns.move_to_end(conn)
-                            self.handle(frame, peer, transport, send, client_id)
-                    reading = False
+                        eof = await self._tcp_read(answers, transport, client_id)
+                    answers.reading = False
                     if conn.outstanding:
-                        await all_done.wait()
+                        await answers.drained.wait()
                 finally:  # before the nursery closes: answers still to come must not use it
-                    closed = True
+                    answers.closed = True
                     writers.cancel_scope.cancel()  # the writer has nothing left to send
         finally:
             self._tcp_scopes.discard(read_scope)
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
-                await stream.aclose()  # TLS: close_notify, not waiting on a peer that never reads
+            # Closing on our own while the client has not taken all we sent (it does not
+            # read): a reset, as a FIN would wait behind those bytes for as long as it.
+            io.close(abort=not eof and io.unsent() > 0)
+
+    async def _tcp_read(
+        self, answers: streamconn.Answers, transport: str, client_id: str | None
+    ) -> bool:
+        """Read and handle queries: every complete message read at once (up to
+        `STREAM_BATCH` before other tasks get a turn), then one flush of the answers made
+        meanwhile; at ``max_tcp_pipeline`` queries outstanding, read no more. True at EOF,
+        False when the connection was idle too long.
+
+        The idle timer is one deadline, looked at only when it passes: the connection was
+        idle if no complete message came for `_tcp_idle` seconds (partial ones do not
+        count) and no answer is outstanding; else the deadline moves on. A client that
+        acknowledged none of the bytes waiting for it since the deadline last passed is
+        reset then: it does not read (the kernel may buffer megabytes for it before a
+        write ever stalls).
+        """
+        io = answers.io
+        conn = answers.conn
+        peer = conn.peer
+        conns = self._tcp_conns
+        handle = self.handle
+        send = answers.send
+        pipeline = answers.pipeline
+        data = b""  # read and not handled yet
+        parts: list[bytes] = []  # read after ``data`` while its first message is not whole
+        need = waiting = 0  # the bytes that make it whole; those read of them
+        active = trio.current_time()  # when the last complete message came
+        taken = io.acked()  # the bytes the client had acknowledged when the deadline passed
+        deadline = active + self._tcp_idle()
+        while True:
+            with trio.CancelScope(deadline=deadline):
+                while True:
+                    have = len(data)
+                    off = handled = 0
+                    answers.batching = True
+                    try:
+                        while have - off >= 2 and handled < STREAM_BATCH:
+                            if conn.outstanding >= pipeline:
+                                break
+                            end = off + 2 + (data[off] << 8 | data[off + 1])
+                            if end > have:
+                                break
+                            frame = data[off + 2 : end]
+                            off = end
+                            conn.outstanding += 1
+                            handled += 1
+                            handle(frame, peer, transport, send, client_id)
+                    finally:
+                        answers.batching = False
+                        if off:
+                            data = data[off:]
+                    if data and not parts:  # a message begun: read on until it is whole
+                        need = 2 + (data[0] << 8 | data[1]) if len(data) >= 2 else 2
+                        waiting = len(data)
+                    if handled:
+                        answers.flush()
+                        active = trio.current_time()
+                        if conn in conns:
+                            conns.move_to_end(conn)
+                        if handled == STREAM_BATCH:
+                            await trio.lowlevel.checkpoint()
+                            continue
+                    if conn.outstanding >= pipeline:  # read no more until one is answered
+                        await answers.slot()
+                        continue
+                    more = io.recv(READ_SIZE)
+                    if more is None:
+                        await io.readable()
+                    elif not more:
+                        return True
+                    elif not data:
+                        data = more
+                    else:  # joined once the message is whole: a trickle costs no copies
+                        parts.append(more)
+                        waiting += len(more)
+                        if waiting >= need:
+                            data = b"".join((data, *parts))
+                            parts.clear()
+            acked = io.acked()
+            if acked == taken >= 0 and io.unsent():
+                answers.broken()  # the client took none of its answers for a whole period
+                return False
+            taken = acked
+            now = trio.current_time()
+            idle = self._tcp_idle()
+            if conn.outstanding:  # not idle while answers are pending
+                deadline = now + idle
+            elif active + idle > now:
+                deadline = active + idle
+            else:
+                return False
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -1130,11 +1182,3 @@ class _Deadlines:
                         break
                     del table[expired]
                     expired()
-
-
-async def _read_frame(stream: trio.abc.Stream, buf: bytearray) -> bytes | None:
-    """One length-prefixed message, or None at EOF (also EOF inside a message) or error."""
-    try:
-        return await read_frame(stream, buf)
-    except (UpstreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return None

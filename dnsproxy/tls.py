@@ -33,10 +33,11 @@ class TlsError(DnsProxyError):
 
 
 def load_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
-    """A server context (TLS 1.2 or later, no compression) with ``cert`` and ``key``."""
+    """A server context (TLS 1.2 or later, no compression, no renegotiation) with
+    ``cert`` and ``key``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION  # a write never waits on a read
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     ctx.sni_callback = _remember_sni
@@ -66,7 +67,7 @@ def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ob
     obj.dnsproxy_sni = name  # type: ignore[union-attr]
 
 
-def server_name(obj: ssl.SSLObject) -> str | None:
+def server_name(obj: ssl.SSLObject | ssl.SSLSocket) -> str | None:
     """The SNI the client sent in this handshake, if any."""
     return getattr(obj, "dnsproxy_sni", None)
 

@@ -3,14 +3,18 @@ replayed, to whom, how, and when it is forgotten."""
 
 from __future__ import annotations
 
+import ssl
+import struct
 from pathlib import Path
 
 import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import httpx
 import pytest
 import trio
+import trustme
 
 import dnsproxy.server
 from dnsproxy.errors import ConfigError
@@ -494,3 +498,86 @@ async def test_a_replay_never_debits_an_account_the_table_forgot(tmp_path, nurse
         server.stop()
     assert outcomes[0] == outcomes[1]
     assert "dropped" in outcomes[1] if event == "flush" else "dropped" not in outcomes[1]
+
+
+async def test_dot_and_doh_replays_come_from_the_packet_cache(tmp_path, nursery, monkeypatch):
+    """Issue 18: every hit path replays. Asked again over the DoT and DoH listeners, a
+    question is answered from the packet cache (no parse, no step), with the client's ID
+    and question case; observers see each query with its transport, ID and source."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'plugins = ["{PLUGIN}"]\n[server]\n'
+        'listen = ["tls://127.0.0.1:0", "https://127.0.0.1:0/dns-query"]\n'
+        f'tls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"\n{HOSTS}'
+    )
+    server = Server(path, handle_signals=False)
+    ports = {kind: port for kind, _, port in await nursery.start(server.run)}
+    seen: list[tuple[str, int, str, str]] = []
+    server._observers = (lambda q, reply, _: seen.append((q.transport, q.id, reply.source)),)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+
+    async def dot(msg: dns.message.Message) -> dns.message.Message:
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", ports["tls"], ssl_context=ctx)
+        data = msg.to_wire()
+        await stream.send_all(struct.pack("!H", len(data)) + data)
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack_from("!H", buf)[0]:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "closed"
+            buf += chunk
+        await stream.aclose()
+        return dns.message.from_wire(buf[2:])
+
+    async def doh(client: httpx.AsyncClient, msg: dns.message.Message) -> dns.message.Message:
+        url = f"https://127.0.0.1:{ports['https']}/dns-query"
+        headers = {"content-type": "application/dns-message"}
+        r = await client.post(url, content=msg.to_wire(), headers=headers)
+        assert r.status_code == 200
+        return dns.message.from_wire(r.content)
+
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(http2=True, verify=ctx) as client:
+            assert address(await dot(query("printer.lan", 1))) == "192.0.2.7"
+            assert address(await doh(client, query("printer.lan", 0))) == "192.0.2.7"
+            assert hits(server) == 0  # DoT and DoH have entries of their own
+
+            def no_parse(*args):
+                raise AssertionError("a replay must not parse the query")
+
+            monkeypatch.setattr(dnsproxy.server, "parse_query", no_parse)
+            replies = [
+                await dot(query("PrInTeR.LaN", 4242)),
+                await doh(client, query("PRINTER.lan", 0)),
+            ]
+    assert hits(server) == 2
+    for r, name in zip(replies, ["PrInTeR.LaN.", "PRINTER.lan."], strict=True):
+        assert address(r) == "192.0.2.7" and r.question[0].name.to_text() == name
+    assert replies[0].id == 4242
+    asked = [("tls", 1), ("https", 0), ("tls", 4242), ("https", 0)]  # DoH IDs are 0
+    assert seen == [(transport, msg_id, "hosts") for transport, msg_id in asked]
+    server.stop()
+
+
+def query(name: str, msg_id: int) -> dns.message.Message:
+    q = dns.message.make_query(name, "A")
+    q.id = msg_id
+    return q
+
+
+async def test_a_query_with_a_client_identifier_is_left_to_the_chain(tmp_path):
+    """Views are worked out per address, not per DoT/DoH client id: such a query is
+    never stored nor replayed (a scope by client name could otherwise leak)."""
+    server = make_server(tmp_path, HOSTS)
+    wire = dns.message.make_query("printer.lan", "A").to_wire()
+    out: list[bytes | None] = []
+    for _ in range(3):
+        server.handle(wire, ("127.0.0.1", 1), "tls", out.append, "kid")
+    assert len(out) == 3 and hits(server) == 0 and server.stats.queries == 3
+    ask(server, "printer.lan", transport="tls")
+    ask(server, "printer.lan", transport="tls")
+    assert hits(server) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 
@@ -182,6 +183,27 @@ async def test_many_queries_on_one_connection(tmp_path, nursery):
     server.stop()
 
 
+async def test_tcp_messages_cut_anywhere_are_answered(tmp_path, nursery):
+    """Messages arriving in pieces (a length split from its message, a piece holding the
+    end of one and the start of the next) are put together."""
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC))
+    msgs = [query(f"n{i}.example.org") for i in range(4)]
+    data = b"".join(framed(m) for m in msgs)
+    cuts = [1, *range(2, len(data), 3), len(data)]  # 3 bytes at a time after the first
+    with trio.fail_after(5):
+        stream = await tcp_connect(addrs["tcp4"])
+        at_ = 0
+        for cut in cuts:
+            await stream.send_all(data[at_:cut])
+            at_ = cut
+            await trio.sleep(0.01)  # each piece read on its own
+        buf = bytearray()
+        got = {(await read_message(stream, buf)).id for _ in msgs}
+    assert got == {m.id for m in msgs}
+    await stream.aclose()
+    server.stop()
+
+
 class SpawnCounter(trio.abc.Instrument):
     def __init__(self) -> None:
         self.spawned = 0
@@ -228,6 +250,28 @@ async def test_tcp_idle_timeout_is_reset_only_by_complete_messages(tmp_path, nur
             pass
         assert await stream.receive_some(100) == b""
         assert trio.current_time() - start_t < 1.5
+    server.stop()
+
+
+async def test_a_client_that_stops_reading_and_sending_is_reset(tmp_path, nursery):
+    """Answers the client never reads fill the socket: after tcp_idle_timeout the writer
+    gives up and the connection is reset, not closed with a FIN that would wait behind the
+    answers the client does not read."""
+    server, addrs = await start(nursery, write_config(tmp_path, STATIC, "tcp_idle_timeout = 0.5"))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(addrs["tcp4"])
+    flood = b"".join(framed(query(f"n{i}.example.org", "TXT")) for i in range(5000))
+    with trio.move_on_after(2):  # 7.5 MB of 1.5 kB answers: more than the sockets hold
+        while flood:
+            flood = flood[await sock.send(flood) :]
+    with trio.fail_after(5):
+        while server.stats.tcp_connections:
+            await trio.sleep(0.05)
+        with pytest.raises(ConnectionResetError):
+            while await sock.recv(65536):
+                pass
+    sock.close()
     server.stop()
 
 
