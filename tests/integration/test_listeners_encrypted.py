@@ -140,7 +140,8 @@ def test_kdig_and_dig_over_tls_and_https(enc: Encrypted):
 
 
 def test_dot_pipelines_queries_on_one_connection_and_dnspython_asks(enc: Encrypted):
-    queries = [dns.message.make_query(n, "A") for n in ["www.example.test", "two.example.test"] * 5]
+    names = ["www.example.test", "two.example.test"] * 5  # distinct IDs: answers are told apart
+    queries = [dns.message.make_query(n, "A", id=i + 1) for i, n in enumerate(names)]
     answers = [dns.message.from_wire(a) for a in tls_frames(enc, [q.to_wire() for q in queries])]
     by_id = {a.id: a for a in answers}
     assert len(by_id) == len(queries)
