@@ -4,7 +4,8 @@
 
 1000 names (h0..h999 under bench.test, TTL 1 day) are cycled, so after a warm-up every
 query is a cache hit. dnsproxy runs the default chain (ratelimit, hosts, blocklist, cache,
-forward), then the same without ratelimit, then with a querylog step in front. dnsmasq
+forward), then the same without ratelimit, with a querylog step in front, and cache +
+forward alone. dnsmasq
 gets the same blocklist in its own format and a cache large enough for every name.
 Reported: the highest rate dnsperf reaches (200 queries outstanding), and the mean
 latency at a fixed ``--rate`` (dnsperf -Q).
@@ -36,6 +37,7 @@ from common import (
 VARIANTS = {  # dnsproxy's chains, the default (common.FULL_CHAIN) first
     "full chain": FULL_CHAIN,
     "without ratelimit": [s for s in FULL_CHAIN if s != "ratelimit"],
+    "cache + forward": ["cache", "forward"],
     "full chain + querylog": ["querylog", *FULL_CHAIN],
 }
 
@@ -91,7 +93,7 @@ def main() -> None:
                     try:
                         row = measure(proxy, queries, args.seconds, args.rate)
                         rows.append([f"dnsproxy {title} ({', '.join(steps)})", *row])
-                        qps.setdefault("dnsproxy", float(row[0].replace(",", "")))
+                        qps[title] = float(row[0].replace(",", ""))
                     finally:
                         proxy.stop()
         finally:
@@ -105,8 +107,11 @@ def main() -> None:
         "RSS MB",
     ]
     print(table(rows, header))
-    if len(qps) == 2 and qps["dnsmasq"]:
-        print(f"\ndnsproxy (full chain) / dnsmasq = {qps['dnsproxy'] / qps['dnsmasq']:.2f}")
+    if qps.get("dnsmasq"):
+        print()
+        for title in VARIANTS:
+            if title in qps:
+                print(f"dnsproxy ({title}) / dnsmasq = {qps[title] / qps['dnsmasq']:.2f}")
 
 
 if __name__ == "__main__":
