@@ -5,8 +5,8 @@
 1000 names (h0..h999 under bench.test, TTL 1 day) are cycled, so after a warm-up every
 query is a cache hit. dnsproxy runs the default chain (ratelimit, hosts, blocklist, cache,
 forward), then the same without ratelimit, with a querylog step in front, and cache +
-forward alone. dnsmasq
-gets the same blocklist in its own format and a cache large enough for every name.
+forward alone. dnsmasq gets the same blocklist in its own format and a cache large
+enough for every name.
 Reported: the highest rate dnsperf reaches (200 queries outstanding), and the mean
 latency at a fixed ``--rate`` (dnsperf -Q).
 Servers run on CPU 0; dnsperf and nsd on CPU 1.
