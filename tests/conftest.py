@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,19 +34,35 @@ def need(binary: str) -> str:
     return path
 
 
+def _ephemeral_low() -> int:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        return int(f.read().split()[0])
+
+
+PORTS = range(10_000, max(_ephemeral_low(), 11_000))  # below the kernel's ephemeral range
+_ports = random.Random()  # its own generator: tests that seed `random` get distinct ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host``."""
+    """A port free for both UDP and TCP on ``host``, for a process that binds it later.
+
+    Drawn from below the ephemeral range: a port the kernel handed out (``bind(0)``) could
+    be handed out again, to any client socket (a proxy's fresh port per upstream query, a
+    test's query), before the process that was meant to bind it has started.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as u:
-            u.bind((host, 0))
-            port = u.getsockname()[1]
-            with socket.socket(family, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((host, port))
-                except OSError:
-                    continue
-                return port
+    for _ in range(200):
+        port = _ports.choice(PORTS)
+        with (
+            socket.socket(family, socket.SOCK_DGRAM) as u,
+            socket.socket(family, socket.SOCK_STREAM) as t,
+        ):
+            try:
+                u.bind((host, port))
+                t.bind((host, port))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free port")
 
 

@@ -409,6 +409,9 @@ class FakeUpstream:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for _ in range(50 if self.port == 0 else 1):
             udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+            # Room for a burst of queries while this thread waits for the test process's
+            # turn on a loaded CPU: the default buffer (~200 queries) overflowed in floods.
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             tcp = trio.socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

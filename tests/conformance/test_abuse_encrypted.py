@@ -29,7 +29,9 @@ from tests.conformance.confkit import (
 
 IDLE = 1.0
 MAX_CONNS = 20
-HANDSHAKE = 1.0
+# Long enough that a legitimate client's handshake is never cut by a loaded machine's
+# scheduling (it spans round trips, so a stall of either side counts); no test waits for it.
+HANDSHAKE = 3.0
 
 
 class Listeners:
@@ -169,6 +171,11 @@ def test_doh_request_flood_then_close(lst: Listeners):
     path = "/dns-query?dns=" + base64.urlsafe_b64encode(q).rstrip(b"=").decode()
     req = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     raw = socket.create_connection(lst.doh, timeout=5)
-    with lst.ctx.wrap_socket(raw, server_hostname="dns.example") as s:
+    # More than the socket buffers hold while the answers go unread: the server may close
+    # the connection (its handshake, keep-alive or read timeout) before all of it is sent.
+    with (
+        lst.ctx.wrap_socket(raw, server_hostname="dns.example") as s,
+        contextlib.suppress(OSError),
+    ):
         s.sendall(req * 2000)
     assert alive(lst.proxy.addr) and lst.doh_answers() and lst.dot_answers()

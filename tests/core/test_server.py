@@ -448,7 +448,8 @@ async def test_stop_lets_in_flight_queries_finish(tmp_path, nursery, plugin):
                 result.append(await dns.asyncquery.udp(query(), **at(addrs["udp4"]), timeout=2))
 
             n.start_soon(ask)
-            await trio.sleep(0.1)
+            while not server.stats.queries:  # the query is in the chain: in flight
+                await trio.sleep(0.01)
             server.stop()
     assert result[0].answer[0][0].address == "192.0.2.99"
 

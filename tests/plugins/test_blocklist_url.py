@@ -104,7 +104,8 @@ async def test_download_keeps_copy_and_refreshes_conditionally(tmp_path, http, n
     nursery.start_soon(again.run)
     await wait_for(lambda: "not modified" in caplog.text)
     assert http.requests[0]["if-none-match"] == '"v1"'
-    assert again.ready() and blocked(again)
+    await wait_for(again.ready)  # its managed allow/block files load in tasks of their own
+    assert blocked(again)
     assert "list ads.txt (last good copy): 1 rules" in caplog.text
 
 
@@ -151,7 +152,8 @@ async def test_failed_download_falls_back_to_last_good_copy(
     nursery.start_soon(step.run)
     await wait_for(lambda: step.load_failures > 0)
     assert message in caplog.text and "keeping the previous version" in caplog.text
-    assert step.ready() and blocked(step) and not blocked(step, "tracker.example.net")
+    await wait_for(step.ready)  # its managed allow/block files load in tasks of their own
+    assert blocked(step) and not blocked(step, "tracker.example.net")
     lines = await step.check()
     assert lines[0].startswith("list ads.txt (last good copy: download failed): 1 rules")
 

@@ -127,9 +127,8 @@ async def test_session_needs_csrf_for_writes(tmp_path):
                 assert r.status_code == 403 and server.blocking.active()
                 r = await c.post("/ui/blocking/pause", data={"duration": "5m"})
                 assert r.status_code == 403 and server.blocking.active()
-                r = await c.post(
-                    "/ui/blocking/pause", data={"duration": "5m", "csrf": "x" + token[1:]}
-                )
+                forged = ("y" if token[0] == "x" else "x") + token[1:]  # one character off
+                r = await c.post("/ui/blocking/pause", data={"duration": "5m", "csrf": forged})
                 assert r.status_code == 403 and server.blocking.active()
                 r = await c.post("/ui/blocking/pause", data={"duration": "5m", "csrf": token})
                 assert r.status_code == 303 and not server.blocking.active()
