@@ -152,7 +152,8 @@ def test_installed_wheel_serves_port_53_as_nobody_and_reloads(wheel, world_dir, 
     (with workers = 2: the supervisor binds both workers' sockets as root; all run as
     nobody and all reload)."""
     venv = world_dir / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    base = base_python_for_nobody()
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
@@ -198,7 +199,8 @@ workers = {workers}
     try:
         wait_log(proc, log, "listening on tcp" if workers == 1 else "workers: 2 serving")
         nobody = pwd.getpwnam("nobody")
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        tasks = Path(f"/proc/{proc.pid}/task").iterdir()  # trio starts processes in a thread
+        children = [c for task in tasks for c in (task / "children").read_text().split()]
         assert len(children) == (0 if workers == 1 else 2)
         for pid in (proc.pid, *map(int, children)):
             status = Path(f"/proc/{pid}/status").read_text()
@@ -237,6 +239,26 @@ def test_state_dir_not_writable_by_the_user_stops_start_up(world_dir):
     )  # fmt: skip
     assert run.returncode == 1, run.stderr
     assert f"state_dir: {state} is not a directory writable by user 'nobody'" in run.stderr
+
+
+def base_python_for_nobody() -> str:
+    """An interpreter of this Python version that user nobody can run, as the base of the
+    wheel's venv: this one, or Debian's when this one lives in a private directory (pyenv
+    under /root), since with workers the supervisor starts its workers as nobody. The
+    dependencies come from this venv, so the version (and with it the ABI) must match."""
+    mine = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, "/usr/bin/python3"):
+
+        def same_version(_nobody, python: str = candidate) -> bool:
+            if not os.access(python, os.X_OK):
+                return False
+            code = "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')"
+            run = subprocess.run([python, "-c", code], capture_output=True, text=True)
+            return run.stdout.strip() == mine
+
+        if in_child_as_nobody(same_version) == 1:
+            return candidate
+    return sys.executable
 
 
 def in_child_as_nobody(check) -> int:
