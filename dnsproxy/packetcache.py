@@ -30,12 +30,19 @@ aged as that step ages them. What is stored, and what still happens on a replay:
   worked out again), and on `clear` (`Server.flush`: SIGUSR1, the HTTP API, the
   dashboard's allow/block).
 - A replay counts in the metrics of the step whose answer it is (`Step.packet_recount`).
-- At most ``[server] packet_cache_size`` entries, the oldest dropped first; 0 turns it off.
+- At most ``[server] packet_cache_size`` entries; 0 turns it off. A full cache admits a
+  new entry (dropping the oldest) only for one store in `ADMIT_WHEN_FULL`, at random:
+  strict oldest-first would keep nothing of a set of names cycled just past the size (each
+  entry dropped right before it is asked again: 0 hits for 10,001 names in 10,000 slots),
+  and a flood of one-off names would flush every popular entry. Sampled admission keeps
+  most of such a set, lets a flood replace only a fraction, and still lets a new working
+  set in over a few of its misses.
 - Observers see every replayed query, with the source of the step that made the reply.
 """
 
 from __future__ import annotations
 
+import random
 import struct
 import time
 from collections.abc import Callable
@@ -55,6 +62,7 @@ PADDING_OPTION = 12
 PLAIN_OPTIONS = frozenset((PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
 KEPT_RCODES = (wire.NOERROR, wire.NXDOMAIN)
 TRANSFERS = (251, 252)  # IXFR, AXFR
+ADMIT_WHEN_FULL = 8  # a full cache admits one store in this many (module docstring)
 TRANSPORTS = {"udp": b"u", "tcp": b"t", "tls": b"s", "https": b"h"}  # the first byte of a key
 U32 = struct.Struct("!I")
 H2 = struct.Struct("!HH")
@@ -121,6 +129,7 @@ class PacketCache:
         self.blocking = server.blocking
         self.clients = server.clients
         self.size = size
+        self.admit = random.Random()  # for the admission of a store into a full cache
         self.entries: dict[bytes, Entry] = {}
         self.views: dict[tuple[str, str], bytes] = {}  # (address, transport): key prefix
         self.view_ids: dict[tuple[bool, ...], int] = {}
@@ -300,6 +309,8 @@ class PacketCache:
             return
         if self._generations() != self.generation:
             self.clear()
+        if len(self.entries) >= self.size and self.admit.random() * ADMIT_WHEN_FULL >= 1:
+            return  # full: admitted once in ADMIT_WHEN_FULL stores (module docstring)
         # Walk the steps first: most refusals (a step not declared pure) come before any
         # entry is made.
         accounts = []

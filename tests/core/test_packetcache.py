@@ -3,6 +3,7 @@ replayed, to whom, how, and when it is forgotten."""
 
 from __future__ import annotations
 
+import random
 import ssl
 import struct
 from pathlib import Path
@@ -314,6 +315,40 @@ async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
     assert off.packets is None and address(ask(off, "printer.lan")) == "192.0.2.7"
     with pytest.raises(ConfigError, match="packet_cache_size"):
         make_server(tmp_path, HOSTS, "packet_cache_size = -1")
+
+
+def test_a_full_cache_keeps_most_of_a_set_cycled_past_its_size(tmp_path):
+    """51 names cycled through 50 entries: dropping the oldest at every store would drop
+    each name right before it is asked again (0 replays); admission once in
+    ADMIT_WHEN_FULL stores keeps most of them."""
+    names = [f"n{i}.lan" for i in range(51)]
+    entries = " ".join(names)
+    server = make_server(tmp_path, HOSTS.replace("printer.lan", entries), "packet_cache_size = 50")
+    assert server.packets is not None
+    server.packets.admit = random.Random(7)
+    for name in names:  # the first round fills it
+        ask(server, name)
+    before = hits(server)
+    for _ in range(4):
+        for name in names:
+            assert address(ask(server, name)) == "192.0.2.7"
+    assert len(server.packets.entries) == 50
+    assert hits(server) - before >= 0.8 * 4 * len(names)
+
+
+def test_a_flood_of_one_off_names_replaces_only_a_fraction_of_a_full_cache(tmp_path):
+    popular = [f"p{i}.lan" for i in range(50)]
+    flood = [f"f{i}.lan" for i in range(100)]
+    entries = " ".join(popular + flood)
+    server = make_server(tmp_path, HOSTS.replace("printer.lan", entries), "packet_cache_size = 50")
+    assert server.packets is not None
+    server.packets.admit = random.Random(7)
+    for name in popular + flood:
+        ask(server, name)
+    before = hits(server)
+    for name in popular:
+        ask(server, name)
+    assert hits(server) - before >= 25  # oldest-first would have kept none of them
 
 
 async def test_tcp_and_udp_and_unusual_queries_are_kept_apart(tmp_path):
