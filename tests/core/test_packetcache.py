@@ -66,6 +66,11 @@ def address(msg: dns.message.Message | None) -> str:
     return msg.answer[0][0].address if msg.answer else dns.rcode.to_text(msg.rcode())
 
 
+def outcome(r: dns.message.Message | None) -> str:
+    """What a ratelimited client saw: no answer, a TC slip, or the answer's address."""
+    return "dropped" if r is None else "TC" if r.flags & dns.flags.TC else address(r)
+
+
 def hits(server: Server) -> int:
     assert server.packets is not None
     return server.packets.hits
@@ -120,7 +125,7 @@ async def test_ratelimit_accounts_and_limits_replays_as_the_chain_does(tmp_path,
         seen = []
         for _ in range(12):
             r = ask(server, "printer.lan")
-            seen.append("dropped" if r is None else "TC" if r.flags & dns.flags.TC else address(r))
+            seen.append(outcome(r))
         step = server.chain.steps[0]
         outcomes.append((seen, dict(step.counts)))
         if size:
@@ -156,9 +161,7 @@ async def test_replays_to_clients_sharing_an_entry_are_charged_to_each_ones_acco
         for _ in range(6):
             for client in clients:
                 r = ask(server, "printer.lan", client=client)
-                seen.append(
-                    "dropped" if r is None else "TC" if r.flags & dns.flags.TC else address(r)
-                )
+                seen.append(outcome(r))
         step = server.chain.steps[0]
         outcomes.append((seen, dict(step.counts), dict(step.query_counts)))
         if size:

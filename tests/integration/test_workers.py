@@ -58,16 +58,20 @@ def dnsproxy_add_steps(registry):
     registry.add_step("whoami", WhoAmI)
 """
 
-CONFIG = """
-plugins = ["PLUGIN"]
-
+# Two workers and the supervisor's [http]; HTTP_PORT is replaced by a free port.
+WORKERS_AND_HTTP = """
 [server]
 listen = ["127.0.0.1:{port}"]
 workers = 2
 
 [http]
 listen = "127.0.0.1:HTTP_PORT"
+"""
 
+CONFIG = (
+    'plugins = ["PLUGIN"]\n'
+    + WORKERS_AND_HTTP
+    + """
 [[chain]]
 plugin = "querylog"
 flush_interval = "50ms"
@@ -85,6 +89,7 @@ plugin = "whoami"
 plugin = "hosts"
 entries = ["HOSTS_IP printer.lan"]
 """
+)
 
 CLIENTS = [f"127.0.0.{i}" for i in range(1, 51)]  # 50 client addresses, both parities
 READY = "workers: 2 serving"
@@ -278,14 +283,9 @@ def test_a_dead_worker_is_restarted_on_its_sockets(make_proxy, tmp_path: Path) -
     assert whoami(proxy, "127.0.0.2") == pids[0]
 
 
-FANOUT = """
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 2
-
-[http]
-listen = "127.0.0.1:HTTP_PORT"
-
+FANOUT = (
+    WORKERS_AND_HTTP
+    + """
 [groups]
 kids = ["127.0.0.2", "127.0.0.3"]
 
@@ -297,6 +297,7 @@ lists = ["ADS"]
 plugin = "hosts"
 entries = ["192.0.2.1 ads.example.test www.shop.test"]
 """
+)
 
 
 def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> None:
@@ -375,14 +376,9 @@ def test_workers_stop_when_the_supervisor_is_killed(make_proxy, tmp_path: Path) 
     assert "Traceback" not in proxy.log()
 
 
-LISTS_AND_CACHE = """
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 2
-
-[http]
-listen = "127.0.0.1:HTTP_PORT"
-
+LISTS_AND_CACHE = (
+    WORKERS_AND_HTTP
+    + """
 [[chain]]
 plugin = "blocklist"
 lists = ["LIST_URL"]
@@ -395,6 +391,7 @@ plugin = "cache"
 plugin = "hosts"
 entries = ["192.0.2.1 ads.example.test tracker.example.test"]
 """
+)
 
 
 def test_list_refresh_and_cache_page_cover_every_worker(make_proxy, tmp_path: Path) -> None:
