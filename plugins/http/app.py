@@ -394,7 +394,7 @@ class App:
             "groups": self.server.blocking.group_status(),
         }
 
-    def _group(self, params: dict[str, str]) -> str | None:
+    def group_param(self, params: dict[str, str]) -> str | None:
         """The ``group`` parameter: a [groups] name (400 otherwise), or None."""
         group = params.get("group")
         if group is None:
@@ -406,7 +406,7 @@ class App:
 
     async def blocking_enable(self, params: dict[str, str]) -> dict[str, Any]:
         self._blocking_steps()
-        group = self._group(params)
+        group = self.group_param(params)
         if group is None:
             self.server.blocking.resume()
         else:
@@ -415,7 +415,7 @@ class App:
 
     async def blocking_disable(self, params: dict[str, str]) -> dict[str, Any]:
         self._blocking_steps()
-        group = self._group(params)
+        group = self.group_param(params)
         duration = None
         if params.get("duration"):
             try:

@@ -379,16 +379,24 @@ class Dashboard:
 
     async def blocking_page(self, request: Request) -> Response:
         who = await self._viewer(request)
-        return self._render(request, who, "blocking.html", {"b": self._blocking()})
+        return self._render(request, who, "blocking.html", self._blocking_context())
 
     async def blocking_part(self, request: Request) -> Response:
         who = await self._viewer(request)
-        return self._render(request, who, "_blocking.html", {"b": self._blocking()})
+        return self._render(request, who, "_blocking.html", self._blocking_context())
+
+    def _blocking_context(self) -> dict[str, Any]:
+        """Blocking for all, and per [groups] group: paused (with its end) or not."""
+        paused = self.server.blocking.group_status()
+        names = sorted(g.name for g in self.server.config.clients.groups)
+        return {"b": self._blocking(), "groups": [(g, paused.get(g)) for g in names]}
 
     async def pause(self, request: Request) -> Response:
+        """Pause blocking for everyone, or for one [groups] group (form field ``group``)."""
         form = await self.app.authorize(request, write=True, api=False)
         if self._blocking() is None:
             raise HttpError(409, "no step supports blocking control (no blocklist step?)")
+        group = self.app.group_param(form)
         text = form.get("duration", "")
         if text in PAUSES:
             duration = PAUSES[text]
@@ -399,12 +407,19 @@ class Dashboard:
                 raise HttpError(400, f"duration: {exc}") from exc
             if not 0 < duration <= MAX_DISABLE:
                 raise HttpError(400, f"duration must be > 0 and at most {MAX_DISABLE:g} s")
-        self.server.blocking.pause(duration)
+        if group is None:
+            self.server.blocking.pause(duration)
+        else:
+            self.server.blocking.pause_group(group, duration)
         return self._back(request, form, "/blocking")
 
     async def resume(self, request: Request) -> Response:
         form = await self.app.authorize(request, write=True, api=False)
-        self.server.blocking.resume()
+        group = self.app.group_param(form)
+        if group is None:
+            self.server.blocking.resume()
+        else:
+            self.server.blocking.resume_group(group)
         return self._back(request, form, "/blocking")
 
     async def lists_page(self, request: Request) -> Response:

@@ -5,9 +5,12 @@ In-process (`Server` + httpx); the real process and a real browser are in tests/
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 
+import dns.message
+import dns.query
 import dns.rcode
 import httpx
 import pytest
@@ -199,6 +202,45 @@ async def test_allow_block_apply_at_once_and_survive_restart(tmp_path):
             managed = server.chain.steps[0].managed
             assert managed.entries("block") == ["shop.test"]
             assert managed.entries("allow") == ["ads.example.test"]
+            server.stop()
+
+
+async def test_a_group_is_paused_and_resumed_from_the_blocking_page(tmp_path):
+    ads = tmp_path / "ads.txt"
+    ads.write_text("ads.example.test\n")
+    chain = '[groups]\nkids = ["127.0.0.2"]\n' + BLOCKLIST_CHAIN.format(ads=ads)
+
+    async def seen(port: int, source: str) -> str:
+        q = dns.message.make_query("ads.example.test", "A")
+        r = await trio.to_thread.run_sync(
+            lambda: dns.query.udp(q, "127.0.0.1", timeout=2, port=port, source=source)
+        )
+        return r.answer[0][0].to_text()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            server, port, base = await start(n, tmp_path, chain)
+            while not server.chain.steps[0].ready():
+                await trio.sleep(0.02)
+            async with httpx.AsyncClient(base_url=base) as c:
+                page = await c.get("/blocking")
+                assert "<td>kids</td><td>on</td>" in page.text
+                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                form = {"group": "kids", "duration": "1h", "csrf": token}
+                assert (await c.post("/ui/blocking/pause", data=form)).status_code == 303
+                assert await seen(port, "127.0.0.2") == "192.0.2.1"  # the kid: unblocked
+                assert await seen(port, "127.0.0.1") == "0.0.0.0"  # everyone else: blocked
+                assert server.blocking.active()  # blocking for all stays on
+                page = await c.get("/ui/blocking")
+                assert re.search(
+                    r"<td>kids</td><td>paused for another (60:00|59:[0-5]\d) ", page.text
+                )
+                form = {"group": "kids", "csrf": token}
+                assert (await c.post("/ui/blocking/resume", data=form)).status_code == 303
+                assert await seen(port, "127.0.0.2") == "0.0.0.0"
+                form = {"group": "nobody-here", "duration": "1h", "csrf": token}
+                r = await c.post("/ui/blocking/pause", data=form)
+                assert r.status_code == 400 and "unknown group 'nobody-here'" in r.text
             server.stop()
 
 
