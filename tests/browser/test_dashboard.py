@@ -31,6 +31,9 @@ state_dir = "state"
 listen = "127.0.0.1:{http}"
 password_hash = "{hash}"
 
+[groups]
+kids = ["127.0.0.2"]
+
 [[chain]]
 plugin = "querylog"
 flush_interval = "0.2s"
@@ -48,10 +51,10 @@ upstreams = ["{upstream}"]
 """
 
 
-def dig(port: int, name: str) -> list[str]:
+def dig(port: int, name: str, source: str = "127.0.0.1") -> list[str]:
     out = subprocess.run(
-        [need("dig"), "@127.0.0.1", "-p", str(port), name, "A", "+short", "+tries=1",
-         "+time=3"],
+        [need("dig"), "@127.0.0.1", "-p", str(port), "-b", source, name, "A", "+short",
+         "+tries=1", "+time=3"],
         capture_output=True, text=True, timeout=10, check=True,
     )  # fmt: skip
     return out.stdout.split()
@@ -168,6 +171,26 @@ def run(proxy, http_port: int, browser, tmp_path: Path) -> None:
     page.wait_for_url(base + "/blocking")
     assert page.inner_text("#blocking-state") == "on"
     assert dig(proxy.port, "ads.example.test") == ["0.0.0.0"]
+
+    # Pause one group: its client is unblocked, everyone else stays blocked.
+    kids = page.locator("#group-pauses tr", has_text="kids")
+    assert kids.locator("td").nth(1).inner_text() == "on"
+    kids.locator("button:has-text('Pause 1 hour')").click()
+    page.wait_for_url(base + "/blocking")
+    assert (
+        kids.locator("td")
+        .nth(1)
+        .inner_text()
+        .startswith(("paused for another 60:00", "paused for another 59:"))
+    )
+    assert page.inner_text("#blocking-state") == "on"
+    assert dig(proxy.port, "ads.example.test", source="127.0.0.2") == [ANSWER]
+    assert dig(proxy.port, "ads.example.test") == ["0.0.0.0"]
+    shoot(page, tmp_path, "blocking-groups")
+    kids.locator("button:has-text('Resume')").click()
+    page.wait_for_url(base + "/blocking")
+    assert kids.locator("td").nth(1).inner_text() == "on"
+    assert dig(proxy.port, "ads.example.test", source="127.0.0.2") == ["0.0.0.0"]
 
     # The overview chart has drawn points.
     page.goto(base + "/")
