@@ -37,6 +37,7 @@ from tests.conformance.confkit import (
     read_frame,
     rss_kb,
     tcp_raw,
+    trickle,
     wait_until,
 )
 from tests.fakeupstream import FakeUpstream
@@ -84,18 +85,7 @@ def test_slowloris_closed_despite_trickle(tproxy):
     reset only by a complete message (RFC 7766 §6.2.3), so the connection is closed."""
     data = frame(_query())
     with socket.create_connection(tproxy.addr) as s:
-        start = time.monotonic()
-        closed = False
-        for byte in data:
-            try:
-                s.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                closed = True
-                break
-            if closed_within(s, 0.2) is not None:
-                closed = True
-                break
-        took = time.monotonic() - start
+        closed, took = trickle(s, data)
     assert closed and took < 3 * IDLE
 
 
