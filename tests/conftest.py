@@ -17,6 +17,7 @@ from typing import Any
 import dns.message
 import dns.query
 import pytest
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -87,6 +88,18 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+async def read_http_head(stream: trio.SocketStream) -> bytes | None:
+    """What a fake HTTP server reads of a request: up to its blank line, or None if the
+    client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 class Nsd:
