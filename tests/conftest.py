@@ -260,6 +260,13 @@ class Proxy:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Until ``text`` is in the log ``count`` times (a signal's effect is logged)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
