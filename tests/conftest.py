@@ -90,6 +90,14 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listening on {host}:{port}")
 
 
+def until(what: Callable[[], object], timeout: float = 10.0, message: str = "") -> None:
+    """Poll ``what`` every 50 ms until it is true; fail with ``message`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
 async def read_http_head(stream: trio.SocketStream) -> bytes | None:
     """What a fake HTTP server reads of a request: up to its blank line, or None if the
     client closed first."""
@@ -264,7 +272,7 @@ class Proxy:
         """Until ``text`` is in the log ``count`` times (a signal's effect is logged)."""
         deadline = time.monotonic() + timeout
         while self.log().count(text) < count:
-            assert time.monotonic() < deadline, self.log()
+            assert time.monotonic() < deadline, self.log()  # the log as it is at the failure
             time.sleep(0.05)
 
     def signal(self, signum: int) -> None:
