@@ -25,24 +25,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-BLOCKLISTS = SHARED / "blocklists"
+sys.path.insert(0, str(ROOT))
+
+# The tests' free_port draws below the ephemeral range, so a port handed out here is not
+# taken by some client socket before the server meant to bind it has started.
+from tests.conftest import BLOCKLISTS, free_port  # noqa: E402
+
 SERVER_CPU = 0
 CLIENT_CPU = 1
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 def which(binary: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import dns.message
 import dns.query
 import pytest
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -87,6 +88,26 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def until(what: Callable[[], object], timeout: float = 10.0, message: str = "") -> None:
+    """Poll ``what`` every 50 ms until it is true; fail with ``message`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+async def read_http_head(stream: trio.SocketStream) -> bytes | None:
+    """What a fake HTTP server reads of a request: up to its blank line, or None if the
+    client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 class Nsd:
@@ -246,6 +267,13 @@ class Proxy:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Until ``text`` is in the log ``count`` times (a signal's effect is logged)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, self.log()  # the log as it is at the failure
+            time.sleep(0.05)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -87,6 +87,23 @@ def closed_within(s: socket.socket, seconds: float) -> float | None:
     return None
 
 
+def trickle(
+    s: socket.socket,
+    data: bytes,
+    errors: tuple[type[OSError], ...] = (BrokenPipeError, ConnectionResetError),
+) -> tuple[bool, float]:
+    """Send ``data`` a byte every 0.2 s (slowloris) until the peer closes: (closed, seconds)."""
+    start = time.monotonic()
+    for byte in data:
+        try:
+            s.send(bytes([byte]))
+        except errors:
+            return True, time.monotonic() - start
+        if closed_within(s, 0.2) is not None:
+            return True, time.monotonic() - start
+    return False, time.monotonic() - start
+
+
 def frame(data: bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 

@@ -37,6 +37,7 @@ from tests.conformance.confkit import (
     read_frame,
     rss_kb,
     tcp_raw,
+    trickle,
     wait_until,
 )
 from tests.fakeupstream import FakeUpstream
@@ -84,18 +85,7 @@ def test_slowloris_closed_despite_trickle(tproxy):
     reset only by a complete message (RFC 7766 §6.2.3), so the connection is closed."""
     data = frame(_query())
     with socket.create_connection(tproxy.addr) as s:
-        start = time.monotonic()
-        closed = False
-        for byte in data:
-            try:
-                s.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                closed = True
-                break
-            if closed_within(s, 0.2) is not None:
-                closed = True
-                break
-        took = time.monotonic() - start
+        closed, took = trickle(s, data)
     assert closed and took < 3 * IDLE
 
 
@@ -297,13 +287,15 @@ def test_sighup_and_sigterm_under_load(tmp_path, upstream):
     results: list[int] = []
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_load, proxy.addr, stop, results) for _ in range(4)]
-        time.sleep(0.3)
-        for i in range(1, 4):
-            # One at a time: SIGHUPs that arrive during a reload are delivered as one.
-            proxy.signal(signal.SIGHUP)
-            assert wait_until(lambda i=i: proxy.log().count("reloaded") >= i, 10), proxy.log()
-            time.sleep(0.1)  # served by the new chain for a while
-        stop.set()
+        try:  # a failed wait stops the load too, or the pool's exit would wait for ever
+            time.sleep(0.3)
+            for i in range(1, 4):
+                # One at a time: SIGHUPs that arrive during a reload are delivered as one.
+                proxy.signal(signal.SIGHUP)
+                proxy.wait_log("reloaded", i)
+                time.sleep(0.1)  # served by the new chain for a while
+        finally:
+            stop.set()
         for f in futures:
             f.result()
     assert results and -1 not in results and set(results) == {0}

@@ -8,7 +8,6 @@ import contextlib
 import random
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.conformance.confkit import (
     frame,
     free_port,
     read_frame,
+    trickle,
     wait_until,
 )
 
@@ -85,18 +85,7 @@ def lst(tmp_path_factory) -> Iterator[Listeners]:
 def test_dot_slowloris_closed_despite_trickle(lst: Listeners):
     data = frame(dns.message.make_query("slow.example.test", "A").to_wire())
     with lst.tls() as s:
-        start = time.monotonic()
-        closed = False
-        for byte in data:
-            try:
-                s.send(bytes([byte]))
-            except OSError:
-                closed = True
-                break
-            if closed_within(s, 0.2) is not None:
-                closed = True
-                break
-        took = time.monotonic() - start
+        closed, took = trickle(s, data, OSError)
     assert closed and took < 3 * IDLE
     assert alive(lst.proxy.addr) and lst.dot_answers()
 

@@ -154,17 +154,12 @@ def test_sigterm_exits_zero_and_sighup_reloads(nsd, make_proxy):
     text = proxy.config_path.read_text()
     proxy.config_path.write_text(text + "bogus_key = 1\n")
     proxy.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "reload failed" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proxy.wait_log("reload failed", timeout=5)
     assert "config.toml: chain[0] (forward): unknown option 'bogus_key'" in proxy.log()
     assert proxy.ask("www.example.test").answer  # the old chain keeps serving
     proxy.config_path.write_text(text)
     proxy.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "reloaded" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "reloaded" in proxy.log()
+    proxy.wait_log("reloaded", timeout=5)
     assert proxy.stop() == 0
 
 
@@ -197,10 +192,7 @@ def test_reload_under_load_loses_no_query(nsd, make_proxy):
             time.sleep(0.2)
             # One at a time: SIGHUPs that arrive during a reload are delivered as one.
             proxy.signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while proxy.log().count("reloaded") < i:
-                assert time.monotonic() < deadline, proxy.log()
-                time.sleep(0.05)
+            proxy.wait_log("reloaded", i)
         time.sleep(0.3)
     finally:
         stop.set()

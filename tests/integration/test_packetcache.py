@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import time
 
 KID, PARENT = "127.0.0.2", "127.0.0.3"
 
@@ -31,13 +30,6 @@ def address(msg) -> str:
     return msg.answer[0][0].address
 
 
-def wait_log(proxy, text: str, count: int = 1) -> None:
-    deadline = time.monotonic() + 10
-    while proxy.log().count(text) < count:
-        assert time.monotonic() < deadline, proxy.log()
-        time.sleep(0.05)
-
-
 def test_replays_keep_views_are_logged_and_signals_forget_them(make_proxy, tmp_path):
     (tmp_path / "ads.txt").write_text("ads.example\n")
     config = CONFIG.replace("{lists}", str(tmp_path / "ads.txt"))
@@ -48,13 +40,13 @@ def test_replays_keep_views_are_logged_and_signals_forget_them(make_proxy, tmp_p
         assert address(proxy.ask("ADS.example", source=PARENT)) == "192.0.2.9"
         asked += 2
     proxy.signal(signal.SIGUSR1)
-    wait_log(proxy, "caches flushed")
+    proxy.wait_log("caches flushed")
     for _ in range(3):
         assert address(proxy.ask("printer.lan")) == "192.0.2.7"
         asked += 1
     proxy.config_path.write_text(proxy.config_path.read_text().replace("192.0.2.7", "192.0.2.8"))
     proxy.signal(signal.SIGHUP)
-    wait_log(proxy, "reloaded config.toml")
+    proxy.wait_log("reloaded config.toml")
     assert address(proxy.ask("printer.lan")) == "192.0.2.8"
     asked += 1
     assert proxy.stop() == 0

@@ -11,7 +11,7 @@ import dns.rcode
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 from tests.plugins.test_http import sample
 
 HEAD = """
@@ -35,17 +35,10 @@ timeout = 0.5
 """
 
 
-def until(what, timeout: float = 10.0, message: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
-
-
 def reload(proxy, times: int) -> None:
     """SIGHUP, then wait for the ``times``-th "reloaded" line of the log."""
     proxy.signal(signal.SIGHUP)
-    until(lambda: proxy.log().count("reloaded ") >= times, 20, proxy.log())
+    proxy.wait_log("reloaded ", times, 20)
 
 
 def address(msg) -> str:
@@ -124,7 +117,7 @@ def test_timed_pause_ends_by_itself_and_logs_it(start):
     until(lambda: http.get("/ready").status_code == 200, message="list never loaded")
     http.post("/api/blocking/disable", params={"duration": "1s"})
     reload(proxy, 1)
-    until(lambda: "blocking resumed" in proxy.log(), 5, proxy.log())
+    proxy.wait_log("blocking resumed", timeout=5)
     assert http.get("/api/blocking/status").json()["enabled"] is True
     assert address(proxy.ask()) == "0.0.0.0"
     assert proxy.log().count("blocking resumed") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import dns.message
@@ -11,7 +12,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 EXAMPLE = ROOT / "examples" / "quiet-hours"
 
 
@@ -23,7 +25,10 @@ def install(example: Path, target: Path) -> Path:
          "--target", str(target), str(example)],
         check=True, timeout=180, capture_output=True,
     )  # fmt: skip
-    assert list(target.glob("*.dist-info/entry_points.txt"))
+    name = tomllib.loads((example / "pyproject.toml").read_text())["project"]["name"]
+    dist = name.replace("-", "_")  # the wheel's normalised name
+    (points,) = target.glob(f"{dist}-*.dist-info/entry_points.txt")
+    assert "[dnsproxy]" in points.read_text().splitlines(), points.read_text()
     return target
 
 

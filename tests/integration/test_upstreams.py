@@ -4,26 +4,16 @@ bootstrap zone to kresd's DoT listener, following the zone when it changes."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dns.rcode
 import httpx
 import trustme
 
-from tests.conftest import ZONE, Nsd, free_port
+from tests.conftest import ZONE, Nsd, free_port, until
 from tests.fakeupstream import FakeUpstream
 from tests.integration.test_encrypted import Kresd
 from tests.plugins.test_http import sample
-
-
-def wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def test_parallel_answers_from_the_fast_one_and_backs_off_the_silent(make_nsd, make_proxy):
@@ -67,7 +57,7 @@ backoff_max = "1s"
         assert "backed off after 1 failures" in proxy.log()
 
         silent.set_rules([{"answer": ["{qname} 300 IN A 192.0.2.10"]}])  # it recovers
-        wait(
+        until(
             lambda: metric("dnsproxy_forward_upstream_up", "silent") == 1,
             1.0 + 0.4 + 2,
             "the silent upstream was not probed back",
@@ -123,11 +113,11 @@ backoff_after = 100
             r = proxy.ask("www.example.test")
             return r.rcode() == dns.rcode.NOERROR and r.answer != []
 
-        wait(answers, 5, "the DoT upstream never answered")
+        until(answers, 5, "the DoT upstream never answered")
         nsd.reload_zones(zones("127.0.0.2", 2))  # nothing listens there
-        wait(lambda: not answers(), 5, "the new address was not followed")
+        until(lambda: not answers(), 5, "the new address was not followed")
         nsd.reload_zones(zones("127.0.0.1", 3))
-        wait(answers, 5, "the address changed back was not followed")
+        until(answers, 5, "the address changed back was not followed")
         assert "bootstrap: dot.bench.test is 127.0.0.2" in proxy.log()
     finally:
         kresd.stop()

@@ -31,6 +31,11 @@ TOKEN = "t" * 24
 HASH = hash_password(PASSWORD)
 
 
+def csrf(html: str) -> str:
+    """The CSRF token a page's forms carry."""
+    return html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
 def test_password_hash_round_trip_and_format():
     assert verify_password(PASSWORD, HASH) and not verify_password("nope", HASH)
     assert HASH.startswith("scrypt$15$8$1$")
@@ -124,7 +129,7 @@ async def test_session_needs_csrf_for_writes(tmp_path):
                 assert "samesite=strict" in r.headers["set-cookie"].lower()
                 page = await c.get("/cache")
                 assert page.status_code == 200
-                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                token = csrf(page.text)
                 assert (await c.get("/api/stats")).status_code == 200  # the session reads
                 r = await c.post("/api/blocking/disable")
                 assert r.status_code == 403 and server.blocking.active()
@@ -152,7 +157,7 @@ async def test_without_password_api_stays_open_but_ui_needs_csrf(tmp_path):
                 assert r.status_code == 403 and server.blocking.active()
                 page = await c.get("/blocking")  # hands out a session for the token
                 assert page.status_code == 200 and "dnsproxy_session" in c.cookies
-                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                token = csrf(page.text)
                 r = await c.post("/ui/blocking/pause", data={"duration": "5m", "csrf": token})
                 assert r.status_code == 303 and not server.blocking.active()
             server.stop()
@@ -167,24 +172,32 @@ plugin = "policy"
 """
 
 
-async def test_allow_block_apply_at_once_and_survive_restart(tmp_path):
+async def start_blocking(n: trio.Nursery, tmp_path, head: str = "") -> tuple[Server, int, str]:
+    """A server whose chain is `head` + BLOCKLIST_CHAIN (ads.example.test listed), once its
+    blocklist has loaded."""
     ads = tmp_path / "ads.txt"
     ads.write_text("ads.example.test\n")
-    chain = BLOCKLIST_CHAIN.format(ads=ads)
+    server, port, base = await start(n, tmp_path, head + BLOCKLIST_CHAIN.format(ads=ads))
+    step = server.chain.steps[head.count("[[chain]]")]  # the blocklist
+    while not step.ready():
+        await trio.sleep(0.02)
+    return server, port, base
+
+
+async def test_allow_block_apply_at_once_and_survive_restart(tmp_path):
     with trio.fail_after(30):
         async with trio.open_nursery() as n:
-            server, port, base = await start(n, tmp_path, chain)
-            while not server.chain.steps[0].ready():
-                await trio.sleep(0.02)
+            server, port, base = await start_blocking(n, tmp_path)
             async with httpx.AsyncClient(base_url=base) as c:
                 page = await c.get("/managed")
-                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                token = csrf(page.text)
                 assert (await ask(port, "www.shop.test")).answer
                 r = await c.post("/ui/block", data={"name": "Shop.Test.", "csrf": token})
                 assert r.status_code == 303
                 msg = await ask(port, "www.shop.test")  # subdomains too, no reload
                 assert msg.answer[0][0].to_text() == "0.0.0.0"
                 r = await c.post("/ui/allow", data={"name": "ads.example.test", "csrf": token})
+                assert r.status_code == 303
                 assert (await ask(port, "ads.example.test")).answer[0][0].to_text() == "192.0.2.1"
                 assert "shop.test" in (await c.get("/managed")).text
                 r = await c.post("/ui/block", data={"name": "not a name!", "csrf": token})
@@ -206,10 +219,6 @@ async def test_allow_block_apply_at_once_and_survive_restart(tmp_path):
 
 
 async def test_a_group_is_paused_and_resumed_from_the_blocking_page(tmp_path):
-    ads = tmp_path / "ads.txt"
-    ads.write_text("ads.example.test\n")
-    chain = '[groups]\nkids = ["127.0.0.2"]\n' + BLOCKLIST_CHAIN.format(ads=ads)
-
     async def seen(port: int, source: str) -> str:
         q = dns.message.make_query("ads.example.test", "A")
         r = await trio.to_thread.run_sync(
@@ -219,13 +228,13 @@ async def test_a_group_is_paused_and_resumed_from_the_blocking_page(tmp_path):
 
     with trio.fail_after(30):
         async with trio.open_nursery() as n:
-            server, port, base = await start(n, tmp_path, chain)
-            while not server.chain.steps[0].ready():
-                await trio.sleep(0.02)
+            server, port, base = await start_blocking(
+                n, tmp_path, '[groups]\nkids = ["127.0.0.2"]\n'
+            )
             async with httpx.AsyncClient(base_url=base) as c:
                 page = await c.get("/blocking")
                 assert "<td>kids</td><td>on</td>" in page.text
-                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                token = csrf(page.text)
                 form = {"group": "kids", "duration": "1h", "csrf": token}
                 assert (await c.post("/ui/blocking/pause", data=form)).status_code == 303
                 assert await seen(port, "127.0.0.2") == "192.0.2.1"  # the kid: unblocked
@@ -245,20 +254,16 @@ async def test_a_group_is_paused_and_resumed_from_the_blocking_page(tmp_path):
 
 
 async def test_a_click_is_not_outlived_by_a_cached_answer(tmp_path):
-    ads = tmp_path / "ads.txt"
-    ads.write_text("ads.example.test\n")
-    chain = '[[chain]]\nplugin = "cache"\n' + BLOCKLIST_CHAIN.format(ads=ads)
     with trio.fail_after(30):
         async with trio.open_nursery() as n:
-            server, port, base = await start(n, tmp_path, chain)
-            while not server.chain.steps[1].ready():
-                await trio.sleep(0.02)
+            server, port, base = await start_blocking(n, tmp_path, '[[chain]]\nplugin = "cache"\n')
             async with httpx.AsyncClient(base_url=base) as c:
                 page = await c.get("/managed")
-                token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                token = csrf(page.text)
                 for _ in range(2):  # the second answer comes from the cache
                     assert (await ask(port, "www.shop.test")).answer[0][0].to_text() != "0.0.0.0"
-                await c.post("/ui/block", data={"name": "shop.test", "csrf": token})
+                r = await c.post("/ui/block", data={"name": "shop.test", "csrf": token})
+                assert r.status_code == 303
                 assert (await ask(port, "www.shop.test")).answer[0][0].to_text() == "0.0.0.0"
             server.stop()
 

@@ -19,7 +19,7 @@ from dnsproxy.chain import Step
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import BLOCKING_SOURCES, EDE_BLOCKED
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_http_head
 from tests.integration.test_third_party import install
 
 EXAMPLE = ROOT / "examples" / "http-policy"
@@ -38,12 +38,9 @@ class PolicyService:
         self.asked: list[str] = []
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            data += chunk
+        data = await read_http_head(stream)
+        if data is None:
+            return
         target = data.split(b" ", 2)[1].decode()
         name = parse_qs(urlsplit(target).query)["name"][0]
         self.asked.append(name)
