@@ -34,7 +34,7 @@ from dnsproxy.wire import Query
 from . import transport
 from .ask import Ask, Done, Health, Race
 from .bootstrap import needs_bootstrap, resolve_host
-from .loop import loop_marker
+from .loop import LOOP_KEY_TABLE, LoopKey, loop_marker
 from .transport import own_listener, plain
 
 BACKED_OFF = "backed off"
@@ -120,6 +120,8 @@ class Forward(Step):
         self._loop_logged = -1e9
         self._rr = 0
         self._rand = random.Random()
+        # The server's loop secret: every forward step of a server (and its reloads) shares it.
+        self.loop_key: LoopKey = setup.shared.weak(LOOP_KEY_TABLE).setdefault(None, LoopKey())
 
     def _system(self, setup: Setup) -> list[Upstream]:
         found = [h for h in transport.system_nameservers() if not own_listener(h, 53, setup)]
@@ -157,7 +159,7 @@ class Forward(Step):
     def begin(self, q: Query, done: Done) -> None:
         hops = b""
         if self.options.loop_detect:  # before coalescing: a looped query must not wait on itself
-            hops = loop_marker(q)
+            hops = loop_marker(q, self.loop_key)
             if hops is None:
                 done(self._loop(q))
                 return
