@@ -39,7 +39,7 @@ from .transport import own_listener, plain
 
 BACKED_OFF = "backed off"
 UNRESOLVED = "host name not resolved yet"
-PROBE = Request(b"\x00\x00\x02\x00\x01", b"\x00", wire.NS, 1)  # ". NS"
+PROBE = (b"\x00\x00\x02\x00\x01", b"\x00", wire.NS, 1)  # ". NS": a Request's fields
 
 
 def _upstream_list(value: object) -> tuple[str | Mapping[str, Any], ...]:
@@ -314,8 +314,8 @@ class Forward(Step):
     async def _probe(self, up: Upstream, health: Health) -> None:
         """Ask a backed-off upstream its last question (or ". NS") in the background: an
         answer brings it back, a failure doubles its back-off."""
-        req = health.last or PROBE
-        req = attrs.evolve(req, options=b"", flags=wire.RD)
+        last = health.last
+        req = attrs.evolve(last, options=b"", flags=wire.RD) if last else Request(*PROBE)
         health.probes += 1
         err = "timeout"
         with trio.move_on_after(self.options.timeout):
