@@ -34,12 +34,12 @@ from dnsproxy.wire import Query
 from . import transport
 from .ask import Ask, Done, Health, Race
 from .bootstrap import needs_bootstrap, resolve_host
-from .loop import loop_marker
+from .loop import LOOP_KEY_TABLE, LoopKey, loop_marker
 from .transport import own_listener, plain
 
 BACKED_OFF = "backed off"
 UNRESOLVED = "host name not resolved yet"
-PROBE = Request(b"\x00\x00\x02\x00\x01", b"\x00", wire.NS, 1)  # ". NS"
+PROBE = (b"\x00\x00\x02\x00\x01", b"\x00", wire.NS, 1)  # ". NS": a Request's fields
 
 
 def _upstream_list(value: object) -> tuple[str | Mapping[str, Any], ...]:
@@ -120,6 +120,8 @@ class Forward(Step):
         self._loop_logged = -1e9
         self._rr = 0
         self._rand = random.Random()
+        # The server's loop secret: every forward step of a server (and its reloads) shares it.
+        self.loop_key: LoopKey = setup.shared.weak(LOOP_KEY_TABLE).setdefault(None, LoopKey())
 
     def _system(self, setup: Setup) -> list[Upstream]:
         found = [h for h in transport.system_nameservers() if not own_listener(h, 53, setup)]
@@ -157,7 +159,7 @@ class Forward(Step):
     def begin(self, q: Query, done: Done) -> None:
         hops = b""
         if self.options.loop_detect:  # before coalescing: a looped query must not wait on itself
-            hops = loop_marker(q)
+            hops = loop_marker(q, self.loop_key)
             if hops is None:
                 done(self._loop(q))
                 return
@@ -312,8 +314,8 @@ class Forward(Step):
     async def _probe(self, up: Upstream, health: Health) -> None:
         """Ask a backed-off upstream its last question (or ". NS") in the background: an
         answer brings it back, a failure doubles its back-off."""
-        req = health.last or PROBE
-        req = attrs.evolve(req, options=b"", flags=wire.RD)
+        last = health.last
+        req = attrs.evolve(last, options=b"", flags=wire.RD) if last else Request(*PROBE)
         health.probes += 1
         err = "timeout"
         with trio.move_on_after(self.options.timeout):

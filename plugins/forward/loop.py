@@ -2,8 +2,9 @@
 
 Each dnsproxy on a path appends its token to the option (local-use range, RFC 6891 §9); a
 query carrying our own token has looped. The token is a keyed hash of the question under
-a per-process secret, so a client cannot make one up, and one seen by an upstream is good
-for that question only.
+a per-server secret (`LoopKey`, one per `setup.shared`), so a client cannot make one up,
+one seen by an upstream is good for that question only, and a second server in the same
+process forwarding to this one is a hop, not a loop.
 """
 
 from __future__ import annotations
@@ -14,30 +15,37 @@ import secrets
 from dnsproxy.wire import QTYPE_CLASS, Query, edns_option
 
 LOOP_OPTION = 65053
-LOOP_KEY = secrets.token_bytes(16)
 TOKEN_SIZE = 8
 MAX_HOPS = 8
-# The keyed hash with the key already absorbed: only ever copied, never updated itself
-# (a copy costs a third of keying a new one).
-KEYED = hashlib.blake2b(key=LOOP_KEY, digest_size=TOKEN_SIZE)
+LOOP_KEY_TABLE = "forward.loop_key"  # the `Shared.weak` table holding the server's LoopKey
 OUR_HOP = QTYPE_CLASS.pack(LOOP_OPTION, TOKEN_SIZE)  # the option's header for our token alone
 
 
-def loop_token(q: Query) -> bytes:
-    """Our hop token for ``q``'s question: only this process can make it."""
-    h = KEYED.copy()
+class LoopKey:
+    """One server's secret, as a keyed hash with the key already absorbed: only ever
+    copied, never updated itself (a copy costs a third of keying a new one)."""
+
+    __slots__ = ("__weakref__", "keyed")
+
+    def __init__(self) -> None:
+        self.keyed = hashlib.blake2b(key=secrets.token_bytes(16), digest_size=TOKEN_SIZE)
+
+
+def loop_token(q: Query, key: LoopKey) -> bytes:
+    """Our hop token for ``q``'s question: only this server can make it."""
+    h = key.keyed.copy()
     h.update(q.key + QTYPE_CLASS.pack(q.qtype, q.qclass))
     return h.digest()
 
 
-def loop_marker(q: Query) -> bytes | None:
+def loop_marker(q: Query, key: LoopKey) -> bytes | None:
     """The loop option to send upstream, or None if this query already passed through us.
 
     Only our own token counts. The hops of other proxies are passed on (their loops are
     theirs to detect), the newest `MAX_HOPS` - 1 of them; an option that is not a list of
     tokens came from a client and is dropped.
     """
-    token = loop_token(q)
+    token = loop_token(q, key)
     if not q.edns_options:  # the common case: the first hop
         return OUR_HOP + token
     hops = next((data for code, data in q.edns_options if code == LOOP_OPTION), None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -40,7 +40,6 @@ DAY, CHART_STEP = 86400.0, 600.0  # the overview chart: 24 h in 10 min bars
 OVERVIEW_TTL = 30.0  # seconds an overview is reused: on a big log it reads every row of 24 h
 TOP = 10
 PAUSES = {"5m": 300.0, "1h": 3600.0, "forever": None}
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _when(ts: float | None) -> str:

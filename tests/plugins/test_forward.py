@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from dnsproxy import wire
 from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.reply import Reply, finalize
+from dnsproxy.shared import Shared
 from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
@@ -59,7 +60,7 @@ async def test_failover_and_metrics(nursery):
 async def test_query_carrying_our_token_is_a_loop(nursery):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
-    token = loop.loop_token(make_query("l.example.org"))
+    token = loop.loop_token(make_query("l.example.org"), step.loop_key)
     marker = dns.edns.GenericOption(loop.LOOP_OPTION, b"\x01" * 8 + token)
     with trio.fail_after(5):
         reply = await run_chain([step], make_query("l.example.org", options_=[marker]))
@@ -79,7 +80,7 @@ async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     step = build_step("forward", {"upstreams": [up.addr]})
     if hops == "other-question":
-        hops = loop.loop_token(make_query("other.example.org"))
+        hops = loop.loop_token(make_query("other.example.org"), step.loop_key)
     marker = dns.edns.GenericOption(loop.LOOP_OPTION, hops)
     q = make_query("c.example.org", options_=[marker])
     with trio.fail_after(5):
@@ -87,15 +88,32 @@ async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
     assert reply.rcode == wire.NOERROR and step.loops == 0
     (seen,) = up.seen
     (sent,) = [bytes.fromhex(d) for code, d in seen.options if code == loop.LOOP_OPTION]
-    assert sent.endswith(loop.loop_token(q))
+    assert sent.endswith(loop.loop_token(q, step.loop_key))
     assert len(sent) <= loop.MAX_HOPS * loop.TOKEN_SIZE and len(sent) % 8 == 0
+
+
+async def test_loop_key_is_per_server(nursery):
+    """The steps of one server share its loop secret; a second server in the same process
+    has its own, so its forwarded query is a hop to this one, not a loop."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    shared = Shared()
+    first = build_step("forward", {"upstreams": [up.addr]}, shared=shared)
+    second = build_step("forward", {"upstreams": [up.addr]}, shared=shared)
+    other = build_step("forward", {"upstreams": [up.addr]})
+    assert first.loop_key is second.loop_key and other.loop_key is not first.loop_key
+    hop = loop.loop_token(make_query("h.example.org"), other.loop_key)
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, hop)
+    with trio.fail_after(5):
+        reply = await run_chain([first], make_query("h.example.org", options_=[marker]))
+    assert reply.rcode == wire.NOERROR and first.loops == 0
 
 
 async def test_loop_servfail_is_not_cached(nursery):
     """A looped query's SERVFAIL is about its path: the next client is not served it."""
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
-    chain = chain_of([build_step("cache", {}), build_step("forward", {"upstreams": [up.addr]})])
-    token = loop.loop_token(make_query("n.example.org"))
+    forward = build_step("forward", {"upstreams": [up.addr]})
+    chain = chain_of([build_step("cache", {}), forward])
+    token = loop.loop_token(make_query("n.example.org"), forward.loop_key)
     marker = dns.edns.GenericOption(loop.LOOP_OPTION, token)
     with trio.fail_after(5):
         looped = await run_chain(chain, make_query("n.example.org", options_=[marker]))
@@ -139,7 +157,7 @@ async def test_marker_is_appended_for_the_next_hop(nursery):
     with trio.fail_after(5):
         await run_chain([step], make_query("m.example.org", options_=[other]))
     (seen,) = up.seen
-    token = loop.loop_token(make_query("m.example.org"))
+    token = loop.loop_token(make_query("m.example.org"), step.loop_key)
     assert (loop.LOOP_OPTION, (b"\x02" * 8 + token).hex()) in seen.options
 
 

@@ -142,6 +142,8 @@ async def test_parallel_races_the_best_scores(nursery):
         ({"bootstrap": ["dns.example"]}, "a bootstrap resolver is a plain IP address"),
         ({"bootstrap": ["tls://192.0.2.1"]}, "a bootstrap resolver is plain DNS"),
         ({"bootstrap_min_ttl": 60, "bootstrap_max_ttl": 1}, "bootstrap_max_ttl is below"),
+        ({"upstreams": []}, "needs at least one upstream"),
+        ({"backoff_after": 1001}, "backoff_after.: must be between 1 and 1000"),
     ],
 )
 def test_health_and_bootstrap_options_are_validated(table, error):

@@ -209,6 +209,7 @@ async def test_reply_from_downstream_is_not_mutated():
         ([{"match": "suffix", "from": ".x", "to": ""}], "to: must be a non-empty name"),
         ([{"match": "glob", "from": "x", "to": "y"}], "match: must be one of"),
         ([{"match": "exact", "from": "a.example.org"}], "needs an action"),
+        ([{"from": "", "rcode": "NXDOMAIN"}], "from: required"),
         ([{"from": "a.example.org", "rcode": "NOPE"}], "rcode: must be one of"),
         ([{"from": "a.example.org", "rcode": "NXDOMAIN", "ttl": 5}], "cannot be combined"),
         ([{"from": "a.example.org", "ttl": [600, 60]}], "ttl: need 0 <= min <= max"),
