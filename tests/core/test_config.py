@@ -117,6 +117,61 @@ def test_errors_name_file_table_and_key(tmp_path, text, expected):
     assert any(line.startswith(expected) for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'tls_reload_interval = "0.4s"',
+            "'tls_reload_interval': must be between 0.5 and 3600, got 0.4",
+        ),
+        (
+            'tls_reload_interval = "2h"',
+            "'tls_reload_interval': must be between 0.5 and 3600, got 7200.0",
+        ),
+        (
+            'tls_handshake_timeout = "0.05s"',
+            "'tls_handshake_timeout': must be between 0.1 and 60, got 0.05",
+        ),
+        (
+            'tls_handshake_timeout = "61s"',
+            "'tls_handshake_timeout': must be between 0.1 and 60, got 61.0",
+        ),
+        (
+            "tls_handshake_timeout = true",
+            """'tls_handshake_timeout': expected a duration such as 30, "30s" or "24h\"""",
+        ),
+        ('trusted_proxies = ["nope"]', "'trusted_proxies': 'nope' is not an IP network"),
+        ("packet_cache_size = -1", "'packet_cache_size': must be between 0 and 10000000, got -1"),
+        (
+            "packet_cache_size = 10000001",
+            "'packet_cache_size': must be between 0 and 10000000, got 10000001",
+        ),
+        ('packet_cache_size = "big"', "'packet_cache_size' must be an integer, got 'big'"),
+        ('worker_records = "many"', "'worker_records' must be an integer, got 'many'"),
+        ("timezone = 3", "'timezone' must be a string, got 3"),
+    ],
+)
+def test_server_keys_out_of_range_or_of_the_wrong_type(tmp_path, text, expected):
+    """Each [server] key the change added: its bounds and a wrong type, naming file,
+    table and key."""
+    assert errors(tmp_path, f"[server]\n{text}\n" + FORWARD) == [
+        f"config.toml: server: option {expected}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"5ms"', "must be between 0.01 s and 3600 s, got 0.005 s"),
+        ('"3601s"', "must be between 0.01 s and 3600 s, got 3601 s"),
+        ("[]", 'expected a duration such as 30, "30s" or "24h", got []'),
+    ],
+)
+def test_step_deadline_out_of_range_or_of_the_wrong_type(tmp_path, value, expected):
+    text = FORWARD.replace('plugin = "forward"', f'plugin = "forward"\ndeadline = {value}')
+    assert errors(tmp_path, text) == [f"config.toml: chain[0] (forward): deadline: {expected}"]
+
+
 def test_all_errors_are_reported_at_once(tmp_path):
     lines = errors(tmp_path, "[server]\nlisen = 1\n" + FORWARD.replace("upstreams", "upstrems"))
     assert len(lines) == 3  # unknown key, its suggestion target missing, unknown server key
