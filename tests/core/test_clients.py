@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dnsproxy.clients import Clients, parse_hosts, parse_leases, parse_neighbours
+from dnsproxy.clients import Clients, parse_config, parse_hosts, parse_leases, parse_neighbours
 from dnsproxy.errors import ConfigError
 from dnsproxy.loader import build_chain, load
 from dnsproxy.testing import make_query
@@ -144,12 +144,35 @@ def test_a_changed_lease_file_is_read_again(tmp_path):
         ('[clients]\nptr_resolver = "lan-router"', "", "clients: ptr_resolver: 'lan-router'"),
         ('[clients]\nptr_ttl = "0s"', "", "clients: ptr_ttl: must be between"),
         ("[clients]\nleases = 3", "", "clients: leases: expected a list of strings"),
+        ('[clients]\nptr_ttl = "8d"', "", "clients: ptr_ttl: must be between 1 s and 604800 s"),
+        ("[clients]\nptr_ttl = []", "", "clients: ptr_ttl: expected a duration such as 30"),
+        ('[clients]\nrefresh = "50ms"', "", "clients: refresh: must be between 0.1 s and 3600 s"),
+        ('[clients]\nrefresh = "2h"', "", "clients: refresh: must be between 0.1 s and 3600 s"),
+        (
+            "[clients]\nmax_clients = 15",
+            "",
+            "clients: max_clients: must be between 16 and 10000000",
+        ),
+        ("[clients]\nmax_clients = 10000001", "", "clients: max_clients: must be between 16 and"),
+        ('[clients]\nmax_clients = "many"', "", "clients: max_clients: expected an integer"),
+        ("[clients]\nmax_clients = true", "", "clients: max_clients: expected an integer"),
+        ("[clients]\nneighbours = 1", "", 'clients: neighbours: expected a path ("/proc/net/arp"'),
+        ("[clients]\nptr_resolver = 53", "", 'clients: ptr_resolver: expected "host:port"'),
     ],
 )
 def test_config_errors_name_file_table_and_key(tmp_path, body, chain, message):
     with pytest.raises(ConfigError) as err:
         config(tmp_path, body, f'[[chain]]\nplugin = "static"\n{chain}\n')
     assert message in str(err.value) and "config.toml: " in str(err.value)
+
+
+def test_clients_and_groups_that_are_not_tables_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config("config.toml", tmp_path, {"clients": 3, "groups": "x"})
+    assert err.value.lines == [
+        "config.toml: clients must be a table",
+        "config.toml: groups must be a table",
+    ]
 
 
 def test_steps_scoped_to_names_and_groups(tmp_path):
