@@ -133,6 +133,31 @@ def test_a_changed_lease_file_is_read_again(tmp_path):
     assert clients.record(make_query("example.org", client="192.168.1.57")).name == "second"
 
 
+def test_a_rewrite_within_the_same_mtime_is_read_and_a_missing_file_warned_of_once(
+    tmp_path, caplog
+):
+    """The file's stamp (mtime and size) decides a re-read: a coarse-clock filesystem may
+    leave the mtime as it was. An unreadable file is logged once until it is back."""
+    leases = tmp_path / "dnsmasq.leases"
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 first *\n")
+    os.utime(leases, (1, 1))
+    cfg, _ = config(tmp_path, '[clients]\nleases = ["dnsmasq.leases"]\nneighbours = ""\n')
+    clients = Clients(cfg.clients)
+    assert clients.lookup("192.168.1.57").name == "first"
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 longer *\n")
+    os.utime(leases, (1, 1))  # same mtime, other size
+    assert clients.refresh()
+    assert clients.lookup("192.168.1.57").name == "longer"
+    leases.unlink()
+    for _ in range(3):
+        clients.refresh()
+    assert [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()] == [
+        f"clients: cannot read {leases}: No such file or directory"
+    ]
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 back *\n")
+    assert clients.refresh() and clients.lookup("192.168.1.57").name == "back"
+
+
 @pytest.mark.parametrize(
     ("body", "chain", "message"),
     [
