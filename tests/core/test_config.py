@@ -9,6 +9,8 @@ import pytest
 
 from dnsproxy import config, options
 from dnsproxy.errors import ConfigError
+from dnsproxy.loader import build_chain, make_setup
+from dnsproxy.loader import load as load_config
 from dnsproxy.registry import build_registry, make_plugin_manager
 
 REG = build_registry(make_plugin_manager())
@@ -295,3 +297,27 @@ def test_http_listen_on_a_dns_port_is_an_error(tmp_path, dns_listen, http_listen
 def test_http_listen_next_to_dns_is_valid(tmp_path):
     text = '[server]\nlisten = ["127.0.0.1:5353"]\n' + HTTP_ON.format(addr="127.0.0.1:9153")
     assert load(tmp_path, text + FORWARD).services[0].table == "http"
+
+
+def test_an_upstream_scheme_or_step_no_plugin_provides_is_a_config_error(tmp_path):
+    """What `Setup.make_upstream` and `Setup.make_step` (a step building another) raise:
+    the step's prefix, the key, and what is known."""
+    path = tmp_path / "config.toml"
+    path.write_text('[[chain]]\nplugin = "forward"\nupstreams = ["foo://192.0.2.53"]\n')
+    cfg, registry, _ = load_config(path)
+    with pytest.raises(ConfigError) as exc:
+        build_chain(cfg, registry)
+    assert exc.value.lines == [
+        "config.toml: chain[0] (forward): upstreams: foo://192.0.2.53: no plugin handles"
+        " foo:// (known: https, tcp, tls, udp; is the dot/doh plugin installed?)"
+    ]
+    where = "config.toml: chain[0] (router)"
+    setup = make_setup(registry, where=where, index=0, name="router", base_dir=tmp_path,
+                       state_dir=tmp_path, server=cfg.server, log=None)  # fmt: skip
+    assert setup.make_step is not None
+    with pytest.raises(ConfigError) as exc:
+        setup.make_step("nosuch", {}, setup)
+    assert exc.value.lines == [f"{where}: no plugin registers the step 'nosuch'"]
+    with pytest.raises(ConfigError) as exc:
+        setup.make_step("forward", {"upstreams": 3}, setup)
+    assert exc.value.lines[0].startswith(f"{where}: option 'upstreams'")
