@@ -35,6 +35,7 @@ import trio
 
 from dnsproxy import options
 from dnsproxy.errors import ConfigError
+from dnsproxy.files import Stamp, stamp
 from dnsproxy.wire import Query, hostport
 
 log = logging.getLogger("dnsproxy.clients")
@@ -368,7 +369,7 @@ class Clients:
         # Bumped whenever a client's record may have changed (the packet cache's views,
         # worked out from records, are then forgotten).
         self.generation = 0
-        self._files: dict[Path, tuple[float, str]] = {}  # path: (mtime, text), by `_read`
+        self._files: dict[Path, tuple[Stamp, str]] = {}  # path: (stamp, text), by `_read`
         self._hosts: dict[str, str] = {}  # address: name, from files and leases
         self._lease_macs: dict[str, str] = {}  # MAC: name, from leases
         self._neighbours: dict[str, str] = {}  # address: MAC
@@ -520,19 +521,18 @@ class Clients:
     def _read(self, path: Path, always: bool = False) -> tuple[str, bool]:
         """The text of ``path`` and whether it changed since the last read ("" if unreadable;
         /proc files have no useful mtime, so ``always`` reads them every time)."""
+        seen = stamp(path)
+        old = self._files.get(path)
+        if old is not None and seen is not None and old[0] == seen and not always:
+            return old[1], False
         try:
-            mtime = path.stat().st_mtime
-            old = self._files.get(path)
-            if old is not None and old[0] == mtime and not always:
-                return old[1], False
             text = path.read_text(errors="replace")
         except OSError as exc:
-            if self._files.get(path, (1.0, ""))[0]:  # warn once, until it is readable again
+            if old is None or old[0] is not None:  # warn once, until it is readable again
                 log.warning("clients: cannot read %s: %s", path, exc.strerror)
-            self._files[path] = (0.0, "")
+            self._files[path] = (None, "")
             return "", False
-        old = self._files.get(path)
-        self._files[path] = (mtime, text)
+        self._files[path] = (seen, text)
         return text, old is None or old[1] != text
 
     async def run(self) -> None:

@@ -483,8 +483,7 @@ class Supervisor(Server):
         """Collect the observers, and tell the workers whether to send records at all."""
         super()._collect_observers()
         self._observing.set()
-        if self._nursery is not None:
-            self._nursery.start_soon(self._broadcast, ("observed", bool(self._observers)))
+        self._broadcast_soon(("observed", bool(self._observers)))
 
     def stop(self) -> None:
         """Stop the workers first (their last records still reach the query log)."""
@@ -598,9 +597,13 @@ class Supervisor(Server):
                 log.error("worker %d takes no messages: killing it", child.index)
                 child.process.kill()
 
-    def _push_blocking(self) -> None:
+    def _broadcast_soon(self, message: Any) -> None:
+        """`_broadcast` from synchronous code (once the server runs: before, no worker is)."""
         if self._nursery is not None:
-            self._nursery.start_soon(self._broadcast, ("blocking", self.blocking.export()))
+            self._nursery.start_soon(self._broadcast, message)
+
+    def _push_blocking(self) -> None:
+        self._broadcast_soon(("blocking", self.blocking.export()))
 
     async def reload(self) -> bool:
         """Validate and load the config here; only if it is good, reload every worker
@@ -630,8 +633,7 @@ class Supervisor(Server):
 
     def flush(self) -> None:
         super().flush()
-        if self._nursery is not None:
-            self._nursery.start_soon(self._broadcast, ("flush",))
+        self._broadcast_soon(("flush",))
 
     async def gather_metrics(self) -> None:
         """Ask every worker for its counters (waiting at most METRICS_TIMEOUT), then make

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dnsproxy.clients import Clients, parse_hosts, parse_leases, parse_neighbours
+from dnsproxy.clients import Clients, parse_config, parse_hosts, parse_leases, parse_neighbours
 from dnsproxy.errors import ConfigError
 from dnsproxy.loader import build_chain, load
 from dnsproxy.testing import make_query
@@ -133,6 +133,31 @@ def test_a_changed_lease_file_is_read_again(tmp_path):
     assert clients.record(make_query("example.org", client="192.168.1.57")).name == "second"
 
 
+def test_a_rewrite_within_the_same_mtime_is_read_and_a_missing_file_warned_of_once(
+    tmp_path, caplog
+):
+    """The file's stamp (mtime and size) decides a re-read: a coarse-clock filesystem may
+    leave the mtime as it was. An unreadable file is logged once until it is back."""
+    leases = tmp_path / "dnsmasq.leases"
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 first *\n")
+    os.utime(leases, (1, 1))
+    cfg, _ = config(tmp_path, '[clients]\nleases = ["dnsmasq.leases"]\nneighbours = ""\n')
+    clients = Clients(cfg.clients)
+    assert clients.lookup("192.168.1.57").name == "first"
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 longer *\n")
+    os.utime(leases, (1, 1))  # same mtime, other size
+    assert clients.refresh()
+    assert clients.lookup("192.168.1.57").name == "longer"
+    leases.unlink()
+    for _ in range(3):
+        clients.refresh()
+    assert [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()] == [
+        f"clients: cannot read {leases}: No such file or directory"
+    ]
+    leases.write_text("1718000000 aa:bb:cc:dd:ee:01 192.168.1.57 back *\n")
+    assert clients.refresh() and clients.lookup("192.168.1.57").name == "back"
+
+
 @pytest.mark.parametrize(
     ("body", "chain", "message"),
     [
@@ -144,12 +169,35 @@ def test_a_changed_lease_file_is_read_again(tmp_path):
         ('[clients]\nptr_resolver = "lan-router"', "", "clients: ptr_resolver: 'lan-router'"),
         ('[clients]\nptr_ttl = "0s"', "", "clients: ptr_ttl: must be between"),
         ("[clients]\nleases = 3", "", "clients: leases: expected a list of strings"),
+        ('[clients]\nptr_ttl = "8d"', "", "clients: ptr_ttl: must be between 1 s and 604800 s"),
+        ("[clients]\nptr_ttl = []", "", "clients: ptr_ttl: expected a duration such as 30"),
+        ('[clients]\nrefresh = "50ms"', "", "clients: refresh: must be between 0.1 s and 3600 s"),
+        ('[clients]\nrefresh = "2h"', "", "clients: refresh: must be between 0.1 s and 3600 s"),
+        (
+            "[clients]\nmax_clients = 15",
+            "",
+            "clients: max_clients: must be between 16 and 10000000",
+        ),
+        ("[clients]\nmax_clients = 10000001", "", "clients: max_clients: must be between 16 and"),
+        ('[clients]\nmax_clients = "many"', "", "clients: max_clients: expected an integer"),
+        ("[clients]\nmax_clients = true", "", "clients: max_clients: expected an integer"),
+        ("[clients]\nneighbours = 1", "", 'clients: neighbours: expected a path ("/proc/net/arp"'),
+        ("[clients]\nptr_resolver = 53", "", 'clients: ptr_resolver: expected "host:port"'),
     ],
 )
 def test_config_errors_name_file_table_and_key(tmp_path, body, chain, message):
     with pytest.raises(ConfigError) as err:
         config(tmp_path, body, f'[[chain]]\nplugin = "static"\n{chain}\n')
     assert message in str(err.value) and "config.toml: " in str(err.value)
+
+
+def test_clients_and_groups_that_are_not_tables_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config("config.toml", tmp_path, {"clients": 3, "groups": "x"})
+    assert err.value.lines == [
+        "config.toml: clients must be a table",
+        "config.toml: groups must be a table",
+    ]
 
 
 def test_steps_scoped_to_names_and_groups(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 
 from dnsproxy import config, options
 from dnsproxy.errors import ConfigError
+from dnsproxy.loader import build_chain, make_setup
+from dnsproxy.loader import load as load_config
 from dnsproxy.registry import build_registry, make_plugin_manager
 
 REG = build_registry(make_plugin_manager())
@@ -115,6 +117,61 @@ def test_generic_keys(tmp_path):
 def test_errors_name_file_table_and_key(tmp_path, text, expected):
     lines = errors(tmp_path, text)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'tls_reload_interval = "0.4s"',
+            "'tls_reload_interval': must be between 0.5 and 3600, got 0.4",
+        ),
+        (
+            'tls_reload_interval = "2h"',
+            "'tls_reload_interval': must be between 0.5 and 3600, got 7200.0",
+        ),
+        (
+            'tls_handshake_timeout = "0.05s"',
+            "'tls_handshake_timeout': must be between 0.1 and 60, got 0.05",
+        ),
+        (
+            'tls_handshake_timeout = "61s"',
+            "'tls_handshake_timeout': must be between 0.1 and 60, got 61.0",
+        ),
+        (
+            "tls_handshake_timeout = true",
+            """'tls_handshake_timeout': expected a duration such as 30, "30s" or "24h\"""",
+        ),
+        ('trusted_proxies = ["nope"]', "'trusted_proxies': 'nope' is not an IP network"),
+        ("packet_cache_size = -1", "'packet_cache_size': must be between 0 and 10000000, got -1"),
+        (
+            "packet_cache_size = 10000001",
+            "'packet_cache_size': must be between 0 and 10000000, got 10000001",
+        ),
+        ('packet_cache_size = "big"', "'packet_cache_size' must be an integer, got 'big'"),
+        ('worker_records = "many"', "'worker_records' must be an integer, got 'many'"),
+        ("timezone = 3", "'timezone' must be a string, got 3"),
+    ],
+)
+def test_server_keys_out_of_range_or_of_the_wrong_type(tmp_path, text, expected):
+    """Each [server] key the change added: its bounds and a wrong type, naming file,
+    table and key."""
+    assert errors(tmp_path, f"[server]\n{text}\n" + FORWARD) == [
+        f"config.toml: server: option {expected}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"5ms"', "must be between 0.01 s and 3600 s, got 0.005 s"),
+        ('"3601s"', "must be between 0.01 s and 3600 s, got 3601 s"),
+        ("[]", 'expected a duration such as 30, "30s" or "24h", got []'),
+    ],
+)
+def test_step_deadline_out_of_range_or_of_the_wrong_type(tmp_path, value, expected):
+    text = FORWARD.replace('plugin = "forward"', f'plugin = "forward"\ndeadline = {value}')
+    assert errors(tmp_path, text) == [f"config.toml: chain[0] (forward): deadline: {expected}"]
 
 
 def test_all_errors_are_reported_at_once(tmp_path):
@@ -240,3 +297,27 @@ def test_http_listen_on_a_dns_port_is_an_error(tmp_path, dns_listen, http_listen
 def test_http_listen_next_to_dns_is_valid(tmp_path):
     text = '[server]\nlisten = ["127.0.0.1:5353"]\n' + HTTP_ON.format(addr="127.0.0.1:9153")
     assert load(tmp_path, text + FORWARD).services[0].table == "http"
+
+
+def test_an_upstream_scheme_or_step_no_plugin_provides_is_a_config_error(tmp_path):
+    """What `Setup.make_upstream` and `Setup.make_step` (a step building another) raise:
+    the step's prefix, the key, and what is known."""
+    path = tmp_path / "config.toml"
+    path.write_text('[[chain]]\nplugin = "forward"\nupstreams = ["foo://192.0.2.53"]\n')
+    cfg, registry, _ = load_config(path)
+    with pytest.raises(ConfigError) as exc:
+        build_chain(cfg, registry)
+    assert exc.value.lines == [
+        "config.toml: chain[0] (forward): upstreams: foo://192.0.2.53: no plugin handles"
+        " foo:// (known: https, tcp, tls, udp; is the dot/doh plugin installed?)"
+    ]
+    where = "config.toml: chain[0] (router)"
+    setup = make_setup(registry, where=where, index=0, name="router", base_dir=tmp_path,
+                       state_dir=tmp_path, server=cfg.server, log=None)  # fmt: skip
+    assert setup.make_step is not None
+    with pytest.raises(ConfigError) as exc:
+        setup.make_step("nosuch", {}, setup)
+    assert exc.value.lines == [f"{where}: no plugin registers the step 'nosuch'"]
+    with pytest.raises(ConfigError) as exc:
+        setup.make_step("forward", {"upstreams": 3}, setup)
+    assert exc.value.lines[0].startswith(f"{where}: option 'upstreams'")

@@ -342,3 +342,34 @@ def test_kernel_runs_the_ipv6_program():
             udp[0].recv(10)
     finally:
         workers.close_groups([("udp", addr, udp)])
+
+
+async def test_a_worker_carries_out_each_supervisor_request(tmp_path):
+    """The control channel, worker end: "ready" once serving; "blocking" takes the
+    supervisor's pauses; "metrics" and "reload" are answered (the reload done first);
+    "flush" flushes; the channel closing stops it."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n' + HOSTS)
+    ours, theirs = socket.socketpair()
+    worker = workers.Worker(path, 0, theirs, handle_signals=False)
+    flushed = []
+    worker.flush = lambda: flushed.append(True)  # type: ignore[method-assign]
+    supervisor = workers.Link(ours)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            assert await supervisor.receive() == ("ready", os.getpid())
+            paused = Blocking()
+            paused.pause(60)
+            await supervisor.send(("blocking", paused.export()))
+            await supervisor.send(("metrics",))
+            op, (stats, steps) = await supervisor.receive()
+            assert op == "metrics" and not worker.blocking.active()  # taken in order
+            assert stats["queries"] == 0 and [(n, i) for n, i, _ in steps] == [("hosts", 0)]
+            await supervisor.send(("flush",))
+            old = worker.chain
+            await supervisor.send(("reload",))
+            assert await supervisor.receive() == ("reload",)
+            assert flushed == [True] and worker.chain is not old
+            await supervisor.aclose()
+    assert worker._stop.is_set()

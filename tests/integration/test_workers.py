@@ -341,6 +341,32 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
         until(lambda: answers("ads.example.test") == {"192.0.2.1"}, 5)
 
 
+def test_a_restarted_worker_takes_the_pause_in_force(make_proxy, tmp_path: Path) -> None:
+    """The supervisor hands a worker that (re)starts the current pauses with its "ready"
+    answer: a worker restarted during a group's pause does not block that group until the
+    next change. (127.0.0.1 and 127.0.0.3 reach worker 1; only .3 is a kid.)"""
+    ads = tmp_path / "ads.txt"
+    ads.write_text("ads.example.test\n")
+    http = free_port()
+    proxy = make_proxy(
+        FANOUT.replace("ADS", str(ads)).replace("HTTP_PORT", str(http)), wait_for=READY
+    )
+
+    def ads_for(source: str) -> str:
+        return proxy.ask("ads.example.test", source=source).answer[0][0].address
+
+    until(lambda: ads_for("127.0.0.3") == "0.0.0.0")
+    with httpx.Client(base_url=f"http://127.0.0.1:{http}") as web:
+        r = web.post("/api/blocking/disable", params={"group": "kids", "duration": "5m"})
+        assert r.status_code == 200
+    until(lambda: ads_for("127.0.0.3") == "192.0.2.1", 5)
+    pids = worker_pids(proxy)
+    os.kill(pids[1], signal.SIGKILL)
+    until(lambda: worker_pids(proxy)[1] != pids[1])
+    until(lambda: ads_for("127.0.0.1") == "0.0.0.0", 5)  # its list is loaded: it blocks
+    until(lambda: ads_for("127.0.0.3") == "192.0.2.1", 5)  # but not the paused kids
+
+
 def test_tls_and_https_listeners_are_served_by_both_workers(make_proxy, tmp_path: Path) -> None:
     """DoT and DoH from one address per worker are answered, and logged by the supervisor."""
     enc = Encrypted(tmp_path, make_proxy, server="workers = 2")
