@@ -98,6 +98,11 @@ def until(what: Callable[[], object], timeout: float = 10.0, message: str = "") 
         time.sleep(0.05)
 
 
+def csrf(html: str) -> str:
+    """The CSRF token a dashboard page's forms carry."""
+    return html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
 async def read_http_head(stream: trio.SocketStream) -> bytes | None:
     """What a fake HTTP server reads of a request: up to its blank line, or None if the
     client closed first."""

@@ -6,13 +6,12 @@ only. Queries come from different 127.x source addresses."""
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import httpx
 import pytest
 
 from dnsproxy import cli
-from tests.conftest import ZONE, free_port
+from tests.conftest import ZONE, free_port, until
 from tests.core.test_clients import ARP, DNSMASQ, ISC, KEA
 
 REVERSE = """\
@@ -54,13 +53,6 @@ upstreams = ["{nsd}"]
 def local(text: str) -> str:
     """The sample lease files, on 127.0.0.x instead of 192.168.1.x (loopback only here)."""
     return text.replace("192.168.1.", "127.0.0.")
-
-
-def until(what, timeout: float = 10.0, message: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from dnsproxy.config import reuseport_steering
-from tests.conftest import Proxy, free_port
+from tests.conftest import Proxy, csrf, free_port, until
 from tests.integration.test_listeners_encrypted import CT, Encrypted
 
 pytestmark = pytest.mark.skipif(not reuseport_steering(), reason="needs Linux SO_REUSEPORT")
@@ -129,13 +129,6 @@ def metrics(http: int) -> dict[str, float]:
             name = name.split("{", 1)[0]
             out[name] = out.get(name, 0.0) + float(value)
     return out
-
-
-def until(what, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def blast(proxy: Proxy, sources: list[str], per_source: int, window: int = 50) -> int:
@@ -333,7 +326,7 @@ def test_dashboard_actions_reach_every_worker(make_proxy, tmp_path: Path) -> Non
         until(lambda: {ads(s) for s in kids} == {"0.0.0.0"}, 5)
         assert answers("www.shop.test") == {"192.0.2.1"}
         page = web.get("/managed")
-        token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        token = csrf(page.text)
         assert web.post("/ui/block", data={"name": "shop.test", "csrf": token}).status_code == 303
         until(lambda: answers("www.shop.test") == {"0.0.0.0"}, 5)
         r = web.post("/ui/allow", data={"name": "ads.example.test", "csrf": token})
@@ -449,7 +442,7 @@ def test_list_refresh_and_cache_page_cover_every_worker(make_proxy, tmp_path: Pa
                 r"<td>[^<]*cache[^<]*</td><td[^>]*>\d+</td><td[^>]*>(\d+)</td>", page.text
             )
             assert hits is not None and int(hits.group(1)) >= 2, page.text
-            token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            token = csrf(page.text)
             form = {"step": "0", "list": "0", "csrf": token}
             assert web.post("/ui/lists/refresh", data=form).status_code == 303
         until(lambda: answers("tracker.example.test") == {"0.0.0.0"}, 5)

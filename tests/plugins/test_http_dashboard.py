@@ -23,17 +23,12 @@ from dnsproxy.plugins.querylog.store import SCHEMA
 from dnsproxy.errors import ConfigError
 from dnsproxy.server import Server, load
 from plugins.querylog.store import COLUMNS
-from tests.conftest import free_port
+from tests.conftest import csrf, free_port
 from tests.plugins.test_http import ask, config_text, start, write_config
 
 PASSWORD = "open sesame"
 TOKEN = "t" * 24
 HASH = hash_password(PASSWORD)
-
-
-def csrf(html: str) -> str:
-    """The CSRF token a page's forms carry."""
-    return html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
 def test_password_hash_round_trip_and_format():
