@@ -316,8 +316,20 @@ async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
     assert len(server.packets.entries) == 2
     off = make_server(tmp_path, HOSTS, "packet_cache_size = 0")
     assert off.packets is None and address(ask(off, "printer.lan")) == "192.0.2.7"
-    with pytest.raises(ConfigError, match="packet_cache_size"):
-        make_server(tmp_path, HOSTS, "packet_cache_size = -1")
+    for bad in (-1, 10_000_001):
+        with pytest.raises(ConfigError, match="packet_cache_size"):
+            make_server(tmp_path, HOSTS, f"packet_cache_size = {bad}")
+
+
+def test_the_client_views_are_bounded_by_the_size(tmp_path):
+    """A view per client address is kept (`PacketCache._view`): as many addresses as
+    entries at most, so a spread of clients cannot grow the table without end."""
+    server = make_server(tmp_path, HOSTS, "packet_cache_size = 2")
+    assert server.packets is not None
+    for i in range(1, 6):
+        assert address(ask(server, "printer.lan", client=f"127.0.0.{i}")) == "192.0.2.7"
+        assert len(server.packets.views) <= 2
+    assert hits(server) == 4  # one view for all: the first answer replayed to the others
 
 
 def test_a_full_cache_keeps_most_of_a_set_cycled_past_its_size(tmp_path):
