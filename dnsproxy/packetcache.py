@@ -8,10 +8,10 @@ aged as that step ages them. What is stored, and what still happens on a replay:
 
 - Only a reply the chain gave without I/O (so nothing changed while it ran), with rcode
   NOERROR or NXDOMAIN, not truncated, `Reply.cacheable`, to a plain query: UDP, TCP, DoT
-  or DoH (each its own entries), without a DoT/DoH client identifier (`Server.handle`
-  leaves those to the chain), one uncompressed question, no EDNS option but padding and
-  cookie, not traced, not a zone transfer. Equal bytes make equal queries, so a replay
-  needs no other check.
+  or DoH (each its own entries), without a DoT/DoH client identifier (views are per
+  address: such a query is neither replayed nor stored), one uncompressed question, no
+  EDNS option but padding and cookie, not traced, not a zone transfer. Equal bytes make
+  equal queries, so a replay needs no other check.
 - Every step in the query's scope must be `Step.pure` up to the one that answered (the
   reply's ``source``), or up to a step that keeps answers for the steps after it
   (`Step.packet_lifetime`, the cache): then the entry lives until that step would prefetch
@@ -290,6 +290,7 @@ class PacketCache:
         (module docstring)."""
         if (
             not reply.cacheable
+            or q.client_id is not None  # views know no client ids (`Server.handle`)
             or q.qend == 0  # an unusual message, read by the slow parser
             or q.trace is not None
             or q.qtype in TRANSFERS

@@ -628,6 +628,7 @@ async def test_a_query_with_a_client_identifier_is_left_to_the_chain(tmp_path):
     for _ in range(3):
         server.handle(wire, ("127.0.0.1", 1), "tls", out.append, "kid")
     assert len(out) == 3 and hits(server) == 0 and server.stats.queries == 3
-    ask(server, "printer.lan", transport="tls")
-    ask(server, "printer.lan", transport="tls")
+    assert server.packets is not None and not server.packets.entries
+    for _ in range(2):  # the same bytes without the id: the first one is not a replay
+        server.handle(wire, ("127.0.0.1", 1), "tls", out.append)
     assert hits(server) == 1
