@@ -58,8 +58,7 @@ from dnsproxy.wire import Query, parse_query
 if TYPE_CHECKING:
     from dnsproxy.server import Sender, Server
 
-PADDING_OPTION = 12
-PLAIN_OPTIONS = frozenset((PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
+PLAIN_OPTIONS = frozenset((wire.PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
 KEPT_RCODES = (wire.NOERROR, wire.NXDOMAIN)
 TRANSFERS = (251, 252)  # IXFR, AXFR
 ADMIT_WHEN_FULL = 8  # a full cache admits one store in this many (module docstring)
