@@ -298,6 +298,8 @@ class PacketCache:
             or (q.edns_options and any(c not in PLAIN_OPTIONS for c, _ in q.edns_options))
         ):
             return
+        if self._generations() != self.generation:  # before the view: it may be stale
+            self.clear()
         host, transport = q.client[0], q.transport
         prefix = self.views.get((host, transport))
         if prefix is None:
@@ -307,8 +309,6 @@ class PacketCache:
         end = data.find(0, 12)
         if not prefix or end < 0 or out[12:qend] != q.qname:
             return
-        if self._generations() != self.generation:
-            self.clear()
         if len(self.entries) >= self.size and self.admit.random() * ADMIT_WHEN_FULL >= 1:
             return  # full: admitted once in ADMIT_WHEN_FULL stores (module docstring)
         # Walk the steps first: most refusals (a step not declared pure) come before any

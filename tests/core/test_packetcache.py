@@ -19,7 +19,9 @@ import trustme
 
 import dnsproxy.server
 from dnsproxy.errors import ConfigError
+from dnsproxy.reply import finalize
 from dnsproxy.server import Server
+from dnsproxy.wire import parse_query
 
 PLUGIN = Path(__file__).with_name("stepsplugin.py")
 KID, PARENT = "127.0.0.2", "127.0.0.3"
@@ -632,3 +634,20 @@ async def test_a_query_with_a_client_identifier_is_left_to_the_chain(tmp_path):
     for _ in range(2):  # the same bytes without the id: the first one is not a replay
         server.handle(wire, ("127.0.0.1", 1), "tls", out.append)
     assert hits(server) == 1
+
+
+def test_a_store_after_a_change_uses_the_view_of_now(tmp_path):
+    """A change (here a list reload) between the lookup of a client's view and the store:
+    the entry is keyed by the view worked out after it, never by the one from before."""
+    server = make_server(tmp_path, '[[chain]]\nplugin = "purestatic"\n')
+    packets = server.packets
+    assert packets is not None
+    q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
+    reply = server.chain.start(q)
+    out = finalize(reply, q, server.edns_udp_size)  # type: ignore[arg-type]
+    packets.views[("127.0.0.1", "udp")] = b"u\xff\xff\xff\xff"  # a view from before
+    server.chain.generation += 1  # what `Step.changed` does
+    packets.store(q, reply, out)  # type: ignore[arg-type]
+    fresh = packets.views[("127.0.0.1", "udp")]
+    assert fresh != b"u\xff\xff\xff\xff"
+    assert [key[: len(fresh)] for key in packets.entries] == [fresh]
