@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import weakref
@@ -137,6 +138,9 @@ async def test_a_later_exchange_with_an_earlier_deadline_is_not_held_up(nursery,
 async def test_a_reused_fd_is_not_timed_out_by_its_previous_exchange(nursery, autojump_clock):
     """The deadline heap keeps (deadline, fd) pairs: when a finished exchange's fd is
     reused by a later one, the stale entry's deadline must not time the new one out."""
+    # Sockets earlier tests left to the garbage collector would free lower fds while this
+    # one waits, and the reusing exchange would take one of them instead.
+    gc.collect()
     answering, silent = Upstream(), Upstream("silent")
     await nursery.start(answering.run)
     await nursery.start(silent.run)
