@@ -8,10 +8,10 @@ aged as that step ages them. What is stored, and what still happens on a replay:
 
 - Only a reply the chain gave without I/O (so nothing changed while it ran), with rcode
   NOERROR or NXDOMAIN, not truncated, `Reply.cacheable`, to a plain query: UDP, TCP, DoT
-  or DoH (each its own entries), without a DoT/DoH client identifier (`Server.handle`
-  leaves those to the chain), one uncompressed question, no EDNS option but padding and
-  cookie, not traced, not a zone transfer. Equal bytes make equal queries, so a replay
-  needs no other check.
+  or DoH (each its own entries), without a DoT/DoH client identifier (views are per
+  address: such a query is neither replayed nor stored), one uncompressed question, no
+  EDNS option but padding and cookie, not traced, not a zone transfer. Equal bytes make
+  equal queries, so a replay needs no other check.
 - Every step in the query's scope must be `Step.pure` up to the one that answered (the
   reply's ``source``), or up to a step that keeps answers for the steps after it
   (`Step.packet_lifetime`, the cache): then the entry lives until that step would prefetch
@@ -58,8 +58,7 @@ from dnsproxy.wire import Query, parse_query
 if TYPE_CHECKING:
     from dnsproxy.server import Sender, Server
 
-PADDING_OPTION = 12
-PLAIN_OPTIONS = frozenset((PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
+PLAIN_OPTIONS = frozenset((wire.PADDING_OPTION, wire.COOKIE_OPTION))  # replayable EDNS options
 KEPT_RCODES = (wire.NOERROR, wire.NXDOMAIN)
 TRANSFERS = (251, 252)  # IXFR, AXFR
 ADMIT_WHEN_FULL = 8  # a full cache admits one store in this many (module docstring)
@@ -290,6 +289,7 @@ class PacketCache:
         (module docstring)."""
         if (
             not reply.cacheable
+            or q.client_id is not None  # views know no client ids (`Server.handle`)
             or q.qend == 0  # an unusual message, read by the slow parser
             or q.trace is not None
             or q.qtype in TRANSFERS
@@ -298,6 +298,8 @@ class PacketCache:
             or (q.edns_options and any(c not in PLAIN_OPTIONS for c, _ in q.edns_options))
         ):
             return
+        if self._generations() != self.generation:  # before the view: it may be stale
+            self.clear()
         host, transport = q.client[0], q.transport
         prefix = self.views.get((host, transport))
         if prefix is None:
@@ -307,8 +309,6 @@ class PacketCache:
         end = data.find(0, 12)
         if not prefix or end < 0 or out[12:qend] != q.qname:
             return
-        if self._generations() != self.generation:
-            self.clear()
         if len(self.entries) >= self.size and self.admit.random() * ADMIT_WHEN_FULL >= 1:
             return  # full: admitted once in ADMIT_WHEN_FULL stores (module docstring)
         # Walk the steps first: most refusals (a step not declared pure) come before any

@@ -108,16 +108,6 @@ class UdpExchanges:
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
 
-    @property
-    def in_flight(self) -> int:
-        """Exchanges waiting for their answer, each holding one socket."""
-        return len(self._pending)
-
-    @property
-    def deadlines_held(self) -> int:
-        """Entries in the deadline heap: finished exchanges linger there until a prune."""
-        return len(self._deadlines)
-
     def send(
         self,
         addr: tuple[str, int],

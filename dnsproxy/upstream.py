@@ -30,8 +30,6 @@ from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
 
 UPSTREAM_UDP_SIZE = 1232
-_OPT_HEAD = struct.Struct("!BHHIH")  # an OPT record up to its options (`wire.opt_record`)
-PADDING_OPTION = 12  # RFC 7830
 
 
 @attrs.define(eq=False)
@@ -194,16 +192,9 @@ class Request:
         options = self.options
         if pad_block:
             pad = -(12 + len(self.question) + 11 + len(options) + 4) % pad_block
-            options += wire.edns_option(PADDING_OPTION, b"\x00" * pad)
-        ttl = wire.EDNS_DO if self.do else 0
-        return b"".join(
-            (
-                wire.HEADER.pack(msg_id, flags, 1, 0, 0, 1),
-                self.question,
-                _OPT_HEAD.pack(0, wire.OPT, UPSTREAM_UDP_SIZE, ttl, len(options)),
-                options,
-            )
-        )
+            options += wire.edns_option(wire.PADDING_OPTION, b"\x00" * pad)
+        opt = wire.opt_record(UPSTREAM_UDP_SIZE, self.do, options)
+        return b"".join((wire.HEADER.pack(msg_id, flags, 1, 0, 0, 1), self.question, opt))
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:

@@ -63,6 +63,7 @@ CLASS_ANY = int(dns.rdataclass.ANY)
 EDNS_DO = 0x8000
 EDE_OPTION = 15
 COOKIE_OPTION = 10
+PADDING_OPTION = 12  # RFC 7830
 MAX_EDNS_OPTIONS = 64  # bounded parsing of hostile option lists (Unbound CVE-2026-41292)
 
 

@@ -19,7 +19,9 @@ import trustme
 
 import dnsproxy.server
 from dnsproxy.errors import ConfigError
+from dnsproxy.reply import finalize
 from dnsproxy.server import Server
+from dnsproxy.wire import parse_query
 
 PLUGIN = Path(__file__).with_name("stepsplugin.py")
 KID, PARENT = "127.0.0.2", "127.0.0.3"
@@ -316,8 +318,20 @@ async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
     assert len(server.packets.entries) == 2
     off = make_server(tmp_path, HOSTS, "packet_cache_size = 0")
     assert off.packets is None and address(ask(off, "printer.lan")) == "192.0.2.7"
-    with pytest.raises(ConfigError, match="packet_cache_size"):
-        make_server(tmp_path, HOSTS, "packet_cache_size = -1")
+    for bad in (-1, 10_000_001):
+        with pytest.raises(ConfigError, match="packet_cache_size"):
+            make_server(tmp_path, HOSTS, f"packet_cache_size = {bad}")
+
+
+def test_the_client_views_are_bounded_by_the_size(tmp_path):
+    """A view per client address is kept (`PacketCache._view`): as many addresses as
+    entries at most, so a spread of clients cannot grow the table without end."""
+    server = make_server(tmp_path, HOSTS, "packet_cache_size = 2")
+    assert server.packets is not None
+    for i in range(1, 6):
+        assert address(ask(server, "printer.lan", client=f"127.0.0.{i}")) == "192.0.2.7"
+        assert len(server.packets.views) <= 2
+    assert hits(server) == 4  # one view for all: the first answer replayed to the others
 
 
 def test_a_full_cache_keeps_most_of_a_set_cycled_past_its_size(tmp_path):
@@ -616,6 +630,24 @@ async def test_a_query_with_a_client_identifier_is_left_to_the_chain(tmp_path):
     for _ in range(3):
         server.handle(wire, ("127.0.0.1", 1), "tls", out.append, "kid")
     assert len(out) == 3 and hits(server) == 0 and server.stats.queries == 3
-    ask(server, "printer.lan", transport="tls")
-    ask(server, "printer.lan", transport="tls")
+    assert server.packets is not None and not server.packets.entries
+    for _ in range(2):  # the same bytes without the id: the first one is not a replay
+        server.handle(wire, ("127.0.0.1", 1), "tls", out.append)
     assert hits(server) == 1
+
+
+def test_a_store_after_a_change_uses_the_view_of_now(tmp_path):
+    """A change (here a list reload) between the lookup of a client's view and the store:
+    the entry is keyed by the view worked out after it, never by the one from before."""
+    server = make_server(tmp_path, '[[chain]]\nplugin = "purestatic"\n')
+    packets = server.packets
+    assert packets is not None
+    q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
+    reply = server.chain.start(q)
+    out = finalize(reply, q, server.edns_udp_size)  # type: ignore[arg-type]
+    packets.views[("127.0.0.1", "udp")] = b"u\xff\xff\xff\xff"  # a view from before
+    server.chain.generation += 1  # what `Step.changed` does
+    packets.store(q, reply, out)  # type: ignore[arg-type]
+    fresh = packets.views[("127.0.0.1", "udp")]
+    assert fresh != b"u\xff\xff\xff\xff"
+    assert [key[: len(fresh)] for key in packets.entries] == [fresh]

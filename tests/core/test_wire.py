@@ -263,7 +263,9 @@ def test_derive_asks_another_question_for_the_client():
     msg.flags |= dns.flags.CD
     q = parse_query(msg.to_wire(), CLIENT, "tcp")
     q.trace = []
+    q.client_id, q.who, q.received = "kid", object(), 12.5
     sub = q.derive(wire.name_to_key("other.example"), wire.AAAA)
+    assert (sub.client_id, sub.who, sub.received) == ("kid", q.who, 12.5)  # the same client
     assert (sub.id, sub.flags, sub.client, sub.transport) == (q.id, q.flags, CLIENT, "tcp")
     assert sub.key == wire.name_to_key("other.example") and sub.qtype == wire.AAAA
     assert (sub.udp_size, sub.do, sub.edns_options) == (4096, True, ((65001, b"xy"),))
@@ -280,7 +282,9 @@ def test_derive_own_is_the_proxys_query():
     msg.flags = dns.flags.CD
     q = parse_query(msg.to_wire(), CLIENT, "udp")
     q.note("client", True)
+    q.client_id, q.who = "kid", object()
     own = q.derive(own=True)
+    assert (own.client_id, own.who) == ("kid", q.who)  # a refresh is scoped as the client
     assert own.id == 0 and own.flags == wire.RD | wire.CD and own.transport == "internal"
     assert own.qname == q.key and own.qtype == q.qtype and own.do and own.edns_options == ()
     assert own.notes is None and own.trace is None
