@@ -119,7 +119,6 @@ class Certs:
 
 
 ENCRYPTED = frozenset(("tls", "https"))  # the transports `stream_options` applies to
-PADDING_OPTION = 12  # RFC 7830
 KEEPALIVE_OPTION = 11  # RFC 7828
 PADDING_BLOCK = 468  # RFC 8467 §4.1: responses padded to a multiple of 468 octets
 
@@ -133,14 +132,14 @@ def stream_options(out: bytes, q: Query, idle: float) -> bytes:
     extra = b""
     if KEEPALIVE_OPTION in codes and q.transport == "tls":
         extra = wire.edns_option(KEEPALIVE_OPTION, struct.pack("!H", min(int(idle * 10), 65535)))
-    if PADDING_OPTION not in codes and not extra:
+    if wire.PADDING_OPTION not in codes and not extra:
         return out
     opt = _last_opt(out)
     if opt is None:
         return out
-    if PADDING_OPTION in codes:
+    if wire.PADDING_OPTION in codes:
         pad = -(len(out) + len(extra) + 4) % PADDING_BLOCK
-        extra += wire.edns_option(PADDING_OPTION, bytes(pad))
+        extra += wire.edns_option(wire.PADDING_OPTION, bytes(pad))
     rdlen = struct.unpack_from("!H", out, opt + 9)[0] + len(extra)
     if rdlen > 65535 or len(out) + len(extra) > 65535:
         return out
