@@ -148,6 +148,7 @@ class Hosts(Step):
             self.log.warning("%s: %s", setup.where, warning)
         self.answers = 0
         self.reloads = 0
+        self.load_failures = 0  # re-reads that failed (the previous table kept)
 
     def _load(self) -> Table:
         """Read every file and the entries into a new table. Raises HostsError."""
@@ -207,6 +208,7 @@ class Hosts(Step):
         try:
             table = self._load()
         except HostsError as exc:
+            self.load_failures += 1
             self.log.error("%s: %s; keeping the previous table", self.setup.where, exc)
             return
         for warning in table.warnings:
@@ -237,6 +239,7 @@ class Hosts(Step):
             Metric("entries", self.table.size, "gauge"),
             Metric("answers", self.answers),
             Metric("reloads", self.reloads),
+            Metric("load_failures", self.load_failures),
         ]
 
 

@@ -151,6 +151,8 @@ async def test_unreadable_file_keeps_previous_table(tmp_path, hosts_file, nurser
             await trio.sleep(0.02)
     _, msg = await ask(step, "www.example.org")
     assert rdatas(msg) == ["192.0.2.10"]
+    metrics = {m.name: m.value for m in step.metrics()}
+    assert metrics["load_failures"] >= 1 and metrics["reloads"] == 0
 
 
 @pytest.mark.parametrize(
@@ -177,4 +179,4 @@ def test_metrics(tmp_path, hosts_file):
     step = make(tmp_path)
     step.query(make_query("www.example.org"))
     values = {m.name: m.value for m in step.metrics()}
-    assert values == {"entries": 9, "answers": 1, "reloads": 0}
+    assert values == {"entries": 9, "answers": 1, "reloads": 0, "load_failures": 0}
