@@ -10,8 +10,15 @@ for every server) and its own user time. This prints both, per query, for:
 - ``echo (blocking)``: Python doing no DNS work at all, ``recvfrom`` then ``sendto`` of
   the query turned into an empty answer;
 - ``echo (trio)``: the same inside a Trio loop shaped like dnsproxy's UDP listener;
+- ``replay (trio)``: the least a packet cache does per hit: the key (the query after
+  its ID, the name lower-cased), one dict lookup, the stored answer joined to the query's
+  ID and question, sent; a missing key is fetched from the upstream once (the warm-up);
 - ``relay (trio)``: forwarding with no DNS work: a fresh connected random-port socket per
   query in a private epoll set, as ``dnsproxy.udpclient`` does (RFC 5452);
+- ``forwarder (trio)``: the relay plus the least DNS work a correct forwarder does per
+  miss: read the question (one, uncompressed), a random ID from a pool, accept only a
+  response with that ID and the same question (RFC 5452 §9.1), and answer with the
+  client's ID and question (its case);
 - dnsproxy: cache only, the full default chain, and forward only.
 
 Servers run on CPU 0; dnsperf (200 outstanding) and nsd on CPU 1. CPU times come from
@@ -125,6 +132,81 @@ async def serve_relay(port: int, upstream_port: int) -> None:
         await each_datagram(listener, forward)
 
 
+async def serve_replay(port: int, upstream_port: int) -> None:
+    """Answer each query from a dict of stored answers keyed like dnsproxy's packet cache."""
+    listener = listening(port)
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.connect(("127.0.0.1", upstream_port))
+    upstream.settimeout(2)
+    stored: dict[bytes, tuple[bytes, int, bytes]] = {}  # key: (flags and counts, qend, tail)
+
+    def answer(data: bytes, client: tuple[str, int]) -> None:
+        end = data.find(0, 12)
+        if end < 0:
+            return
+        key = data[2:end].lower() + data[end:]
+        e = stored.get(key)
+        if e is None:  # fetched once, blocking: only the warm-up takes this path
+            upstream.send(data)
+            out = upstream.recv(65535)
+            e = stored[key] = (out[2:12], end + 1, out[end + 1 :])
+        head, qend, tail = e
+        listener.sendto(b"".join((data[:2], head, data[12:qend], tail)), client)
+
+    await each_datagram(listener, answer)
+
+
+async def serve_forwarder(port: int, upstream_port: int) -> None:
+    """The relay, plus the question read, a pooled random ID and the response matched."""
+    upstream = ("127.0.0.1", upstream_port)
+    listener = listening(port)
+    ready = select.epoll()
+    ids: list[int] = []
+    pending: dict[int, tuple[socket.socket, int, bytes, bytes, tuple[str, int]]] = {}
+
+    async def replies() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(ready.fileno())
+            for fd, _ in ready.poll(0, 256):
+                entry = pending[fd]
+                sock, msg_id, query, question, client = entry
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    continue
+                qend = 12 + len(question)
+                if (
+                    len(data) < qend
+                    or int.from_bytes(data[:2], "big") != msg_id
+                    or not data[2] & 0x80
+                    or data[4:6] != b"\x00\x01"
+                    or data[12:qend].lower() != question
+                ):
+                    continue  # not the response: keep waiting
+                del pending[fd]
+                sock.close()
+                listener.sendto(b"".join((query[:2], data[2:12], query[12:qend], data[qend:])),
+                                client)  # fmt: skip
+
+    def forward(data: bytes, client: tuple[str, int]) -> None:
+        end = data.find(0, 12)
+        if end < 0 or data[4:6] != b"\x00\x01":
+            return
+        question = data[12 : end + 5].lower()
+        if not ids:
+            ids.extend(memoryview(secrets.token_bytes(1024)).cast("H"))
+        msg_id = ids.pop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.connect(upstream)
+        sock.send(msg_id.to_bytes(2, "big") + data[2:])
+        pending[sock.fileno()] = (sock, msg_id, data, question, client)
+        ready.register(sock.fileno(), select.EPOLLIN)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replies)
+        await each_datagram(listener, forward)
+
+
 def start_floor(kind: str, upstream_port: int = 0) -> Process:
     port = free_port()
     return launch(
@@ -164,6 +246,10 @@ def main() -> None:
             serve_blocking(port)
         elif kind == "echo (trio)":
             trio.run(serve_trio, port)
+        elif kind == "replay (trio)":
+            trio.run(serve_replay, port, upstream)
+        elif kind == "forwarder (trio)":
+            trio.run(serve_forwarder, port, upstream)
         else:
             trio.run(serve_relay, port, upstream)
         return
@@ -178,10 +264,12 @@ def main() -> None:
             ("hits", "dnsmasq", ["--cache-size=10000", *dnsmasq_args]),
             ("hits", "echo (blocking)", []),
             ("hits", "echo (trio)", []),
+            ("hits", "replay (trio)", []),
             ("hits", "dnsproxy: cache, forward", ["cache", "forward"]),
             ("hits", "dnsproxy: full default chain", FULL_CHAIN),
             ("misses", "dnsmasq --cache-size=0", ["--cache-size=0", *dnsmasq_args]),
             ("misses", "relay (trio)", []),
+            ("misses", "forwarder (trio)", []),
             ("misses", "dnsproxy: forward", ["forward"]),
         ]
         try:
