@@ -139,11 +139,17 @@ def prefix_of(v4: int, v6: int) -> Callable[[str], str]:
     return prefix
 
 
-def _bind(addr: Address, kind: socket.SocketKind) -> socket.socket:
+def bind_socket(
+    addr: Address, kind: socket.SocketKind, *, reuseport: bool = False
+) -> socket.socket:
+    """A non-blocking socket bound to a listen address (``reuseport``: one of a group
+    sharing it, `workers.bind_group`)."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_DGRAM:
@@ -156,9 +162,14 @@ def _bind(addr: Address, kind: socket.SocketKind) -> socket.socket:
     return sock
 
 
-def _listen(addr: Address, backlog: int = 512) -> socket.socket:
-    tcp = _bind(addr, socket.SOCK_STREAM)
-    tcp.listen(backlog)
+def listen_socket(addr: Address, backlog: int = 512, *, reuseport: bool = False) -> socket.socket:
+    """A listening TCP socket (`bind_socket`)."""
+    tcp = bind_socket(addr, socket.SOCK_STREAM, reuseport=reuseport)
+    try:
+        tcp.listen(backlog)
+    except OSError:
+        tcp.close()
+        raise
     return tcp
 
 
@@ -192,7 +203,11 @@ def prebind(path: Path, doc: dict[str, Any], sc: ServerConfig, sockets: Sockets)
         if (kind, addr) in sockets:
             continue
         try:
-            sock = _bind(addr, socket.SOCK_DGRAM) if kind == "udp" else _listen(addr, backlog)
+            sock = (
+                bind_socket(addr, socket.SOCK_DGRAM)
+                if kind == "udp"
+                else listen_socket(addr, backlog)
+            )
         except OSError as exc:
             sockets.close_all()
             raise ConfigError(f"{name}: cannot bind {kind} {addr}: {exc.strerror}") from exc
@@ -213,10 +228,13 @@ class Server:
         loaded: Loaded | None = None,
         sockets: Sockets | None = None,
         notifier: Notifier | None = None,
+        secret: bytes | None = None,
     ) -> None:
         """``sockets``: listeners opened before (socket activation, or bound as root
         before the privilege drop: `prebind`); ``run`` binds the others itself.
         ``notifier``: where to report READY/RELOADING/STOPPING (systemd ``Type=notify``).
+        ``secret``: the server's secret (`Shared.secret`; random if not given), which a
+        worker process is given by its supervisor: one secret for the whole instance.
 
         ``freeze_gc``: exempt long-lived objects from the garbage collector
         (`gc.freeze`), for a process that is nothing but this server (``dnsproxy run``).
@@ -235,7 +253,7 @@ class Server:
         self.notifier = notifier or Notifier(None)
         self.config, self.registry, self.pm = loaded or load(self.path)
         self.blocking = Blocking()  # user intent, not config: survives reloads
-        self.shared = Shared()  # this server's long-lived objects (parsed lists): survive reloads
+        self.shared = Shared(secret)  # long-lived objects (parsed lists), secret: survive reloads
         self.clients = Clients(self.config.clients)  # names and groups; PTR cache survives reloads
         self.services: list[Any] = []  # the services of [http]-like tables, built by run()
         self.chain = build_chain(
@@ -816,9 +834,9 @@ class Server:
         try:
             for addr in self._dns_listeners():
                 if not addr.encrypted:
-                    udp = opened.take("udp", addr) or _bind(addr, socket.SOCK_DGRAM)
+                    udp = opened.take("udp", addr) or bind_socket(addr, socket.SOCK_DGRAM)
                     socks.append(("udp", addr, udp))
-                tcp = opened.take("tcp", addr) or _listen(addr)
+                tcp = opened.take("tcp", addr) or listen_socket(addr)
                 socks.append((addr.scheme or "tcp", addr, tcp))
         except OSError as exc:
             for _, _, s in socks:

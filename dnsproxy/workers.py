@@ -38,13 +38,20 @@ A worker that exits while the supervisor runs is logged and restarted after
 `RESTART_DELAY` on the same sockets; one that fails before it ever served (a start-up
 error) stops the whole service with a non-zero status, as one process would.
 
-The channel is a Unix stream socketpair per worker: length-prefixed pickles (both ends
-are this program). Nothing the supervisor does waits on a worker without a timeout, so a
-hung or dead worker cannot hang it; one whose channel stays full for `SEND_TIMEOUT` is
-killed (and restarted). A worker holds at most ``worker_records`` records for a supervisor
-that does not keep up, then drops (and logs) them: DNS never waits on the query log.
-Workers send no records at all when the supervisor has no observer (no query log, no
-``[http]``).
+One instance, one secret (`Shared.secret`: the keys steps derive from it, such as the
+forwarding-loop token, must be the same in every worker): the supervisor writes its
+secret as the first `SECRET_SIZE` bytes on a worker's channel before it starts the
+worker (not in argv or the environment, which other users can read in /proc), and the
+worker reads them before anything else. A reload keeps it; a restarted worker is given
+it again.
+
+The channel is a Unix stream socketpair per worker: after the secret, length-prefixed
+pickles (both ends are this program). Nothing the supervisor does waits on a worker
+without a timeout, so a hung or dead worker cannot hang it; one whose channel stays full
+for `SEND_TIMEOUT` is killed (and restarted). A worker holds at most ``worker_records``
+records for a supervisor that does not keep up, then drops (and logs) them: DNS never
+waits on the query log. Workers send no records at all when the supervisor has no
+observer (no query log, no ``[http]``).
 """
 
 from __future__ import annotations
@@ -70,8 +77,9 @@ from dnsproxy.chain import Metric, Setup
 from dnsproxy.config import Address, ServerConfig, ServiceConfig, worker_count
 from dnsproxy.errors import ConfigError, Drop, Reject
 from dnsproxy.reply import Reply
-from dnsproxy.server import UDP_RCVBUF, Server, Stats
+from dnsproxy.server import Server, Stats, bind_socket, listen_socket
 from dnsproxy.service import Sockets
+from dnsproxy.shared import SECRET_SIZE
 from dnsproxy.wire import Query, parse_query
 
 log = logging.getLogger("dnsproxy")
@@ -89,6 +97,7 @@ SEND_TIMEOUT = 1.0  # seconds a message to one worker may wait for room in its c
 RELOAD_TIMEOUT = 30.0  # seconds SIGHUP waits for the workers to have reloaded
 STOP_TIMEOUT = 4.0  # seconds workers get to stop before they are killed
 RESTART_DELAY = 1.0  # seconds before a worker that exited is started again
+SECRET_TIMEOUT = 5.0  # seconds a worker waits for its secret (written before it started)
 FRAME = struct.Struct("!I")
 
 Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
@@ -120,22 +129,13 @@ def attach_steering(sock: socket.socket, workers: int) -> None:
 
 def bind_group(addr: Address, kind: str, workers: int) -> list[socket.socket]:
     """``workers`` sockets sharing ``addr`` (``kind``: "udp" or "tcp"), steered by client."""
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     socks: list[socket.socket] = []
     try:
-        for _ in range(workers):
-            sock = socket.socket(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for _ in range(workers):  # a TCP socket joins its group at listen(): in this order
             if kind == "udp":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-            sock.bind((addr.host, addr.port))
-            if kind == "tcp":
-                sock.listen(512)  # a TCP socket joins its group here: in this order
-            sock.setblocking(False)
+                socks.append(bind_socket(addr, socket.SOCK_DGRAM, reuseport=True))
+            else:
+                socks.append(listen_socket(addr, reuseport=True))
         attach_steering(socks[0], workers)
     except OSError:
         for sock in socks:
@@ -286,6 +286,22 @@ class Report:
         return value + self.offset.get(key, 0.0)
 
 
+def receive_secret(sock: socket.socket) -> bytes | None:
+    """The secret the supervisor wrote first on the (blocking) channel ``sock``; None if
+    the channel closed or `SECRET_TIMEOUT` passed before all `SECRET_SIZE` bytes came."""
+    sock.settimeout(SECRET_TIMEOUT)
+    secret = b""
+    try:
+        while len(secret) < SECRET_SIZE:
+            chunk = sock.recv(SECRET_SIZE - len(secret))
+            if not chunk:
+                return None
+            secret += chunk
+    except OSError:  # the timeout included
+        return None
+    return secret
+
+
 # --- the worker ---------------------------------------------------------------------------
 
 
@@ -404,13 +420,19 @@ def worker_main(argv: list[str]) -> int:
         sock.setblocking(False)
         sockets.add(kind, sock, Address.parse(text))
     link = socket.socket(fileno=link_fd)
+    secret = receive_secret(link)
+    if secret is None:
+        log.error("no secret from the supervisor (channel closed, or %g s passed)", SECRET_TIMEOUT)
+        return 1
     try:
         loaded = load(path)
     except ConfigError as exc:
         for line in exc.lines:
             log.error("%s", line)
         return 1
-    worker = Worker(path, index, link, freeze_gc=True, loaded=loaded, sockets=sockets)
+    worker = Worker(
+        path, index, link, freeze_gc=True, loaded=loaded, sockets=sockets, secret=secret
+    )
     trio.run(worker.run)
     return 0
 
@@ -525,6 +547,7 @@ class Supervisor(Server):
     async def _run_worker(self, child: Child, task_status: Any) -> int:
         assert self.groups is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.sendall(self.shared.secret)  # first, and into an empty buffer: never blocks
         specs, fds = [], [theirs.fileno()]
         for kind, addr, socks in self.groups:
             fd = socks[child.index].fileno()

@@ -34,7 +34,7 @@ from dnsproxy.wire import Query
 from . import transport
 from .ask import Ask, Done, Health, Race
 from .bootstrap import needs_bootstrap, resolve_host
-from .loop import LOOP_KEY_TABLE, LoopKey, loop_marker
+from .loop import LOOP_KEY_USE, LoopKey, loop_marker
 from .transport import own_listener, plain
 
 BACKED_OFF = "backed off"
@@ -120,8 +120,8 @@ class Forward(Step):
         self._loop_logged = -1e9
         self._rr = 0
         self._rand = random.Random()
-        # The server's loop secret: every forward step of a server (and its reloads) shares it.
-        self.loop_key: LoopKey = setup.shared.weak(LOOP_KEY_TABLE).setdefault(None, LoopKey())
+        # The server's loop key: every forward step of a server (its reloads, its workers) has it.
+        self.loop_key = LoopKey(setup.shared.key(LOOP_KEY_USE))
 
     def _system(self, setup: Setup) -> list[Upstream]:
         found = [h for h in transport.system_nameservers() if not own_listener(h, 53, setup)]

@@ -2,33 +2,34 @@
 
 Each dnsproxy on a path appends its token to the option (local-use range, RFC 6891 §9); a
 query carrying our own token has looped. The token is a keyed hash of the question under
-a per-server secret (`LoopKey`, one per `setup.shared`), so a client cannot make one up,
-one seen by an upstream is good for that question only, and a second server in the same
-process forwarding to this one is a hop, not a loop.
+the server's key for this use (`LoopKey`, from ``setup.shared.key``), so a client cannot
+make one up, one seen by an upstream is good for that question only, a second server in
+the same process forwarding to this one is a hop, not a loop, and the workers of one
+server (``workers = N``) know each other's tokens: a loop through two of them is caught
+at its first return.
 """
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 
 from dnsproxy.wire import QTYPE_CLASS, Query, edns_option
 
 LOOP_OPTION = 65053
 TOKEN_SIZE = 8
 MAX_HOPS = 8
-LOOP_KEY_TABLE = "forward.loop_key"  # the `Shared.weak` table holding the server's LoopKey
+LOOP_KEY_USE = "forward.loop"  # the name of the loop key, `Shared.key`
 OUR_HOP = QTYPE_CLASS.pack(LOOP_OPTION, TOKEN_SIZE)  # the option's header for our token alone
 
 
 class LoopKey:
-    """One server's secret, as a keyed hash with the key already absorbed: only ever
+    """A server's loop key, as a keyed hash with the key already absorbed: only ever
     copied, never updated itself (a copy costs a third of keying a new one)."""
 
-    __slots__ = ("__weakref__", "keyed")
+    __slots__ = ("keyed",)
 
-    def __init__(self) -> None:
-        self.keyed = hashlib.blake2b(key=secrets.token_bytes(16), digest_size=TOKEN_SIZE)
+    def __init__(self, key: bytes) -> None:
+        self.keyed = hashlib.blake2b(key=key, digest_size=TOKEN_SIZE)
 
 
 def loop_token(q: Query, key: LoopKey) -> bytes:

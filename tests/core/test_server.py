@@ -14,10 +14,12 @@ import dns.opcode
 import dns.rcode
 import pytest
 import trio
+from dnsproxy.plugins.forward import loop
 
 from dnsproxy import config
 from dnsproxy.errors import ConfigError
 from dnsproxy.server import Server
+from dnsproxy.testing import make_query
 
 PLUGIN = Path(__file__).with_name("stepsplugin.py")
 
@@ -357,6 +359,30 @@ async def test_error_policy_over_udp(tmp_path, nursery):
     assert server.stats.dropped == 2
     sock.close()
     server.stop()
+
+
+FORWARD = '[[chain]]\nplugin = "forward"\nupstreams = ["192.0.2.53"]\n'
+
+
+def loop_token(server: Server) -> bytes:
+    return loop.loop_token(make_query("t.example.org"), server.chain.steps[0].loop_key)
+
+
+async def test_servers_given_one_secret_make_one_loop_token_across_reloads(tmp_path, nursery):
+    """Servers given one secret (the workers of one instance) make the same loop token,
+    servers of their own secret each another; a reload keeps the secret."""
+    path = write_config(tmp_path, FORWARD)
+    one, two = (Server(path, handle_signals=False, secret=b"s" * 32) for _ in range(2))
+    others = [Server(path, handle_signals=False) for _ in range(2)]
+    assert loop_token(one) == loop_token(two)
+    assert len({loop_token(one), *map(loop_token, others)}) == 3
+    await nursery.start(one.run)
+    step = one.chain.steps[0]
+    path.write_text(path.read_text() + "timeout = 1.0\n")  # a changed step: a new one
+    with trio.fail_after(5):
+        assert await one.reload()
+    assert one.chain.steps[0] is not step and loop_token(one) == loop_token(two)
+    one.stop()
 
 
 async def test_reload_swaps_chain_and_keeps_old_on_error(tmp_path, nursery):

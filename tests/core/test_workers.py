@@ -10,6 +10,7 @@ import pickle
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 import dns.message
@@ -21,6 +22,7 @@ from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
 from dnsproxy.reply import Reply
 from dnsproxy.service import Sockets
+from dnsproxy.shared import SECRET_SIZE
 from dnsproxy.wire import name_to_key, parse_query
 from tests.conftest import free_port
 
@@ -373,3 +375,38 @@ async def test_a_worker_carries_out_each_supervisor_request(tmp_path):
             assert flushed == [True] and worker.chain is not old
             await supervisor.aclose()
     assert worker._stop.is_set()
+
+
+async def test_a_worker_reads_exactly_the_secret_before_the_channel():
+    """The supervisor's secret comes first on the channel (here in two pieces); the
+    worker takes exactly those bytes, and the channel's messages follow intact."""
+    ours, theirs = socket.socketpair()
+    secret = os.urandom(SECRET_SIZE)
+    ours.sendall(secret[:5])
+    ours.sendall(secret[5:])
+    supervisor = workers.Link(ours)
+    await supervisor.send(("ready", 1))
+    assert workers.receive_secret(theirs) == secret
+    worker = workers.Link(theirs)
+    with trio.fail_after(5):
+        assert await worker.receive() == ("ready", 1)
+    await supervisor.aclose()
+    await worker.aclose()
+
+
+@pytest.mark.parametrize("sent", [b"", b"short"])
+def test_a_worker_waits_for_its_secret_at_most_secret_timeout(monkeypatch, sent):
+    """No secret, or part of one: None after SECRET_TIMEOUT (the worker exits with 1);
+    a channel closed before the whole secret came: None at once."""
+    monkeypatch.setattr(workers, "SECRET_TIMEOUT", 0.2)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(sent)
+        began = time.monotonic()
+        assert workers.receive_secret(theirs) is None
+        assert 0.19 <= time.monotonic() - began < 2
+        ours.sendall(sent)
+        ours.shutdown(socket.SHUT_WR)
+        began = time.monotonic()
+        assert workers.receive_secret(theirs) is None
+        assert time.monotonic() - began < 0.1

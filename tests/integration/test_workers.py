@@ -448,3 +448,64 @@ def test_list_refresh_and_cache_page_cover_every_worker(make_proxy, tmp_path: Pa
         until(lambda: answers("tracker.example.test") == {"0.0.0.0"}, 5)
     finally:
         lists.shutdown()
+
+
+# Every query to the relay, which forwards everything back: a forwarding loop.
+TO_RELAY = (
+    WORKERS_AND_HTTP
+    + """
+[[chain]]
+plugin = "forward"
+upstreams = ["127.0.0.1:RELAY_PORT"]
+"""
+)
+
+RELAY = """
+[server]
+listen = ["127.0.0.1:RELAY_PORT"]
+
+[http]
+listen = "127.0.0.1:HTTP_PORT"
+
+[[chain]]
+plugin = "forward"
+upstreams = ["127.0.0.1:PROXY_PORT"]
+"""
+
+
+def test_a_loop_through_both_workers_is_caught_at_its_first_return(
+    make_proxy, tmp_path: Path
+) -> None:
+    """The workers are one proxy with one loop secret, also after a reload and in a
+    restarted worker. A client's query reaches worker 0, which forwards it to a relay;
+    the relay sends it back from 127.0.0.1, to worker 1, which knows the token worker 0
+    put on it: the query went round once. (With a secret per worker, worker 1 would add
+    its own token and forward it again, and the relay would catch the loop.)"""
+    http, relay_port, relay_http = free_port(), free_port(), free_port()
+    text = TO_RELAY.replace("HTTP_PORT", str(http)).replace("RELAY_PORT", str(relay_port))
+    proxy = make_proxy(text, wait_for=READY)
+    relay_text = RELAY.replace("RELAY_PORT", str(relay_port)).replace("HTTP_PORT", str(relay_http))
+    relay = make_proxy(relay_text.replace("PROXY_PORT", str(proxy.port)))
+    client = "127.0.0.2"  # worker 0 (127.0.0.i reaches worker i % 2); 127.0.0.1: worker 1
+
+    def counts(port: int) -> tuple[float, float]:
+        """Loops caught and queries forwarded (summed over the workers of a proxy)."""
+        m = metrics(port)
+        return m["dnsproxy_forward_loops_total"], m["dnsproxy_forward_upstream_queries_total"]
+
+    def loop_caught(n: int) -> None:
+        """Query n goes round once: the relay forwards it once and catches no loop."""
+        assert proxy.ask(f"q{n}.loop.test", source=client).rcode() == dns.rcode.SERVFAIL
+        assert counts(relay_http) == (0, n)
+
+    loop_caught(1)
+    assert counts(http) == (1, 1)  # the proxy forwarded it once, worker 1 caught it
+    assert "worker 1: forwarding loop: q1.loop.test" in proxy.log()
+    proxy.signal(signal.SIGHUP)
+    until(lambda: "worker 0: reloaded" in proxy.log() and "worker 1: reloaded" in proxy.log())
+    loop_caught(2)
+    pids = worker_pids(proxy)
+    os.kill(pids[1], signal.SIGKILL)
+    until(lambda: worker_pids(proxy)[1] != pids[1])
+    loop_caught(3)
+    assert "forwarding loop" not in relay.log()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dnsproxy import wire
 from dnsproxy.errors import ConfigError, UpstreamError
 from dnsproxy.reply import Reply, finalize
-from dnsproxy.shared import Shared
+from dnsproxy.shared import SECRET_SIZE, Shared
 from dnsproxy.testing import build_step, chain_of, make_query, run_chain
 from tests.fakeupstream import FakeUpstream
 
@@ -92,20 +92,49 @@ async def test_client_supplied_marker_is_not_a_loop(nursery, hops):
     assert len(sent) <= loop.MAX_HOPS * loop.TOKEN_SIZE and len(sent) % 8 == 0
 
 
+def hop_token(step) -> bytes:
+    """The loop token ``step`` puts on h.example.org."""
+    return loop.loop_token(make_query("h.example.org"), step.loop_key)
+
+
 async def test_loop_key_is_per_server(nursery):
-    """The steps of one server share its loop secret; a second server in the same process
+    """The steps of one server share its loop key; a second server in the same process
     has its own, so its forwarded query is a hop to this one, not a loop."""
     up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
     shared = Shared()
     first = build_step("forward", {"upstreams": [up.addr]}, shared=shared)
     second = build_step("forward", {"upstreams": [up.addr]}, shared=shared)
     other = build_step("forward", {"upstreams": [up.addr]})
-    assert first.loop_key is second.loop_key and other.loop_key is not first.loop_key
-    hop = loop.loop_token(make_query("h.example.org"), other.loop_key)
-    marker = dns.edns.GenericOption(loop.LOOP_OPTION, hop)
+    assert hop_token(first) == hop_token(second) != hop_token(other)
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, hop_token(other))
     with trio.fail_after(5):
         reply = await run_chain([first], make_query("h.example.org", options_=[marker]))
     assert reply.rcode == wire.NOERROR and first.loops == 0
+
+
+async def test_one_secret_one_loop_key(nursery):
+    """Stores given one secret (the worker processes of one server) make the same token,
+    so a query another worker marked is a loop here; default secrets all differ."""
+    up = await start(nursery, [{"answer": ["{qname} 300 IN A 192.0.2.1"]}])
+    shared = Shared()
+    here = build_step("forward", {"upstreams": [up.addr]}, shared=shared)
+    worker = build_step("forward", {"upstreams": [up.addr]}, shared=Shared(shared.secret))
+    stranger = build_step("forward", {"upstreams": [up.addr]}, shared=Shared(b"x" * 32))
+    assert hop_token(worker) == hop_token(here) != hop_token(stranger)
+    assert len({Shared().secret for _ in range(100)}) == 100
+    marker = dns.edns.GenericOption(loop.LOOP_OPTION, hop_token(worker))
+    with trio.fail_after(5):
+        reply = await run_chain([here], make_query("h.example.org", options_=[marker]))
+    assert reply.rcode == wire.SERVFAIL and here.loops == 1 and up.seen == []
+
+
+def test_keys_of_one_secret_differ_by_use():
+    """A plugin's key tells nothing of another's: each is a keyed hash of its use's name."""
+    shared = Shared()
+    assert shared.key("forward.loop") == Shared(shared.secret).key("forward.loop")
+    assert shared.key("forward.loop") != shared.key("other.use") != shared.secret
+    assert shared.key("forward.loop") != Shared().key("forward.loop")
+    assert len(shared.key("x", 16)) == 16 and len(shared.secret) == SECRET_SIZE
 
 
 async def test_loop_servfail_is_not_cached(nursery):
