@@ -285,6 +285,14 @@ class Report:
         self.last[key] = value
         return value + self.offset.get(key, 0.0)
 
+    def restarted(self) -> None:
+        """A new process took over: every count it reports adds to the old one's last.
+        (The drop alone would miss a restart whose counts grew past the old ones before
+        the next report.)"""
+        for key, value in self.last.items():
+            self.offset[key] = self.offset.get(key, 0.0) + value
+        self.last.clear()
+
 
 def receive_secret(sock: socket.socket) -> bytes | None:
     """The secret the supervisor wrote first on the (blocking) channel ``sock``; None if
@@ -563,6 +571,8 @@ class Supervisor(Server):
         finally:
             theirs.close()
         child.process, child.link = process, Link(ours)
+        child.report.restarted()
+        child.latest = None  # the old process's counts are in the report's offsets now
         try:
             while True:
                 message = await child.link.receive()

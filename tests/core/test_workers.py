@@ -193,6 +193,17 @@ def test_worker_counters_stay_monotonic_across_a_restart():
     assert report.monotonic(("core", "tcp_connections"), 1, False) == 1  # a gauge may drop
 
 
+def test_a_restart_adds_the_new_process_counts_to_the_old_ones():
+    report = workers.Report()
+    assert report.monotonic(("core", "queries"), 5, True) == 5
+    report.restarted()
+    assert report.monotonic(("core", "queries"), 9, True) == 14  # counted past 5 already
+    assert report.monotonic(("core", "queries"), 10, True) == 15
+    report.restarted()
+    assert report.monotonic(("core", "tcp_connections"), 3, False) == 3  # gauges are as is
+    assert report.monotonic(("core", "queries"), 1, True) == 16
+
+
 def test_a_record_replays_as_the_worker_observed_it():
     q = dns.message.make_query("Printer.LAN", "AAAA")
     reply = Reply(b"\x00" * 12, ede=((18, "x"),), source="hosts")
