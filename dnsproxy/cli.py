@@ -255,6 +255,7 @@ async def _query(path: Path, name: str, type_text: str, client: str = "127.0.0.1
         raise ConfigError(f"bad name {name!r}: {exc}") from exc
     cfg, registry, pm = load(path)
     server = Server(path, handle_signals=False, loaded=(cfg, registry, pm))
+    await server.clients.update()  # the IPv6 neighbours too, as the server's first pass
     found = server.clients.address_of(client)
     if found is None:
         raise ConfigError(f"--client: {client!r} is neither an address nor a known client name")

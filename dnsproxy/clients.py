@@ -4,7 +4,9 @@ A client is named by the ``[clients]`` table (name -> addresses, networks, MAC a
 DoT/DoH client ids ``id:NAME``), by ``/etc/hosts``-style files, by DHCP lease files
 (dnsmasq, ISC dhcpd, Kea CSV; the format is recognised from the content), and by reverse
 (PTR) lookups to a LAN resolver. MAC addresses come from the leases and the kernel's
-neighbour table (``/proc/net/arp``). ``[groups]`` gathers declared names and networks.
+neighbour tables: ``/proc/net/arp`` for IPv4 and, on Linux, an rtnetlink dump for IPv6
+(SLAAC privacy addresses change daily: the MAC is what names such a client).
+``[groups]`` gathers declared names and networks.
 
 `Clients` is owned by the server and survives reloads (its PTR cache). Per query it is
 one dictionary lookup, address (and client id) -> `ClientRecord`, cached on the query
@@ -16,10 +18,15 @@ background: a client is shown by its address until its name is known.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import ipaddress
+import itertools
 import logging
+import os
 import re
+import socket
+import struct
 import time
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
@@ -48,6 +55,9 @@ _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 PTR_TIMEOUT = 2.0  # seconds one reverse lookup may take
 PTR_POLL = 0.5  # seconds between looks at the addresses waiting for a reverse lookup
+ARP = Path("/proc/net/arp")
+NETLINK_TIMEOUT = 1.0  # seconds one dump of the neighbour table may take
+NETLINK_BUFFER = 65536  # bytes per read: the kernel sends a dump in parts of at most 32 KiB
 
 
 def mac(text: str) -> str | None:
@@ -107,7 +117,8 @@ class ClientsConfig:
     groups: tuple[Group, ...] = ()
     files: tuple[Path, ...] = ()
     leases: tuple[Path, ...] = ()
-    neighbours: Path | None = Path("/proc/net/arp")
+    neighbours: Path | None = ARP
+    netlink: bool = True  # ``neighbours = "kernel"``: also the IPv6 neighbours, by rtnetlink
     ptr_resolver: tuple[str, int] | None = None
     ptr_ttl: float = 3600.0
     refresh: float = 10.0
@@ -157,10 +168,15 @@ def parse_config(file: str, base: Path, doc: Mapping[str, Any]) -> ClientsConfig
             if key in ("files", "leases"):
                 fields[key] = paths(key)
             elif key == "neighbours":
-                text = value if isinstance(value, str) else None
-                if text is None:
-                    raise TypeError('expected a path ("/proc/net/arp"; "" to not read one)')
-                fields[key] = paths(key)[0] if text else None
+                if not isinstance(value, str):
+                    raise TypeError(
+                        'expected a path ("/proc/net/arp"), "kernel" (that and the IPv6'
+                        ' neighbours) or "" (none)'
+                    )
+                if value != "kernel" and value.strip().lower() == "kernel":
+                    raise ValueError(f'{value!r}: did you mean "kernel"?')
+                fields["netlink"] = value == "kernel"
+                fields[key] = ARP if value == "kernel" else paths(key)[0] if value else None
             elif key == "ptr_resolver":
                 if not isinstance(value, str):
                     raise TypeError('expected "host:port" of a LAN resolver ("" for none)')
@@ -357,6 +373,89 @@ def parse_neighbours(text: str) -> dict[str, str]:
     return out
 
 
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/neighbour.h): a message is an
+# nlmsghdr then, for RTM_NEWNEIGH, an ndmsg and rtattrs, each padded to 4 bytes.
+_NLMSG = struct.Struct("=LHHLL")  # length, type, flags, sequence, port id
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, interface index, state, flags, type
+_RTA = struct.Struct("=HH")  # length, type
+NLMSG_ERROR, NLMSG_DONE, RTM_NEWNEIGH, RTM_GETNEIGH = 2, 3, 28, 30
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NDA_DST, NDA_LLADDR = 1, 2
+# REACHABLE, STALE, DELAY, PROBE, PERMANENT: the link-layer address is known (not
+# INCOMPLETE, FAILED, or NOARP: multicast and point-to-point entries).
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80
+_DUMP_IPV6 = _NLMSG.pack(
+    _NLMSG.size + _NDMSG.size, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+) + _NDMSG.pack(socket.AF_INET6, 0, 0, 0, 0)
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attributes(data: bytes, at: int, end: int) -> dict[int, bytes]:
+    """Type -> payload of the rtattrs in ``data[at:end]``, up to a garbled one."""
+    found: dict[int, bytes] = {}
+    while at + _RTA.size <= end:
+        size, kind = _RTA.unpack_from(data, at)
+        if size < _RTA.size or at + size > end:
+            break
+        found[kind] = data[at + _RTA.size : at + size]
+        at += _align(size)
+    return found
+
+
+def parse_netlink(data: bytes) -> tuple[dict[str, str], bool]:
+    """Address -> MAC of the usable entries in one read of an RTM_GETNEIGH dump (a state in
+    NUD_USABLE, a non-zero 6-byte MAC), and whether the dump ended: NLMSG_DONE, or a
+    truncated or garbled message (nothing after it can be trusted). OSError for
+    NLMSG_ERROR. Addresses are in the form `client_address` gives a query's client."""
+    out: dict[str, str] = {}
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, offset)[:2]
+        end = offset + length
+        if length < _NLMSG.size or end > len(data) or kind == NLMSG_DONE:
+            return out, True
+        if kind == NLMSG_ERROR:
+            code = abs(struct.unpack_from("=i", data, offset + 16)[0]) if length >= 20 else 0
+            raise OSError(code or errno.EPROTO, os.strerror(code or errno.EPROTO))
+        if kind == RTM_NEWNEIGH and length >= _NLMSG.size + _NDMSG.size:
+            state = _NDMSG.unpack_from(data, offset + _NLMSG.size)[2]
+            found = _attributes(data, offset + _NLMSG.size + _NDMSG.size, end)
+            dst, hw = found.get(NDA_DST, b""), found.get(NDA_LLADDR, b"")
+            if state & NUD_USABLE and len(dst) in (4, 16) and len(hw) == 6 and any(hw):
+                addr: IP = (ipaddress.IPv4Address if len(dst) == 4 else ipaddress.IPv6Address)(dst)
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                out[str(addr)] = hw.hex(":")
+        offset += _align(length)
+    return out, offset != len(data)
+
+
+def netlink_neighbours(limit: int) -> dict[str, str]:
+    """Address -> MAC of the kernel's IPv6 neighbour table: one RTM_GETNEIGH dump over
+    rtnetlink, at most ``limit`` entries kept and NETLINK_TIMEOUT seconds taken. It blocks
+    (briefly): run it in a thread. OSError where netlink is missing or refused."""
+    family = getattr(socket, "AF_NETLINK", None)
+    if family is None:
+        raise OSError(errno.EAFNOSUPPORT, "netlink is Linux only")
+    out: dict[str, str] = {}
+    deadline = time.monotonic() + NETLINK_TIMEOUT
+    with socket.socket(family, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(NETLINK_TIMEOUT)
+        sock.send(_DUMP_IPV6)
+        done = False
+        while not done and len(out) < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the dump took over {NETLINK_TIMEOUT:g} s")
+            sock.settimeout(left)
+            entries, done = parse_netlink(sock.recv(NETLINK_BUFFER))
+            out.update(entries)
+    return dict(itertools.islice(out.items(), limit))
+
+
 # --- the live object --------------------------------------------------------------------
 
 
@@ -373,6 +472,8 @@ class Clients:
         self._hosts: dict[str, str] = {}  # address: name, from files and leases
         self._lease_macs: dict[str, str] = {}  # MAC: name, from leases
         self._neighbours: dict[str, str] = {}  # address: MAC
+        self._netlink: dict[str, str] = {}  # address: MAC, the IPv6 neighbours by `update`
+        self._netlink_failed = False  # the last dump failed (warned of)
         self._ptr: dict[str, tuple[str | None, float]] = {}  # address: (name, expires)
         self._pending: set[str] = set()  # addresses waiting for a reverse lookup
         self._build_maps()
@@ -502,10 +603,13 @@ class Clients:
             text, fresh = self._read(path)
             changed |= fresh
             hosts.update(parse_hosts(text))
-        neighbours = self._neighbours
+        neighbours: dict[str, str] = {}  # none when not read (a reload may turn them off)
         if c.neighbours is not None and (self._by_mac or c.leases):
             neighbours = parse_neighbours(self._read(c.neighbours, always=True)[0])
-            changed |= neighbours != self._neighbours
+            if c.netlink:
+                neighbours.update(self._netlink)
+            neighbours = dict(itertools.islice(neighbours.items(), c.max_clients))
+        changed |= neighbours != self._neighbours
         now = time.monotonic()
         for addr, (_, expires) in self._ptr.items():
             if expires <= now:
@@ -514,7 +618,7 @@ class Clients:
             limit = c.max_clients
             self._hosts = dict(list(hosts.items())[:limit])
             self._lease_macs = dict(list(macs.items())[:limit])
-            self._neighbours = dict(list(neighbours.items())[:limit])
+            self._neighbours = neighbours
             self._forget()
         return changed
 
@@ -541,10 +645,32 @@ class Clients:
             nursery.start_soon(self._watch)
             nursery.start_soon(self._reverse)
 
+    async def update(self) -> bool:
+        """`refresh`, the kernel's IPv6 neighbour table read first when ``neighbours =
+        "kernel"`` and names by MAC are wanted (in a thread: the dump is a blocking read).
+        Where netlink is missing or refused: one warning, and the ARP table alone."""
+        c = self.config
+        table: dict[str, str] = {}
+        if c.netlink and (self._by_mac or c.leases):
+            try:
+                table = await trio.to_thread.run_sync(netlink_neighbours, c.max_clients)
+            except OSError as exc:
+                if not self._netlink_failed:  # warn once, until a dump works again
+                    log.warning(
+                        "clients: cannot read the IPv6 neighbour table (rtnetlink): %s;"
+                        " IPv6 clients are not named by MAC",
+                        exc.strerror or exc,
+                    )
+                self._netlink_failed = True
+            else:
+                self._netlink_failed = False
+        self._netlink = table
+        return self.refresh()
+
     async def _watch(self) -> None:
         while True:
+            await self.update()
             await trio.sleep(self.config.refresh)
-            self.refresh()
 
     async def _reverse(self) -> None:
         while True:

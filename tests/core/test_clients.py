@@ -4,11 +4,30 @@ scopes that name clients and groups."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import logging
 import os
+import random
+import socket
+import struct
 
 import pytest
+import trio
 
-from dnsproxy.clients import Clients, parse_config, parse_hosts, parse_leases, parse_neighbours
+from dnsproxy import clients as clients_module
+from dnsproxy.clients import (
+    ARP as PROC_ARP,
+)
+from dnsproxy.clients import (
+    Clients,
+    netlink_neighbours,
+    parse_config,
+    parse_hosts,
+    parse_leases,
+    parse_neighbours,
+    parse_netlink,
+)
 from dnsproxy.errors import ConfigError
 from dnsproxy.loader import build_chain, load
 from dnsproxy.testing import make_query
@@ -61,6 +80,111 @@ IP address       HW type     Flags       HW address            Mask     Device
 192.168.1.90     0x1         0x2         aa:bb:cc:dd:ee:90     *        eth0
 192.168.1.91     0x1         0x0         00:00:00:00:00:00     *        eth0
 """
+
+# An RTM_GETNEIGH dump (family AF_UNSPEC) read from the kernel (6.18) in a network namespace
+# of its own, after (veth pair v0/v1, both up):
+#   ip -6 neigh add 2001:db8::5 lladdr 02:00:00:00:00:05 dev v0 nud permanent
+#   ip -6 neigh add fe80::7 lladdr 02:00:00:00:00:07 dev v0 nud reachable
+#   ip -6 neigh add 2001:db8::8 lladdr 02:00:00:00:00:08 dev v0 nud stale
+#   ip -6 neigh add 2001:db8::9 dev v0 nud failed
+#   ip -6 neigh add 2001:db8::a dev v0 nud incomplete
+#   ip -6 neigh add 2001:db8::b lladdr 02:00:00:00:00:0b dev v0 nud noarp
+#   ip -6 neigh add 2001:db8::c lladdr 00:00:00:00:00:00 dev v0 nud permanent
+#   ip neigh add 192.0.2.7 lladdr 02:00:00:00:00:17 dev v0 nud reachable
+# plus the kernel's own ff02::16 NOARP entries on v0 and v1, then NLMSG_DONE: one read.
+NETLINK_DUMP = bytes.fromhex(
+    "4c0000001c000200070000006728000002000000030000000200000108000100c00002070a00020002000000"
+    "001700000800040000000000140003000e0000000e0000000e000000010000004c0000001c00020007000000"
+    "672800000a00000003000000200000011400010020010db80000000000000000000000090800040000000000"
+    "140003007e1700000e0000000e00000000000000580000001c00020007000000672800000a00000003000000"
+    "400000011400010020010db800000000000000000000000b0a00020002000000000b00000800040000000000"
+    "140003000e0000000e0000000e00000000000000580000001c00020007000000672800000a00000002000000"
+    "4000000514000100ff0200000000000000000000000000160a00020033330000001600000800040000000000"
+    "140003007d1700000d0000000d00000000000000580000001c00020007000000672800000a00000003000000"
+    "0200000114000100fe8000000000000000000000000000070a00020002000000000700000800040000000000"
+    "140003000f0000000f0000000f00000001000000580000001c00020007000000672800000a00000003000000"
+    "040000011400010020010db80000000000000000000000080a00020002000000000800000800040000000000"
+    "140003007e1700000e0000000e000000000000004c0000001c00020007000000672800000a00000003000000"
+    "010000011400010020010db800000000000000000000000a0800040000000000140003007e1700000e000000"
+    "0e00000000000000580000001c00020007000000672800000a00000003000000800000011400010020010db8"
+    "0000000000000000000000050a00020002000000000500000800040000000000140003000f0000000f000000"
+    "0f00000000000000580000001c00020007000000672800000a00000003000000800000011400010020010db8"
+    "00000000000000000000000c0a00020000000000000000000800040000000000140003000e0000000e000000"
+    "0e00000000000000580000001c00020007000000672800000a000000030000004000000514000100ff020000"
+    "0000000000000000000000160a00020033330000001600000800040000000000140003007d1700000d000000"
+    "0d000000000000001400000003000200070000006728000000000000"
+)
+NETLINK_USABLE = {
+    "192.0.2.7": "02:00:00:00:00:17",
+    "fe80::7": "02:00:00:00:00:07",
+    "2001:db8::8": "02:00:00:00:00:08",
+    "2001:db8::5": "02:00:00:00:00:05",
+}
+DONE = struct.pack("=LHHLLi", 20, 3, 2, 7, 0, 0)
+
+
+def neigh(dst: str, state: int, lladdr: bytes | None, family: int = socket.AF_INET6) -> bytes:
+    """One RTM_NEWNEIGH message as the kernel lays it out: nlmsghdr, ndmsg, NDA_DST and
+    NDA_LLADDR rtattrs, each padded to 4 bytes."""
+
+    def rta(kind: int, payload: bytes) -> bytes:
+        size = 4 + len(payload)
+        return struct.pack("=HH", size, kind) + payload + bytes(-size % 4)
+
+    body = struct.pack("=BxxxiHBB", family, 3, state, 0, 1)
+    body += rta(1, ipaddress.ip_address(dst).packed)
+    if lladdr is not None:
+        body += rta(2, lladdr)
+    return struct.pack("=LHHLL", 16 + len(body), 28, 2, 7, 0) + body
+
+
+def test_the_netlink_neighbour_dump_gives_the_usable_entries():
+    """REACHABLE, STALE, PERMANENT (and DELAY, PROBE) with a MAC; not FAILED, INCOMPLETE,
+    NOARP, an all-zero MAC or a link-layer address that is not a MAC."""
+    assert parse_netlink(NETLINK_DUMP) == (NETLINK_USABLE, True)
+    built = (
+        neigh("2001:db8::d", 0x08, b"\x02\0\0\0\0\x0d")  # DELAY
+        + neigh("2001:DB8:0:0:0:0:0:e", 0x10, b"\x02\0\0\0\0\x0e")  # PROBE
+        + neigh("::ffff:192.0.2.15", 0x02, b"\x02\0\0\0\0\x0f")  # as the ACL sees it
+        + neigh("2001:db8::10", 0x02, bytes(range(1, 21)))  # InfiniBand: 20 bytes
+        + neigh("2001:db8::11", 0x02, None)
+        + neigh("2001:db8::12", 0x20, b"\x02\0\0\0\0\x12")  # FAILED
+        + neigh("192.0.2.19", 0x04, b"\x02\0\0\0\0\x13", socket.AF_INET)
+    )
+    assert parse_netlink(built) == (
+        {
+            "2001:db8::d": "02:00:00:00:00:0d",
+            "2001:db8::e": "02:00:00:00:00:0e",
+            "192.0.2.15": "02:00:00:00:00:0f",
+            "192.0.2.19": "02:00:00:00:00:13",
+        },
+        False,  # no NLMSG_DONE yet: the dump goes on in the next read
+    )
+
+
+def test_a_truncated_or_garbled_netlink_dump_ends_it_without_crashing():
+    assert parse_netlink(NETLINK_DUMP[: -len(DONE)]) == (NETLINK_USABLE, False)
+    first = {"192.0.2.7": "02:00:00:00:00:17"}
+    assert parse_netlink(NETLINK_DUMP[:100]) == (first, True)  # cut inside the second
+    assert parse_netlink(NETLINK_DUMP[:76] + bytes(40)) == (first, True)  # length 0
+    assert parse_netlink(NETLINK_DUMP[:76] + b"\x01\x02\x03") == (first, True)  # a stub
+    overrun = bytearray(neigh("2001:db8::5", 0x80, b"\x02\0\0\0\0\x05"))
+    overrun[28:30] = struct.pack("=H", 200)  # NDA_DST longer than the message
+    assert parse_netlink(bytes(overrun) + DONE) == ({}, True)
+    error = struct.pack("=LHHLLi", 36, 2, 0, 7, 0, -errno.EPERM) + bytes(16)
+    with pytest.raises(OSError) as err:
+        parse_netlink(NETLINK_DUMP[:76] + error)
+    assert err.value.errno == errno.EPERM
+    rng = random.Random(5)
+    for _ in range(2000):  # flipped bytes: an answer or OSError, never another exception
+        data = bytearray(NETLINK_DUMP)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            entries, _ = parse_netlink(bytes(data))
+        except OSError:
+            continue
+        assert all(isinstance(a, str) and len(m) == 17 for a, m in entries.items())
 
 
 def test_lease_files_of_each_format_give_names_and_macs():
@@ -158,6 +282,128 @@ def test_a_rewrite_within_the_same_mtime_is_read_and_a_missing_file_warned_of_on
     assert clients.refresh() and clients.lookup("192.168.1.57").name == "back"
 
 
+def kernel(monkeypatch, tmp_path, table: dict[str, str] | None = None, arp: str = ARP):
+    """The kernel's tables substituted for ``neighbours = "kernel"``: /proc/net/arp by a
+    file, the netlink dump by ``table`` (the usable entries of NETLINK_DUMP); the calls
+    are counted."""
+    (tmp_path / "proc-arp").write_text(arp)
+    monkeypatch.setattr(clients_module, "ARP", tmp_path / "proc-arp")
+    calls: list[int] = []
+
+    def dump(limit: int) -> dict[str, str]:
+        calls.append(limit)
+        return dict(NETLINK_USABLE if table is None else table)
+
+    monkeypatch.setattr(clients_module, "netlink_neighbours", dump)
+    return calls
+
+
+def test_ipv6_clients_are_named_by_the_mac_of_the_kernel_neighbour_table(monkeypatch, tmp_path):
+    """``neighbours = "kernel"`` (the default): /proc/net/arp and the IPv6 neighbours by
+    netlink, matched in the form the listener gives a client's address (compressed)."""
+    calls = kernel(monkeypatch, tmp_path)
+    (tmp_path / "dnsmasq.leases").write_text("1718000000 02:00:00:00:00:07 192.168.1.7 phone *\n")
+    cfg, _ = config(
+        tmp_path,
+        '[clients]\nneighbours = "kernel"\nleases = ["dnsmasq.leases"]\nmax_clients = 100\n'
+        'kid = ["02:00:00:00:00:05"]\ngrandpa = ["aa:bb:cc:dd:ee:90"]\n'
+        '[groups]\nkids = ["kid"]\n',
+    )
+    clients = Clients(cfg.clients)
+    assert clients.lookup("2001:db8::5").name is None  # not read before `update`
+    assert trio.run(clients.update) and calls == [100]
+    kid = clients.lookup("2001:db8::5")
+    assert kid.name == "kid" and kid.groups == {"kids"}
+    assert clients.lookup("2001:db8:0:0:0:0:0:5") == kid
+    assert clients.record(make_query("example.org", client="2001:db8::5")) == kid
+    assert clients.lookup("fe80::7").name == "phone"  # the MAC of a lease
+    assert clients.lookup("2001:db8::9").name is None  # FAILED: no MAC
+    assert clients.lookup("192.168.1.90").name == "grandpa"  # /proc/net/arp, as before
+    assert not trio.run(clients.update)  # the same tables: nothing is rebuilt
+
+
+def test_the_ipv6_neighbours_are_read_only_for_kernel_and_when_macs_matter(monkeypatch, tmp_path):
+    calls = kernel(monkeypatch, tmp_path)
+    for body in (
+        '[clients]\nneighbours = "kernel"\nkid = ["192.168.1.5"]\n',  # no MAC, no leases
+        '[clients]\nneighbours = "proc-arp"\nkid = ["02:00:00:00:00:05"]\n',  # ARP only
+        '[clients]\nneighbours = ""\nkid = ["02:00:00:00:00:05"]\n',
+    ):
+        cfg, _ = config(tmp_path, body)
+        clients = Clients(cfg.clients)
+        trio.run(clients.update)
+        assert calls == [] and clients.lookup("2001:db8::5").name is None, body
+    cfg, _ = config(tmp_path, '[clients]\nneighbours = "kernel"\nkid = ["02:00:00:00:00:05"]\n')
+    clients = Clients(cfg.clients)
+    trio.run(clients.update)
+    assert calls == [65536] and clients.lookup("2001:db8::5").name == "kid"
+    clients.configure(
+        config(tmp_path, '[clients]\nneighbours = ""\nkid = ["02:00:00:00:00:05"]')[0].clients
+    )
+    assert clients.lookup("2001:db8::5").name is None  # a reload away from "kernel"
+
+
+def test_the_neighbour_tables_keep_max_clients_entries(monkeypatch, tmp_path):
+    table = {f"2001:db8::{i:x}": "02:00:00:00:00:05" for i in range(1, 41)}
+    kernel(monkeypatch, tmp_path, table)
+    cfg, _ = config(
+        tmp_path,
+        '[clients]\nneighbours = "kernel"\nmax_clients = 16\nkid = ["02:00:00:00:00:05"]\n',
+    )
+    clients = Clients(cfg.clients)
+    assert trio.run(clients.update)
+    # /proc/net/arp's entry first, then 15 of the IPv6 table
+    assert clients.lookup("192.168.1.90").name is None  # its MAC names no one
+    named = [a for a in table if clients.lookup(a).name == "kid"]
+    assert named == list(table)[:15]
+    assert not trio.run(clients.update)  # trimmed alike each time: no rebuild
+
+
+def test_without_netlink_one_warning_and_the_arp_table_still_names(monkeypatch, tmp_path, caplog):
+    (tmp_path / "proc-arp").write_text(ARP)
+    monkeypatch.setattr(clients_module, "ARP", tmp_path / "proc-arp")
+    answers = iter([PermissionError(errno.EPERM, "Operation not permitted")] * 3 + [{}])
+
+    def dump(limit: int) -> dict[str, str]:
+        answer = next(answers)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(clients_module, "netlink_neighbours", dump)
+    cfg, _ = config(tmp_path, '[clients]\nneighbours = "kernel"\ngrandpa = ["aa:bb:cc:dd:ee:90"]\n')
+    clients = Clients(cfg.clients)
+    with caplog.at_level(logging.WARNING, "dnsproxy.clients"):
+        for _ in range(3):
+            trio.run(clients.update)
+            assert clients.lookup("192.168.1.90").name == "grandpa"
+    assert [r.getMessage() for r in caplog.records] == [
+        "clients: cannot read the IPv6 neighbour table (rtnetlink): Operation not permitted;"
+        " IPv6 clients are not named by MAC"
+    ]
+    trio.run(clients.update)
+    assert not clients._netlink_failed  # it works again: a later failure is warned of
+
+
+def test_netlink_is_an_oserror_where_the_platform_has_none(monkeypatch):
+    monkeypatch.delattr(socket, "AF_NETLINK", raising=False)
+    with pytest.raises(OSError, match="netlink is Linux only"):
+        netlink_neighbours(16)
+
+
+def test_neighbours_kernel_is_the_default_and_a_path_stays_a_path(tmp_path):
+    kernel = parse_config("config.toml", tmp_path, {})
+    assert (kernel.neighbours, kernel.netlink) == (PROC_ARP, True)
+    for value, expected in [
+        ("kernel", (PROC_ARP, True)),
+        ("/proc/net/arp", (PROC_ARP, False)),
+        ("arp", (tmp_path / "arp", False)),
+        ("", (None, False)),
+    ]:
+        got = parse_config("config.toml", tmp_path, {"clients": {"neighbours": value}})
+        assert (got.neighbours, got.netlink) == expected, value
+
+
 @pytest.mark.parametrize(
     ("body", "chain", "message"),
     [
@@ -182,6 +428,13 @@ def test_a_rewrite_within_the_same_mtime_is_read_and_a_missing_file_warned_of_on
         ('[clients]\nmax_clients = "many"', "", "clients: max_clients: expected an integer"),
         ("[clients]\nmax_clients = true", "", "clients: max_clients: expected an integer"),
         ("[clients]\nneighbours = 1", "", 'clients: neighbours: expected a path ("/proc/net/arp"'),
+        (
+            '[clients]\nneighbours = ["kernel"]',
+            "",
+            'neighbours: expected a path ("/proc/net/arp"),'
+            ' "kernel" (that and the IPv6 neighbours) or "" (none)',
+        ),
+        ('[clients]\nneighbours = "Kernel"', "", "clients: neighbours: 'Kernel': did you mean"),
         ("[clients]\nptr_resolver = 53", "", 'clients: ptr_resolver: expected "host:port"'),
     ],
 )

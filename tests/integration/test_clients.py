@@ -5,13 +5,16 @@ only. Queries come from different 127.x source addresses."""
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
+import subprocess
+import sys
 
 import httpx
 import pytest
 
 from dnsproxy import cli
-from tests.conftest import ZONE, free_port, until
+from tests.conftest import IN_CI, ROOT, ZONE, free_port, need, until
 from tests.core.test_clients import ARP, DNSMASQ, ISC, KEA
 
 REVERSE = """\
@@ -154,3 +157,50 @@ def test_query_as_a_named_client_from_the_command_line(tmp_path, make_nsd, capsy
     assert cli.main(["query", "-c", config, "--client", "10.0.0.1", "www.example.test"]) == 0
     assert "192.0.2.10" in capsys.readouterr().out
     assert cli.main(["query", "-c", config, "--client", "nobody", "www.example.test"]) == 1
+
+
+NEIGHBOURS = """\
+neigh add 2001:db8::5 lladdr 02:00:00:00:00:05 dev lo nud permanent
+neigh add 2001:db8::6 lladdr 02:00:00:00:00:06 dev lo nud stale
+neigh add 2001:db8::7 dev lo nud failed
+""" + "".join(
+    f"neigh add 2001:db8::1:{i:x} lladdr 02:00:00:00:01:00 dev lo nud stale\n" for i in range(40)
+)
+
+
+def test_ipv6_clients_are_named_by_mac_from_the_real_kernel_table(tmp_path):
+    """`dnsproxy query --client` in a network namespace of its own (``unshare -n``: the
+    machine's table is left alone) whose IPv6 neighbour table ``ip`` filled: a client at
+    an IPv6 address is named by the MAC the kernel has for it (read over rtnetlink, the
+    default ``neighbours = "kernel"``), a FAILED entry names no one, and a dump keeps at
+    most max_clients entries."""
+    unshare, ip = need("unshare"), need("ip")
+    if subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        if IN_CI:
+            pytest.fail("unshare -n must work under CI=true (root: CAP_SYS_ADMIN, CAP_NET_ADMIN)")
+        pytest.skip("unshare -n and ip neigh add need CAP_SYS_ADMIN and CAP_NET_ADMIN")
+    (tmp_path / "neighbours").write_text(NEIGHBOURS)
+    (tmp_path / "ads.txt").write_text("www.example.test\n")
+    (tmp_path / "config.toml").write_text(
+        '[server]\nallow = ["2001:db8::/32"]\n'
+        '[clients]\nkid = ["02:00:00:00:00:05", "02:00:00:00:00:06"]\n[groups]\nkids = ["kid"]\n'
+        '[[chain]]\nplugin = "blocklist"\nlists = ["ads.txt"]\nclients = ["kids"]\n'
+    )
+    python = shlex.quote(sys.executable)
+    query = f"{python} -m dnsproxy query -c {shlex.quote(str(tmp_path / 'config.toml'))} --client"
+    script = (
+        f"set -e; {ip} link set lo up; {ip} -6 -batch {shlex.quote(str(tmp_path / 'neighbours'))}\n"
+        f"{query} 2001:db8::5 www.example.test\n"
+        f"{query} 2001:db8:0:0::6 www.example.test\n"
+        f"{query} 2001:db8::7 www.example.test || true\n"
+        f"{python} -c 'from dnsproxy.clients import netlink_neighbours as n; print(len(n(16)))'\n"
+    )
+    run = subprocess.run(
+        [unshare, "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "from 2001:db8::5 (kid; groups: kids)" in out  # PERMANENT
+    assert "from 2001:db8:0:0::6 (kid; groups: kids)" in out  # STALE, any spelling
+    assert "from 2001:db8::7 (no name; groups: none)" in out  # FAILED
+    assert out.count("0.0.0.0") == 2 and out.splitlines()[-1] == "16"
