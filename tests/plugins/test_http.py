@@ -42,7 +42,7 @@ class Policy(Step):
         if self.setup.blocking.active() and q.key.endswith(b"\\x07blocked\\x04test\\x00"):
             q.note("list", "test-list")
             q.explain("policy: matched test-list")
-            return respond(q, wire.NXDOMAIN, source="blocklist")
+            return respond(q, wire.NXDOMAIN, source="blocklist", blocked=True)
         self.hits += 1
         q.note("rule", "default")
         return respond(q, 0, [rr(1, 60, bytes([192, 0, 2, 1]))], source="policy")
@@ -259,7 +259,7 @@ def test_memory_stats_bounded_and_windowed():
     obs = Observed(600, 3, 2, now=0.0)
     for i in range(5):
         q = make_query(f"n{i}.example.org", client=f"192.0.2.{i}")
-        obs.observe(q, respond(q, 3, source="blocklist"), 0.001)
+        obs.observe(q, respond(q, 3, source="blocklist", blocked=True), 0.001)
     assert len(obs.bucket.clients) == 2 and len(obs.bucket.names) == 2
     assert obs.bucket.clients_untracked == 3 and obs.bucket.names_untracked == 3
     stats = obs.stats(0.0, {"hour": 3600.0}, 5)

@@ -15,7 +15,7 @@ from dnsproxy.plugins.querylog import store as store_module
 from dnsproxy.plugins.querylog.store import SCHEMA, Anonymizer
 
 from dnsproxy.errors import ConfigError
-from dnsproxy.reply import respond
+from dnsproxy.reply import EDE_BLOCKED, respond
 from dnsproxy.testing import build_step, chain_of, make_query
 
 
@@ -114,7 +114,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
     q2.note("upstream", "127.0.0.1:53")
     t = time.time()
     batch = [
-        (t, q1, respond(q1, 3, source="blocklist"), 0.0001),
+        (t, q1, respond(q1, 3, ede=[(EDE_BLOCKED, "ads")], source="blocklist"), 0.0001),
         (t + 1, q2, respond(q2, 0, source="forward"), 0.0123),
         (t + 2, q2, None, 0.5),
     ]
@@ -136,6 +136,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
         "duration_ms": 0.1,
         "notes": '{"coalesced": true}',
         "client_name": None,  # no [clients]: no names
+        "blocked": 1,
     }
     assert (got[1]["cache"], got[1]["upstream"], got[1]["transport"]) == (
         "miss",
@@ -143,10 +144,13 @@ def test_write_sqlite_and_jsonl(tmp_path):
         "tcp",
     )
     assert (got[2]["rcode"], got[2]["answered_by"]) == ("DROPPED", "")
+    assert (got[1]["blocked"], got[2]["blocked"]) == (0, 0)
     lines = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     assert lines[0]["notes"] == {"coalesced": True} and lines[0]["client"] == "192.0.2.0"
+    assert lines[0]["blocked"] is True
     assert lines[1]["duration_ms"] == 12.3 and "list" not in lines[1]
+    assert "blocked" not in lines[1] and "blocked" not in lines[2]
 
 
 def on_disk(path):
@@ -349,7 +353,8 @@ def test_db_stats(tmp_path):
         ("old.example.org", "192.0.2.3", "blocklist", 7200),
     ]:
         q = make_query(name, client=client)
-        entries.append((now - age, q, respond(q, 0, source=source), 0.0))
+        ede = [(EDE_BLOCKED, "ads")] if source == "blocklist" else []
+        entries.append((now - age, q, respond(q, 0, ede=ede, source=source), 0.0))
     store.write(entries)
     store.close()
     stats = db_stats(store.db_path, now, {"hour": 3600.0, "day": 86400.0}, 1)
