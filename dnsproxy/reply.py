@@ -46,7 +46,11 @@ BLOCKING_EDE = frozenset((EDE_BLOCKED, EDE_CENSORED, EDE_FILTERED))
 
 def blocking(ede: Sequence[Ede]) -> bool:
     """Whether ``ede`` holds a code of `BLOCKING_EDE`."""
-    return any(code in BLOCKING_EDE for code, _ in ede)
+    # A loop, not any() over a generator: a third of its cost for the usual single EDE.
+    for code, _ in ede:  # noqa: SIM110
+        if code in BLOCKING_EDE:
+            return True
+    return False
 
 
 class Reply:
@@ -77,8 +81,8 @@ class Reply:
         self.ede = tuple(ede)
         self.source = source
         self.cacheable = cacheable
-        if blocked is None:  # most replies carry no EDE: skip the walk
-            blocked = bool(self.ede) and blocking(self.ede)
+        if blocked is None:  # most replies carry no EDE: skip the call
+            blocked = blocking(self.ede) if self.ede else False
         self.blocked = blocked
         self._message: dns.message.Message | None = None
         self._records: list[wire.Record] | None = None
