@@ -49,7 +49,7 @@ PAGES = [
 def build(path: Path, rows: int) -> None:
     import logging
 
-    from dnsproxy.plugins.querylog.store import INSERT, QueryLogOptions, Store
+    from dnsproxy.plugins.querylog.store import COLUMNS, INSERT, QueryLogOptions, Store
 
     store = Store(
         QueryLogOptions(max_size_mb=100_000), path, None, logging.getLogger("bench"), "bench"
@@ -65,10 +65,19 @@ def build(path: Path, rows: int) -> None:
     for i in range(rows):
         source = rng.choice(SOURCES)
         rcode = "SERVFAIL" if rng.random() < 0.005 else "NOERROR"
-        batch.append((now - 86400 + 86400 * i / rows, f"10.0.0.{rng.randrange(50)}", "udp",
-                      rng.choice(names[:-1]), "A", rcode, source, None, None,
-                      "udp://192.0.2.53:53" if source == "forward" else None, None,
-                      round(rng.expovariate(1 / 12), 3), None))  # fmt: skip
+        row = {
+            "ts": now - 86400 + 86400 * i / rows,
+            "client": f"10.0.0.{rng.randrange(50)}",
+            "transport": "udp",
+            "name": rng.choice(names[:-1]),
+            "qtype": "A",
+            "rcode": rcode,
+            "answered_by": source,
+            "upstream": "udp://192.0.2.53:53" if source == "forward" else None,
+            "duration_ms": round(rng.expovariate(1 / 12), 3),
+            "blocked": int(source == "blocklist"),
+        }
+        batch.append(tuple(row.get(c) for c in COLUMNS))  # the columns left out are NULL
         if len(batch) == 50_000:
             store.db.executemany(INSERT, batch)
             batch.clear()

@@ -232,9 +232,10 @@ class Link:
 
 
 # A query as observers saw it in a worker: query bytes, client, transport, client id,
-# notes, response bytes (None: no response), answering source, EDEs, seconds taken.
+# notes, response bytes (None: no response), answering source, EDEs, whether the response
+# counts as blocked (`Reply.blocked`: a step may say so without an EDE), seconds taken.
 Record = tuple[bytes, tuple[str, int], str, str | None, dict[str, Any] | None,
-               bytes | None, str, tuple[Any, ...], float]  # fmt: skip
+               bytes | None, str, tuple[Any, ...], bool, float]  # fmt: skip
 
 
 def record(q: Query, reply: Reply | None, elapsed: float) -> Record:
@@ -252,21 +253,21 @@ def record(q: Query, reply: Reply | None, elapsed: float) -> Record:
                 plain["rule"] = str.__str__(str(rule))
         notes = plain
     if reply is None:
-        return (q.data, q.client, q.transport, q.client_id, notes, None, "", (), elapsed)
+        return (q.data, q.client, q.transport, q.client_id, notes, None, "", (), False, elapsed)
     return (q.data, q.client, q.transport, q.client_id, notes, reply.wire, reply.source,
-            reply.ede, elapsed)  # fmt: skip
+            reply.ede, reply.blocked, elapsed)  # fmt: skip
 
 
 def replay(record: Record) -> tuple[Query, Reply | None, float] | None:
     """The query, reply and elapsed time a worker's observers would have been given."""
-    data, client, transport, client_id, notes, wire_, source, ede, elapsed = record
+    data, client, transport, client_id, notes, wire_, source, ede, blocked, elapsed = record
     try:
         q = parse_query(data, client, transport)
     except (Drop, Reject):
         return None
     q.client_id = client_id
     q.notes = notes
-    reply = None if wire_ is None else Reply(wire_, ede=ede, source=source)
+    reply = None if wire_ is None else Reply(wire_, ede=ede, source=source, blocked=blocked)
     return q, reply, elapsed
 
 

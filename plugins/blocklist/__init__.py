@@ -272,7 +272,7 @@ class Blocklist(Step):
         body = HEADER.pack(q.id, flags, 1, count, 0, 0) + question + records
         if via is not None and q.trace is not None:  # the step that decided, for the trace
             q.explain(f"{self.setup.where}: answered (rcode {flags & 0xF}) instead of the reply")
-        return Reply(body, ede=self._ede[index], source="blocklist")
+        return Reply(body, ede=self._ede[index], source="blocklist", blocked=True)
 
     # --- explanations (traces, the query log's rule column): never on the hot path -------
 

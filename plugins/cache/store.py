@@ -47,6 +47,7 @@ class Entry:
     """One cached answer: wire bytes with TTL offsets, and the Reply last built from them."""
 
     __slots__ = (
+        "blocked",
         "ede",
         "expires",
         "offsets",
@@ -70,6 +71,7 @@ class Entry:
         stale_until: float,
         prefetch_at: float,
         ede: tuple[tuple[int, str], ...],
+        blocked: bool,
     ) -> None:
         self.wire = data
         self.offsets = offsets
@@ -78,6 +80,7 @@ class Entry:
         self.stale_until = stale_until
         self.prefetch_at = prefetch_at  # prefetch when a hit sees less life left than this
         self.ede = ede
+        self.blocked = blocked  # a policy's answer, with or without an EDE saying so
         self.retry_at = 0.0  # after a failed refresh: serve stale without asking until then
         self.shown = -1  # the TTL in ``reply``; -1 before the first hit
         self.steady_until = -NEVER  # until then a hit just returns ``reply`` (see query)
@@ -90,7 +93,7 @@ class Entry:
         pack = U32.pack_into
         for off in self.offsets:
             pack(data, off, ttl)
-        return Reply(bytes(data), ede=ede, source=source)
+        return Reply(bytes(data), ede=ede, source=source, blocked=self.blocked)
 
     def for_type(self, qtype: int) -> Entry:
         """A copy answering the same name for ``qtype`` (for NXDOMAIN, valid for all types)."""
@@ -105,6 +108,7 @@ class Entry:
             self.stale_until,
             self.prefetch_at,
             self.ede,
+            self.blocked,
         )
 
 
@@ -127,7 +131,7 @@ def make_entry(key: Key, reply: Reply, opts: CacheOptions, now: float) -> Entry 
         if not opts.servfail_ttl:
             return None
         ede = (*reply.ede, (EDE_CACHED_ERROR, "cached upstream failure"))
-        return Entry(data, (), 0, now + opts.servfail_ttl, 0.0, -1.0, ede)
+        return Entry(data, (), 0, now + opts.servfail_ttl, 0.0, -1.0, ede, reply.blocked)
     if rcode not in GOOD_RCODES:
         return None
     try:
@@ -144,7 +148,7 @@ def make_entry(key: Key, reply: Reply, opts: CacheOptions, now: float) -> Entry 
     stale_until = expires + opts.stale_max_age if opts.serve_stale else expires
     prefetch_at = ttl * PREFETCH_FRACTION if opts.prefetch and ttl >= 2 else -1.0
     offsets = tuple(r.ttl_off for r in recs)
-    return Entry(data, offsets, ttl, expires, stale_until, prefetch_at, reply.ede)
+    return Entry(data, offsets, ttl, expires, stale_until, prefetch_at, reply.ede, reply.blocked)
 
 
 def same_question(data: bytes, key: Key) -> bool:

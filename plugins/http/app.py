@@ -367,6 +367,7 @@ class App:
         rmsg = reply.message()
         doc.update(
             answered_by=reply.source,
+            blocked=reply.blocked,
             rcode=dns.rcode.to_text(reply.rcode),
             answer=[r.to_text() for r in rmsg.answer],
             authority=[r.to_text() for r in rmsg.authority],

@@ -25,7 +25,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 
 from dnsproxy.chain import Metric as StepMetric
 from dnsproxy.chain import Setup
-from dnsproxy.reply import BLOCKING_SOURCES, Reply
+from dnsproxy.reply import Reply
 from dnsproxy.wire import Query, key_to_text
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Observed:
             counts[host] = 1
         else:
             b.clients_untracked += 1
-        if reply is not None and reply.source in BLOCKING_SOURCES:
+        if reply is not None and reply.blocked:
             b.blocked += 1
             names = b.names
             if q.key in names:

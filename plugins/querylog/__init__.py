@@ -19,7 +19,7 @@ import trio
 from dnsproxy.chain import Metric, Setup, Step
 from dnsproxy.hookspecs import Observer, QueryLogReader, hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import BLOCKING_SOURCES, Reply
+from dnsproxy.reply import Reply
 from dnsproxy.wire import Query
 
 from .read import top_client
@@ -169,20 +169,18 @@ class QueryLog(Step):
 def db_stats(path: Path, now: float, windows: Mapping[str, float], top: int) -> dict[str, Any]:
     """Queries, blocked share, top blocked names and top clients per window (read-only)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    blocked = ",".join("?" * len(BLOCKING_SOURCES))
     try:
         out = {}
         for label, span in windows.items():
             since = now - span
             total, nblocked = db.execute(
-                f"SELECT count(*), coalesce(sum(answered_by IN ({blocked})), 0)"
-                " FROM queries WHERE ts >= ?",
-                (*BLOCKING_SOURCES, since),
+                "SELECT count(*), coalesce(sum(blocked), 0) FROM queries WHERE ts >= ?",
+                (since,),
             ).fetchone()
             names = db.execute(
-                f"SELECT name, count(*) FROM queries WHERE ts >= ? AND answered_by IN ({blocked})"
+                "SELECT name, count(*) FROM queries WHERE ts >= ? AND blocked = 1"
                 " GROUP BY name ORDER BY 2 DESC, 1 LIMIT ?",
-                (since, *BLOCKING_SOURCES, top),
+                (since, top),
             ).fetchall()
             clients = db.execute(
                 "SELECT client, max(client_name), count(*) FROM queries WHERE ts >= ?"

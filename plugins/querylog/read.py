@@ -3,8 +3,9 @@
 Every function opens the database read-only, runs in a worker thread (the caller's
 business) and never touches the writer's connection. Pages are keyset-paginated on the
 rowid (newest first, ``before`` = the last rowid shown), so no page costs more than its
-rows plus the index walk to them: the filtered columns (client, rcode, answered_by, ts)
-are indexed with the rowid as trailing key (`store.SCHEMA`). A time range becomes a rowid
+rows plus the index walk to them: the filtered columns (client, rcode, answered_by, ts,
+and blocked through a partial index of the blocked rows) are indexed with the rowid as
+trailing key (`store.SCHEMA`, `store.BLOCKED_INDEX`). A time range becomes a rowid
 range through the ts index (rows are written in time order). A name filter is a
 substring test on the rows walked newest first, stopping at a full page.
 """
@@ -19,20 +20,21 @@ from typing import Any
 
 import attrs
 
-BLOCKED, CACHED, FORWARDED = "blocklist", "cache", "forward"  # answered_by values
+CACHED, FORWARDED = "cache", "forward"  # answered_by values
 ERRORS = ("SERVFAIL", "DROPPED")  # rcodes counted as errors
 RESULTS = ("blocked", "cached", "forwarded", "local", "error")
 _NOT_ERROR = f"rcode NOT IN {ERRORS!r}"
-RESULT_SQL = {
-    "blocked": f"answered_by = '{BLOCKED}' AND {_NOT_ERROR}",
-    "cached": f"answered_by = '{CACHED}' AND {_NOT_ERROR}",
-    "forwarded": f"answered_by = '{FORWARDED}' AND {_NOT_ERROR}",
+_NOT_BLOCKED = f"blocked = 0 AND {_NOT_ERROR}"
+RESULT_SQL = {  # "blocked = 1" as the partial index `store.BLOCKED_INDEX` is written
+    "blocked": f"blocked = 1 AND {_NOT_ERROR}",
+    "cached": f"answered_by = '{CACHED}' AND {_NOT_BLOCKED}",
+    "forwarded": f"answered_by = '{FORWARDED}' AND {_NOT_BLOCKED}",
     "error": f"rcode IN {ERRORS!r}",
-    "local": f"answered_by NOT IN ('{BLOCKED}', '{CACHED}', '{FORWARDED}') AND {_NOT_ERROR}",
+    "local": f"answered_by NOT IN ('{CACHED}', '{FORWARDED}') AND {_NOT_BLOCKED}",
 }
 ROW_COLUMNS = ("rowid", "ts", "client", "transport", "name", "qtype", "rcode", "answered_by",
                "list", "rule", "upstream", "cache", "duration_ms", "notes",
-               "client_name")  # fmt: skip
+               "client_name", "blocked")  # fmt: skip
 LATENCY_ROWS = 100_000  # newest upstream answers read for the latency percentiles
 
 
@@ -44,13 +46,13 @@ def top_client(address: str, name: str | None, count: int) -> dict[str, Any]:
     return entry
 
 
-def result_of(answered_by: str | None, rcode: str | None) -> str:
-    """The dashboard's result class of a row (one of `RESULTS`)."""
+def result_of(answered_by: str | None, rcode: str | None, blocked: bool) -> str:
+    """The dashboard's result class of a row (one of `RESULTS`), as `RESULT_SQL` has it."""
     if rcode in ERRORS:
         return "error"
-    return {BLOCKED: "blocked", CACHED: "cached", FORWARDED: "forwarded"}.get(
-        answered_by or "", "local"
-    )
+    if blocked:
+        return "blocked"
+    return {CACHED: "cached", FORWARDED: "forwarded"}.get(answered_by or "", "local")
 
 
 @attrs.frozen
@@ -136,7 +138,8 @@ def one(path: Path, rowid: int) -> dict[str, Any] | None:
 
 def _doc(r: tuple[Any, ...]) -> dict[str, Any]:
     doc = dict(zip(ROW_COLUMNS, r, strict=True))
-    doc["result"] = result_of(doc["answered_by"], doc["rcode"])
+    doc["blocked"] = bool(doc["blocked"])
+    doc["result"] = result_of(doc["answered_by"], doc["rcode"], doc["blocked"])
     return doc
 
 

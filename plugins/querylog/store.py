@@ -41,13 +41,16 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
     ts REAL NOT NULL, client TEXT, transport TEXT, name TEXT, qtype TEXT, rcode TEXT,
     answered_by TEXT, list TEXT, rule TEXT, upstream TEXT, cache TEXT,
-    duration_ms REAL, notes TEXT, client_name TEXT
+    duration_ms REAL, notes TEXT, client_name TEXT, blocked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
 CREATE INDEX IF NOT EXISTS queries_client ON queries (client);
 CREATE INDEX IF NOT EXISTS queries_rcode ON queries (rcode);
 CREATE INDEX IF NOT EXISTS queries_answered_by ON queries (answered_by);
 """
+# Only blocked rows enter it (a write of any other row does not touch it); a query uses it
+# when its WHERE has the term ``blocked = 1`` as written here.
+BLOCKED_INDEX = "CREATE INDEX IF NOT EXISTS queries_blocked ON queries (blocked) WHERE blocked = 1"
 
 Entry = tuple[float, Query, Reply | None, float]  # (time, query, reply or None, elapsed)
 
@@ -160,6 +163,7 @@ def row(
         round(elapsed * 1000, 3),
         json.dumps(rest, default=str) if rest else None,
         None if name is None else name(q),
+        1 if reply is not None and reply.blocked else 0,
     )
 
 
@@ -175,6 +179,7 @@ COLUMNS = (
     "duration_ms",
     "notes",
     "client_name",
+    "blocked",
 )
 INSERT = f"INSERT INTO queries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -222,9 +227,32 @@ class Store:
             columns = {r[1] for r in db.execute("PRAGMA table_info(queries)")}
             if "client_name" not in columns:  # a file from before client names
                 db.execute("ALTER TABLE queries ADD COLUMN client_name TEXT")
+            if "blocked" not in columns:  # from before: only the blocklist's rows were blocked
+                self._add_blocked(db)
+            db.execute(BLOCKED_INDEX)
             self.db = db
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def _add_blocked(self, db: sqlite3.Connection) -> None:
+        """Add the ``blocked`` column to a file from before it, marking the rows that were
+        counted as blocked then (the blocklist's), in one transaction."""
+        db.execute("BEGIN")
+        try:
+            db.execute("ALTER TABLE queries ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0")
+            marked = db.execute(
+                "UPDATE queries SET blocked = 1 WHERE answered_by = 'blocklist'"
+            ).rowcount
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        self.log.info(
+            "%s: %s: added the blocked column, %d blocklist rows marked blocked",
+            self.where,
+            self.db_path,
+            marked,
+        )
 
     def prepare(self, now: float) -> int:
         """At start-up: bring the open file under the bounds, rebuild it if it cannot shrink.
@@ -275,6 +303,8 @@ class Store:
             doc = {k: v for k, v in zip(COLUMNS, r, strict=True) if v is not None}
             if "notes" in doc:
                 doc["notes"] = json.loads(doc["notes"])
+            if doc.pop("blocked"):  # like an empty column, "not blocked" is left out
+                doc["blocked"] = True
             lines.append(json.dumps(doc, separators=(",", ":")))
         try:
             if self.jsonl.stat().st_size >= self.cap:

@@ -36,10 +36,12 @@ class PureStaticOptions:
     address: str = "192.0.2.1"
     ttl: int = 60
     cacheable: bool = True
+    blocked: bool = False
 
 
 class PureStatic(Step):
-    """`Static`'s A answer from a step declared pure; ``cacheable`` marks its replies."""
+    """`Static`'s A answer from a step declared pure; ``cacheable`` and ``blocked`` (a
+    policy's answer without an EDE) mark its replies."""
 
     Options = PureStaticOptions
     pure = True
@@ -47,7 +49,10 @@ class PureStatic(Step):
     def query(self, q):
         octets = bytes(int(x) for x in self.options.address.split("."))
         answers = [rr(1, self.options.ttl, octets)]
-        return respond(q, answers=answers, source="purestatic", cacheable=self.options.cacheable)
+        opts = self.options
+        return respond(
+            q, answers=answers, source="purestatic", cacheable=opts.cacheable, blocked=opts.blocked
+        )
 
 
 @attrs.frozen

@@ -200,6 +200,30 @@ async def test_observers_see_every_replayed_query_with_its_source(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("chain", "sources"),
+    [
+        ("blocklist", ["blocklist"] * 3),  # EDE 15, replayed from the step's answer
+        ('[[chain]]\nplugin = "purestatic"\nblocked = true\n', ["purestatic"] * 3),
+        (  # blocked=True without an EDE, kept by the cache and replayed from its hits
+            '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "purestatic"\nblocked = true\n',
+            ["purestatic", "cache", "cache"],
+        ),
+    ],
+)
+async def test_observers_see_a_replayed_block_as_blocked(tmp_path, nursery, chain, sources):
+    if chain == "blocklist":
+        chain = blocklist(tmp_path, "ads.example\n")
+    server = await running(nursery, make_server(tmp_path, chain))
+    seen: list[tuple[str, bool]] = []
+    server._observers = (lambda q, reply, elapsed: seen.append((reply.source, reply.blocked)),)
+    for _ in range(3):
+        ask(server, "ads.example")
+    assert hits(server) >= 1
+    assert seen == [(source, True) for source in sources]
+    server.stop()
+
+
 async def test_ttls_age_as_the_cache_ages_them_and_the_entry_expires(tmp_path):
     now = [1000.0]
     chain = '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\nttl = 10\n'

@@ -112,3 +112,37 @@ def test_from_message_drops_opt():
     r = rp.Reply.from_message(msg)
     assert struct.unpack_from("!H", r.wire, 10)[0] == 0
     assert r.message().edns == -1
+
+
+@pytest.mark.parametrize(
+    ("ede", "blocked"),
+    [
+        ((), False),
+        (((rp.EDE_BLOCKED, "ads.txt"),), True),
+        (((rp.EDE_CENSORED, ""),), True),
+        (((rp.EDE_FILTERED, "quiet hours"),), True),
+        (((rp.EDE_PROHIBITED, "acl"),), False),  # an ACL's refusal is not a block
+        (((rp.EDE_STALE, "stale answer"),), False),
+        (((rp.EDE_SYNTHESIZED, "rewrite"), (rp.EDE_FILTERED, "")), True),
+    ],
+)
+def test_a_reply_counts_as_blocked_by_its_extended_dns_errors(ede, blocked):
+    q = make_query("games.example")
+    assert rp.respond(q, wire.NXDOMAIN, ede=ede, source="a_plugin").blocked is blocked
+    msg = rp.response_message(q, wire.NXDOMAIN)
+    assert rp.Reply.from_message(msg, ede=ede).blocked is blocked
+
+
+def test_a_step_says_blocked_without_an_ede_and_the_flag_is_kept():
+    q = make_query("games.example")
+    r = rp.respond(q, wire.REFUSED, source="policy", blocked=True)
+    assert r.blocked and r.ede == () and "blocked" in repr(r)
+    assert not rp.respond(q, ede=[(rp.EDE_BLOCKED, "")], blocked=False).blocked
+    assert rp.Reply.from_message(rp.response_message(q), blocked=True).blocked
+    assert r.evolve(wire_=r.wire[:], ede=[(rp.EDE_STALE, "")]).blocked  # a copy stays blocked
+    assert not r.evolve(blocked=False).blocked
+    plain = rp.respond(q)
+    assert plain.evolve(ede=[(rp.EDE_FILTERED, "late")]).blocked  # a step filtering a reply
+    assert not plain.evolve(ede=[(rp.EDE_SYNTHESIZED, "")]).blocked
+    assert rp.truncate(r, q).blocked  # too big for UDP: still the block, retried over TCP
+    assert not rp.truncate(r, q, [(rp.EDE_RATE_LIMITED, "")]).blocked  # a slip is not

@@ -20,7 +20,7 @@ import trio
 from dnsproxy import cli, config, workers
 from dnsproxy.blocking import Blocking
 from dnsproxy.errors import ConfigError
-from dnsproxy.reply import Reply
+from dnsproxy.reply import Reply, respond
 from dnsproxy.service import Sockets
 from dnsproxy.shared import SECRET_SIZE
 from dnsproxy.wire import name_to_key, parse_query
@@ -208,7 +208,7 @@ def test_a_record_replays_as_the_worker_observed_it():
     q = dns.message.make_query("Printer.LAN", "AAAA")
     reply = Reply(b"\x00" * 12, ede=((18, "x"),), source="hosts")
     record = (q.to_wire(), ("127.0.0.9", 5300), "tcp", "kid", {"list": "l"},
-              reply.wire, reply.source, reply.ede, 0.25)  # fmt: skip
+              reply.wire, reply.source, reply.ede, reply.blocked, 0.25)  # fmt: skip
     seen = workers.replay(record)
     assert seen is not None
     got, got_reply, elapsed = seen
@@ -220,10 +220,25 @@ def test_a_record_replays_as_the_worker_observed_it():
     )
     assert (got.qtype, got.key) == (28, name_to_key("printer.lan"))
     assert got_reply is not None and (got_reply.source, got_reply.ede) == ("hosts", ((18, "x"),))
+    assert not got_reply.blocked  # EDE 18 (Prohibited) is not a block
     assert elapsed == 0.25
-    dropped = workers.replay((*record[:5], None, "", (), 0.1))
+    dropped = workers.replay((*record[:5], None, "", (), False, 0.1))
     assert dropped is not None and dropped[1] is None
     assert workers.replay((b"\x00", *record[1:])) is None  # not a query: nothing to observe
+
+
+@pytest.mark.parametrize(
+    ("ede", "blocked", "counted"),
+    [((), True, True), (((17, "quiet hours"),), None, True), (((3, "stale"),), None, False)],
+)
+def test_a_record_keeps_whether_the_reply_counts_as_blocked(ede, blocked, counted):
+    """A step may say ``blocked=True`` without an EDE: the supervisor's observers (query
+    log, /metrics) see the flag the worker's reply had."""
+    q = parse_query(dns.message.make_query("x.test", "A").to_wire(), ("127.0.0.1", 5300), "udp")
+    reply = respond(q, 3, ede=ede, source="policy", blocked=blocked)
+    seen = workers.replay(pickle.loads(pickle.dumps(workers.record(q, reply, 0.1))))
+    assert seen is not None and seen[1] is not None
+    assert (seen[1].blocked, seen[1].ede) == (counted, ede)
 
 
 def test_a_record_carries_notes_as_the_query_log_text():

@@ -7,7 +7,7 @@ import time
 import dns.rcode
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.plugins.test_http import sample
 
 CONFIG = """
@@ -65,3 +65,35 @@ def test_records_dropped_by_a_full_buffer_are_in_stats_and_metrics(make_proxy):
     }
     assert sample(metrics, "dnsproxy_querylog_dropped_total", step="0") == 5
     assert sample(metrics, "dnsproxy_querylog_buffered", step="0") == 10
+
+
+def test_a_plugin_files_blocks_are_counted_as_blocked(make_proxy):
+    """docs/examples/deny_names.py, loaded as a plugin file, answers with EDE 15: the real
+    process logs it as blocked, and the API and the dashboard count it so."""
+    http_port = free_port()
+    proxy = make_proxy(
+        f'plugins = ["{ROOT / "docs" / "examples" / "deny_names.py"}"]\n'
+        + CONFIG.replace("{http}", str(http_port)).replace('"60s"', '"0.05s"')
+        + '[[chain]]\nplugin = "deny_names"\nnames = ["ads.example.test"]\n'
+        + '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.7 printer.example.test"]\n',
+        wait_for=f"listening on http 127.0.0.1:{http_port}",
+    )
+    r = proxy.ask("x.ads.example.test")
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    assert [(o.code, o.text) for o in r.options] == [(15, "denied")]
+    assert proxy.ask("printer.example.test").answer[0][0].address == "192.0.2.7"
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=5) as http:
+        deadline = time.monotonic() + 10  # the log is written every 50 ms
+        while True:
+            stats = http.get("/api/stats").json()
+            if stats["hour"]["queries"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        blocked = http.get("/ui/log/rows", params={"result": "blocked"}).text
+        local = http.get("/ui/log/rows", params={"result": "local"}).text
+    assert stats["source"] == "querylog"
+    assert (stats["hour"]["queries"], stats["hour"]["blocked"]) == (2, 1)
+    assert stats["hour"]["top_blocked"] == [{"name": "x.ads.example.test.", "count": 1}]
+    assert "x.ads.example.test." in blocked and "printer.example.test." not in blocked
+    assert "printer.example.test." in local and "x.ads.example.test." not in local
+    assert proxy.stop() == 0

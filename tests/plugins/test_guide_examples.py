@@ -40,6 +40,7 @@ async def test_deny_names_answers_nxdomain_for_names_and_subdomains():
     reply = await run_chain([step, upstream], make_query("x.ads.example"))
     assert reply is not None and reply.rcode == dns.rcode.NXDOMAIN
     assert reply.ede == ((EDE_BLOCKED, "denied"),) and reply.source == "deny_names"
+    assert reply.blocked  # EDE 15: counted as blocked in the stats and the query log
     reply = await run_chain([step, upstream], make_query("www.example"))
     assert reply is not None and reply.rcode == dns.rcode.NOERROR
     assert [q.text for q in upstream.seen] == ["www.example."]

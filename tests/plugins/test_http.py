@@ -17,7 +17,7 @@ from dnsproxy.plugins.http import HttpService
 from dnsproxy.plugins.http.metrics import Observed
 
 from dnsproxy.errors import ConfigError
-from dnsproxy.reply import respond
+from dnsproxy.reply import EDE_FILTERED, EDE_PROHIBITED, EDE_STALE, respond
 from dnsproxy.server import Server, load
 from dnsproxy.testing import make_query
 from tests.conftest import free_port
@@ -42,7 +42,7 @@ class Policy(Step):
         if self.setup.blocking.active() and q.key.endswith(b"\\x07blocked\\x04test\\x00"):
             q.note("list", "test-list")
             q.explain("policy: matched test-list")
-            return respond(q, wire.NXDOMAIN, source="blocklist")
+            return respond(q, wire.NXDOMAIN, source="blocklist", blocked=True)
         self.hits += 1
         q.note("rule", "default")
         return respond(q, 0, [rr(1, 60, bytes([192, 0, 2, 1]))], source="policy")
@@ -217,7 +217,7 @@ async def test_api_query_returns_trace(tmp_path):
                 r = await http.get("/api/query", params={"name": "ads.blocked.test"})
                 doc = r.json()
                 assert r.status_code == 200
-                assert doc["answered_by"] == "blocklist"
+                assert doc["answered_by"] == "blocklist" and doc["blocked"] is True
                 assert doc["rcode"] == "NXDOMAIN"
                 assert doc["notes"] == {"list": "test-list"}
                 assert "policy: matched test-list" in doc["trace"]
@@ -225,6 +225,7 @@ async def test_api_query_returns_trace(tmp_path):
                 r = await http.get("/api/query", params={"name": "www.example.org", "type": "a"})
                 doc = r.json()
                 assert doc["rcode"] == "NOERROR" and doc["answered_by"] == "policy"
+                assert doc["blocked"] is False
                 assert doc["answer"] == ["www.example.org. 60 IN A 192.0.2.1"]
                 for bad in ({}, {"name": "x..y"}, {"name": "a.test", "type": "NOPE"},
                             {"name": "a.test", "client": "me"}):  # fmt: skip
@@ -259,7 +260,7 @@ def test_memory_stats_bounded_and_windowed():
     obs = Observed(600, 3, 2, now=0.0)
     for i in range(5):
         q = make_query(f"n{i}.example.org", client=f"192.0.2.{i}")
-        obs.observe(q, respond(q, 3, source="blocklist"), 0.001)
+        obs.observe(q, respond(q, 3, source="blocklist", blocked=True), 0.001)
     assert len(obs.bucket.clients) == 2 and len(obs.bucket.names) == 2
     assert obs.bucket.clients_untracked == 3 and obs.bucket.names_untracked == 3
     stats = obs.stats(0.0, {"hour": 3600.0}, 5)
@@ -272,6 +273,29 @@ def test_memory_stats_bounded_and_windowed():
     stats = obs.stats(1800.0, {"hour": 3600.0}, 5)
     assert stats["hour"]["queries"] == 1 and stats["hour"]["blocked"] == 0
     assert obs.requests[("udp", 1, -1)] == 1
+
+
+def test_memory_stats_count_a_plugins_blocks_by_their_meaning():
+    """What counts is `Reply.blocked` (EDE 15/16/17 or a step's blocked=True), not which
+    step answered: an ACL's EDE 18 and the cache's stale EDE 3 are not blocks."""
+    obs = Observed(600, 3, 10, now=0.0)
+    answers = [
+        ("late.games.test", dict(ede=[(EDE_FILTERED, "quiet hours")], source="quiet_hours")),
+        ("late.games.test", dict(ede=[(EDE_FILTERED, "quiet hours")], source="quiet_hours")),
+        ("denied.test", dict(source="policy", blocked=True)),
+        ("printer.test", dict(ede=[(EDE_PROHIBITED, "acl")], source="acl")),
+        ("old.test", dict(ede=[(EDE_STALE, "stale answer")], source="cache")),
+        ("www.test", dict(source="forward")),
+    ]
+    for name, kw in answers:
+        q = make_query(name)
+        obs.observe(q, respond(q, 3, **kw), 0.001)
+    stats = obs.stats(0.0, {"hour": 3600.0}, 5)["hour"]
+    assert (stats["queries"], stats["blocked"], stats["blocked_share"]) == (6, 3, 0.5)
+    assert stats["top_blocked"] == [
+        {"name": "late.games.test.", "count": 2},
+        {"name": "denied.test.", "count": 1},
+    ]
 
 
 def test_config_errors(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import trio
 from dnsproxy.plugins.blocklist.managed import Managed
 from dnsproxy.plugins.http.auth import LoginLimiter, Sessions, hash_password, verify_password
 from dnsproxy.plugins.querylog import read
-from dnsproxy.plugins.querylog.store import SCHEMA
+from dnsproxy.plugins.querylog.store import BLOCKED_INDEX, SCHEMA
 
 from dnsproxy.errors import ConfigError
 from dnsproxy.server import Server, load
@@ -275,15 +275,17 @@ def test_log_pages_are_keyset_and_filtered(tmp_path):
     db_path = tmp_path / "q.sqlite"
     db = sqlite3.connect(db_path)
     db.executescript(SCHEMA)
+    db.execute(BLOCKED_INDEX)
     now = time.time()
     rows = []
     for i in range(300):
         source = ("blocklist", "cache", "forward", "hosts")[i % 4]
         rcode = "SERVFAIL" if i % 50 == 0 else "NOERROR"
         rows.append((now - 300 + i, f"10.0.0.{i % 3}", "udp", f"n{i}.example.test.", "A",
-                     rcode, source, None, None, None, None, 1.0, None))  # fmt: skip
-    columns = ", ".join(COLUMNS[:13])  # client_name stays NULL
-    db.executemany(f"INSERT INTO queries ({columns}) VALUES ({','.join('?' * 13)})", rows)
+                     rcode, source, None, None, None, None, 1.0, None,
+                     int(source == "blocklist")))  # fmt: skip
+    columns = ", ".join((*COLUMNS[:13], "blocked"))  # client_name stays NULL
+    db.executemany(f"INSERT INTO queries ({columns}) VALUES ({','.join('?' * 14)})", rows)
     db.commit()
     db.close()
     first = read.page(db_path, read.Filters(limit=50))
@@ -309,6 +311,11 @@ def test_log_pages_are_keyset_and_filtered(tmp_path):
         " ORDER BY rowid DESC LIMIT 50", ("10.0.0.1", 10**9)
     ).fetchall()  # fmt: skip
     assert "queries_client" in str(plan) and "TEMP B-TREE" not in str(plan)
+    plan = sqlite3.connect(db_path).execute(
+        f"EXPLAIN QUERY PLAN SELECT rowid FROM queries WHERE {read.RESULT_SQL['blocked']}"
+        " AND rowid < ? ORDER BY rowid DESC LIMIT 50", (10**9,)
+    ).fetchall()  # fmt: skip
+    assert "queries_blocked" in str(plan) and "TEMP B-TREE" not in str(plan)
     assert read.one(db_path, first[0]["rowid"])["name"] == "n299.example.test."
     data = read.overview(db_path, now, 86400, 600, 5)
     assert data["totals"]["queries"] == 300 and sum(data["chart"]["queries"]) == 300

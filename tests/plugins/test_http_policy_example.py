@@ -17,7 +17,7 @@ import trio
 
 from dnsproxy.chain import Step
 from dnsproxy.errors import ConfigError
-from dnsproxy.reply import BLOCKING_SOURCES, EDE_BLOCKED
+from dnsproxy.reply import EDE_BLOCKED
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
 from tests.conftest import ROOT, read_http_head
 from tests.integration.test_third_party import install
@@ -77,10 +77,10 @@ def policy(url: str, **table: object) -> Step:
     return build_step(PLUGIN, {"url": url, **table})
 
 
-async def ask(step: Step, name: str) -> tuple[int, str, list[int]]:
+async def ask(step: Step, name: str) -> tuple[int, str, list[int], bool]:
     reply = await run_chain([step, Answer(NAMES)], make_query(name))
     assert reply is not None
-    return reply.rcode, reply.source, [code for code, _ in reply.ede]
+    return reply.rcode, reply.source, [code for code, _ in reply.ede], reply.blocked
 
 
 def counts(step: Step) -> dict[str, float]:
@@ -90,8 +90,8 @@ def counts(step: Step) -> dict[str, float]:
 async def test_allowed_names_pass_on_denied_names_are_refused_as_blocked():
     svc = PolicyService()
     async with serving(svc) as url, running(policy(url)) as step:
-        assert await ask(step, "ok.example") == (0, "answer", [])
-        assert await ask(step, "bad.example") == (5, BLOCKING_SOURCES[0], [EDE_BLOCKED])
+        assert await ask(step, "ok.example") == (0, "answer", [], False)
+        assert await ask(step, "bad.example") == (5, "http_policy", [EDE_BLOCKED], True)
     assert svc.asked == ["ok.example", "bad.example"]
     assert counts(step) == {
         "allowed": 1, "denied": 1, "cached": 0, "errors": 0, "timeouts": 0, "verdicts": 2,

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import pytest
 import trio
 from dnsproxy.plugins import querylog
-from dnsproxy.plugins.querylog import db_stats
+from dnsproxy.plugins.querylog import db_stats, read
 from dnsproxy.plugins.querylog import store as store_module
 from dnsproxy.plugins.querylog.store import SCHEMA, Anonymizer
 
 from dnsproxy.errors import ConfigError
-from dnsproxy.reply import respond
-from dnsproxy.testing import build_step, chain_of, make_query
+from dnsproxy.reply import EDE_BLOCKED, EDE_FILTERED, EDE_PROHIBITED, EDE_STALE, respond
+from dnsproxy.testing import Answer, build_step, chain_of, make_query, run_chain
+from tests.conftest import ROOT
 
 
 def make(tmp_path, **table):
@@ -114,7 +115,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
     q2.note("upstream", "127.0.0.1:53")
     t = time.time()
     batch = [
-        (t, q1, respond(q1, 3, source="blocklist"), 0.0001),
+        (t, q1, respond(q1, 3, ede=[(EDE_BLOCKED, "ads")], source="blocklist"), 0.0001),
         (t + 1, q2, respond(q2, 0, source="forward"), 0.0123),
         (t + 2, q2, None, 0.5),
     ]
@@ -136,6 +137,7 @@ def test_write_sqlite_and_jsonl(tmp_path):
         "duration_ms": 0.1,
         "notes": '{"coalesced": true}',
         "client_name": None,  # no [clients]: no names
+        "blocked": 1,
     }
     assert (got[1]["cache"], got[1]["upstream"], got[1]["transport"]) == (
         "miss",
@@ -143,10 +145,13 @@ def test_write_sqlite_and_jsonl(tmp_path):
         "tcp",
     )
     assert (got[2]["rcode"], got[2]["answered_by"]) == ("DROPPED", "")
+    assert (got[1]["blocked"], got[2]["blocked"]) == (0, 0)
     lines = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     assert lines[0]["notes"] == {"coalesced": True} and lines[0]["client"] == "192.0.2.0"
+    assert lines[0]["blocked"] is True
     assert lines[1]["duration_ms"] == 12.3 and "list" not in lines[1]
+    assert "blocked" not in lines[1] and "blocked" not in lines[2]
 
 
 def on_disk(path):
@@ -349,7 +354,8 @@ def test_db_stats(tmp_path):
         ("old.example.org", "192.0.2.3", "blocklist", 7200),
     ]:
         q = make_query(name, client=client)
-        entries.append((now - age, q, respond(q, 0, source=source), 0.0))
+        ede = [(EDE_BLOCKED, "ads")] if source == "blocklist" else []
+        entries.append((now - age, q, respond(q, 0, ede=ede, source=source), 0.0))
     store.write(entries)
     store.close()
     stats = db_stats(store.db_path, now, {"hour": 3600.0, "day": 86400.0}, 1)
@@ -361,3 +367,121 @@ def test_db_stats(tmp_path):
         "top_clients": [{"client": "192.0.2.1", "count": 3}],
     }
     assert stats["day"]["queries"] == 5 and stats["day"]["blocked"] == 4
+
+
+QUIET_HOURS = ROOT / "examples" / "quiet-hours" / "src" / "dnsproxy_quiet_hours" / "__init__.py"
+DENY_NAMES = ROOT / "docs" / "examples" / "deny_names.py"
+
+
+async def test_a_plugins_blocking_answers_are_logged_as_blocked(tmp_path):
+    """Blocked is the reply's meaning (EDE 15/16/17, or blocked=True), whichever step gave
+    it: rows, the page filter, one row, the overview and db_stats all agree."""
+    quiet = build_step(QUIET_HOURS, {"domains": ["games.test"], "start": "00:00", "end": "24:00"})
+    deny = build_step(DENY_NAMES, {"names": ["ads.test"]})
+    chain = chain_of([quiet, deny, Answer({"www.test": "192.0.2.1"})])
+    now = time.time()
+    entries = []
+    for name in ("x.games.test", "x.games.test", "ads.test", "www.test"):
+        q = make_query(name)
+        entries.append((now - 10, q, await run_chain(chain, q), 0.0))
+    for name, kw in [
+        ("denied.test", dict(rcode=5, source="policy", blocked=True)),
+        ("printer.test", dict(rcode=5, ede=[(EDE_PROHIBITED, "acl")], source="acl")),
+        ("old.test", dict(ede=[(EDE_STALE, "stale answer")], source="cache")),
+        ("fresh.test", dict(source="forward")),
+    ]:
+        q = make_query(name)
+        entries.append((now - 5, q, respond(q, **kw), 0.0))
+    step = make(tmp_path, jsonl="q.jsonl")
+    step.store.open()
+    step.store.write(entries)
+    step.store.close()
+    path = step.store.db_path
+    assert [(r["name"], r["answered_by"], r["blocked"]) for r in rows(path)] == [
+        ("x.games.test.", "quiet_hours", 1),
+        ("x.games.test.", "quiet_hours", 1),
+        ("ads.test.", "deny_names", 1),
+        ("www.test.", "answer", 0),
+        ("denied.test.", "policy", 1),
+        ("printer.test.", "acl", 0),
+        ("old.test.", "cache", 0),
+        ("fresh.test.", "forward", 0),
+    ]
+    jsonl = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert [doc.get("blocked", False) for doc in jsonl] == [True] * 3 + [False, True] + [False] * 3
+
+    def names(result: str) -> list[str]:
+        return [r["name"] for r in read.page(path, read.Filters(result=result, limit=50))]
+
+    assert names("blocked") == ["denied.test.", "ads.test.", "x.games.test.", "x.games.test."]
+    assert names("local") == ["printer.test.", "www.test."]
+    assert names("cached") == ["old.test."]
+    assert names("forwarded") == ["fresh.test."]
+    (first,) = read.page(path, read.Filters(name="ads", limit=1))
+    assert (first["result"], first["blocked"]) == ("blocked", True)
+    overview = read.overview(path, now, 3600, 600, 2)
+    assert overview["totals"]["blocked"] == 4
+    assert overview["top_blocked"] == [
+        {"name": "x.games.test.", "count": 2},
+        {"name": "ads.test.", "count": 1},
+    ]
+    stats = db_stats(path, now, {"hour": 3600.0}, 2)["hour"]
+    assert (stats["queries"], stats["blocked"], stats["blocked_share"]) == (8, 4, 0.5)
+    assert stats["top_blocked"] == overview["top_blocked"]
+
+
+# The schema before the blocked column, as an older dnsproxy created its files.
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queries (
+    ts REAL NOT NULL, client TEXT, transport TEXT, name TEXT, qtype TEXT, rcode TEXT,
+    answered_by TEXT, list TEXT, rule TEXT, upstream TEXT, cache TEXT,
+    duration_ms REAL, notes TEXT, client_name TEXT
+);
+CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
+CREATE INDEX IF NOT EXISTS queries_client ON queries (client);
+CREATE INDEX IF NOT EXISTS queries_rcode ON queries (rcode);
+CREATE INDEX IF NOT EXISTS queries_answered_by ON queries (answered_by);
+"""
+
+
+def test_a_file_from_before_the_blocked_column_is_migrated(tmp_path, caplog):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    old_rows = [
+        (now - 30, "ads.test.", "NXDOMAIN", "blocklist", "ads.txt"),
+        (now - 20, "www.test.", "NOERROR", "forward", None),
+        (now - 15, "ads.test.", "NOERROR", "blocklist", "ads.txt"),
+        (now - 10, "printer.lan.", "NOERROR", "hosts", None),
+    ]
+    db.executemany(
+        "INSERT INTO queries (ts, client, name, qtype, rcode, answered_by, list)"
+        " VALUES (?, '192.0.2.1', ?, 'A', ?, ?, ?)",
+        old_rows,
+    )
+    db.commit()
+    db.close()
+    caplog.set_level("INFO")
+    step = make(tmp_path, database=str(path))
+    step.store.open()
+    q = make_query("late.games.test")
+    step.store.write([(now, q, respond(q, 3, ede=[(EDE_FILTERED, "")], source="quiet"), 0.0)])
+    step.store.close()
+    got = [(r["name"], r["answered_by"], r["list"], r["blocked"]) for r in rows(path)]
+    assert got == [
+        ("ads.test.", "blocklist", "ads.txt", 1),
+        ("www.test.", "forward", None, 0),
+        ("ads.test.", "blocklist", "ads.txt", 1),
+        ("printer.lan.", "hosts", None, 0),
+        ("late.games.test.", "quiet", None, 1),
+    ]
+    said = [r.getMessage() for r in caplog.records if "blocked column" in r.getMessage()]
+    assert said == [
+        f"test.toml: chain[0] (querylog): {path}: added the blocked column,"
+        " 2 blocklist rows marked blocked"
+    ]
+    top = db_stats(path, now, {"hour": 3600.0}, 5)["hour"]["top_blocked"]
+    assert top == [{"name": "ads.test.", "count": 2}, {"name": "late.games.test.", "count": 1}]
+    make(tmp_path, database=str(path)).store.open()  # a second start: nothing to do
+    assert len([r for r in caplog.records if "blocked column" in r.getMessage()]) == 1

@@ -21,7 +21,7 @@ from dnsproxy import options, wire
 from dnsproxy.chain import AWAIT, Metric, Setup, Step
 from dnsproxy.hookspecs import hookimpl
 from dnsproxy.registry import Registry
-from dnsproxy.reply import BLOCKING_SOURCES, EDE_BLOCKED, Reply, respond
+from dnsproxy.reply import EDE_BLOCKED, Reply, respond
 
 # httpx logs every request at INFO: far too much for a query path.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -128,10 +128,10 @@ class HttpPolicy(Step):
         self.counts["denied"] += 1
         q.note("rule", f"http_policy ({why})")
         q.explain(f"{self.setup.where}: denied ({why})")
-        # A source in BLOCKING_SOURCES makes /metrics, /api/stats and the dashboard count
-        # the answer as blocked; the note says which step and why.
+        # EDE 15 (Blocked) makes /metrics, /api/stats, the dashboard and the query log
+        # count the answer as blocked; the note says why.
         return respond(
-            q, wire.REFUSED, ede=[(EDE_BLOCKED, "denied by policy")], source=BLOCKING_SOURCES[0]
+            q, wire.REFUSED, ede=[(EDE_BLOCKED, "denied by policy")], source=self.setup.name
         )
 
     async def run(self) -> None:
