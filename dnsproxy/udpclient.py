@@ -156,7 +156,7 @@ class UdpExchanges:
                 with trio.CancelScope() as wait:
                     self._wait = wait
                     while pending:
-                        top = self._deadlines[0][0]
+                        top = self._live_top()
                         if wait.deadline != top:
                             wait.deadline = top
                         await trio.lowlevel.wait_readable(self._set.fd)
@@ -166,6 +166,7 @@ class UdpExchanges:
                                 self._receive(ex)
                 self._wait = None
                 self._expire(trio.current_time())
+            self._deadlines.clear()  # nothing in flight: every entry left is stale
         except BaseException:
             # Only the end of the run cancels a system task: every caller still hears back.
             self._closed = True
@@ -175,6 +176,19 @@ class UdpExchanges:
         finally:
             self._running = False
             self._wait = None
+
+    def _live_top(self) -> float:
+        """The earliest deadline of an exchange in flight (there is one), the entries of
+        finished ones above it dropped: the reader waits for a live deadline, not a stale
+        one (answers come mostly in deadline order, so these are few per wake-up)."""
+        heap = self._deadlines
+        pending = self._pending
+        while True:
+            deadline, fd = heap[0]
+            live = pending.get(fd)
+            if live is not None and live.deadline == deadline:
+                return deadline
+            heappop(heap)
 
     def _receive(self, ex: _Exchange) -> None:
         recv = ex.sock.recv
@@ -198,7 +212,7 @@ class UdpExchanges:
             deadline, fd = heap[0]
             ex = pending.get(fd)
             if ex is not None and ex.deadline == deadline:
-                self._finish(ex, None, "timeout")  # which pops its entry
+                self._finish(ex, None, "timeout")  # its entry is stale now: popped next
             else:  # the entry of a finished exchange (its fd maybe reused since)
                 heappop(heap)
         if len(heap) > 2 * len(pending) + 1024:  # drop the finished ones in one go
@@ -206,19 +220,9 @@ class UdpExchanges:
             heapify(self._deadlines)
 
     def _finish(self, ex: _Exchange, data: bytes | None, err: str) -> None:
-        pending = self._pending
-        del pending[ex.fd]
+        del self._pending[ex.fd]
         self._set.discard(ex.fd)
         ex.sock.close()
-        # Entries of finished exchanges leave the top of the heap at once (answers come
-        # mostly in deadline order), so the reader waits for a live deadline, not a stale one.
-        heap = self._deadlines
-        while heap:
-            deadline, fd = heap[0]
-            live = pending.get(fd)
-            if live is not None and live.deadline == deadline:
-                break
-            heappop(heap)
         try:
             ex.done(data, err)
         except Exception as exc:  # a caller's bug must not end the reader (and the run)
