@@ -166,7 +166,7 @@ class Forward(Step):
             if hops is None:
                 done(self._loop(q))
                 return
-        key = (q.key, q.qtype, q.qclass, q.flags & wire.CD, q.do)
+        key = (q.key, q.qtype, q.qclass, q.cd, q.do)
         waiting = self.flights.get(key)
         if waiting is not None:
             q.note("coalesced", True)

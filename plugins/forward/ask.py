@@ -211,7 +211,7 @@ class Ask:
         self.up = up = self.order[tried]
         self.health = health = self.fwd.health[up.name]
         until = health.no_edns_until
-        self.plain = plain = bool(until) and until > time.monotonic()
+        self.plain = plain = until != 0.0 and until > time.monotonic()
         req = attrs.evolve(self.req, edns=False) if plain else self.req
         self.attempt(up, req, Ask.answered, now)
 
