@@ -1147,6 +1147,7 @@ class _Deadlines:
     def __init__(self) -> None:
         self.tables: dict[float, dict[Callable[[], None], float]] = {}
         self.wake: trio.CancelScope | None = None  # the sleep of `run`, set to the earliest
+        self.wake_at = math.inf  # ``wake``'s deadline (a float read, not a property's)
         # The Trio clock: the run's own clock object while `run` runs (a direct read costs
         # half of `trio.current_time`'s), `trio.current_time` otherwise.
         self.now: Callable[[], float] = trio.current_time
@@ -1160,8 +1161,8 @@ class _Deadlines:
             table = self.tables[length] = {}
         table[expired] = at
         wake = self.wake
-        if wake is not None and at < wake.deadline:
-            wake.deadline = at
+        if wake is not None and at < self.wake_at:
+            wake.deadline = self.wake_at = at
         return table
 
     async def run(self) -> None:
@@ -1170,9 +1171,11 @@ class _Deadlines:
             while True:
                 earliest = min((next(iter(t.values())) for t in self.tables.values() if t),
                                default=math.inf)  # fmt: skip
+                self.wake_at = earliest
                 with trio.CancelScope(deadline=earliest) as self.wake:
                     await trio.sleep_forever()
                 self.wake = None
+                self.wake_at = math.inf
                 now = trio.current_time()
                 for table in list(self.tables.values()):
                     while table:
@@ -1183,3 +1186,5 @@ class _Deadlines:
                         expired()
         finally:
             self.now = trio.current_time
+            self.wake = None
+            self.wake_at = math.inf

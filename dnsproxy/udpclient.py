@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import select
 import selectors
 import socket
@@ -107,6 +108,7 @@ class UdpExchanges:
         self._running = False
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
+        self._wait_until = math.inf  # ``_wait``'s deadline (a float read, not a property's)
 
     def send(
         self,
@@ -144,8 +146,8 @@ class UdpExchanges:
         if not self._running:
             self._running = True
             trio.lowlevel.spawn_system_task(self._read, name="dnsproxy udp exchanges")
-        elif self._wait is not None and deadline < self._wait.deadline:
-            self._wait.deadline = deadline
+        elif self._wait is not None and deadline < self._wait_until:
+            self._wait.deadline = self._wait_until = deadline
 
     async def _read(self) -> None:
         pending = self._pending
@@ -157,14 +159,15 @@ class UdpExchanges:
                     self._wait = wait
                     while pending:
                         top = self._live_top()
-                        if wait.deadline != top:
-                            wait.deadline = top
+                        if self._wait_until != top:
+                            wait.deadline = self._wait_until = top
                         await trio.lowlevel.wait_readable(self._set.fd)
                         for fd in self._set.ready():
                             ex = pending.get(fd)
                             if ex is not None:
                                 self._receive(ex)
                 self._wait = None
+                self._wait_until = math.inf
                 self._expire(trio.current_time())
             self._deadlines.clear()  # nothing in flight: every entry left is stale
         except BaseException:
@@ -176,6 +179,7 @@ class UdpExchanges:
         finally:
             self._running = False
             self._wait = None
+            self._wait_until = math.inf
 
     def _live_top(self) -> float:
         """The earliest deadline of an exchange in flight (there is one), the entries of
