@@ -14,7 +14,7 @@ registration of its own: those are most of the CPU a cache miss would otherwise 
 The same task enforces the deadlines, kept in a heap of (deadline, fd) pairs: an entry holds
 no reference to its exchange, so a finished one is freed at once, and a stale entry (its
 exchange finished, the fd maybe reused by a later one) is told apart by the deadline and
-dropped as soon as it reaches the top, so the reader never wakes for a finished exchange.
+dropped from the top before the reader waits, so it never wakes for a finished exchange.
 Sockets are the C-level `_socket.socket`: `socket.socket` adds Python-level constructor
 and close wrappers that buy nothing here.
 The reader exits when nothing is in flight and is started again by the next exchange.
