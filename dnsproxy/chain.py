@@ -436,6 +436,7 @@ class Chain:
         self.steps = [link.step for link in self.links]
         self._position = {id(step): i for i, step in enumerate(self.steps)}
         self.generation = 0  # bumped by `Step.changed`: the packet cache's entries are void
+        self.inflight = 0  # its queries waiting for I/O (the server's count; 0: retirable)
         for step in self.steps:
             step.chain = self
         for step in self.steps:

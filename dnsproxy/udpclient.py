@@ -14,7 +14,7 @@ registration of its own: those are most of the CPU a cache miss would otherwise 
 The same task enforces the deadlines, kept in a heap of (deadline, fd) pairs: an entry holds
 no reference to its exchange, so a finished one is freed at once, and a stale entry (its
 exchange finished, the fd maybe reused by a later one) is told apart by the deadline and
-dropped as soon as it reaches the top, so the reader never wakes for a finished exchange.
+dropped from the top before the reader waits, so it never wakes for a finished exchange.
 Sockets are the C-level `_socket.socket`: `socket.socket` adds Python-level constructor
 and close wrappers that buy nothing here.
 The reader exits when nothing is in flight and is started again by the next exchange.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import select
 import selectors
 import socket
@@ -82,18 +83,10 @@ class SelectorSet:
         return [key.fd for key, _ in self._sel.select(0)[:BATCH]]
 
 
-class _Exchange:
-    __slots__ = ("deadline", "done", "fd", "msg_id", "req", "sock")
-
-    def __init__(
-        self, sock: raw_socket, fd: int, msg_id: int, req: Request, deadline: float, done: Done
-    ) -> None:
-        self.sock = sock
-        self.fd = fd
-        self.msg_id = msg_id
-        self.req = req
-        self.deadline = deadline
-        self.done = done
+# An exchange in flight: (socket, message ID, request, deadline, callback). A tuple: one
+# is made per forwarded query, and a tuple costs a fraction of a Python object's __init__.
+_Exchange = tuple[raw_socket, int, Request, float, Done]
+_DEADLINE = 3  # an `_Exchange`'s deadline
 
 
 class UdpExchanges:
@@ -107,6 +100,7 @@ class UdpExchanges:
         self._running = False
         self._closed = False  # the run is ending: no new exchanges
         self._wait: trio.CancelScope | None = None  # the reader's wait, up to the next deadline
+        self._wait_until = math.inf  # ``_wait``'s deadline (a float read, not a property's)
 
     def send(
         self,
@@ -139,13 +133,13 @@ class UdpExchanges:
             sock.close()
             done(None, exc.strerror or str(exc))
             return
-        self._pending[fd] = _Exchange(sock, fd, msg_id, req, deadline, done)
+        self._pending[fd] = (sock, msg_id, req, deadline, done)
         heappush(self._deadlines, (deadline, fd))
         if not self._running:
             self._running = True
             trio.lowlevel.spawn_system_task(self._read, name="dnsproxy udp exchanges")
-        elif self._wait is not None and deadline < self._wait.deadline:
-            self._wait.deadline = deadline
+        elif self._wait is not None and deadline < self._wait_until:
+            self._wait.deadline = self._wait_until = deadline
 
     async def _read(self) -> None:
         pending = self._pending
@@ -156,28 +150,45 @@ class UdpExchanges:
                 with trio.CancelScope() as wait:
                     self._wait = wait
                     while pending:
-                        top = self._deadlines[0][0]
-                        if wait.deadline != top:
-                            wait.deadline = top
+                        top = self._live_top()
+                        if self._wait_until != top:
+                            wait.deadline = self._wait_until = top
                         await trio.lowlevel.wait_readable(self._set.fd)
                         for fd in self._set.ready():
                             ex = pending.get(fd)
                             if ex is not None:
-                                self._receive(ex)
+                                self._receive(fd, ex)
                 self._wait = None
+                self._wait_until = math.inf
                 self._expire(trio.current_time())
+            self._deadlines.clear()  # nothing in flight: every entry left is stale
         except BaseException:
             # Only the end of the run cancels a system task: every caller still hears back.
             self._closed = True
-            for ex in list(self._pending.values()):
-                self._finish(ex, None, "shutting down")
+            for fd, ex in list(self._pending.items()):
+                self._finish(fd, ex, None, "shutting down")
             raise
         finally:
             self._running = False
             self._wait = None
+            self._wait_until = math.inf
 
-    def _receive(self, ex: _Exchange) -> None:
-        recv = ex.sock.recv
+    def _live_top(self) -> float:
+        """The earliest deadline of an exchange in flight (there is one), the entries of
+        finished ones above it dropped: the reader waits for a live deadline, not a stale
+        one (answers come mostly in deadline order, so these are few per wake-up)."""
+        heap = self._deadlines
+        pending = self._pending
+        while True:
+            deadline, fd = heap[0]
+            live = pending.get(fd)
+            if live is not None and live[_DEADLINE] == deadline:
+                return deadline
+            heappop(heap)
+
+    def _receive(self, fd: int, ex: _Exchange) -> None:
+        sock, msg_id, req, _, _ = ex
+        recv = sock.recv
         while True:
             try:
                 data = recv(65535)
@@ -185,10 +196,10 @@ class UdpExchanges:
                 return
             except OSError as exc:
                 reason = "connection refused" if exc.errno == errno.ECONNREFUSED else exc.strerror
-                self._finish(ex, None, reason or str(exc))
+                self._finish(fd, ex, None, reason or str(exc))
                 return
-            if matches(data, ex.msg_id, ex.req):
-                self._finish(ex, data, "")
+            if matches(data, msg_id, req):
+                self._finish(fd, ex, data, "")
                 return
 
     def _expire(self, now: float) -> None:
@@ -197,30 +208,21 @@ class UdpExchanges:
         while heap and heap[0][0] <= now:
             deadline, fd = heap[0]
             ex = pending.get(fd)
-            if ex is not None and ex.deadline == deadline:
-                self._finish(ex, None, "timeout")  # which pops its entry
+            if ex is not None and ex[_DEADLINE] == deadline:
+                self._finish(fd, ex, None, "timeout")  # its entry is stale now: popped next
             else:  # the entry of a finished exchange (its fd maybe reused since)
                 heappop(heap)
         if len(heap) > 2 * len(pending) + 1024:  # drop the finished ones in one go
-            self._deadlines = [(ex.deadline, fd) for fd, ex in pending.items()]
+            self._deadlines = [(ex[_DEADLINE], fd) for fd, ex in pending.items()]
             heapify(self._deadlines)
 
-    def _finish(self, ex: _Exchange, data: bytes | None, err: str) -> None:
-        pending = self._pending
-        del pending[ex.fd]
-        self._set.discard(ex.fd)
-        ex.sock.close()
-        # Entries of finished exchanges leave the top of the heap at once (answers come
-        # mostly in deadline order), so the reader waits for a live deadline, not a stale one.
-        heap = self._deadlines
-        while heap:
-            deadline, fd = heap[0]
-            live = pending.get(fd)
-            if live is not None and live.deadline == deadline:
-                break
-            heappop(heap)
+    def _finish(self, fd: int, ex: _Exchange, data: bytes | None, err: str) -> None:
+        sock, _, _, _, done = ex
+        del self._pending[fd]
+        self._set.discard(fd)
+        sock.close()
         try:
-            ex.done(data, err)
+            done(data, err)
         except Exception as exc:  # a caller's bug must not end the reader (and the run)
             log.error("udp exchange callback failed: %r", exc, exc_info=exc)
 

@@ -30,6 +30,9 @@ from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
 
 UPSTREAM_UDP_SIZE = 1232
+_OPT_FIXED = struct.Struct(
+    "!xHHIH"
+)  # an OPT record up to its options: root, type, size, TTL, RDLENGTH
 
 
 @attrs.define(eq=False)
@@ -193,20 +196,24 @@ class Request:
         if pad_block:
             pad = -(12 + len(self.question) + 11 + len(options) + 4) % pad_block
             options += wire.edns_option(wire.PADDING_OPTION, b"\x00" * pad)
-        opt = wire.opt_record(UPSTREAM_UDP_SIZE, self.do, options)
-        return b"".join((wire.HEADER.pack(msg_id, flags, 1, 0, 0, 1), self.question, opt))
+        opt = _OPT_FIXED.pack(
+            wire.OPT, UPSTREAM_UDP_SIZE, wire.EDNS_DO if self.do else 0, len(options)
+        )
+        return b"".join((wire.HEADER.pack(msg_id, flags, 1, 0, 0, 1), self.question, opt, options))
+
+
+_ID_FLAGS_QD = struct.Struct("!HHH")
+_QR_OPCODE = 0xF800  # the QR bit and the opcode
 
 
 def matches(data: bytes, msg_id: int, req: Request) -> bool:
     """Whether ``data`` is a response to ``req`` sent with ``msg_id`` (RFC 5452 §9.1)."""
     if len(data) < 12:
         return False
-    rid, flags, qd = struct.unpack_from("!HHH", data)
-    if rid != msg_id or not flags & wire.QR or (flags >> 11) & 0xF != 0 or qd != 1:
+    rid, flags, qd = _ID_FLAGS_QD.unpack_from(data)
+    if rid != msg_id or flags & _QR_OPCODE != wire.QR or qd != 1:  # a response, opcode 0
         return False
-    end = 12 + len(req.question)
-    if len(data) < end:
-        return False
+    end = 12 + len(req.question)  # slices of a shorter message compare unequal
     return data[12 : end - 4].lower() == req.key and data[end - 4 : end] == req.question[-4:]
 
 

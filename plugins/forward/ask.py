@@ -146,7 +146,7 @@ class Ask:
 
     Driven by callbacks (`UdpUpstream.send`, or `exchange_task`): TC retries over TCP,
     FORMERR/NOTIMP/BADVERS retries without EDNS, and failover are each one more attempt,
-    and only one attempt is in flight at a time.
+    and only one attempt is in flight at a time. Built, it sends its first attempt.
     """
 
     __slots__ = (
@@ -162,14 +162,19 @@ class Ask:
         "race",
         "req",
         "sent",
-        "started",
         "then",
         "timeouts",
         "tried",
         "up",
         "via",
     )
-    health: Health  # of the upstream being asked; set by `next` before any attempt
+    # Set by `next` (up, health, plain) and `attempt` (via, then, sent) before any outcome.
+    health: Health  # of the upstream being asked
+    up: Upstream  # the upstream being asked
+    via: Upstream  # the transport of the attempt: up, or its TCP twin
+    plain: bool  # asked without EDNS (it rejected EDNS lately)
+    then: Then  # what the attempt's outcome goes to
+    sent: float  # time.monotonic() at the attempt's send, for its latency
 
     def __init__(
         self,
@@ -189,21 +194,16 @@ class Ask:
         )
         self.order = order
         self.tried = 0  # upstreams of ``order`` asked so far
-        self.started = trio.current_time()  # the first attempt's start: `next` follows at once
-        self.deadline = self.started + fwd.options.budget
         self.timeouts = 0
-        self.errors: list[str] = []
-        self.last_bad: Reply | None = None
-        self.up: Upstream | None = None  # the upstream being asked
-        self.via: Upstream | None = None  # the transport of the attempt: up, or its TCP twin
-        self.plain = False
-        self.sent = 0.0
-        self.then: Then = Ask.answered
+        self.errors: tuple[str, ...] = ()  # why each failed attempt failed (a tuple: no
+        self.last_bad: Reply | None = None  # allocation while there is none)
+        now = fwd.now()
+        self.deadline = now + fwd.options.budget
+        self.next(now)
 
-    def next(self) -> None:
-        """Ask the next upstream, or give up."""
+    def next(self, now: float) -> None:
+        """Ask the next upstream at ``now`` (Trio clock), or give up."""
         tried = self.tried
-        now = trio.current_time() if tried else self.started
         if tried == len(self.order) or now >= self.deadline:
             self.lost()
             return
@@ -211,14 +211,12 @@ class Ask:
         self.up = up = self.order[tried]
         self.health = health = self.fwd.health[up.name]
         until = health.no_edns_until
-        self.plain = plain = bool(until) and until > time.monotonic()
-        self.attempt(up, attrs.evolve(self.req, edns=False) if plain else self.req, now=now)
+        self.plain = plain = until != 0.0 and until > time.monotonic()
+        req = attrs.evolve(self.req, edns=False) if plain else self.req
+        self.attempt(up, req, Ask.answered, now)
 
-    def attempt(
-        self, via: Upstream, req: Request, then: Then | None = None, now: float | None = None
-    ) -> None:
-        """Send ``req`` over ``via``; ``then`` (default: `answered`) gets the outcome.
-        ``now`` is the Trio clock if the caller just read it.
+    def attempt(self, via: Upstream, req: Request, then: Then, now: float) -> None:
+        """Send ``req`` over ``via``; ``then`` gets the outcome. ``now`` is the Trio clock.
 
         ``then`` is a plain function, not a bound method: an `Ask` holding its own bound
         method would be a reference cycle, left for the garbage collector instead of
@@ -226,11 +224,11 @@ class Ask:
         """
         self.health.queries += 1
         self.via = via
-        self.then = then or Ask.answered
+        self.then = then
         self.sent = time.monotonic()
-        if now is None:
-            now = trio.current_time()
-        deadline = min(self.deadline, now + self.fwd.options.timeout)
+        deadline = now + self.fwd.options.timeout
+        if deadline > self.deadline:
+            deadline = self.deadline
         send = getattr(via, "send", None)
         if send is not None:
             send(req, deadline, self.done)
@@ -246,7 +244,6 @@ class Ask:
                 reply = Reply(trim(data, q), source=fwd.setup.name)
             except ValueError as exc:
                 err = f"malformed answer ({exc})"
-        assert self.via is not None and self.up is not None
         if reply is None:
             fwd.failed(self.up.name, health, fwd.options.timeout if err == "timeout" else 0.0)
             q.explain(f"{fwd.setup.where}: {self.via.name}: {err}")
@@ -266,7 +263,8 @@ class Ask:
             return
         w = reply.wire
         if w[2] & (wire.TC >> 8) and isinstance(self.up, UdpUpstream):
-            self.attempt(self.up.tcp, self.req, Ask.whole)  # TC: the whole answer over TCP
+            # TC: the whole answer over TCP
+            self.attempt(self.up.tcp, self.req, Ask.whole, self.fwd.now())
         elif w[3] & 0x0F in NO_EDNS_RCODES:
             self.whole(reply, err)
         else:  # the common case, `whole` would pass it on unchanged
@@ -274,22 +272,20 @@ class Ask:
 
     def whole(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.rcode in NO_EDNS_RCODES and not self.plain:
-            assert self.up is not None
-            self.attempt(self.up, attrs.evolve(self.req, edns=False), Ask.without_edns)
+            req = attrs.evolve(self.req, edns=False)
+            self.attempt(self.up, req, Ask.without_edns, self.fwd.now())
         else:
             self.judge(reply, err)
 
     def without_edns(self, reply: Reply | None, err: str) -> None:
         if reply is not None and reply.rcode not in NO_EDNS_RCODES:
-            assert self.up is not None
             self.health.no_edns_until = time.monotonic() + NO_EDNS_MEMORY
             self.fwd.log.info("%s rejects EDNS; asking it without EDNS for 10 min", self.up.name)
         self.judge(reply, err)
 
     def judge(self, reply: Reply | None, err: str) -> None:
-        assert self.up is not None
         name = self.up.name
-        if reply is not None and reply.rcode not in FAILOVER_RCODES:
+        if reply is not None and reply.wire[3] & 0x0F not in FAILOVER_RCODES:
             if self.race is not None:
                 self.race.over = True
             self.q.note("upstream", name)
@@ -303,13 +299,13 @@ class Ask:
             return
         if reply is not None:
             self.last_bad = reply
-            self.errors.append(f"{name}: rcode {reply.rcode}")
+            self.errors += (f"{name}: rcode {reply.rcode}",)
         elif err == "timeout":
             self.timeouts += 1
-            self.errors.append(f"{name}: timeout")
+            self.errors += (f"{name}: timeout",)
         else:
-            self.errors.append(f"{name}: {err}")
-        self.next()
+            self.errors += (f"{name}: {err}",)
+        self.next(self.fwd.now())
 
     def lost(self) -> None:
         """No upstream of this Ask answered: SERVFAIL, unless the other of a race is still
@@ -321,7 +317,7 @@ class Ask:
                 race.loser = self
                 return
             race.over = True
-            self.errors[:0] = other.errors
+            self.errors = other.errors + self.errors
             self.timeouts += other.timeouts
             self.last_bad = self.last_bad or other.last_bad
         self.fwd.complete(self.key, self.give_up())

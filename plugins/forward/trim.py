@@ -25,6 +25,7 @@ DROPPED = 65535  # reserved type (RFC 6895): marks records of another class for 
 NEGATIVE_PROOF = (NSEC, NSEC3)
 _HEAD = struct.Struct("!HHHH")  # ID, flags, QDCOUNT, ANCOUNT
 _OWNED_RR = struct.Struct("!HHHIH")  # a record's owner as a pointer, type, class, TTL, length
+_NOT_AA = ~wire.AA
 
 
 def trim(data: bytes, q: Query) -> bytes:
@@ -119,20 +120,19 @@ def direct_answer(data: bytes, q: Query) -> bytes | None:
     msg_id, flags, _, an = _HEAD.unpack_from(data)
     if not an or flags & 0x0F:
         return None
-    off = 12 + len(q.qname) + 4  # `matches` checked the question is exactly the client's
-    end = len(data)
+    off = 16 + len(q.qname)  # `matches` checked the question is exactly the client's
     unpack, qtype, qclass = _OWNED_RR.unpack_from, q.qtype, q.qclass
-    for _ in range(an):
-        if off + 12 > end:
-            return None
-        pointer, rtype, rclass, ttl, rdlen = unpack(data, off)
-        if pointer != 0xC00C or rtype != qtype or rclass != qclass or ttl & 0x8000_0000:
-            return None  # another owner, type or class, or a TTL to clear: `minimal`, `scrub`
-        off += 12 + rdlen
-    if off > end:
+    try:
+        for _ in range(an):
+            pointer, rtype, rclass, ttl, rdlen = unpack(data, off)
+            if pointer != 0xC00C or rtype != qtype or rclass != qclass or ttl & 0x8000_0000:
+                return None  # another owner, type or class, or a TTL to clear: `minimal`, `scrub`
+            off += 12 + rdlen
+    except struct.error:  # a record's fixed part past the end
         return None
-    flags = (flags & ~wire.AA) | wire.RA
-    return wire.HEADER.pack(msg_id, flags, 1, an, 0, 0) + data[12:off]
+    if off > len(data):
+        return None
+    return wire.HEADER.pack(msg_id, flags & _NOT_AA | wire.RA, 1, an, 0, 0) + data[12:off]
 
 
 def _keep(body: bytes, recs: list[wire.Record], q: Query) -> list[int] | None:

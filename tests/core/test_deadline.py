@@ -15,7 +15,7 @@ import trio
 from dnsproxy.errors import ConfigError
 from dnsproxy.loader import build_chain, load
 from dnsproxy.reply import EDE_NO_REACHABLE_AUTHORITY
-from dnsproxy.server import Server
+from dnsproxy.server import Server, _Deadlines
 from dnsproxy.testing import make_query
 from tests.core.test_server import start, write_config
 
@@ -72,3 +72,19 @@ def test_deadline_defaults_to_10_s_and_is_validated(tmp_path):
             load(path)
         [line] = err.value.lines
         assert line.startswith("config.toml: chain[0] (static): deadline: ") and said in line
+
+
+async def test_a_shorter_deadline_added_later_expires_first(nursery, autojump_clock):
+    """`_Deadlines.run` sleeps until the earliest deadline: one added while it sleeps
+    towards a later one wakes it earlier, and each expires at its own time."""
+    deadlines = _Deadlines()
+    nursery.start_soon(deadlines.run)
+    await trio.sleep(0.1)  # run is asleep, with nothing to wait for
+    start = trio.current_time()
+    expired: dict[str, float] = {}
+    deadlines.add(5.0, lambda: expired.setdefault("long", trio.current_time()))
+    await trio.sleep(0.1)
+    deadlines.add(0.5, lambda: expired.setdefault("short", trio.current_time()))
+    await trio.sleep(6)
+    assert 0.6 <= expired["short"] - start < 0.65
+    assert 5.0 <= expired["long"] - start < 5.05
