@@ -509,6 +509,17 @@ def test_direct_path_declines_a_record_running_past_the_end():
         trim.trim(data, q)
 
 
+def test_direct_path_declines_an_answer_count_past_the_records():
+    """ANCOUNT says two records, the message ends after one: the second record's fixed
+    part is read past the end, and the fast path declines rather than fail."""
+    q = make_query("q.example.org", "A")
+    data = upstream_answer(q, records=rr_a())
+    data = data[:6] + struct.pack("!HHH", 2, 0, 0) + data[12:-11]  # ANCOUNT 2, no OPT
+    assert trim.direct_answer(data, q) is None
+    with pytest.raises(ValueError):
+        trim.trim(data, q)
+
+
 def test_an_upstream_0x20_answer_reaches_the_client_in_its_own_case():
     """The upstream echoes the question in another case (0x20): the fast path keeps its
     bytes, and finalize gives the client back its own spelling."""
