@@ -224,6 +224,27 @@ async def test_finished_deadlines_do_not_pile_up(nursery):
     assert len(table._deadlines) <= 1024 + 1
 
 
+async def test_finished_deadlines_are_dropped_at_the_next_timeout(nursery):
+    """While one exchange stays in flight the reader never goes idle, and the entries of
+    finished exchanges with later deadlines are not at the top for `_live_top` to pop:
+    the next timeout drops them all in one go."""
+    up, silent = Upstream(), Upstream("silent")
+    await nursery.start(up.run)
+    await nursery.start(silent.run)
+    table = UdpExchanges()
+    outcomes: list[tuple[bytes | None, str]] = []
+    now = trio.current_time()
+    table.send(silent.addr, socket.AF_INET, request(), now + 100, lambda *a: None)  # held
+    for _ in range(1100):  # more than the 1024 stale entries the heap may keep
+        await ask(up.addr, deadline_in=200, table=table)
+    assert len(table._deadlines) == 1 + 1100  # all stale but the top's
+    table.send(silent.addr, socket.AF_INET, request(), now, lambda *a: outcomes.append(a))
+    while not outcomes:
+        await trio.sleep(0.01)
+    assert outcomes == [(None, "timeout")]
+    assert len(table._deadlines) == len(table._pending) == 1
+
+
 async def test_selector_fallback_works_the_same(nursery):
     up = Upstream("liar")
     await nursery.start(up.run)
