@@ -1,7 +1,7 @@
 """The RRL bookkeeping: credit accounts in a bounded LRU table, and response keys.
 
 Kept apart from the step so the arithmetic can be read (and tested) on its own: the
-BIND 9 credit model is in `Table.debit`, the query token bucket in `Table.take`.
+BIND 9 credit model is in `Account.debit`, the query token bucket in `Table.take`.
 """
 
 from __future__ import annotations
