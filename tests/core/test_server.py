@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from pathlib import Path
@@ -535,3 +536,38 @@ def test_tls_timing_out_of_range_is_a_config_error(tmp_path, option, value, got,
     assert exc.value.lines == [
         f"config.toml: server: option '{option}': must be between {bounds}, got {got}"
     ]
+
+
+class _FailingListener:
+    """A listening socket whose ``accept`` fails as scripted: always readable (the fd of
+    one end of a socket pair with a byte waiting), each ``accept`` raising the next error."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.pair = socket.socketpair()
+        self.pair[1].send(b"x")
+        self.errors = errors
+        self.accepts: list[float] = []
+
+    def fileno(self) -> int:
+        return self.pair[0].fileno()
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        self.accepts.append(trio.current_time())
+        raise OSError(self.errors.pop(0), "scripted")
+
+
+async def test_accept_skips_a_failed_connection_pauses_when_out_of_fds_else_raises(
+    tmp_path, autojump_clock, caplog
+):
+    """One connection's failure (ECONNABORTED) costs nothing; running out of descriptors
+    (EMFILE) pauses the listener 100 ms, not a busy loop; anything else is a bug, raised."""
+    server = Server(write_config(tmp_path, STATIC), handle_signals=False)
+    sock = _FailingListener([errno.ECONNABORTED, errno.EMFILE, errno.EINVAL])
+    with pytest.raises(OSError) as exc:
+        await server._tcp_accept(sock)  # type: ignore[arg-type]
+    assert exc.value.errno == errno.EINVAL and sock.errors == []
+    skipped, paused, raised = sock.accepts
+    assert skipped == paused and raised - paused >= 0.1
+    assert "tcp accept failed: scripted; pausing 100 ms" in caplog.text
+    for s in sock.pair:
+        s.close()
