@@ -13,7 +13,7 @@ import trio
 from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
 from dnsproxy.udpclient import SelectorSet, UdpExchanges, UdpUpstream, exchanges
-from dnsproxy.upstream import Request
+from dnsproxy.upstream import Request, matches
 
 NAME = b"\x03www\x07example\x03org\x00"
 OTHER = b"\x03www\x07example\x03net\x00"  # as long as NAME
@@ -106,6 +106,32 @@ async def test_answer_arrives_after_lies_are_ignored(nursery):
     data, err = await ask(up.addr)
     assert err == "" and data == answer_to(data)  # the truth, not one of the lies
     assert exchanges()._pending == {}  # the socket is closed and forgotten
+
+
+def _qdcount(data: bytes, qd: int) -> bytes:
+    return data[:4] + struct.pack("!H", qd) + data[6:]
+
+
+@pytest.mark.parametrize(
+    ("change", "matched"),
+    [
+        (lambda a: a, True),
+        (lambda a: a[:2] + b"\x85" + a[3:], True),  # AA and RD: flags beside QR and opcode
+        (lambda a: a[:2] + b"\x89" + a[3:], False),  # opcode 1 (IQUERY) in a response
+        (lambda a: a[:2] + b"\xa9" + a[3:], False),  # opcode 5 (UPDATE)
+        (lambda a: _qdcount(a, 0), False),
+        (lambda a: _qdcount(a, 2), False),
+        (lambda a: a[: 12 + len(NAME) + 2], False),  # cut inside the question's type
+        (lambda a: a[: 12 + len(NAME) - 3], False),  # cut inside the name
+        (lambda a: a[:11], False),  # shorter than a header
+    ],
+)
+def test_matches_takes_only_a_standard_response_to_the_question(change, matched):
+    """RFC 5452 §9.1: ID, question, and a response (QR) of opcode QUERY with one question;
+    a message cut short never matches."""
+    req = request()
+    truth = answer_to(struct.pack("!H", 7) + b"\x00" * 10 + req.question)
+    assert matches(change(truth), 7, req) is matched
 
 
 async def test_silent_upstream_times_out_at_the_deadline(nursery, autojump_clock):
