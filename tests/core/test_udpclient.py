@@ -13,7 +13,7 @@ import trio
 from dnsproxy import wire
 from dnsproxy.errors import UpstreamError
 from dnsproxy.udpclient import SelectorSet, UdpExchanges, UdpUpstream, exchanges
-from dnsproxy.upstream import Request, matches
+from dnsproxy.upstream import UPSTREAM_UDP_SIZE, Request, matches
 
 NAME = b"\x03www\x07example\x03org\x00"
 OTHER = b"\x03www\x07example\x03net\x00"  # as long as NAME
@@ -132,6 +132,29 @@ def test_matches_takes_only_a_standard_response_to_the_question(change, matched)
     req = request()
     truth = answer_to(struct.pack("!H", 7) + b"\x00" * 10 + req.question)
     assert matches(change(truth), 7, req) is matched
+
+
+@pytest.mark.parametrize("do", [False, True])
+@pytest.mark.parametrize("options", [b"", wire.edns_option(65053, b"t" * 8)])
+@pytest.mark.parametrize("pad_block", [0, 128])
+def test_a_request_on_the_wire_is_the_question_and_its_opt(do, options, pad_block):
+    """`Request.to_wire` packs the OPT record itself (no `wire.opt_record` call per
+    query): the same bytes, padded to the block when asked (RFC 7830/8467)."""
+    req = Request(
+        NAME + b"\x00\x01\x00\x01", NAME, 1, 1, wire.RD | wire.CD | wire.AD, do, True, options
+    )
+    out = req.to_wire(0x1234, pad_block=pad_block)
+    head = wire.HEADER.pack(0x1234, wire.RD | wire.CD, 1, 0, 0, 1) + req.question
+    if pad_block:
+        pad = -(len(head) + 11 + len(options) + 4) % pad_block
+        options += wire.edns_option(wire.PADDING_OPTION, b"\x00" * pad)
+        assert len(out) % pad_block == 0
+    assert out == head + wire.opt_record(UPSTREAM_UDP_SIZE, do, options)
+    plain = Request(req.question, NAME, 1, 1, wire.RD, do, False, options)
+    assert (
+        plain.to_wire(9, pad_block=pad_block)
+        == wire.HEADER.pack(9, wire.RD, 1, 0, 0, 0) + NAME + b"\x00\x01\x00\x01"
+    )
 
 
 async def test_silent_upstream_times_out_at_the_deadline(nursery, autojump_clock):
