@@ -81,9 +81,8 @@ class Reply:
         self.ede = tuple(ede)
         self.source = source
         self.cacheable = cacheable
-        if blocked is None:  # most replies carry no EDE: skip the call
-            blocked = blocking(self.ede) if self.ede else False
-        self.blocked = blocked
+        # One store whichever way (most replies carry no EDE: no call then).
+        self.blocked = blocked if blocked is not None else blocking(self.ede) if self.ede else False
         self._message: dns.message.Message | None = None
         self._records: list[wire.Record] | None = None
 
