@@ -36,6 +36,14 @@ def make_server(tmp_path: Path, chain: str, server: str = "") -> Server:
     return Server(path, handle_signals=False)
 
 
+def sized(tmp_path: Path, chain: str, size: int) -> Server:
+    """`make_server` with ``packet_cache_size = size``, in a directory of its own: tests
+    run a chain with the cache off (0, the reference) and on, and compare."""
+    path = tmp_path / str(size)
+    path.mkdir()
+    return make_server(path, chain, f"packet_cache_size = {size}")
+
+
 async def running(nursery: trio.Nursery, server: Server) -> Server:
     await nursery.start(server.run)
     with trio.fail_after(10):
@@ -121,9 +129,7 @@ async def test_ratelimit_accounts_and_limits_replays_as_the_chain_does(tmp_path,
     chain = '[[chain]]\nplugin = "ratelimit"\nresponses_per_second = 3\nslip = 2\n' + HOSTS
     outcomes = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         seen = []
         for _ in range(12):
             r = ask(server, "printer.lan")
@@ -156,9 +162,7 @@ async def test_replays_to_clients_sharing_an_entry_are_charged_to_each_ones_acco
     clients = ["127.0.0.1", "127.0.1.1", "127.0.2.1", "127.0.0.1", "127.0.0.9", "127.0.1.1"]
     outcomes = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         seen = []
         for _ in range(6):
             for client in clients:
@@ -248,9 +252,7 @@ async def test_replayed_ttls_count_down_as_the_caches_between_and_across_seconds
     shown = []
     for size in (0, 100):
         now = [1000.0]
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = make_server(path, chain, f"packet_cache_size = {size}")
+        server = sized(tmp_path, chain, size)
         server.chain.steps[0].clock = lambda now=now: now[0]
         if server.packets is not None:
             server.packets.clock = lambda now=now: now[0]
@@ -483,9 +485,7 @@ async def test_replays_count_in_the_answering_steps_metrics(tmp_path, nursery):
     chain += '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n'
     seen = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         for name in ("ads.example", "printer.lan", "www.example.org"):
             for _ in range(4):
                 ask(server, name)
@@ -556,10 +556,7 @@ async def test_a_replay_never_debits_an_account_the_table_forgot(tmp_path, nurse
     )
     outcomes = []
     for cache_size in (0, 100):
-        path = tmp_path / str(cache_size)
-        path.mkdir()
-        config = f"packet_cache_size = {cache_size}"
-        server = await running(nursery, make_server(path, chain, config))
+        server = await running(nursery, sized(tmp_path, chain, cache_size))
         seen = []
         for i in range(12):
             names = ("a.lan", "b.lan") if event == "eviction" else ("a.lan",)
