@@ -379,6 +379,28 @@ def test_a_full_cache_keeps_most_of_a_set_cycled_past_its_size(tmp_path):
     assert hits(server) - before >= 0.8 * 4 * len(names)
 
 
+def test_a_full_cache_admits_a_name_asked_again_in_place_of_the_oldest(tmp_path):
+    """Admission when full is once in ADMIT_WHEN_FULL stores, neither always nor never: a
+    name asked again and again gets in after a few refusals, and the oldest entry makes
+    way for it."""
+    chain = HOSTS.replace("printer.lan", "a.lan b.lan c.lan")
+    server = make_server(tmp_path, chain, "packet_cache_size = 2")
+    assert server.packets is not None
+    server.packets.admit = random.Random(7)
+    ask(server, "a.lan")
+    ask(server, "b.lan")
+    tries = 0
+    while not hits(server) and tries < 64:
+        tries += 1
+        assert address(ask(server, "c.lan")) == "192.0.2.7"
+    assert hits(server) == 1 and tries > 2  # refused at first (Random(7): admitted 4th)
+    assert len(server.packets.entries) == 2
+    ask(server, "b.lan")
+    assert hits(server) == 2
+    ask(server, "a.lan")  # the oldest: dropped for c.lan
+    assert hits(server) == 2
+
+
 def test_a_flood_of_one_off_names_replaces_only_a_fraction_of_a_full_cache(tmp_path):
     popular = [f"p{i}.lan" for i in range(50)]
     flood = [f"f{i}.lan" for i in range(100)]
