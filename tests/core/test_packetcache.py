@@ -204,6 +204,26 @@ async def test_observers_see_every_replayed_query_with_its_source(tmp_path):
     )
 
 
+async def test_observers_see_a_replay_with_the_notes_of_the_chains_answer(tmp_path, nursery):
+    """The notes (the query log's rule and list columns) come with each replay as the
+    chain's answer had them."""
+    chain = blocklist(tmp_path, "ads.example\n") + HOSTS
+    server = await running(nursery, make_server(tmp_path, chain))
+    seen: list[dict | None] = []
+
+    def observe(q, reply, elapsed):
+        seen.append(None if q.notes is None else {k: str(v) for k, v in q.notes.items()})
+
+    server._observers = (observe,)
+    for name in ("printer.lan", "ads.example"):
+        for _ in range(3):
+            ask(server, name)
+    assert hits(server) == 4
+    assert seen[0] == {"rule": "hosts"} and seen[3] is not None and "list" in seen[3]
+    assert seen == [seen[0]] * 3 + [seen[3]] * 3
+    server.stop()
+
+
 @pytest.mark.parametrize(
     ("chain", "sources"),
     [
