@@ -367,6 +367,10 @@ async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
     for bad in (-1, 10_000_001):
         with pytest.raises(ConfigError, match="packet_cache_size"):
             make_server(tmp_path, HOSTS, f"packet_cache_size = {bad}")
+    top = make_server(tmp_path, HOSTS, "packet_cache_size = 10000000")  # the largest taken
+    assert top.packets is not None and address(ask(top, "printer.lan")) == "192.0.2.7"
+    assert top.packets.size == 10_000_000 and address(ask(top, "printer.lan")) == "192.0.2.7"
+    assert hits(top) == 1
 
 
 def test_the_client_views_are_bounded_by_the_size(tmp_path):
