@@ -48,7 +48,7 @@ from common import (
     FULL_CHAIN,
     Process,
     chain_config,
-    cpu_seconds,
+    cpu_per_query,
     dnsperf,
     free_port,
     launch,
@@ -216,12 +216,8 @@ def start_floor(kind: str, upstream_port: int = 0) -> Process:
 
 def measure(server: Process, queries: list[str], seconds: float, rate: int) -> list[str]:
     dnsperf(server.port, queries, 1)  # warm-up (fills the caches)
-    user0, sys0 = cpu_seconds(server.pid)
-    perf = dnsperf(server.port, queries, seconds)
-    user1, sys1 = cpu_seconds(server.pid)
+    perf, user, kernel = cpu_per_query(server, queries, seconds)
     paced = dnsperf(server.port, queries, seconds, max_qps=rate)
-    n = perf.qps * seconds
-    user, kernel = (user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6
     return [
         f"{perf.qps:,.0f}",
         f"{user:.1f}",

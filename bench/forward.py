@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     Process,
-    cpu_seconds,
+    cpu_per_query,
     dnsperf,
     names_zone,
     start_dnsmasq,
@@ -40,11 +40,7 @@ def measure(
 ) -> list[str]:
     """One dnsperf run against ``server``, then one paced run per rate (fresh names: the
     latency of misses): its row, queries/s first (as a number)."""
-    user0, sys0 = cpu_seconds(server.pid)
-    r = dnsperf(server.port, queries, seconds)
-    user1, sys1 = cpu_seconds(server.pid)
-    n = max(r.qps * seconds, 1)
-    user, kernel = (user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6
+    r, user, kernel = cpu_per_query(server, queries, seconds)
     row = [label, r.qps, f"{r.avg_ms:.3f}", f"{r.lost:.2%}", f"{user:.1f}", f"{kernel:.1f}"]
     for rate in rates:
         row.append(f"{dnsperf(server.port, queries[::-1], seconds, max_qps=rate).avg_ms:.3f}")

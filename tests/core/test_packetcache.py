@@ -36,6 +36,14 @@ def make_server(tmp_path: Path, chain: str, server: str = "") -> Server:
     return Server(path, handle_signals=False)
 
 
+def sized(tmp_path: Path, chain: str, size: int) -> Server:
+    """`make_server` with ``packet_cache_size = size``, in a directory of its own: tests
+    run a chain with the cache off (0, the reference) and on, and compare."""
+    path = tmp_path / str(size)
+    path.mkdir()
+    return make_server(path, chain, f"packet_cache_size = {size}")
+
+
 async def running(nursery: trio.Nursery, server: Server) -> Server:
     await nursery.start(server.run)
     with trio.fail_after(10):
@@ -121,9 +129,7 @@ async def test_ratelimit_accounts_and_limits_replays_as_the_chain_does(tmp_path,
     chain = '[[chain]]\nplugin = "ratelimit"\nresponses_per_second = 3\nslip = 2\n' + HOSTS
     outcomes = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         seen = []
         for _ in range(12):
             r = ask(server, "printer.lan")
@@ -156,9 +162,7 @@ async def test_replays_to_clients_sharing_an_entry_are_charged_to_each_ones_acco
     clients = ["127.0.0.1", "127.0.1.1", "127.0.2.1", "127.0.0.1", "127.0.0.9", "127.0.1.1"]
     outcomes = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         seen = []
         for _ in range(6):
             for client in clients:
@@ -198,6 +202,26 @@ async def test_observers_see_every_replayed_query_with_its_source(tmp_path):
         ]
         + [("www.example.org.", "cache", "127.0.0.1")] * 3
     )
+
+
+async def test_observers_see_a_replay_with_the_notes_of_the_chains_answer(tmp_path, nursery):
+    """The notes (the query log's rule and list columns) come with each replay as the
+    chain's answer had them."""
+    chain = blocklist(tmp_path, "ads.example\n") + HOSTS
+    server = await running(nursery, make_server(tmp_path, chain))
+    seen: list[dict | None] = []
+
+    def observe(q, reply, elapsed):
+        seen.append(None if q.notes is None else {k: str(v) for k, v in q.notes.items()})
+
+    server._observers = (observe,)
+    for name in ("printer.lan", "ads.example"):
+        for _ in range(3):
+            ask(server, name)
+    assert hits(server) == 4
+    assert seen[0] == {"rule": "hosts"} and seen[3] is not None and "list" in seen[3]
+    assert seen == [seen[0]] * 3 + [seen[3]] * 3
+    server.stop()
 
 
 @pytest.mark.parametrize(
@@ -248,9 +272,7 @@ async def test_replayed_ttls_count_down_as_the_caches_between_and_across_seconds
     shown = []
     for size in (0, 100):
         now = [1000.0]
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = make_server(path, chain, f"packet_cache_size = {size}")
+        server = sized(tmp_path, chain, size)
         server.chain.steps[0].clock = lambda now=now: now[0]
         if server.packets is not None:
             server.packets.clock = lambda now=now: now[0]
@@ -345,6 +367,10 @@ async def test_the_size_is_bounded_and_zero_turns_it_off(tmp_path):
     for bad in (-1, 10_000_001):
         with pytest.raises(ConfigError, match="packet_cache_size"):
             make_server(tmp_path, HOSTS, f"packet_cache_size = {bad}")
+    top = make_server(tmp_path, HOSTS, "packet_cache_size = 10000000")  # the largest taken
+    assert top.packets is not None and address(ask(top, "printer.lan")) == "192.0.2.7"
+    assert top.packets.size == 10_000_000 and address(ask(top, "printer.lan")) == "192.0.2.7"
+    assert hits(top) == 1
 
 
 def test_the_client_views_are_bounded_by_the_size(tmp_path):
@@ -375,6 +401,28 @@ def test_a_full_cache_keeps_most_of_a_set_cycled_past_its_size(tmp_path):
             assert address(ask(server, name)) == "192.0.2.7"
     assert len(server.packets.entries) == 50
     assert hits(server) - before >= 0.8 * 4 * len(names)
+
+
+def test_a_full_cache_admits_a_name_asked_again_in_place_of_the_oldest(tmp_path):
+    """Admission when full is once in ADMIT_WHEN_FULL stores, neither always nor never: a
+    name asked again and again gets in after a few refusals, and the oldest entry makes
+    way for it."""
+    chain = HOSTS.replace("printer.lan", "a.lan b.lan c.lan")
+    server = make_server(tmp_path, chain, "packet_cache_size = 2")
+    assert server.packets is not None
+    server.packets.admit = random.Random(7)
+    ask(server, "a.lan")
+    ask(server, "b.lan")
+    tries = 0
+    while not hits(server) and tries < 64:
+        tries += 1
+        assert address(ask(server, "c.lan")) == "192.0.2.7"
+    assert hits(server) == 1 and tries > 2  # refused at first (Random(7): admitted 4th)
+    assert len(server.packets.entries) == 2
+    ask(server, "b.lan")
+    assert hits(server) == 2
+    ask(server, "a.lan")  # the oldest: dropped for c.lan
+    assert hits(server) == 2
 
 
 def test_a_flood_of_one_off_names_replaces_only_a_fraction_of_a_full_cache(tmp_path):
@@ -483,9 +531,7 @@ async def test_replays_count_in_the_answering_steps_metrics(tmp_path, nursery):
     chain += '[[chain]]\nplugin = "cache"\n[[chain]]\nplugin = "static"\n'
     seen = []
     for size in (0, 100):
-        path = tmp_path / str(size)
-        path.mkdir()
-        server = await running(nursery, make_server(path, chain, f"packet_cache_size = {size}"))
+        server = await running(nursery, sized(tmp_path, chain, size))
         for name in ("ads.example", "printer.lan", "www.example.org"):
             for _ in range(4):
                 ask(server, name)
@@ -556,10 +602,7 @@ async def test_a_replay_never_debits_an_account_the_table_forgot(tmp_path, nurse
     )
     outcomes = []
     for cache_size in (0, 100):
-        path = tmp_path / str(cache_size)
-        path.mkdir()
-        config = f"packet_cache_size = {cache_size}"
-        server = await running(nursery, make_server(path, chain, config))
+        server = await running(nursery, sized(tmp_path, chain, cache_size))
         seen = []
         for i in range(12):
             names = ("a.lan", "b.lan") if event == "eviction" else ("a.lan",)

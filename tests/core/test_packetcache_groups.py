@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import trio
 
-from tests.core.test_packetcache import address, ask, blocklist, hits, make_server, running
+from tests.core.test_packetcache import (
+    KID,
+    PARENT,
+    address,
+    ask,
+    blocklist,
+    hits,
+    make_server,
+    running,
+)
 
-KID, PARENT = "127.0.0.2", "127.0.0.3"
 HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.7 ads.example"]\n'
 
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from dnsproxy.testing import registry
-from tests.conftest import Proxy, free_port
+from tests.conftest import Proxy, free_port, until
 from tests.fakeupstream import FakeUpstream
 from tests.plugins.test_http import sample
 
@@ -242,10 +242,8 @@ def test_blocking_toggle_and_blocked_trace(nsd, make_proxy, tmp_path):
     )
     proxy = make_proxy(config, wait_for=f"listening on http 127.0.0.1:{http_port}")
     with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=5) as http:
-        deadline = time.monotonic() + 10
-        while http.get("/ready").status_code != 200:  # the list loads in the background
-            assert time.monotonic() < deadline, "blocklist never became ready"
-            time.sleep(0.05)
+        # the list loads in the background
+        until(lambda: http.get("/ready").status_code == 200, message="blocklist never became ready")
         assert proxy.ask("www.example.test").answer[0][0].address == "0.0.0.0"
         r = http.post("/api/blocking/disable", params={"duration": "10m"})
         assert r.status_code == 200 and r.json()["enabled"] is False

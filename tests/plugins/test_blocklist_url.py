@@ -109,7 +109,9 @@ async def test_download_keeps_copy_and_refreshes_conditionally(tmp_path, http, n
     assert "list ads.txt (last good copy): 1 rules" in caplog.text
 
 
-async def test_a_not_modified_list_loads_the_copy_another_process_kept(tmp_path, http, nursery):
+async def test_a_not_modified_list_loads_the_copy_another_process_kept(
+    tmp_path, http, nursery, caplog
+):
     """Two processes with one state_dir (``workers``): when one downloads a new version,
     the other's next conditional GET says "not modified" (the validators are the new
     version's), so it must load the kept copy instead of keeping its old list."""
@@ -124,11 +126,13 @@ async def test_a_not_modified_list_loads_the_copy_another_process_kept(tmp_path,
     assert await sibling.refresh_now(0) is None
     assert blocked(sibling, "tracker.example.net")
     http.script = [("304",)]
+    caplog.set_level(logging.INFO)
     assert await worker.refresh_now(0) is None
     assert http.requests[-1]["if-none-match"] == '"v2"'
     assert blocked(worker, "tracker.example.net")
     assert await worker.refresh_now(0) is None  # now current: nothing to load
     assert blocked(worker, "tracker.example.net")
+    assert caplog.text.count("(last good copy: kept by another process)") == 1
 
 
 @pytest.mark.parametrize(
