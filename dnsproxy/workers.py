@@ -460,6 +460,20 @@ class Child:
     latest: Any = None  # its last metrics report
     answered: dict[str, trio.Event] = attrs.Factory(dict)  # request -> its answer came
     served: bool = False  # it became ready once: a later exit is a crash, not a start-up error
+    replaced: bool = False  # a new process started and has not reported yet
+
+    def started(self) -> None:
+        """A new process runs it. The old one's counts become the report's offsets only at
+        the new one's first report (`took`): a scrape while it starts (it may take seconds)
+        still sums the old process's last report, so no merged counter goes back."""
+        self.replaced = True
+
+    def took(self, latest: Any) -> None:
+        """A metrics report came (the first of a new process adds to the old one's)."""
+        if self.replaced:
+            self.report.restarted()
+            self.replaced = False
+        self.latest = latest
 
 
 class Supervisor(Server):
@@ -572,8 +586,7 @@ class Supervisor(Server):
         finally:
             theirs.close()
         child.process, child.link = process, Link(ours)
-        child.report.restarted()
-        child.latest = None  # the old process's counts are in the report's offsets now
+        child.started()
         try:
             while True:
                 message = await child.link.receive()
@@ -585,7 +598,7 @@ class Supervisor(Server):
                     self._replay(message[1])
                 elif op in child.answered:  # an answer to `_request`
                     if op == "metrics":
-                        child.latest = message[1]
+                        child.took(message[1])
                     child.answered[op].set()
                 elif op == "ready":
                     log.info("worker %d serving (pid %d)", child.index, message[1])

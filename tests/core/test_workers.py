@@ -204,6 +204,30 @@ def test_a_restart_adds_the_new_process_counts_to_the_old_ones():
     assert report.monotonic(("core", "queries"), 1, True) == 16
 
 
+async def test_a_scrape_while_a_restarted_worker_starts_keeps_its_old_counts(tmp_path):
+    """Between a new process's start and its first report, /metrics still sums the old
+    process's last one (a counter that went back would read as a reset); that first
+    report then adds to it."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    child = supervisor.children[1]
+
+    async def queries() -> int:
+        await supervisor.gather_metrics()  # no worker has a link: nothing is waited for
+        return supervisor.stats.queries
+
+    child.started()  # its first process
+    child.took(({"queries": 5}, []))
+    assert await queries() == 5
+    child.started()  # a new process, still loading its config
+    assert await queries() == 5
+    child.took(({"queries": 2}, []))
+    assert await queries() == 7
+    child.took(({"queries": 3}, []))
+    assert await queries() == 8
+
+
 def test_a_record_replays_as_the_worker_observed_it():
     q = dns.message.make_query("Printer.LAN", "AAAA")
     reply = Reply(b"\x00" * 12, ede=((18, "x"),), source="hosts")
