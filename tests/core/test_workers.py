@@ -29,9 +29,9 @@ from tests.conftest import free_port
 HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.1 a.lan"]\n'
 
 
-def server_config(tmp_path: Path, value: str) -> config.ServerConfig:
+def server_config(tmp_path: Path, value: str, key: str = "workers") -> config.ServerConfig:
     path = tmp_path / "config.toml"
-    path.write_text(f"[server]\nworkers = {value}\n")
+    path.write_text(f"[server]\n{key} = {value}\n")
     return config.server_table(path, config.read_toml(path))
 
 
@@ -54,10 +54,8 @@ def test_bad_workers_values_are_config_errors(tmp_path, value, message):
 
 @pytest.mark.parametrize("value", ["99", "10000001"])
 def test_worker_records_out_of_range_is_a_config_error(tmp_path, value):
-    path = tmp_path / "config.toml"
-    path.write_text(f"[server]\nworker_records = {value}\n")
     with pytest.raises(ConfigError) as exc:
-        config.server_table(path, config.read_toml(path))
+        server_config(tmp_path, value, "worker_records")
     assert exc.value.lines == [
         f"config.toml: server: option 'worker_records': must be between 100 and 10000000,"
         f" got {value}"
