@@ -336,6 +336,25 @@ def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
         passed.close_all()
 
 
+def test_a_listener_that_cannot_be_bound_is_a_config_error_and_nothing_stays_bound():
+    """The second listener's TCP port is taken: a ConfigError naming it, and the groups
+    already bound (the first listener's, the second's UDP) are closed."""
+    first, second = free_port(), free_port()
+    sc = config.ServerConfig(listen=[f"127.0.0.1:{first}", f"127.0.0.1:{second}"], workers=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", second))
+        taken.listen()
+        with pytest.raises(ConfigError) as exc:
+            workers.bind_groups("config.toml", sc, Sockets())
+    assert exc.value.lines == [
+        f"config.toml: server: listen: cannot bind tcp 127.0.0.1:{second}: Address already in use"
+    ]
+    for port in (first, second):  # sockets without SO_REUSEADDR: free only if all closed
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                sock.bind(("127.0.0.1", port))
+
+
 def test_a_worker_holds_at_most_worker_records_records(tmp_path):
     """A supervisor that does not read: the worker drops (and counts) beyond the bound."""
     path = tmp_path / "config.toml"
