@@ -80,7 +80,7 @@ from dnsproxy.reply import Reply
 from dnsproxy.server import Server, Stats, bind_socket, listen_socket
 from dnsproxy.service import Sockets
 from dnsproxy.shared import SECRET_SIZE
-from dnsproxy.wire import Query, parse_query
+from dnsproxy.wire import Query, hostport, parse_query
 
 log = logging.getLogger("dnsproxy")
 
@@ -575,8 +575,7 @@ class Supervisor(Server):
         for kind, addr, socks in self.groups:
             fd = socks[child.index].fileno()
             fds.append(fd)
-            specs.append(f"{kind}:{fd}:{addr.host if ':' not in addr.host else f'[{addr.host}]'}"
-                         f":{addr.port}")  # fmt: skip
+            specs.append(f"{kind}:{fd}:{hostport(addr.host, addr.port)}")
         argv = [sys.executable, "-m", "dnsproxy.workers", str(self.path), str(child.index),
                 str(theirs.fileno()), *specs]  # fmt: skip
         try:
