@@ -176,6 +176,9 @@ def test_a_truncated_or_garbled_netlink_dump_ends_it_without_crashing():
     with pytest.raises(OSError) as err:
         parse_netlink(NETLINK_DUMP[:76] + error)
     assert err.value.errno == errno.EPERM
+    with pytest.raises(OSError) as err:  # an error message too short for its code
+        parse_netlink(struct.pack("=LHHLL", 16, 2, 0, 7, 0))
+    assert err.value.errno == errno.EPROTO
     rng = random.Random(5)
     for _ in range(2000):  # flipped bytes: an answer or OSError, never another exception
         data = bytearray(NETLINK_DUMP)
