@@ -582,6 +582,9 @@ class Supervisor(Server):
             process = await trio.lowlevel.open_process(
                 argv, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         child.process, child.link = process, Link(ours)

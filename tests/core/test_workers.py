@@ -322,6 +322,27 @@ async def test_a_worker_that_takes_no_message_is_killed_not_waited_for(tmp_path,
     assert killed == [True] and got == [("flush",)]
 
 
+async def test_a_worker_that_cannot_be_started_leaves_no_channel_open(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    supervisor.groups = []
+    pairs, real = [], socket.socketpair
+
+    def socketpair(*args: int) -> tuple[socket.socket, socket.socket]:
+        pairs.append(real(*args))
+        return pairs[-1]
+
+    async def refused(*args: object, **kw: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(workers.socket, "socketpair", socketpair)
+    monkeypatch.setattr(workers.trio.lowlevel, "open_process", refused)
+    with pytest.raises(PermissionError):
+        await supervisor._run_worker(supervisor.children[0], trio.TASK_STATUS_IGNORED)
+    assert [sock.fileno() for sock in pairs[0]] == [-1, -1]
+
+
 def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
     port = free_port()
     sc = config.ServerConfig(listen=[f"127.0.0.1:{port}"], workers=2)
