@@ -161,6 +161,9 @@ def test_check_explains_the_choice(tmp_path, capsys):
     path.write_text(HOSTS)
     assert cli.main(["check", "-c", str(path)]) == 0
     assert "workers = 1: one process serves everything" in capsys.readouterr().out
+    usable = len(os.sched_getaffinity(0))
+    auto = workers.explain(config.ServerConfig(workers="auto"))
+    assert auto.startswith(f"workers = 'auto' ({usable} usable CPUs): ")
 
 
 async def test_pauses_move_to_another_process_as_time_left():
