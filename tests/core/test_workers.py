@@ -397,6 +397,38 @@ def test_a_worker_holds_at_most_worker_records_records(tmp_path):
         theirs.close()
 
 
+async def test_a_worker_logs_the_records_it_dropped_or_cannot_send(tmp_path, caplog):
+    """Beyond ``worker_records``: counted, then one warning at the next batch; a batch a
+    plugin's value makes unpicklable: logged and left, the channel still usable."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworker_records = 100\n' + HOSTS
+    )
+    ours, theirs = socket.socketpair()
+    worker = workers.Worker(path, 0, theirs, handle_signals=False)
+    supervisor = workers.Link(ours)
+    q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
+
+    class PluginText(str):  # a class pickle cannot find by name
+        pass
+
+    for _ in range(102):
+        worker._record(q, None, 0.1)
+    await worker._flush_records()
+    worker._record(q, Reply(q.data, ede=[(15, PluginText("why"))]), 0.1)
+    await worker._flush_records()
+    worker._record(q, None, 0.1)
+    await worker._flush_records()
+    with trio.fail_after(5):
+        assert [len((await supervisor.receive())[1]) for _ in range(2)] == [100, 1]
+    messages = [r.getMessage() for r in caplog.records if r.name == "dnsproxy"]
+    assert messages[0] == "2 query records dropped: the supervisor is not keeping up"
+    assert messages[1].startswith("1 query records not sent to the supervisor: ")
+    assert len(messages) == 2 and worker.records == [] and worker.records_dropped == 0
+    await supervisor.aclose()
+    await worker.link.aclose()
+
+
 async def test_a_worker_sends_no_records_when_the_supervisor_observes_nothing(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n' + HOSTS)
