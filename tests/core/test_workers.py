@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -323,6 +324,37 @@ async def test_a_worker_that_takes_no_message_is_killed_not_waited_for(tmp_path,
     await supervisor._broadcast(("flush",))
     assert trio.current_time() - start == pytest.approx(workers.SEND_TIMEOUT)
     assert killed == [True] and got == [("flush",)]
+
+
+async def test_a_worker_that_ignores_sigterm_is_killed_after_stop_timeout(
+    tmp_path, autojump_clock, caplog
+):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    signals: list[str] = []
+
+    class Process:
+        returncode: int | None = None
+
+        def send_signal(self, signum: int) -> None:
+            signals.append(signal.Signals(signum).name)
+
+        async def wait(self) -> int:
+            await trio.sleep_forever()
+            return 0
+
+        def kill(self) -> None:
+            signals.append("kill")
+
+    supervisor.children[0].process = Process()
+    supervisor.stop()
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await supervisor._stop_workers()
+    assert trio.current_time() - start == pytest.approx(workers.STOP_TIMEOUT)
+    assert signals == ["SIGTERM", "kill"] and supervisor._stop.is_set()
+    assert "worker 0 did not stop in 4 s: killed" in caplog.text
 
 
 async def test_a_worker_that_cannot_be_started_leaves_no_channel_open(tmp_path, monkeypatch):
