@@ -230,6 +230,28 @@ async def test_a_scrape_while_a_restarted_worker_starts_keeps_its_old_counts(tmp
     assert await queries() == 8
 
 
+async def test_a_scrape_waits_for_a_silent_worker_at_most_metrics_timeout(tmp_path, autojump_clock):
+    """A worker that takes the request and never answers: after METRICS_TIMEOUT its last
+    report is summed."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    asked = []
+
+    class Silent:
+        async def send(self, message: object) -> None:
+            asked.append(message)
+
+    child = supervisor.children[0]
+    child.link, child.served = Silent(), True
+    child.took(({"queries": 4}, []))
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await supervisor.gather_metrics()
+    assert trio.current_time() - start == pytest.approx(workers.METRICS_TIMEOUT)
+    assert asked == [("metrics",)] and supervisor.stats.queries == 4
+
+
 def test_a_record_replays_as_the_worker_observed_it():
     q = dns.message.make_query("Printer.LAN", "AAAA")
     reply = Reply(b"\x00" * 12, ede=((18, "x"),), source="hosts")
