@@ -485,6 +485,7 @@ class Supervisor(Server):
         self.groups = groups
         self.children = [Child(i) for i in range(self.workers)]
         self.own_stats = self.stats  # the supervisor's own core counters (no queries)
+        self._published = self.stats  # `stats` as the last scrape made it
         self._stopping = trio.Event()
         self._observing = trio.Event()  # records wait until the observers are collected
         self.blocking.on_change = self._push_blocking
@@ -688,14 +689,19 @@ class Supervisor(Server):
         """Ask every worker for its counters (waiting at most METRICS_TIMEOUT), then make
         ``stats`` and `step_metrics` their sums."""
         await self._request(("metrics",), METRICS_TIMEOUT)
-        merged = Stats(**attrs.asdict(self.own_stats))
+        own = self.own_stats
+        if self.stats is not own:  # what the supervisor counted since (a step's background
+            for f in attrs.fields(Stats):  # failure) went to the sums: it is its own
+                added = getattr(self.stats, f.name) - getattr(self._published, f.name)
+                setattr(own, f.name, getattr(own, f.name) + added)
+        merged = Stats(**attrs.asdict(own))
         for child in self.children:
             if child.latest is None:
                 continue
             for name, value in child.latest[0].items():
                 total = child.report.monotonic(("core", name), value, name != "tcp_connections")
                 setattr(merged, name, getattr(merged, name) + int(total))
-        self.stats = merged
+        self.stats, self._published = merged, attrs.evolve(merged)
 
     def step_metrics(self) -> list[tuple[Setup, list[Metric]]]:
         """Every step's metrics: the supervisor's own plus every worker's, summed."""

@@ -230,6 +230,20 @@ async def test_a_scrape_while_a_restarted_worker_starts_keeps_its_old_counts(tmp
     assert await queries() == 8
 
 
+async def test_what_the_supervisor_counts_between_scrapes_stays_counted(tmp_path):
+    """A scrape makes ``stats`` the sums; the supervisor's own counts land there until
+    the next scrape, which keeps them (they are not the workers')."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    supervisor.children[0].took(({"queries": 8, "internal_errors": 2}, []))
+    await supervisor.gather_metrics()
+    supervisor.stats.internal_errors += 1  # a step's background failure in the supervisor
+    for _ in range(2):
+        await supervisor.gather_metrics()
+        assert (supervisor.stats.internal_errors, supervisor.stats.queries) == (3, 8)
+
+
 async def test_a_scrape_waits_for_a_silent_worker_at_most_metrics_timeout(tmp_path, autojump_clock):
     """A worker that takes the request and never answers: after METRICS_TIMEOUT its last
     report is summed."""
