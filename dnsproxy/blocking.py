@@ -62,8 +62,7 @@ class Blocking:
             left, self.wall_until = whole
             self.paused_until = now + left
         self.groups = {g: (now + left, wall) for g, (left, wall) in state["groups"].items()}
-        self.generation += 1
-        self._changed.set()
+        self._bump()
 
     def pause_group(self, group: str, duration: float | None = None) -> None:
         """Stop blocking for the clients of ``group`` for ``duration`` seconds (or until

@@ -378,6 +378,7 @@ def parse_neighbours(text: str) -> dict[str, str]:
 _NLMSG = struct.Struct("=LHHLL")  # length, type, flags, sequence, port id
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, interface index, state, flags, type
 _RTA = struct.Struct("=HH")  # length, type
+_ERRNO = struct.Struct("=i")  # an NLMSG_ERROR's error code (a negative errno)
 NLMSG_ERROR, NLMSG_DONE, RTM_NEWNEIGH, RTM_GETNEIGH = 2, 3, 28, 30
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NDA_DST, NDA_LLADDR = 1, 2
@@ -418,7 +419,8 @@ def parse_netlink(data: bytes) -> tuple[dict[str, str], bool]:
         if length < _NLMSG.size or end > len(data) or kind == NLMSG_DONE:
             return out, True
         if kind == NLMSG_ERROR:
-            code = abs(struct.unpack_from("=i", data, offset + 16)[0]) if length >= 20 else 0
+            at = offset + _NLMSG.size  # an nlmsgerr: the negative errno first
+            code = abs(_ERRNO.unpack_from(data, at)[0]) if end >= at + _ERRNO.size else 0
             raise OSError(code or errno.EPROTO, os.strerror(code or errno.EPROTO))
         if kind == RTM_NEWNEIGH and length >= _NLMSG.size + _NDMSG.size:
             state = _NDMSG.unpack_from(data, offset + _NLMSG.size)[2]

@@ -80,7 +80,7 @@ from dnsproxy.reply import Reply
 from dnsproxy.server import Server, Stats, bind_socket, listen_socket
 from dnsproxy.service import Sockets
 from dnsproxy.shared import SECRET_SIZE
-from dnsproxy.wire import Query, parse_query
+from dnsproxy.wire import Query, hostport, parse_query
 
 log = logging.getLogger("dnsproxy")
 
@@ -460,6 +460,20 @@ class Child:
     latest: Any = None  # its last metrics report
     answered: dict[str, trio.Event] = attrs.Factory(dict)  # request -> its answer came
     served: bool = False  # it became ready once: a later exit is a crash, not a start-up error
+    replaced: bool = False  # a new process started and has not reported yet
+
+    def started(self) -> None:
+        """A new process runs it. The old one's counts become the report's offsets only at
+        the new one's first report (`took`): a scrape while it starts (it may take seconds)
+        still sums the old process's last report, so no merged counter goes back."""
+        self.replaced = True
+
+    def took(self, latest: Any) -> None:
+        """A metrics report came (the first of a new process adds to the old one's)."""
+        if self.replaced:
+            self.report.restarted()
+            self.replaced = False
+        self.latest = latest
 
 
 class Supervisor(Server):
@@ -471,6 +485,7 @@ class Supervisor(Server):
         self.groups = groups
         self.children = [Child(i) for i in range(self.workers)]
         self.own_stats = self.stats  # the supervisor's own core counters (no queries)
+        self._published = self.stats  # `stats` as the last scrape made it
         self._stopping = trio.Event()
         self._observing = trio.Event()  # records wait until the observers are collected
         self.blocking.on_change = self._push_blocking
@@ -561,19 +576,20 @@ class Supervisor(Server):
         for kind, addr, socks in self.groups:
             fd = socks[child.index].fileno()
             fds.append(fd)
-            specs.append(f"{kind}:{fd}:{addr.host if ':' not in addr.host else f'[{addr.host}]'}"
-                         f":{addr.port}")  # fmt: skip
+            specs.append(f"{kind}:{fd}:{hostport(addr.host, addr.port)}")
         argv = [sys.executable, "-m", "dnsproxy.workers", str(self.path), str(child.index),
                 str(theirs.fileno()), *specs]  # fmt: skip
         try:
             process = await trio.lowlevel.open_process(
                 argv, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         child.process, child.link = process, Link(ours)
-        child.report.restarted()
-        child.latest = None  # the old process's counts are in the report's offsets now
+        child.started()
         try:
             while True:
                 message = await child.link.receive()
@@ -585,7 +601,7 @@ class Supervisor(Server):
                     self._replay(message[1])
                 elif op in child.answered:  # an answer to `_request`
                     if op == "metrics":
-                        child.latest = message[1]
+                        child.took(message[1])
                     child.answered[op].set()
                 elif op == "ready":
                     log.info("worker %d serving (pid %d)", child.index, message[1])
@@ -673,14 +689,19 @@ class Supervisor(Server):
         """Ask every worker for its counters (waiting at most METRICS_TIMEOUT), then make
         ``stats`` and `step_metrics` their sums."""
         await self._request(("metrics",), METRICS_TIMEOUT)
-        merged = Stats(**attrs.asdict(self.own_stats))
+        own = self.own_stats
+        if self.stats is not own:  # what the supervisor counted since (a step's background
+            for f in attrs.fields(Stats):  # failure) went to the sums: it is its own
+                added = getattr(self.stats, f.name) - getattr(self._published, f.name)
+                setattr(own, f.name, getattr(own, f.name) + added)
+        merged = Stats(**attrs.asdict(own))
         for child in self.children:
             if child.latest is None:
                 continue
             for name, value in child.latest[0].items():
                 total = child.report.monotonic(("core", name), value, name != "tcp_connections")
                 setattr(merged, name, getattr(merged, name) + int(total))
-        self.stats = merged
+        self.stats, self._published = merged, attrs.evolve(merged)
 
     def step_metrics(self) -> list[tuple[Setup, list[Metric]]]:
         """Every step's metrics: the supervisor's own plus every worker's, summed."""

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import pytest
 import trio
@@ -175,6 +176,9 @@ def test_a_truncated_or_garbled_netlink_dump_ends_it_without_crashing():
     with pytest.raises(OSError) as err:
         parse_netlink(NETLINK_DUMP[:76] + error)
     assert err.value.errno == errno.EPERM
+    with pytest.raises(OSError) as err:  # an error message too short for its code
+        parse_netlink(struct.pack("=LHHLL", 16, 2, 0, 7, 0))
+    assert err.value.errno == errno.EPROTO
     rng = random.Random(5)
     for _ in range(2000):  # flipped bytes: an answer or OSError, never another exception
         data = bytearray(NETLINK_DUMP)
@@ -389,6 +393,55 @@ def test_netlink_is_an_oserror_where_the_platform_has_none(monkeypatch):
     monkeypatch.delattr(socket, "AF_NETLINK", raising=False)
     with pytest.raises(OSError, match="netlink is Linux only"):
         netlink_neighbours(16)
+
+
+class EndlessDump:
+    """A netlink socket whose RTM_GETNEIGH dump never ends: each read is ``per_read`` new
+    usable entries, after ``pause`` seconds."""
+
+    def __init__(self, per_read: int, pause: float = 0.0) -> None:
+        self.per_read, self.pause, self.reads = per_read, pause, 0
+
+    def __call__(self, *args: object) -> EndlessDump:
+        return self
+
+    def __enter__(self) -> EndlessDump:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        assert self.reads < 200, "the dump was not cut short"
+        time.sleep(self.pause)
+        first = self.reads * self.per_read
+        return b"".join(
+            neigh(f"2001:db8::{i:x}", 0x02, b"\x02\0\0\0\0\x05")
+            for i in range(first, first + self.per_read)
+        )
+
+
+def test_a_netlink_dump_stops_at_max_clients_entries(monkeypatch):
+    dump = EndlessDump(per_read=10)
+    monkeypatch.setattr(socket, "socket", dump)
+    assert len(netlink_neighbours(16)) == 16 and dump.reads == 2
+
+
+def test_a_netlink_dump_that_outlasts_netlink_timeout_is_a_timeout(monkeypatch):
+    monkeypatch.setattr(clients_module, "NETLINK_TIMEOUT", 0.2)
+    dump = EndlessDump(per_read=1, pause=0.02)
+    monkeypatch.setattr(socket, "socket", dump)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"the dump took over 0\.2 s"):
+        netlink_neighbours(1_000_000)
+    assert 0.2 <= time.monotonic() - began < 1
 
 
 def test_neighbours_kernel_is_the_default_and_a_path_stays_a_path(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -29,9 +30,9 @@ from tests.conftest import free_port
 HOSTS = '[[chain]]\nplugin = "hosts"\nentries = ["192.0.2.1 a.lan"]\n'
 
 
-def server_config(tmp_path: Path, value: str) -> config.ServerConfig:
+def server_config(tmp_path: Path, value: str, key: str = "workers") -> config.ServerConfig:
     path = tmp_path / "config.toml"
-    path.write_text(f"[server]\nworkers = {value}\n")
+    path.write_text(f"[server]\n{key} = {value}\n")
     return config.server_table(path, config.read_toml(path))
 
 
@@ -54,10 +55,8 @@ def test_bad_workers_values_are_config_errors(tmp_path, value, message):
 
 @pytest.mark.parametrize("value", ["99", "10000001"])
 def test_worker_records_out_of_range_is_a_config_error(tmp_path, value):
-    path = tmp_path / "config.toml"
-    path.write_text(f"[server]\nworker_records = {value}\n")
     with pytest.raises(ConfigError) as exc:
-        config.server_table(path, config.read_toml(path))
+        server_config(tmp_path, value, "worker_records")
     assert exc.value.lines == [
         f"config.toml: server: option 'worker_records': must be between 100 and 10000000,"
         f" got {value}"
@@ -163,6 +162,9 @@ def test_check_explains_the_choice(tmp_path, capsys):
     path.write_text(HOSTS)
     assert cli.main(["check", "-c", str(path)]) == 0
     assert "workers = 1: one process serves everything" in capsys.readouterr().out
+    usable = len(os.sched_getaffinity(0))
+    auto = workers.explain(config.ServerConfig(workers="auto"))
+    assert auto.startswith(f"workers = 'auto' ({usable} usable CPUs): ")
 
 
 async def test_pauses_move_to_another_process_as_time_left():
@@ -202,6 +204,66 @@ def test_a_restart_adds_the_new_process_counts_to_the_old_ones():
     report.restarted()
     assert report.monotonic(("core", "tcp_connections"), 3, False) == 3  # gauges are as is
     assert report.monotonic(("core", "queries"), 1, True) == 16
+
+
+async def test_a_scrape_while_a_restarted_worker_starts_keeps_its_old_counts(tmp_path):
+    """Between a new process's start and its first report, /metrics still sums the old
+    process's last one (a counter that went back would read as a reset); that first
+    report then adds to it."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    child = supervisor.children[1]
+
+    async def queries() -> int:
+        await supervisor.gather_metrics()  # no worker has a link: nothing is waited for
+        return supervisor.stats.queries
+
+    child.started()  # its first process
+    child.took(({"queries": 5}, []))
+    assert await queries() == 5
+    child.started()  # a new process, still loading its config
+    assert await queries() == 5
+    child.took(({"queries": 2}, []))
+    assert await queries() == 7
+    child.took(({"queries": 3}, []))
+    assert await queries() == 8
+
+
+async def test_what_the_supervisor_counts_between_scrapes_stays_counted(tmp_path):
+    """A scrape makes ``stats`` the sums; the supervisor's own counts land there until
+    the next scrape, which keeps them (they are not the workers')."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    supervisor.children[0].took(({"queries": 8, "internal_errors": 2}, []))
+    await supervisor.gather_metrics()
+    supervisor.stats.internal_errors += 1  # a step's background failure in the supervisor
+    for _ in range(2):
+        await supervisor.gather_metrics()
+        assert (supervisor.stats.internal_errors, supervisor.stats.queries) == (3, 8)
+
+
+async def test_a_scrape_waits_for_a_silent_worker_at_most_metrics_timeout(tmp_path, autojump_clock):
+    """A worker that takes the request and never answers: after METRICS_TIMEOUT its last
+    report is summed."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    asked = []
+
+    class Silent:
+        async def send(self, message: object) -> None:
+            asked.append(message)
+
+    child = supervisor.children[0]
+    child.link, child.served = Silent(), True
+    child.took(({"queries": 4}, []))
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await supervisor.gather_metrics()
+    assert trio.current_time() - start == pytest.approx(workers.METRICS_TIMEOUT)
+    assert asked == [("metrics",)] and supervisor.stats.queries == 4
 
 
 def test_a_record_replays_as_the_worker_observed_it():
@@ -300,6 +362,58 @@ async def test_a_worker_that_takes_no_message_is_killed_not_waited_for(tmp_path,
     assert killed == [True] and got == [("flush",)]
 
 
+async def test_a_worker_that_ignores_sigterm_is_killed_after_stop_timeout(
+    tmp_path, autojump_clock, caplog
+):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    signals: list[str] = []
+
+    class Process:
+        returncode: int | None = None
+
+        def send_signal(self, signum: int) -> None:
+            signals.append(signal.Signals(signum).name)
+
+        async def wait(self) -> int:
+            await trio.sleep_forever()
+            return 0
+
+        def kill(self) -> None:
+            signals.append("kill")
+
+    supervisor.children[0].process = Process()
+    supervisor.stop()
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await supervisor._stop_workers()
+    assert trio.current_time() - start == pytest.approx(workers.STOP_TIMEOUT)
+    assert signals == ["SIGTERM", "kill"] and supervisor._stop.is_set()
+    assert "worker 0 did not stop in 4 s: killed" in caplog.text
+
+
+async def test_a_worker_that_cannot_be_started_leaves_no_channel_open(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworkers = 2\n' + HOSTS)
+    supervisor = workers.Supervisor(path, handle_signals=False)
+    supervisor.groups = []
+    pairs, real = [], socket.socketpair
+
+    def socketpair(*args: int) -> tuple[socket.socket, socket.socket]:
+        pairs.append(real(*args))
+        return pairs[-1]
+
+    async def refused(*args: object, **kw: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(workers.socket, "socketpair", socketpair)
+    monkeypatch.setattr(workers.trio.lowlevel, "open_process", refused)
+    with pytest.raises(PermissionError):
+        await supervisor._run_worker(supervisor.children[0], trio.TASK_STATUS_IGNORED)
+    assert [sock.fileno() for sock in pairs[0]] == [-1, -1]
+
+
 def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
     port = free_port()
     sc = config.ServerConfig(listen=[f"127.0.0.1:{port}"], workers=2)
@@ -312,6 +426,25 @@ def test_a_dns_listener_passed_by_socket_activation_is_a_config_error(tmp_path):
             workers.bind_groups("config.toml", sc, passed)
     finally:
         passed.close_all()
+
+
+def test_a_listener_that_cannot_be_bound_is_a_config_error_and_nothing_stays_bound():
+    """The second listener's TCP port is taken: a ConfigError naming it, and the groups
+    already bound (the first listener's, the second's UDP) are closed."""
+    first, second = free_port(), free_port()
+    sc = config.ServerConfig(listen=[f"127.0.0.1:{first}", f"127.0.0.1:{second}"], workers=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", second))
+        taken.listen()
+        with pytest.raises(ConfigError) as exc:
+            workers.bind_groups("config.toml", sc, Sockets())
+    assert exc.value.lines == [
+        f"config.toml: server: listen: cannot bind tcp 127.0.0.1:{second}: Address already in use"
+    ]
+    for port in (first, second):  # sockets without SO_REUSEADDR: free only if all closed
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                sock.bind(("127.0.0.1", port))
 
 
 def test_a_worker_holds_at_most_worker_records_records(tmp_path):
@@ -330,6 +463,38 @@ def test_a_worker_holds_at_most_worker_records_records(tmp_path):
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_worker_logs_the_records_it_dropped_or_cannot_send(tmp_path, caplog):
+    """Beyond ``worker_records``: counted, then one warning at the next batch; a batch a
+    plugin's value makes unpicklable: logged and left, the channel still usable."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nworker_records = 100\n' + HOSTS
+    )
+    ours, theirs = socket.socketpair()
+    worker = workers.Worker(path, 0, theirs, handle_signals=False)
+    supervisor = workers.Link(ours)
+    q = parse_query(dns.message.make_query("a.lan", "A").to_wire(), ("127.0.0.1", 1), "udp")
+
+    class PluginText(str):  # a class pickle cannot find by name
+        pass
+
+    for _ in range(102):
+        worker._record(q, None, 0.1)
+    await worker._flush_records()
+    worker._record(q, Reply(q.data, ede=[(15, PluginText("why"))]), 0.1)
+    await worker._flush_records()
+    worker._record(q, None, 0.1)
+    await worker._flush_records()
+    with trio.fail_after(5):
+        assert [len((await supervisor.receive())[1]) for _ in range(2)] == [100, 1]
+    messages = [r.getMessage() for r in caplog.records if r.name == "dnsproxy"]
+    assert messages[0] == "2 query records dropped: the supervisor is not keeping up"
+    assert messages[1].startswith("1 query records not sent to the supervisor: ")
+    assert len(messages) == 2 and worker.records == [] and worker.records_dropped == 0
+    await supervisor.aclose()
+    await worker.link.aclose()
 
 
 async def test_a_worker_sends_no_records_when_the_supervisor_observes_nothing(tmp_path):
