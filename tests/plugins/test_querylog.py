@@ -514,3 +514,21 @@ def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path, caplog):
     assert [(r["name"], r["blocked"]) for r in rows(path)] == [("ads.test.", 1)]
     assert [r.getMessage().endswith("1 blocklist rows marked blocked") for r in caplog.records
             if "blocked column" in r.getMessage()] == [True]  # fmt: skip
+
+
+def test_readers_get_the_file_only_once_the_writer_has_opened_it(tmp_path):
+    """Before the writer opened (and migrated) it, or when it could not, the file may lack
+    the columns readers ask for: the dashboard and /api/stats then get None (their memory
+    fallback), never a "no such column" failure."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.commit()
+    db.close()
+    step = make(tmp_path, database=str(path))
+    assert (step.db(), step.summary(time.time(), {"hour": 3600.0}, 5)) == (None, None)
+    step.store.open()
+    assert step.db() == path
+    assert step.summary(time.time(), {"hour": 3600.0}, 5)["hour"]["queries"] == 0
+    step.store.close()
+    assert step.db() is None
