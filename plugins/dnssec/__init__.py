@@ -191,13 +191,7 @@ def _stripped(reply: Reply) -> Reply:
     out.question = list(msg.question)
     out.answer = [r for r in msg.answer if r.rdtype not in DNSSEC_TYPES]
     out.authority = [r for r in msg.authority if r.rdtype not in DNSSEC_TYPES]
-    return Reply(
-        out.to_wire(),
-        ede=reply.ede,
-        source=reply.source,
-        cacheable=reply.cacheable,
-        blocked=reply.blocked,
-    )
+    return reply.evolve(wire_=out.to_wire())
 
 
 @hookimpl

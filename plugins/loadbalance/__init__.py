@@ -111,9 +111,7 @@ def _reorder_parsed(reply: Reply, qtype: int, order: list[int]) -> Reply:
     for i in order:
         rrset, rd = rdatas[i]
         copies[id(rrset)].add(rd, rrset.ttl)
-    return Reply(
-        msg.to_wire(want_shuffle=False), ede=reply.ede, source=reply.source, blocked=reply.blocked
-    )
+    return reply.evolve(wire_=msg.to_wire(want_shuffle=False))
 
 
 @hookimpl

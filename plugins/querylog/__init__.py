@@ -146,15 +146,13 @@ class QueryLog(Step):
 
     def summary(self, now: float, windows: Mapping[str, float], top: int) -> dict[str, Any] | None:
         """`QueryLogReader.summary`: `db_stats` of the database; None without one."""
-        path = self.store.db_path
-        if path is None or not path.exists():
-            return None
-        return db_stats(path, now, windows, top)
+        path = self.db()
+        return None if path is None else db_stats(path, now, windows, top)
 
     def db(self) -> Path | None:
-        """The SQLite file the dashboard reads (`read`), None without one (yet)."""
-        path = self.store.db_path
-        return path if path is not None and path.exists() else None
+        """The SQLite file the dashboard reads (`read`), once this step's writer has it
+        open: a file it has not opened (yet, or could not) may lack today's columns."""
+        return self.store.db_path if self.store.db is not None else None
 
     def metrics(self) -> list[Metric]:
         return [

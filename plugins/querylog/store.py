@@ -18,7 +18,8 @@ import ipaddress
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,16 +238,11 @@ class Store:
     def _add_blocked(self, db: sqlite3.Connection) -> None:
         """Add the ``blocked`` column to a file from before it, marking the rows that were
         counted as blocked then (the blocklist's), in one transaction."""
-        db.execute("BEGIN")
-        try:
+        with _transaction(db):
             db.execute("ALTER TABLE queries ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0")
             marked = db.execute(
                 "UPDATE queries SET blocked = 1 WHERE answered_by = 'blocklist'"
             ).rowcount
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         self.log.info(
             "%s: %s: added the blocked column, %d blocklist rows marked blocked",
             self.where,
@@ -284,13 +280,8 @@ class Store:
         rows = [row(e, client, texts, self.names) for e in batch]
         removed = 0
         if self.db is not None and rows:
-            self.db.execute("BEGIN")
-            try:
+            with _transaction(self.db):
                 self.db.executemany(INSERT, rows)
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
             removed = self.trim()
         if self.jsonl is not None and rows:
             self._append_jsonl(rows)
@@ -397,3 +388,15 @@ class Store:
 
 def _identity(host: str) -> str:
     return host
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction on an autocommit connection: committed, or rolled back on error."""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -167,9 +167,7 @@ class Rewrite(Step):
             self.clamped += 1
         ede = (*reply.ede, (EDE_SYNTHESIZED, f"rewrite: {rule.label}"))
         # No OPT in msg; keep the downstream record order (dnspython shuffles by default).
-        return Reply(
-            msg.to_wire(want_shuffle=False), ede=ede, source=reply.source, blocked=reply.blocked
-        )
+        return reply.evolve(wire_=msg.to_wire(want_shuffle=False), ede=ede, blocked=reply.blocked)
 
     def response(self, q: Query, reply: Reply) -> Reply | None:
         if not self.has_ttl:

@@ -146,8 +146,16 @@ def run(proxy, http_port: int, browser, tmp_path: Path) -> None:
     assert dig(proxy.port, "shop.example.test") == [ANSWER]
     assert dig(proxy.port, "ads.example.test") == ["0.0.0.0"]  # the configured list still blocks
 
-    # A row opens its trace.
+    # The blocked filter shows the blocked rows only (the list's and the managed block).
     page.goto(base + "/log?result=blocked")
+    page.locator("#rows tr", has_text="ads.example.test.").first.wait_for(timeout=3000)
+    assert page.locator("select[name=result]").input_value() == "blocked"
+    results = page.locator("#rows tr span.badge").all_inner_texts()
+    assert results and set(results) == {"blocked"}, results
+    assert "shop.example.test." in page.inner_text("#rows")  # its managed block
+    shoot(page, tmp_path, "log-blocked")
+
+    # A row opens its trace.
     page.locator("#rows tr td.name a").first.click()
     page.wait_for_url(lambda url: "/log/" in url)
     assert "blocklist" in page.inner_text("main")

@@ -12,12 +12,13 @@ from pathlib import Path
 import dns.dnssec
 import dns.message
 import dns.name
+import dns.rdatatype
 import dns.rrset
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from dns.dnssectypes import Algorithm
-from dnsproxy.plugins.dnssec import anchors
+from dnsproxy.plugins.dnssec import _stripped, anchors
 from dnsproxy.plugins.dnssec.validator import (
     BOGUS,
     INSECURE,
@@ -31,6 +32,7 @@ from dnsproxy.plugins.dnssec.validator import (
 from dnsproxy import wire
 from dnsproxy.chain import AWAIT
 from dnsproxy.errors import ConfigError
+from dnsproxy.reply import Reply, response_message
 from dnsproxy.testing import Answer, build_step, make_query, run_chain
 
 ZONE = dns.name.from_text("example.org.")
@@ -250,3 +252,15 @@ async def test_names_under_no_anchor_or_under_a_negative_anchor_are_insecure(tmp
     name = dns.name.from_text("www.corp.example.org.")
     out = await v.validate(name, 1, msg, no_fetch, Budget(4))
     assert out.status == INSECURE and "negative trust anchor" in out.why
+
+
+def test_a_stripped_reply_stays_blocked_and_uncacheable():
+    """The RRSIGs left out for a client without DO: everything else about the reply stays."""
+    _, rrset, sig = signed()
+    msg = response_message(make_query("www.example.org"))
+    msg.answer += [rrset, dns.rrset.from_rdata(rrset.name, 300, sig)]
+    reply = Reply.from_message(msg, source="policy", blocked=True)
+    reply.cacheable = False
+    out = _stripped(reply)
+    assert [r.rdtype for r in out.message().answer] == [dns.rdatatype.A]
+    assert (out.blocked, out.cacheable, out.source) == (True, False, "policy")

@@ -90,3 +90,20 @@ async def test_single_address_and_other_types_are_untouched():
 def test_bad_policy():
     with pytest.raises(ConfigError, match=r"chain\[0\] \(loadbalance\): option 'policy'"):
         build_step("loadbalance", {"policy": "weighted"})
+
+
+class Blocked(Fixed):
+    """`Fixed`'s answer marked blocked without an EDE and kept out of the caches."""
+
+    def query(self, q):
+        reply = super().query(q)
+        return Reply(reply.wire, source="policy", blocked=True, cacheable=False)
+
+
+async def test_a_reordered_reply_stays_blocked_and_uncacheable():
+    step = build_step("loadbalance", {})
+    for nxt in (Blocked(), Blocked(cname=True)):  # reordered in place, and rebuilt
+        q = make_query("www.example.org")
+        reply = await run_chain([step, nxt], q)
+        assert [a for a in order(reply, q) if a in ADDRS] != ADDRS  # reordered: a new reply
+        assert (reply.blocked, reply.cacheable, reply.source) == (True, False, "policy")

@@ -485,3 +485,50 @@ def test_a_file_from_before_the_blocked_column_is_migrated(tmp_path, caplog):
     assert top == [{"name": "ads.test.", "count": 2}, {"name": "late.games.test.", "count": 1}]
     make(tmp_path, database=str(path)).store.open()  # a second start: nothing to do
     assert len([r for r in caplog.records if "blocked column" in r.getMessage()]) == 1
+
+
+def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path, caplog):
+    """The column and the marks go in one transaction: when marking fails, the file keeps
+    its old schema, holds no lock, and the next start migrates it."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO queries (ts, name, answered_by) VALUES (1, 'ads.test.', 'blocklist')")
+    db.execute(
+        "CREATE TRIGGER frozen BEFORE UPDATE ON queries BEGIN SELECT RAISE(ABORT, 'frozen'); END"
+    )
+    db.commit()
+    db.close()
+    caplog.set_level("INFO")
+    with pytest.raises(sqlite3.Error, match="frozen"):
+        make(tmp_path, database=str(path)).store.open()
+    assert [r["answered_by"] for r in rows(path)] == ["blocklist"]
+    assert "blocked" not in rows(path)[0]
+    db = sqlite3.connect(path, timeout=0.5)  # no transaction left open: not locked
+    db.execute("DROP TRIGGER frozen")
+    db.commit()
+    db.close()
+    step = make(tmp_path, database=str(path))
+    step.store.open()
+    step.store.close()
+    assert [(r["name"], r["blocked"]) for r in rows(path)] == [("ads.test.", 1)]
+    assert [r.getMessage().endswith("1 blocklist rows marked blocked") for r in caplog.records
+            if "blocked column" in r.getMessage()] == [True]  # fmt: skip
+
+
+def test_readers_get_the_file_only_once_the_writer_has_opened_it(tmp_path):
+    """Before the writer opened (and migrated) it, or when it could not, the file may lack
+    the columns readers ask for: the dashboard and /api/stats then get None (their memory
+    fallback), never a "no such column" failure."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.commit()
+    db.close()
+    step = make(tmp_path, database=str(path))
+    assert (step.db(), step.summary(time.time(), {"hour": 3600.0}, 5)) == (None, None)
+    step.store.open()
+    assert step.db() == path
+    assert step.summary(time.time(), {"hour": 3600.0}, 5)["hour"]["queries"] == 0
+    step.store.close()
+    assert step.db() is None

@@ -1,7 +1,9 @@
 """Every option of every built-in and example plugin is described in its README.md.
 
 An option is a field of an attrs class named ``*Options`` in the plugin's package; the
-README must name it as a word (inherited fields included, e.g. dot's TLS options in doh).
+README must name it as code: in backticks (`` `name` ``, `` `name = 1` ``) or as the key of a
+TOML line (``name = ...``), not just as a word of prose (``buffer``, ``timeout`` are
+common words). Inherited fields included, e.g. dot's TLS options in doh.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def undescribed(package: str, readme: str) -> list[str]:
         if isinstance(cls, type) and attrs.has(cls) and cls.__name__.endswith("Options")
         if cls.__module__ == module.__name__
         for field in attrs.fields(cls)
-        if not re.search(rf"\b{re.escape(field.name)}\b", readme)
+        if not re.search(
+            rf"`{re.escape(field.name)}[` =]|^\s*{re.escape(field.name)} =", readme, re.M
+        )
     ]
 
 
@@ -61,5 +65,13 @@ def test_every_option_is_in_the_readme(package: str, readme: Path, monkeypatch):
 
 def test_the_check_finds_an_undescribed_option():
     assert undescribed("plugins.cache", "") != []
+    prose = "The cache keeps max_entries answers, min_ttl and max_ttl apart."
+    assert {"CacheOptions.max_entries", "CacheOptions.min_ttl"} <= set(
+        undescribed("plugins.cache", prose)
+    )
+    code = "`max_entries` and `min_ttl = 0`;\n```toml\nmax_ttl = 60\n```"
+    assert not {"CacheOptions.max_entries", "CacheOptions.min_ttl", "CacheOptions.max_ttl"} & set(
+        undescribed("plugins.cache", code)
+    )
     text = (ROOT / "plugins" / "cache" / "README.md").read_text()
     assert undescribed("plugins.cache", text) == []

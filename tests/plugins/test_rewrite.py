@@ -252,3 +252,20 @@ async def test_a_query_dropped_after_the_rewrite_is_refused():
     step = rewrite({"match": "exact", "from": "a.example.org", "to": "b.example.org"})
     reply = await run_chain([step, Dropper()], make_query("a.example.org"))
     assert reply is not None and reply.rcode == wire.REFUSED
+
+
+class BlockedChained(Chained):
+    """`Chained`'s answers marked blocked without an EDE and kept out of the caches."""
+
+    def query(self, q):
+        reply = super().query(q)
+        return Reply(reply.wire, source="policy", blocked=True, cacheable=False)
+
+
+async def test_a_rewritten_reply_stays_blocked_and_uncacheable():
+    nxt = BlockedChained({"b.example.net.": ["b.example.net. 300 IN A 192.0.2.7"]})
+    q = make_query("a.example.org")
+    reply = await run_chain([rewrite({"from": "a.example.org", "to": "b.example.net"}), nxt], q)
+    assert answers(parsed(reply, q)) == ["a.example.org. 300 IN A 192.0.2.7"]
+    assert (reply.blocked, reply.cacheable, reply.source) == (True, False, "policy")
+    assert EDE_SYNTHESIZED in [code for code, _ in reply.ede]
