@@ -224,6 +224,14 @@ def run(proxy, http_port: int, browser, tmp_path: Path) -> None:
     assert "ads.txt" in page.inner_text("main") and "managed-block.txt" in page.inner_text("main")
     shoot(page, tmp_path, "lists")
     page.goto(base + "/cache")
+    # Each number sits under its own header: a number column's header is aligned as its
+    # cells are (a left-aligned header over right-aligned numbers put each value under
+    # the next column's header).
+    aligns = page.evaluate(
+        """() => [...document.querySelectorAll("table tr")].slice(0, 2).map(
+            tr => [...tr.children].map(c => getComputedStyle(c).textAlign))"""
+    )
+    assert aligns[0] == aligns[1] == ["left", *["right"] * 5], aligns
     shoot(page, tmp_path, "cache")
     phone = browser.new_context(viewport={"width": 390, "height": 760}, is_mobile=True)
     phone.add_cookies(ctx.cookies())
